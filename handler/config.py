@@ -1,0 +1,162 @@
+"""Configuration: the per-pair ``ComparisonConfig`` and the process-wide ``Settings``.
+
+``ComparisonConfig`` keeps the field names users of the original image-comparison API know.
+``Settings`` comes from ``PAIRWATCH_*`` environment variables and an optional TOML/JSON file;
+precedence is explicit arguments > environment > file > defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+#: Chosen so that re-encoded, rescaled, re-formatted and EXIF-rotated copies score above it and
+#: local edits (a pasted object over a few percent of the image, a blurred region, recolouring,
+#: mirroring) score below it; see ``handler.compare.metrics`` and tests/test_metrics.py.
+DEFAULT_SIMILARITY_THRESHOLD = 0.9
+
+
+class ComparisonConfig(BaseModel):
+    """How one pair is compared. Overridable per pair (manifest ``config``) and per deployment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    focus_elements: list[str] = Field(
+        default_factory=lambda: ["objects", "text", "people", "layout"],
+        description="What the comparison should pay attention to (used in the VL prompt).",
+    )
+    comparison_aspects: list[str] = Field(
+        default_factory=lambda: ["presence", "position", "color", "shape", "size"],
+        description="Kinds of difference to report (used in the VL prompt).",
+    )
+    similarity_threshold: float = Field(
+        DEFAULT_SIMILARITY_THRESHOLD,
+        ge=0.0,
+        le=1.0,
+        description="is_similar = similarity >= similarity_threshold.",
+    )
+    max_image_size: tuple[int, int] = Field(
+        (1024, 1024),
+        description="Bounding box (width, height) every image is downsized into before comparing.",
+    )
+    image_quality: int = Field(
+        85, ge=1, le=95, description="JPEG quality of the prepared (downsized) images."
+    )
+    processing_timeout: float = Field(
+        120.0, gt=0, le=3600, description="Seconds one pair's comparison may take."
+    )
+
+    @field_validator("max_image_size")
+    @classmethod
+    def _check_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        width, height = value
+        if not (16 <= width <= 8192 and 16 <= height <= 8192):
+            raise ValueError("max_image_size must be two integers between 16 and 8192")
+        return value
+
+
+class Settings(BaseSettings):
+    """Process-wide runtime settings (``PAIRWATCH_<FIELD>``; nested: ``PAIRWATCH_COMPARISON__<F>``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PAIRWATCH_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    comparator: Literal["auto", "metrics", "vl"] = Field(
+        "auto", description="auto: vl when a model is configured, metrics otherwise."
+    )
+    model: str | None = Field(None, description="VL model: Hugging Face id or local folder.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console when stderr is a terminal, JSON otherwise."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_input_pixels: int = Field(
+        200_000_000, gt=0, description="Decompression-bomb guard, checked before decoding."
+    )
+    max_input_bytes: int = Field(
+        512 * 1024 * 1024, gt=0, description="Largest input file/object read."
+    )
+    pair_timeout: float = Field(
+        600.0, gt=0, description="Seconds a lone image waits for its partner (incomplete_pair)."
+    )
+    settle_time: float = Field(
+        0.5, ge=0, description="Seconds a file's size and mtime must be stable before it is read."
+    )
+    queue_size: int = Field(1000, gt=0, description="Bound of the watcher's pending-pair queue.")
+    diff_image: bool = Field(True, description="Write diff.png beside every result.")
+    output_prefix: str | None = Field(None, description="S3: write results under this prefix.")
+    output_bucket: str | None = Field(None, description="S3: write results to this bucket.")
+    comparison: ComparisonConfig = Field(default_factory=ComparisonConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+
+class ConfigFileError(ValueError):
+    """The ``--config`` file is missing, unparseable or holds invalid values."""
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML or JSON settings file (by suffix; anything else is tried as TOML)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigFileError(f"config file {path} is not valid: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"config file {path} must hold a table/object at the top")
+    return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from defaults < config file < environment < ``overrides`` (e.g. CLI flags)."""
+    file_values = read_config_file(config_file) if config_file else {}
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+
+    try:
+        loaded = _FileSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigFileError(format_validation_error(exc)) from exc
+    return loaded
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One readable line per invalid field, e.g. ``comparison.image_quality: ... <= 95``."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "config"
+        lines.append(f"{where}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(lines)

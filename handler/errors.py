@@ -1,0 +1,91 @@
+"""One error family for everything that can go wrong with one pair.
+
+Every error carries a stable ``type`` string: it is what ends up in ``result.error.type`` and
+what users and other tools match on, so the strings never change once released.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class PairError(Exception):
+    """A failure that concerns one pair only: it becomes an error result, never a crash."""
+
+    type: ClassVar[str] = "internal_error"
+    #: ``error`` or ``timeout``: the result status this error produces.
+    status: ClassVar[str] = "error"
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+
+
+class InvalidImage(PairError):
+    """The bytes are not a decodable image (empty, garbage, truncated, corrupt)."""
+
+    type = "invalid_image"
+
+
+class UnsupportedFormat(InvalidImage):
+    type = "unsupported_format"
+
+
+class ImageTooLarge(InvalidImage):
+    """Dimensions or byte size above the configured limits (decompression-bomb guard)."""
+
+    type = "image_too_large"
+
+
+class InputNotFound(PairError):
+    type = "input_not_found"
+
+
+class InputUnreadable(PairError):
+    """The input exists but cannot be read (permissions, I/O error)."""
+
+    type = "input_unreadable"
+
+
+class PathOutsideRoot(PairError):
+    """A path or key would leave the configured folder or bucket prefix."""
+
+    type = "path_outside_root"
+
+
+class InvalidManifest(PairError):
+    type = "invalid_manifest"
+
+
+class IncompletePair(PairError):
+    type = "incomplete_pair"
+
+
+class AmbiguousPair(PairError):
+    type = "ambiguous_pair"
+
+
+class ModelOutputInvalid(PairError):
+    """The VL model answered, but not with the JSON we asked for (raw text kept in details)."""
+
+    type = "model_output_invalid"
+
+
+class OutOfMemory(PairError):
+    type = "out_of_memory"
+
+
+class ModelCrashed(PairError):
+    type = "model_crashed"
+
+
+class ModelUnavailable(PairError):
+    """The configured model could not be loaded (missing files, offline hub, bad id)."""
+
+    type = "model_unavailable"
+
+
+class ComparisonTimeout(PairError):
+    type = "timeout"
+    status = "timeout"

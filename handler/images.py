@@ -1,0 +1,169 @@
+"""Bounded image preparation: bytes in, a small RGB JPEG out, without decoding more than needed.
+
+The original service converted to RGB before shrinking, which forces a full-size decode, and
+handed full-size images to the model. Here the header is checked against a pixel budget before
+any decoding, JPEGs are decoded in the DCT domain straight at (about) the target scale, and every
+mode conversion happens after the shrink, on the small image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from handler.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
+
+#: Formats we decode. Restricting ``Image.open`` to them keeps exotic decoders (EPS runs
+#: Ghostscript, for one) out of reach of untrusted input.
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+DEFAULT_MAX_INPUT_PIXELS = 200_000_000
+
+# The pixel budget is enforced by ``prepare`` from the header before decoding; Pillow's own global
+# guard (which warns at 89 MP and fails at 179 MP) would otherwise override the configured limit.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_WHITE = (255, 255, 255)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """An input image after bounded decoding and downsizing, ready for any comparator."""
+
+    jpeg: bytes
+    #: The downsized RGB pixels (what ``jpeg`` encodes), kept to spare comparators a re-decode.
+    image: Image.Image
+    size: tuple[int, int]
+    original_size: tuple[int, int]
+    format: str
+    original_mode: str
+
+    @property
+    def scale(self) -> float:
+        """Factor from prepared coordinates back to original (display-oriented) pixels."""
+        return self.original_size[0] / self.size[0]
+
+
+def prepare(
+    data: bytes,
+    max_size: tuple[int, int],
+    quality: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+) -> PreparedImage:
+    """Decode ``data`` into an RGB image that fits ``max_size`` and encode it as JPEG.
+
+    Raises ``InvalidImage`` (or its subclasses ``UnsupportedFormat``/``ImageTooLarge``) for
+    anything that is not a decodable image within the pixel budget.
+    """
+    if not data:
+        raise InvalidImage("the file is empty (0 bytes)")
+    with _open(data) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"{width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit of "
+                f"{max_pixels / 1e6:.1f} megapixels; not decoded"
+            )
+        source_format = str(img.format)
+        original_mode = img.mode
+        orientation = img.getexif().get(0x0112, 1)
+        # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap.
+        turned = orientation in (5, 6, 7, 8)
+        rgb = _shrink(img, (max_size[1], max_size[0]) if turned else max_size, orientation)
+    original_size = (height, width) if turned else (width, height)
+    buffer = io.BytesIO()
+    # optimize=True only shrinks Huffman tables (lossless) and costs a second pass: skip it.
+    rgb.save(buffer, "JPEG", quality=quality)
+    return PreparedImage(
+        jpeg=buffer.getvalue(),
+        image=rgb,
+        size=rgb.size,
+        original_size=original_size,
+        format=source_format,
+        original_mode=original_mode,
+    )
+
+
+def _open(data: bytes) -> Image.Image:
+    """Open lazily (header only), restricted to supported formats, with clear errors."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+            img.seek(0)  # animated images: the first frame
+    except UnidentifiedImageError:
+        raise _identify_failure(data) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImage(f"cannot read the image header: {exc}") from exc
+    return img
+
+
+def _identify_failure(data: bytes) -> InvalidImage:
+    """Tell "an image we do not support" from "not an image" (header parse only, no decode)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as other:
+                found = other.format
+    except Exception:
+        found = None
+    if found:
+        return UnsupportedFormat(
+            f"{found} images are not supported (supported: {', '.join(SUPPORTED_FORMATS)})"
+        )
+    return InvalidImage("not an image: the bytes match no supported image format")
+
+
+def _shrink(img: Image.Image, box: tuple[int, int], orientation: int) -> Image.Image:
+    """Decode at the smallest scale that still covers ``box``, then resize and normalise."""
+    try:
+        if img.format in ("JPEG", "MPO"):
+            img.draft(None, box)  # DCT-domain downscale by 1/2, 1/4 or 1/8 while decoding
+        img.load()
+        img = _to_resizable_mode(img)
+        img.thumbnail(box, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise InvalidImage(f"cannot decode the image: {exc}") from exc
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img)
+    return _to_rgb(img)
+
+
+def _to_resizable_mode(img: Image.Image) -> Image.Image:
+    """Modes LANCZOS cannot resize (palette, 1-bit, 16-bit) become 8-bit ones first."""
+    if img.mode == "P" or img.mode == "PA":
+        return img.convert("RGBA" if _has_alpha(img) else "RGB")
+    if img.mode == "1":
+        return img.convert("L")
+    if img.mode.startswith("I") or img.mode == "F":
+        return _high_depth_to_l(img)
+    return img
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit and float greyscale: scale the value range to 8 bits (``convert`` would clip)."""
+    values = np.asarray(img, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    scale = 255.0 / (65535.0 if top > 255 else 255.0 if top > 1 else 1.0)
+    return Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), mode="L")
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Flatten alpha on white; CMYK, greyscale and anything else becomes plain RGB."""
+    if img.mode == "RGB":
+        return img
+    if _has_alpha(img):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, _WHITE)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")

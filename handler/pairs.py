@@ -1,0 +1,123 @@
+"""Pair conventions shared by every source (local folder, S3, MinIO): pure functions on names.
+
+1. Pair folder/prefix ``<pair-id>/`` holding exactly two images -> ``<pair-id>/result.json``.
+2. Manifest ``NAME.pair.json`` = ``{"a": path, "b": path, "config": {...}}`` -> ``NAME.result.json``.
+
+The handler's own outputs (results, diff images, temporary files) are recognised here so that no
+source ever mistakes them for inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from handler.config import ComparisonConfig, format_validation_error
+from handler.errors import InvalidManifest, PathOutsideRoot
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+RESULT_NAME = "result.json"
+DIFF_NAME = "diff.png"
+MANIFEST_SUFFIX = ".pair.json"
+RESULT_SUFFIX = ".result.json"
+DIFF_SUFFIX = ".diff.png"
+_TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
+
+
+def is_ignored_name(name: str) -> bool:
+    """Hidden and temporary files (rsync's ``.name.XXXXXX``, ``*.part``, editors' ``*~``)."""
+    base = posixpath.basename(name)
+    return not base or base.startswith(".") or base.lower().endswith(_TEMP_SUFFIXES)
+
+
+def is_output_name(name: str) -> bool:
+    """Files the handler writes itself: they must never trigger a comparison."""
+    base = posixpath.basename(name).lower()
+    return base in (RESULT_NAME, DIFF_NAME) or base.endswith((RESULT_SUFFIX, DIFF_SUFFIX))
+
+
+def is_image_name(name: str) -> bool:
+    if is_ignored_name(name) or is_output_name(name):
+        return False
+    return posixpath.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def is_manifest_name(name: str) -> bool:
+    base = posixpath.basename(name)
+    return not is_ignored_name(base) and base.lower().endswith(MANIFEST_SUFFIX)
+
+
+def is_relevant_name(name: str) -> bool:
+    """Could a new object with this name complete a pair?"""
+    return is_image_name(name) or is_manifest_name(name)
+
+
+def folder_images(names: Iterable[str]) -> list[str]:
+    """The candidate images of a pair folder, in pair order (image A is the first by name)."""
+    return sorted(n for n in names if is_image_name(n))
+
+
+def manifest_stem(name: str) -> str:
+    base = posixpath.basename(name)
+    return base[: -len(MANIFEST_SUFFIX)]
+
+
+def manifest_result_name(name: str) -> str:
+    return manifest_stem(name) + RESULT_SUFFIX
+
+
+def manifest_diff_name(name: str) -> str:
+    return manifest_stem(name) + DIFF_SUFFIX
+
+
+@dataclass(frozen=True)
+class Manifest:
+    a: str
+    b: str
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, base: ComparisonConfig) -> ComparisonConfig:
+        """The deployment's config with this pair's overrides applied (validated)."""
+        if not self.config_overrides:
+            return base
+        try:
+            return ComparisonConfig.model_validate(base.model_dump() | self.config_overrides)
+        except ValidationError as exc:
+            raise InvalidManifest(format_validation_error(exc)) from exc
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidManifest(f"manifest is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InvalidManifest('manifest must be an object {"a": ..., "b": ...}')
+    a, b, overrides = doc.get("a"), doc.get("b"), doc.get("config", {})
+    if not isinstance(a, str) or not isinstance(b, str) or not a or not b:
+        raise InvalidManifest('manifest needs string paths "a" and "b"')
+    if not isinstance(overrides, dict):
+        raise InvalidManifest('manifest "config" must be an object')
+    return Manifest(a=a, b=b, config_overrides=overrides)
+
+
+def join_relative(base: str, relative: str) -> str:
+    """Join ``relative`` (from a manifest) onto the folder/prefix ``base``, staying inside it.
+
+    Works on POSIX-style strings for both paths and keys. Absolute paths, ``..`` that climbs out
+    of the root, backslashes and control characters raise ``PathOutsideRoot``. Symlinks are the
+    storage layer's business (it resolves them against the real root).
+    """
+    if not relative or relative.startswith("/") or "\\" in relative:
+        raise PathOutsideRoot(f"{relative!r} is not a relative path inside the watched root")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in relative):
+        raise PathOutsideRoot(f"{relative!r} contains control characters")
+    joined = posixpath.normpath(posixpath.join(base or ".", relative))
+    if joined == ".." or joined.startswith("../") or joined.startswith("/"):
+        raise PathOutsideRoot(f"{relative!r} leads outside the watched root")
+    return joined

@@ -1,0 +1,101 @@
+"""The result JSON written next to every pair: one pydantic model, its JSON Schema is public.
+
+Field names are a public interface (other tools and the watchers' idempotency checks read them);
+add fields, never rename them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from handler import __version__
+from handler.config import ComparisonConfig
+
+Status = Literal["ok", "error", "timeout"]
+
+
+class Region(BaseModel):
+    """A changed area as a box in image A's original pixel coordinates."""
+
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+
+class Difference(BaseModel):
+    aspect: str = ""
+    element: str = ""
+    description: str
+
+
+class ComparatorInfo(BaseModel):
+    name: str
+    model: str | None = None
+    device: str = "cpu"
+
+
+class InputInfo(BaseModel):
+    """One input image. ``sha256`` is what idempotency checks compare."""
+
+    name: str
+    bytes: int | None = None
+    sha256: str | None = None
+    etag: str | None = None
+    format: str | None = None
+    original_size: tuple[int, int] | None = None
+    processed_size: tuple[int, int] | None = None
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+    input: Literal["a", "b"] | None = Field(None, description="Which input failed, when one did.")
+
+
+class VLDetails(BaseModel):
+    """What the VL model did for this pair (absent for the metrics comparator)."""
+
+    skipped: bool = False
+    skip_reason: str | None = None
+    raw_text: str | None = None
+    visual_tokens: int | None = None
+    attempts: int = 0
+    max_pixels: int | None = None
+
+
+class ComparisonResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    pair_id: str
+    status: Status
+    similarity: float | None = Field(None, ge=0.0, le=1.0)
+    is_similar: bool | None = None
+    summary: str = ""
+    differences: list[Difference] = Field(default_factory=list)
+    changed_regions: list[Region] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    comparator: ComparatorInfo
+    inputs: list[InputInfo] = Field(min_length=2, max_length=2)
+    config: ComparisonConfig
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    error: ErrorInfo | None = None
+    vl: VLDetails | None = None
+    diff_image: str | None = Field(None, description="File name of the diff image beside this.")
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    version: str = __version__
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+    @property
+    def input_digests(self) -> tuple[str | None, str | None]:
+        """The inputs' sha256 values, for "same inputs, already done" checks."""
+        return (self.inputs[0].sha256, self.inputs[1].sha256)
+
+
+def result_json_schema() -> dict[str, Any]:
+    return ComparisonResult.model_json_schema()

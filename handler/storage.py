@@ -1,0 +1,72 @@
+"""Storage access confined to one root: a local folder (``LocalStorage``) or a bucket prefix.
+
+Inputs are only ever read; outputs are written atomically (a reader sees the old file or the
+new one, never half of one). Paths/keys are relative to the root and cannot escape it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from handler.errors import ImageTooLarge, InputNotFound, InputUnreadable, PathOutsideRoot
+from handler.pairs import join_relative
+
+
+class LocalStorage:
+    """A folder on a local or network filesystem."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    def path(self, relative: str) -> Path:
+        """The real path of ``relative``; symlinks that lead outside the root are refused."""
+        clean = join_relative("", relative)
+        real = (self.root / clean).resolve()
+        if real != self.root and not real.is_relative_to(self.root):
+            raise PathOutsideRoot(f"{relative!r} resolves outside the watched root")
+        return real
+
+    def relative(self, path: Path) -> str:
+        """``path`` (inside the root) as a POSIX path relative to the root."""
+        return Path(os.path.abspath(path)).relative_to(self.root).as_posix()
+
+    def read(self, relative: str, max_bytes: int) -> bytes:
+        return read_file(self.path(relative), max_bytes, label=relative)
+
+    def write_atomic(self, relative: str, data: bytes) -> Path:
+        """Write via a hidden temporary file in the same folder, fsync, then rename over."""
+        target = self.path(relative)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+
+def read_file(path: Path, max_bytes: int, *, label: str | None = None) -> bytes:
+    """Read a whole input file, mapping OS failures onto per-pair errors."""
+    label = label or str(path)
+    try:
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            data = handle.read(max_bytes + 1) if size <= max_bytes else b""
+    except FileNotFoundError:
+        raise InputNotFound(f"{label} does not exist (vanished?)") from None
+    except IsADirectoryError:
+        raise InputUnreadable(f"{label} is a folder, not a file") from None
+    except PermissionError:
+        raise InputUnreadable(f"{label}: permission denied") from None
+    except OSError as exc:
+        raise InputUnreadable(f"{label}: {exc.strerror or exc}") from None
+    if size > max_bytes or len(data) > max_bytes:
+        raise ImageTooLarge(f"{label} is over the limit of {max_bytes} bytes")
+    return data
