@@ -23,7 +23,7 @@ from pydantic_settings import (
 #: Chosen so that re-encoded, rescaled, re-formatted and EXIF-rotated copies score above it and
 #: local edits (a pasted object over a few percent of the image, a blurred region, recolouring,
 #: mirroring) score below it; see ``handler.compare.metrics`` and tests/test_metrics.py.
-DEFAULT_SIMILARITY_THRESHOLD = 0.9
+DEFAULT_SIMILARITY_THRESHOLD = 0.93
 
 
 class ComparisonConfig(BaseModel):
@@ -66,7 +66,7 @@ class ComparisonConfig(BaseModel):
 
 
 class Settings(BaseSettings):
-    """Process-wide runtime settings (``PAIRWATCH_<FIELD>``; nested: ``PAIRWATCH_COMPARISON__<F>``)."""
+    """Process-wide runtime settings: ``PAIRWATCH_<FIELD>``, ``PAIRWATCH_COMPARISON__<FIELD>``."""
 
     model_config = SettingsConfigDict(
         env_prefix="PAIRWATCH_", env_nested_delimiter="__", extra="forbid"
@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     diff_image: bool = Field(True, description="Write diff.png beside every result.")
     output_prefix: str | None = Field(None, description="S3: write results under this prefix.")
     output_bucket: str | None = Field(None, description="S3: write results to this bucket.")
-    comparison: ComparisonConfig = Field(default_factory=ComparisonConfig)
+    comparison: ComparisonConfig = Field(default_factory=lambda: ComparisonConfig())
 
     @classmethod
     def settings_customise_sources(

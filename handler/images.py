@@ -19,13 +19,16 @@ from handler.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 
 #: Formats we decode. Restricting ``Image.open`` to them keeps exotic decoders (EPS runs
 #: Ghostscript, for one) out of reach of untrusted input.
-SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+#: (Multi-picture MPO files from cameras open through the JPEG plugin and report "MPO".)
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_INPUT_PIXELS = 200_000_000
 
 # The pixel budget is enforced by ``prepare`` from the header before decoding; Pillow's own global
 # guard (which warns at 89 MP and fails at 179 MP) would otherwise override the configured limit.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# ``Image.open(formats=...)`` looks plugins up by name but only pre-registers the common ones.
+Image.init()
 
 _WHITE = (255, 255, 255)
 

@@ -1,7 +1,8 @@
 """Pair conventions shared by every source (local folder, S3, MinIO): pure functions on names.
 
 1. Pair folder/prefix ``<pair-id>/`` holding exactly two images -> ``<pair-id>/result.json``.
-2. Manifest ``NAME.pair.json`` = ``{"a": path, "b": path, "config": {...}}`` -> ``NAME.result.json``.
+2. Manifest ``NAME.pair.json`` = ``{"a": path, "b": path, "config": {...}}``
+   -> ``NAME.result.json``.
 
 The handler's own outputs (results, diff images, temporary files) are recognised here so that no
 source ever mistakes them for inputs.

@@ -1,0 +1,191 @@
+"""The CPU metrics comparator: no model, milliseconds per pair, the embedded default.
+
+Similarity is the *minimum* of four scores, each near 1 for "the same picture" (re-encoded,
+rescaled, another format, EXIF-rotated) and each sensitive to one kind of real change:
+
+- ``ssim``: mean structural similarity (greyscale) — global structure;
+- ``local_similarity``: 1 - LOCAL_WEIGHT * changed_fraction — a pasted object or blurred patch
+  over a few percent of the image barely moves the mean SSIM, so the changed area counts on its own;
+- ``hash_similarity``: 1 - perceptual-hash distance / 64 — mirrored or rearranged content;
+- ``color_similarity``: colour-histogram intersection — recolouring keeps greyscale structure.
+
+Taking the minimum keeps the number explainable: the weakest aspect decides.
+"""
+
+from __future__ import annotations
+
+import imagehash
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+from scipy import ndimage
+from skimage.color import rgb2lab
+from skimage.metrics import structural_similarity
+
+from handler.compare.base import Outcome
+from handler.config import ComparisonConfig
+from handler.images import PreparedImage
+from handler.result import ComparatorInfo, Difference, Region
+
+#: Longest edge of the common working size. Large enough that an edit over ~1% of the image
+#: spans many SSIM windows, small enough to stay in the low milliseconds.
+WORK_EDGE = 256
+#: A pixel is "changed" where local SSIM falls below this or the colour moves more than
+#: CHANGED_DELTA_E (CIE76) — values that JPEG quality 70 and rescaling stay clear of.
+CHANGED_SSIM = 0.5
+CHANGED_DELTA_E = 20.0
+#: Changed areas smaller than this fraction of the image are noise, not regions.
+MIN_REGION_FRACTION = 0.002
+#: changed_fraction 0.02 (2 % of the image) -> local_similarity 0.84.
+LOCAL_WEIGHT = 8.0
+MAX_REGIONS = 20
+_COLOR_BINS = 8
+
+
+class MetricsComparator:
+    """Structural, perceptual-hash and colour metrics on a common working size."""
+
+    def __init__(self) -> None:
+        self._info = ComparatorInfo(name="metrics", model=None, device="cpu")
+
+    @property
+    def info(self) -> ComparatorInfo:
+        return self._info
+
+    def close(self) -> None:
+        """Nothing to free: no model, no worker."""
+
+    def compare(self, a: PreparedImage, b: PreparedImage, config: ComparisonConfig) -> Outcome:
+        work_a, work_b = _common_size(a.image, b.image)
+        grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
+        rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
+        ssim, ssim_map = structural_similarity(  # type: ignore[no-untyped-call]
+            grey_a, grey_b, data_range=255.0, gaussian_weights=True, sigma=1.5, full=True
+        )
+        delta_e = np.linalg.norm(rgb2lab(rgb_a) - rgb2lab(rgb_b), axis=2)
+        mask = _changed_mask(ssim_map, delta_e)
+        changed_fraction = float(mask.mean())
+        hash_distance = int(imagehash.phash(work_a) - imagehash.phash(work_b))
+        color = _histogram_intersection(rgb_a, rgb_b)
+        metrics = {
+            "ssim": round(float(np.clip(ssim, 0.0, 1.0)), 4),
+            "changed_fraction": round(changed_fraction, 4),
+            "local_similarity": round(max(0.0, 1.0 - LOCAL_WEIGHT * changed_fraction), 4),
+            "phash_distance": float(hash_distance),
+            "hash_similarity": round(1.0 - hash_distance / 64.0, 4),
+            "color_similarity": round(color, 4),
+            "mean_delta_e": round(float(delta_e.mean()), 3),
+            "pixel_identical": float(_pixel_identical(a, b)),
+        }
+        similarity = min(
+            metrics["ssim"],
+            metrics["local_similarity"],
+            metrics["hash_similarity"],
+            metrics["color_similarity"],
+        )
+        regions = _regions(mask, scale=a.original_size[0] / mask.shape[1], limit=a.original_size)
+        is_similar = similarity >= config.similarity_threshold
+        return Outcome(
+            similarity=similarity,
+            is_similar=is_similar,
+            summary=_summary(similarity, is_similar, regions, changed_fraction),
+            differences=_differences(metrics, regions, changed_fraction),
+            changed_regions=regions,
+            metrics=metrics,
+        )
+
+
+def _common_size(a: Image.Image, b: Image.Image) -> tuple[Image.Image, Image.Image]:
+    """Both images at A's aspect ratio with WORK_EDGE as the longest edge."""
+    width, height = a.size
+    factor = WORK_EDGE / max(width, height)
+    size = (max(8, round(width * factor)), max(8, round(height * factor)))
+    resample = Image.Resampling.LANCZOS
+    return a.resize(size, resample), b.resize(size, resample)
+
+
+def _pixel_identical(a: PreparedImage, b: PreparedImage) -> bool:
+    return a.size == b.size and a.image.tobytes() == b.image.tobytes()
+
+
+def _changed_mask(ssim_map: NDArray[np.float64], delta_e: NDArray[np.float64]) -> NDArray[np.bool_]:
+    """Changed pixels, opened to drop isolated specks and closed to join one edit's pieces."""
+    mask = (ssim_map < CHANGED_SSIM) | (ndimage.uniform_filter(delta_e, 5) > CHANGED_DELTA_E)
+    mask = ndimage.binary_opening(mask, iterations=1)
+    return np.asarray(ndimage.binary_closing(mask, iterations=2), dtype=bool)
+
+
+def _histogram_intersection(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float:
+    """Overlap of the two 8x8x8 RGB histograms: 1 = same colour distribution."""
+    bins = (_COLOR_BINS,) * 3
+    edges = [(0, 256)] * 3
+    hist_a, _ = np.histogramdd(a.reshape(-1, 3), bins=bins, range=edges)
+    hist_b, _ = np.histogramdd(b.reshape(-1, 3), bins=bins, range=edges)
+    return float(np.minimum(hist_a / hist_a.sum(), hist_b / hist_b.sum()).sum())
+
+
+def _regions(mask: NDArray[np.bool_], scale: float, limit: tuple[int, int]) -> list[Region]:
+    """Bounding boxes of the changed areas, largest first, in A's original pixel coordinates."""
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return []
+    areas = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    min_area = MIN_REGION_FRACTION * mask.size
+    boxes = ndimage.find_objects(labels)
+    order = np.argsort(areas)[::-1]
+    regions: list[Region] = []
+    for index in order[:MAX_REGIONS]:
+        if areas[index] < min_area:
+            break
+        rows, cols = boxes[index]
+        x0, y0 = int(cols.start * scale), int(rows.start * scale)
+        x1 = min(limit[0], int(np.ceil(cols.stop * scale)))
+        y1 = min(limit[1], int(np.ceil(rows.stop * scale)))
+        regions.append(Region(x=x0, y=y0, width=max(1, x1 - x0), height=max(1, y1 - y0)))
+    return regions
+
+
+def _summary(similarity: float, similar: bool, regions: list[Region], fraction: float) -> str:
+    verdict = "similar" if similar else "different"
+    if not regions:
+        return f"The images are {verdict} (similarity {similarity:.2f}); no localised changes."
+    plural = "s" if len(regions) > 1 else ""
+    return (
+        f"The images are {verdict} (similarity {similarity:.2f}); {len(regions)} changed "
+        f"region{plural} covering {fraction:.1%} of the image."
+    )
+
+
+def _differences(
+    metrics: dict[str, float], regions: list[Region], fraction: float
+) -> list[Difference]:
+    found: list[Difference] = []
+    if metrics["hash_similarity"] < 0.75:
+        found.append(
+            Difference(
+                aspect="structure",
+                element="whole image",
+                description="The overall layout differs (different, mirrored or rearranged).",
+            )
+        )
+    if metrics["color_similarity"] < 0.8:
+        found.append(
+            Difference(
+                aspect="color",
+                element="whole image",
+                description=f"The colour distributions differ (mean ΔE {metrics['mean_delta_e']}).",
+            )
+        )
+    for region in regions:
+        found.append(
+            Difference(
+                aspect="content",
+                element="region",
+                description=(
+                    f"Changed area at x={region.x}, y={region.y}, "
+                    f"{region.width}x{region.height} px."
+                ),
+            )
+        )
+    del fraction
+    return found

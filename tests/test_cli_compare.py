@@ -1,0 +1,103 @@
+"""``pairwatch compare`` and ``pairwatch schema`` through the real console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from handler.result import ComparisonResult
+from tests.support import scenes
+
+PAIRWATCH = [sys.executable, "-m", "watcher.cli"]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PAIRWATCH_LOG_FORMAT": "json", **(env or {})}
+    full_env.pop("PAIRWATCH_MODEL", None)
+    return subprocess.run(
+        [*PAIRWATCH, *args], capture_output=True, text=True, env=full_env, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("pair")
+    img = scenes.photo("chelsea")
+    a, b = folder / "a.jpg", folder / "b.png"
+    a.write_bytes(scenes.encode(img))
+    b.write_bytes(scenes.as_png(img))
+    return a, b
+
+
+def _log_events(stderr: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.strip()]
+
+
+def test_compare_prints_a_valid_result(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    proc = _run("compare", str(pair[0]), str(pair[1]), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = ComparisonResult.model_validate_json(proc.stdout)
+    assert result.status == "ok" and result.is_similar
+    assert result.comparator.name == "metrics"
+    assert [i.format for i in result.inputs] == ["JPEG", "PNG"]
+    assert result.inputs[0].sha256 != result.inputs[1].sha256
+    assert {"prepare", "compare", "total"} <= set(result.timings_ms)
+    assert ComparisonResult.model_validate_json(out.read_text()) == result
+    events = [e["event"] for e in _log_events(proc.stderr)]
+    assert events.count("image_prepared") == 2 and "pair_compared" in events
+
+
+def test_a_bad_input_gives_an_error_result_and_exit_1(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(pair[0].read_bytes()[:500])
+    proc = _run("compare", str(pair[0]), str(broken))
+    assert proc.returncode == 1
+    result = ComparisonResult.model_validate_json(proc.stdout)
+    assert result.status == "error"
+    assert result.error is not None
+    assert (result.error.type, result.error.input) == ("invalid_image", "b")
+    assert result.inputs[0].format == "JPEG"
+    assert any(e["event"] == "pair_failed" for e in _log_events(proc.stderr))
+
+
+def test_a_missing_input(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    proc = _run("compare", str(tmp_path / "nope.jpg"), str(pair[1]))
+    assert proc.returncode == 1
+    error = json.loads(proc.stdout)["error"]
+    assert (error["type"], error["input"]) == ("input_not_found", "a")
+
+
+def test_usage_errors_exit_2(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    assert _run("compare", str(pair[0])).returncode == 2
+    assert _run("compare", str(pair[0]), str(pair[1]), "--comparator", "gpu").returncode == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[comparison]\nimage_quality = 0\n")
+    proc = _run("compare", str(pair[0]), str(pair[1]), "--config", str(bad))
+    assert proc.returncode == 2
+    assert "comparison.image_quality" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_config_file_reaches_the_comparison(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"comparison": {"max_image_size": [200, 200]}}))
+    proc = _run("compare", str(pair[0]), str(pair[1]), "--config", str(config))
+    result = ComparisonResult.model_validate_json(proc.stdout)
+    assert result.config.max_image_size == (200, 200)
+    assert result.inputs[0].processed_size == (200, 133)
+
+
+def test_schema_describes_the_result() -> None:
+    proc = _run("schema")
+    assert proc.returncode == 0
+    schema = json.loads(proc.stdout)
+    for field in ("pair_id", "status", "similarity", "changed_regions", "inputs", "error"):
+        assert field in schema["properties"]

@@ -1,0 +1,112 @@
+"""The metrics comparator on real photographs: what must count as similar, and what must not."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from PIL import Image
+
+from handler.compare.metrics import MetricsComparator
+from handler.config import ComparisonConfig
+from handler.images import PreparedImage, prepare
+from handler.result import Region
+from tests.support import scenes
+
+CONFIG = ComparisonConfig()
+COMPARATOR = MetricsComparator()
+
+
+def _prepared(data: bytes) -> PreparedImage:
+    return prepare(data, CONFIG.max_image_size, CONFIG.image_quality)
+
+
+def _overlaps(region: Region, box: tuple[int, int, int, int]) -> bool:
+    x, y, w, h = box
+    return (
+        region.x < x + w
+        and x < region.x + region.width
+        and region.y < y + h
+        and y < (region.y + region.height)
+    )
+
+
+@pytest.mark.parametrize("photo", scenes.PHOTOS)
+@pytest.mark.parametrize("edit", sorted(scenes.SIMILAR_EDITS))
+def test_same_picture_is_similar(photo: str, edit: str) -> None:
+    img = scenes.photo(photo)
+    outcome = COMPARATOR.compare(
+        _prepared(scenes.encode(img)), _prepared(scenes.SIMILAR_EDITS[edit](img)), CONFIG
+    )
+    assert outcome.is_similar, outcome.metrics
+    assert outcome.similarity >= CONFIG.similarity_threshold
+    assert outcome.changed_regions == []
+
+
+@pytest.mark.parametrize("photo", scenes.PHOTOS)
+@pytest.mark.parametrize("edit", sorted(scenes.DIFFERENT_EDITS))
+def test_edited_picture_is_not_similar(photo: str, edit: str) -> None:
+    img = scenes.photo(photo)
+    outcome = COMPARATOR.compare(
+        _prepared(scenes.encode(img)), _prepared(scenes.DIFFERENT_EDITS[edit](img)), CONFIG
+    )
+    assert not outcome.is_similar, outcome.metrics
+    assert outcome.changed_regions, "an edit must produce at least one changed region"
+    assert "different" in outcome.summary
+
+
+LOCAL_EDITS: dict[str, tuple[Callable[[Image.Image], bytes], Callable[..., tuple[int, ...]]]] = {
+    "pasted_object": (scenes.pasted_object, scenes.pasted_box),
+    "blurred_region": (scenes.blurred_region, scenes.blurred_box),
+}
+
+
+@pytest.mark.parametrize("photo", scenes.PHOTOS)
+@pytest.mark.parametrize("edit", sorted(LOCAL_EDITS))
+def test_changed_region_overlaps_the_edit(photo: str, edit: str) -> None:
+    make, box_of = LOCAL_EDITS[edit]
+    img = scenes.photo(photo).resize((1600, 1200))  # originals larger than the prepared size
+    outcome = COMPARATOR.compare(_prepared(scenes.encode(img)), _prepared(make(img)), CONFIG)
+    box = box_of(img)
+    assert any(_overlaps(region, box) for region in outcome.changed_regions), (
+        box,
+        outcome.changed_regions,
+    )
+    for region in outcome.changed_regions:  # original pixel coordinates of A
+        assert region.x + region.width <= 1600 and region.y + region.height <= 1200
+
+
+def test_different_scenes() -> None:
+    outcome = COMPARATOR.compare(
+        _prepared(scenes.encode(scenes.photo("coffee"))),
+        _prepared(scenes.encode(scenes.photo("rocket"))),
+        CONFIG,
+    )
+    assert not outcome.is_similar
+    assert outcome.similarity < 0.5
+    assert any(d.aspect == "structure" for d in outcome.differences)
+
+
+def test_identical_images() -> None:
+    data = scenes.encode(scenes.photo("astronaut"))
+    outcome = COMPARATOR.compare(_prepared(data), _prepared(data), CONFIG)
+    assert outcome.similarity == pytest.approx(1.0)
+    assert outcome.metrics["pixel_identical"] == 1.0
+    assert outcome.differences == []
+
+
+def test_threshold_decides_is_similar() -> None:
+    img = scenes.photo("chelsea")
+    a, b = _prepared(scenes.encode(img)), _prepared(scenes.pasted_object(img))
+    strict = COMPARATOR.compare(a, b, CONFIG)
+    lenient = COMPARATOR.compare(a, b, CONFIG.model_copy(update={"similarity_threshold": 0.1}))
+    assert strict.similarity == lenient.similarity
+    assert not strict.is_similar and lenient.is_similar
+
+
+def test_recolouring_is_reported_as_colour() -> None:
+    img = scenes.photo("coffee")
+    outcome = COMPARATOR.compare(
+        _prepared(scenes.encode(img)), _prepared(scenes.recoloured(img)), CONFIG
+    )
+    assert any(d.aspect == "color" for d in outcome.differences)
