@@ -10,6 +10,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from handler.compare.base import Comparator
 from handler.config import ComparisonConfig
@@ -61,9 +62,8 @@ def compare_pair(
     timings: dict[str, float] = {}
     prepared: list[PreparedImage] = []
     try:
-        for slot, (source, info) in enumerate(zip((a, b), infos, strict=True)):
+        for source, info in zip((a, b), infos, strict=True):
             prepared.append(_prepare_one(source, info, config, max_input_pixels, timings, log))
-            del slot
         compare_start = time.perf_counter()
         outcome = comparator.compare(prepared[0], prepared[1], config)
         timings["compare"] = _ms(compare_start)
@@ -127,7 +127,7 @@ def _prepare_one(
     config: ComparisonConfig,
     max_input_pixels: int,
     timings: dict[str, float],
-    log: object,
+    log: Any,
 ) -> PreparedImage:
     """Load, hash and prepare one input; its raw bytes are dropped before the next one loads."""
     start = time.perf_counter()
@@ -141,7 +141,7 @@ def _prepare_one(
     info.processed_size = image.size
     elapsed = _ms(start)
     timings["prepare"] = round(timings.get("prepare", 0.0) + elapsed, 2)
-    log.info(  # type: ignore[attr-defined]
+    log.info(
         "image_prepared",
         input=source.name,
         bytes=info.bytes,
