@@ -29,6 +29,10 @@ FAILED_COLOR = (150, 0, 90)
 MIN_WIDTH = 256
 _GAP = 6
 _PAD = 6
+#: Drawing colours get fixed palette slots after the photo colours (see ``_to_palette``).
+_INKS = (BOX_COLOR, BACKGROUND, TEXT_COLOR, SIMILAR_COLOR, DIFFERENT_COLOR, FAILED_COLOR)
+_PHOTO_COLORS = 256 - len(_INKS)
+_INK = {color: _PHOTO_COLORS + index for index, color in enumerate(_INKS)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,18 +64,38 @@ def render_diff(a: PreparedImage, b: PreparedImage, result: ComparisonResult) ->
     line_height = font_size + 4
     legend_height = 2 * line_height + 2 * _PAD
     layout = _layout(a.size, b.size, bound, legend_height)
-    canvas = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
+    photos = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
     for image, panel in ((a, layout.a), (b, layout.b)):
-        canvas.paste(_fit(image.image, panel), (panel.x, panel.y))
+        photos.paste(_fit(image.image, panel), (panel.x, panel.y))
+    canvas = _to_palette(photos)
     draw = ImageDraw.Draw(canvas)
+    draw.fontmode = "1"  # anti-aliasing would blend palette indices, not colours
+    draw.rectangle(
+        (0, layout.height - legend_height, layout.width, layout.height), fill=_INK[BACKGROUND]
+    )
     line = max(2, round(min(layout.a.width, layout.a.height) / 200))
     for region in result.changed_regions:
         for panel in (layout.a, layout.b):
-            draw.rectangle(_box(region, a.original_size, panel), outline=BOX_COLOR, width=line)
+            box = _box(region, a.original_size, panel)
+            draw.rectangle(box, outline=_INK[BOX_COLOR], width=line)
     _draw_legend(draw, result, layout, font, line_height, legend_height)
     out = io.BytesIO()
     canvas.save(out, "PNG", compress_level=6)
     return out.getvalue()
+
+
+def _to_palette(photos: Image.Image) -> Image.Image:
+    """250 photo colours plus exact slots for the boxes and legend.
+
+    A photographic PNG in RGB costs ~1 MB and ~250 ms to encode at 1024 px; as a 256-colour
+    palette image it is ~4x smaller and several times faster, and still plainly shows what
+    changed. The inks keep exact colours, so boxes stay pure red whatever the photo holds.
+    """
+    canvas = photos.quantize(_PHOTO_COLORS, method=Image.Quantize.FASTOCTREE)
+    palette = (canvas.getpalette() or [])[: 3 * _PHOTO_COLORS]
+    palette += [0] * (3 * _PHOTO_COLORS - len(palette))
+    canvas.putpalette(palette + [channel for ink in _INKS for channel in ink])
+    return canvas
 
 
 def _layout(
@@ -134,12 +158,13 @@ def _draw_legend(
     top = layout.height - legend_height + _PAD
     swatch = line_height - 4
     color, verdict = _verdict(result)
-    draw.rectangle((_PAD, top + 2, _PAD + swatch, top + 2 + swatch), fill=color)
+    draw.rectangle((_PAD, top + 2, _PAD + swatch, top + 2 + swatch), fill=_INK[color])
     room = layout.width - 2 * _PAD
     text_x = _PAD + swatch + _PAD
-    draw.text((text_x, top), _clip(verdict, font, room - swatch - _PAD), fill=TEXT_COLOR, font=font)
+    ink = _INK[TEXT_COLOR]
+    draw.text((text_x, top), _clip(verdict, font, room - swatch - _PAD), fill=ink, font=font)
     names = f"A: {_name(result, 0)}   B: {_name(result, 1)}"
-    draw.text((_PAD, top + line_height), _clip(names, font, room), fill=TEXT_COLOR, font=font)
+    draw.text((_PAD, top + line_height), _clip(names, font, room), fill=ink, font=font)
 
 
 def _verdict(result: ComparisonResult) -> tuple[tuple[int, int, int], str]:
