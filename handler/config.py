@@ -98,6 +98,23 @@ class Settings(BaseSettings):
     output_prefix: str | None = Field(None, description="S3: write results under this prefix.")
     output_bucket: str | None = Field(None, description="S3: write results to this bucket.")
     comparison: ComparisonConfig = Field(default_factory=lambda: ComparisonConfig())
+    vl_max_new_tokens: int = Field(
+        512, gt=0, le=8192, description="VL: most tokens the model may answer with per pair."
+    )
+    vl_load_timeout: float = Field(
+        900.0, gt=0, description="VL: seconds a model worker may take to load the model."
+    )
+    sqs_wait_seconds: int = Field(
+        20, ge=0, le=20, description="watch sqs: ReceiveMessage long-poll wait (0-20 s)."
+    )
+    poll_interval: float = Field(
+        10.0, gt=0, description="watch poll: seconds between two listings of the prefix."
+    )
+    lambda_min_remaining_ms: int = Field(
+        30_000,
+        ge=0,
+        description="Lambda: hand the rest of an SQS batch back when less time than this is left.",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -65,6 +65,9 @@ class VLDetails(BaseModel):
     visual_tokens: int | None = None
     attempts: int = 0
     max_pixels: int | None = None
+    peak_memory_mb: float | None = Field(
+        None, description="Peak GPU memory the model allocated for this pair (CUDA only)."
+    )
 
 
 class ComparisonResult(BaseModel):

@@ -1,0 +1,118 @@
+"""What we ask the VL model, and how its answer is read back.
+
+Pure functions, no torch: the comparator builds the prompt in the service process, the worker
+only runs the model, and the answer is parsed back in the service process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import json_repair
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from handler.config import ComparisonConfig
+from handler.result import Difference
+
+#: The answer shape the prompt shows the model, verbatim.
+_ANSWER_SHAPE = (
+    '{"similarity": <number from 0.0 (unrelated) to 1.0 (identical)>, '
+    '"differences": [{"aspect": "<one of the aspects>", "element": "<what differs>", '
+    '"description": "<how it differs between image A and image B>"}], '
+    '"summary": "<one sentence>"}'
+)
+
+
+def build_prompt(config: ComparisonConfig) -> str:
+    """The instruction that follows the two images (image A first, image B second)."""
+    focus = ", ".join(config.focus_elements) or "anything visible"
+    aspects = ", ".join(config.comparison_aspects) or "any"
+    return (
+        "The first picture is image A, the second is image B. Compare them carefully.\n"
+        f"Pay attention to: {focus}.\n"
+        f"Report differences in these aspects: {aspects}.\n"
+        "Answer with one JSON object and nothing else, in exactly this shape:\n"
+        f"{_ANSWER_SHAPE}\n"
+        'If the images show no differences, answer with "differences": [] and a similarity '
+        "of 1.0."
+    )
+
+
+class ModelAnswer(BaseModel):
+    """The model's answer after validation; unknown keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    similarity: float = Field(ge=0.0, le=1.0)
+    differences: list[Difference] = Field(default_factory=list)
+    summary: str = ""
+
+    @field_validator("similarity", mode="before")
+    @classmethod
+    def _percent_to_fraction(cls, value: Any) -> Any:
+        """Models regularly answer 85 or "85%" where 0.85 was asked for."""
+        if isinstance(value, str):
+            value = value.strip().rstrip("%").strip()
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return value
+        return number / 100.0 if 1.0 < number <= 100.0 else number
+
+    @field_validator("differences", mode="before")
+    @classmethod
+    def _loose_differences(cls, value: Any) -> Any:
+        """Accept a bare string per difference, and drop entries without any text."""
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            value = [value]
+        items: list[Any] = []
+        for item in value:
+            if isinstance(item, str) and item.strip():
+                items.append({"description": item.strip()})
+            elif isinstance(item, dict):
+                fields = {k: str(v) for k, v in item.items() if v is not None}
+                fields.setdefault("description", fields.get("element", ""))
+                if any(fields.get(k) for k in ("aspect", "element", "description")):
+                    items.append(fields)
+        return items
+
+    @field_validator("summary", mode="before")
+    @classmethod
+    def _none_summary(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+
+class AnswerInvalid(ValueError):
+    """The text holds no JSON object with a usable ``similarity``."""
+
+
+def parse_answer(text: str) -> ModelAnswer:
+    """Read the model's JSON answer out of ``text``, tolerating what chat models add to it.
+
+    ``json_repair`` strips code fences and chatter around the object and completes a truncated
+    one (closing open strings, lists and objects), so an answer cut off in its summary still
+    counts; pydantic then decides whether what is left is an answer at all.
+    """
+    try:
+        decoded = json_repair.loads(text)
+    except Exception as exc:  # the repairer is lenient, but never let it take a pair down
+        raise AnswerInvalid(f"the answer could not be read as JSON: {exc}") from exc
+    candidates = decoded if isinstance(decoded, list) else [decoded]
+    errors: list[str] = []
+    for candidate in candidates:
+        if not isinstance(candidate, dict):
+            continue
+        try:
+            return ModelAnswer.model_validate(candidate)
+        except ValidationError as exc:
+            errors.append("; ".join(_short(e) for e in exc.errors()))
+    if errors:
+        raise AnswerInvalid(f"the answer's JSON is not a valid comparison: {errors[0]}")
+    raise AnswerInvalid("the answer holds no JSON object")
+
+
+def _short(error: Any) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "answer"
+    return f"{where}: {error['msg']}"
