@@ -7,6 +7,7 @@ new one, never half of one). Paths/keys are relative to the root and cannot esca
 from __future__ import annotations
 
 import os
+import posixpath
 import tempfile
 from pathlib import Path
 
@@ -35,9 +36,40 @@ class LocalStorage:
     def read(self, relative: str, max_bytes: int) -> bytes:
         return read_file(self.path(relative), max_bytes, label=relative)
 
+    def list_names(self, folder: str) -> list[str]:
+        """Sorted names of the non-folder entries directly in ``folder`` ("" is the root).
+
+        A folder that vanished lists as empty: whatever was in it is no longer a pair.
+        """
+        base = self.path(folder) if folder else self.root
+        try:
+            with os.scandir(base) as entries:
+                return sorted(e.name for e in entries if not e.is_dir(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except PermissionError:
+            raise InputUnreadable(f"{folder or '.'}: permission denied") from None
+        except OSError as exc:
+            raise InputUnreadable(f"{folder or '.'}: {exc.strerror or exc}") from None
+
+    def landed_at(self, relative: str) -> float:
+        """When ``relative`` arrived, as a Unix time: its inode change time, which copying tools
+        (``cp -p``, ``rsync -a``) cannot back-date the way they back-date mtime."""
+        try:
+            return self.path(relative).stat().st_ctime
+        except FileNotFoundError:
+            raise InputNotFound(f"{relative} does not exist (vanished?)") from None
+        except OSError as exc:
+            raise InputUnreadable(f"{relative}: {exc.strerror or exc}") from None
+
     def write_atomic(self, relative: str, data: bytes) -> Path:
-        """Write via a hidden temporary file in the same folder, fsync, then rename over."""
-        target = self.path(relative)
+        """Write via a hidden temporary file in the same folder, fsync, then rename over.
+
+        Only the folder is resolved: a symlink planted under the output's name is replaced,
+        never followed (it could point at an input, or outside the root).
+        """
+        clean = join_relative("", relative)
+        target = self.path(posixpath.dirname(clean) or ".") / posixpath.basename(clean)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:

@@ -1,0 +1,403 @@
+"""``handler.jobs``: one pair job over a real folder (``LocalStorage``) and the metrics comparator.
+
+Where a test must prove that nothing outside the root is *read*, the outside file is a FIFO:
+opening one for reading blocks until a writer appears, so any read would hang the test into
+its timeout instead of passing quietly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from handler.compare.metrics import MetricsComparator
+from handler.config import Settings
+from handler.jobs import (
+    MISSING_INPUT,
+    JobReport,
+    PairSpec,
+    PairStorage,
+    is_ignored_path,
+    pairs_for_name,
+    run_pair_job,
+)
+from handler.result import ComparisonResult
+from handler.storage import LocalStorage
+from tests.support import scenes
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    """Small real photographs: the same picture twice (re-encoded) and a different one."""
+    astronaut = scenes.photo("astronaut").resize((160, 160))
+    coffee = scenes.photo("coffee").resize((180, 120))
+    return {
+        "a": scenes.encode(astronaut),
+        "a_copy": scenes.encode(astronaut, quality=80),
+        "other": scenes.encode(coffee),
+        "png": scenes.as_png(astronaut),
+    }
+
+
+@pytest.fixture(scope="module")
+def comparator() -> MetricsComparator:
+    return MetricsComparator()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(pair_timeout=60, diff_image=True)
+
+
+def _job(
+    root: Path, spec: PairSpec, settings: Settings, comparator: MetricsComparator, **kw: Any
+) -> JobReport:
+    storage: PairStorage = LocalStorage(root)  # LocalStorage is one PairStorage
+    return run_pair_job(storage, spec, settings, comparator, **kw)
+
+
+def _result(path: Path) -> ComparisonResult:
+    return ComparisonResult.model_validate_json(path.read_bytes())
+
+
+def _put(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG header announcing ``width`` x ``height`` pixels, with almost no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return len(body).to_bytes(4, "big") + kind + body + crc
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+# -- naming conventions --------------------------------------------------------------------------
+
+
+def test_which_pairs_a_file_belongs_to() -> None:
+    assert pairs_for_name("p1/a.JPG") == [PairSpec("folder", "p1")]
+    assert pairs_for_name("x/y/m.pair.json") == [PairSpec("manifest", "x/y/m.pair.json")]
+    assert pairs_for_name("a.jpg") == []  # the root itself is never a pair folder
+    for ignored in ("p1/result.json", "p1/diff.png", "p1/m.result.json", "p1/.a.jpg.Xy12"):
+        assert pairs_for_name(ignored) == []
+    assert pairs_for_name(".git/p/a.jpg") == [] and is_ignored_path("p/x.part/a.jpg")
+    spec = PairSpec("manifest", "x/y/m.pair.json")
+    assert (spec.pair_id, spec.result_path, spec.diff_path) == (
+        "x/y/m",
+        "x/y/m.result.json",
+        "x/y/m.diff.png",
+    )
+
+
+# -- folder pairs ---------------------------------------------------------------------------------
+
+
+def test_folder_pair_writes_result_and_diff_image(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    _put(tmp_path / "p1" / "b.png", photos["png"])
+    _put(tmp_path / "p1" / "a.jpg", photos["a"])
+    report = _job(tmp_path, PairSpec("folder", "p1"), settings, comparator)
+    assert report.outcome == "written" and not report.failed
+    result = _result(tmp_path / "p1" / "result.json")
+    assert result.pair_id == "p1" and result.status == "ok" and result.is_similar
+    assert [i.name for i in result.inputs] == ["a.jpg", "b.png"]  # A is the first by name
+    assert result.input_digests == (
+        hashlib.sha256(photos["a"]).hexdigest(),
+        hashlib.sha256(photos["png"]).hexdigest(),
+    )
+    assert result.diff_image == "diff.png"
+    assert (tmp_path / "p1" / "diff.png").read_bytes().startswith(b"\x89PNG")
+    assert report.inputs == ("p1/a.jpg", "p1/b.png")
+    # Inputs are never touched; no temporary files are left behind.
+    assert (tmp_path / "p1" / "a.jpg").read_bytes() == photos["a"]
+    assert sorted(os.listdir(tmp_path / "p1")) == ["a.jpg", "b.png", "diff.png", "result.json"]
+
+
+def test_no_diff_image_when_disabled(
+    tmp_path: Path, photos: dict[str, bytes], comparator: MetricsComparator
+) -> None:
+    _put(tmp_path / "p" / "a.jpg", photos["a"])
+    _put(tmp_path / "p" / "b.jpg", photos["other"])
+    _job(tmp_path, PairSpec("folder", "p"), Settings(diff_image=False), comparator)
+    result = _result(tmp_path / "p" / "result.json")
+    assert result.diff_image is None and not (tmp_path / "p" / "diff.png").exists()
+    assert result.is_similar is False
+
+
+def test_same_inputs_are_not_compared_again_and_a_replaced_one_is(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    spec = PairSpec("folder", "p")
+    _put(tmp_path / "p" / "a.jpg", photos["a"])
+    _put(tmp_path / "p" / "b.jpg", photos["a_copy"])
+    first = _job(tmp_path, spec, settings, comparator)
+    result_file = tmp_path / "p" / "result.json"
+    before = (result_file.read_bytes(), result_file.stat().st_mtime_ns)
+
+    again = _job(tmp_path, spec, settings, comparator)
+    assert again.outcome == "skipped" and again.result == first.result
+    assert (result_file.read_bytes(), result_file.stat().st_mtime_ns) == before
+
+    _put(tmp_path / "p" / "b.jpg", photos["other"])  # same name, new content
+    replaced = _job(tmp_path, spec, settings, comparator)
+    assert replaced.outcome == "written"
+    new = _result(result_file)
+    assert new.inputs[1].sha256 == hashlib.sha256(photos["other"]).hexdigest()
+    assert new.is_similar is False and first.result is not None and first.result.is_similar
+
+
+def test_a_different_config_or_pair_name_compares_again(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    spec = PairSpec("folder", "p")
+    _put(tmp_path / "p" / "a.jpg", photos["a"])
+    _put(tmp_path / "p" / "b.jpg", photos["a_copy"])
+    _job(tmp_path, spec, settings, comparator)
+    stricter = settings.model_copy(
+        update={"comparison": settings.comparison.model_copy(update={"similarity_threshold": 1})}
+    )
+    report = _job(tmp_path, spec, stricter, comparator)
+    assert report.outcome == "written"
+    assert _result(tmp_path / "p" / "result.json").config.similarity_threshold == 1
+    (tmp_path / "p").rename(tmp_path / "renamed")  # the result must carry the new pair_id
+    assert _job(tmp_path, PairSpec("folder", "renamed"), stricter, comparator).outcome == "written"
+    assert _result(tmp_path / "renamed" / "result.json").pair_id == "renamed"
+
+
+def test_lone_image_waits_then_becomes_incomplete_pair(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    spec = PairSpec("folder", "lone")
+    image = _put(tmp_path / "lone" / "a.jpg", photos["a"])
+    landed = image.stat().st_ctime
+    waiting = _job(tmp_path, spec, settings, comparator, now=landed + 10)
+    assert waiting.outcome == "waiting" and waiting.retry_in == pytest.approx(50)
+    assert not (tmp_path / "lone" / "result.json").exists()
+
+    expired = _job(tmp_path, spec, settings, comparator, now=landed + 61)
+    assert expired.outcome == "written" and expired.failed
+    result = _result(tmp_path / "lone" / "result.json")
+    assert result.status == "error" and result.error is not None
+    assert result.error.type == "incomplete_pair" and "a.jpg" in result.error.message
+    assert [i.name for i in result.inputs] == ["a.jpg", MISSING_INPUT]
+    # Reported once: asking again does not rewrite the same failure.
+    assert _job(tmp_path, spec, settings, comparator, now=landed + 99).outcome == "skipped"
+
+    _put(tmp_path / "lone" / "b.jpg", photos["a_copy"])  # the partner arrives after all
+    assert _job(tmp_path, spec, settings, comparator).outcome == "written"
+    assert _result(tmp_path / "lone" / "result.json").status == "ok"
+
+
+def test_three_images_are_an_ambiguous_pair_listing_them(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    for name in ("c.jpg", "a.jpg", "b.png"):
+        _put(tmp_path / "many" / name, photos["a"])
+    _put(tmp_path / "many" / ".hidden.jpg", photos["a"])  # ignored, not a fourth image
+    report = _job(tmp_path, PairSpec("folder", "many"), settings, comparator)
+    assert report.failed
+    result = _result(tmp_path / "many" / "result.json")
+    assert result.error is not None and result.error.type == "ambiguous_pair"
+    assert "3 images" in result.error.message
+    assert "a.jpg, b.png, c.jpg" in result.error.message
+
+
+def test_empty_folder_and_folder_with_manifests_are_not_pairs(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    (tmp_path / "empty").mkdir()
+    assert _job(tmp_path, PairSpec("folder", "empty"), settings, comparator).outcome == "none"
+    assert _job(tmp_path, PairSpec("folder", "gone"), settings, comparator).outcome == "none"
+    _put(tmp_path / "m" / "a.jpg", photos["a"])
+    _put(tmp_path / "m" / "b.jpg", photos["a"])
+    _put(tmp_path / "m" / "x.pair.json", b'{"a": "a.jpg", "b": "b.jpg"}')
+    assert _job(tmp_path, PairSpec("folder", "m"), settings, comparator).outcome == "none"
+    assert not (tmp_path / "m" / "result.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "error_type"),
+    [
+        (lambda p: b"", "invalid_image"),
+        (lambda p: b"hello, not an image\n" * 10, "invalid_image"),
+        (lambda p: p["a"][: len(p["a"]) // 2], "invalid_image"),
+        (lambda p: _png_header_only(40_000, 40_000), "image_too_large"),
+    ],
+    ids=["zero_bytes", "text", "truncated", "decompression_bomb"],
+)
+def test_hostile_images_give_error_results(
+    tmp_path: Path,
+    photos: dict[str, bytes],
+    settings: Settings,
+    comparator: MetricsComparator,
+    make: Callable[[dict[str, bytes]], bytes],
+    error_type: str,
+) -> None:
+    _put(tmp_path / "bad" / "a.jpg", photos["a"])
+    hostile = make(photos)
+    _put(tmp_path / "bad" / "b.png", hostile)
+    report = _job(tmp_path, PairSpec("folder", "bad"), settings, comparator)
+    result = _result(tmp_path / "bad" / "result.json")
+    assert report.failed and result.error is not None
+    assert result.error.type == error_type and result.error.input == "b"
+    assert (tmp_path / "bad" / "b.png").read_bytes() == hostile
+
+
+def test_vanished_input_is_reported_for_that_pair(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    _put(tmp_path / "v" / "a.jpg", photos["a"])
+    (tmp_path / "v" / "b.jpg").symlink_to("deleted-meanwhile.jpg")
+    _job(tmp_path, PairSpec("folder", "v"), settings, comparator)
+    result = _result(tmp_path / "v" / "result.json")
+    assert result.error is not None
+    assert (result.error.type, result.error.input) == ("input_not_found", "b")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_input_is_reported_for_that_pair(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    _put(tmp_path / "u" / "a.jpg", photos["a"])
+    _put(tmp_path / "u" / "b.jpg", photos["a"]).chmod(0)
+    _job(tmp_path, PairSpec("folder", "u"), settings, comparator)
+    result = _result(tmp_path / "u" / "result.json")
+    assert result.error is not None and result.error.type == "input_unreadable"
+
+
+def test_a_planted_result_symlink_is_replaced_not_followed(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    _put(tmp_path / "p" / "a.jpg", photos["a"])
+    _put(tmp_path / "p" / "b.jpg", photos["other"])
+    (tmp_path / "p" / "result.json").symlink_to("a.jpg")
+    _job(tmp_path, PairSpec("folder", "p"), settings, comparator)
+    assert (tmp_path / "p" / "a.jpg").read_bytes() == photos["a"]
+    assert not (tmp_path / "p" / "result.json").is_symlink()
+    assert _result(tmp_path / "p" / "result.json").status == "ok"
+
+
+# -- manifests ------------------------------------------------------------------------------------
+
+
+def test_manifest_pair_with_config_override(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    _put(tmp_path / "imgs" / "one.jpg", photos["a"])
+    _put(tmp_path / "imgs" / "two.jpg", photos["a_copy"])
+    manifest = {"a": "../imgs/one.jpg", "b": "../imgs/two.jpg", "config": {"image_quality": 50}}
+    _put(tmp_path / "jobs" / "check.pair.json", json.dumps(manifest).encode())
+    report = _job(tmp_path, PairSpec("manifest", "jobs/check.pair.json"), settings, comparator)
+    assert report.outcome == "written" and report.inputs == ("imgs/one.jpg", "imgs/two.jpg")
+    result = _result(tmp_path / "jobs" / "check.result.json")
+    assert result.pair_id == "jobs/check" and result.status == "ok"
+    assert result.config.image_quality == 50
+    assert [i.name for i in result.inputs] == ["../imgs/one.jpg", "../imgs/two.jpg"]
+    assert result.diff_image == "check.diff.png" and (tmp_path / "jobs/check.diff.png").exists()
+    again = _job(tmp_path, PairSpec("manifest", "jobs/check.pair.json"), settings, comparator)
+    assert again.outcome == "skipped"
+
+
+@pytest.mark.parametrize(
+    ("body", "error_type"),
+    [
+        (b"{not json", "invalid_manifest"),
+        (b'{"a": "x.jpg"}', "invalid_manifest"),
+        (b'{"a": "x.jpg", "b": "y.jpg", "config": {"image_quality": 500}}', "invalid_manifest"),
+        (b'{"a": "x.jpg", "b": "missing.jpg"}', "input_not_found"),
+    ],
+    ids=["not_json", "no_b", "bad_config", "missing_input"],
+)
+def test_bad_manifests_give_error_results(
+    tmp_path: Path,
+    photos: dict[str, bytes],
+    settings: Settings,
+    comparator: MetricsComparator,
+    body: bytes,
+    error_type: str,
+) -> None:
+    _put(tmp_path / "x.jpg", photos["a"])
+    _put(tmp_path / "y.jpg", photos["a"])
+    _put(tmp_path / "m.pair.json", body)
+    report = _job(tmp_path, PairSpec("manifest", "m.pair.json"), settings, comparator)
+    assert report.failed
+    result = _result(tmp_path / "m.result.json")
+    assert result.error is not None and result.error.type == error_type
+
+
+@pytest.fixture
+def outside_fifo(tmp_path: Path) -> Path:
+    """A root inside tmp_path and, beside it, a FIFO that would block anyone reading it."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "outside").mkdir()
+    fifo = tmp_path / "outside" / "secret.jpg"
+    os.mkfifo(fifo)
+    return fifo
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "symlinked_folder"])
+def test_manifest_escaping_the_root_is_refused_without_reading(
+    tmp_path: Path,
+    outside_fifo: Path,
+    photos: dict[str, bytes],
+    settings: Settings,
+    comparator: MetricsComparator,
+    how: str,
+) -> None:
+    root = tmp_path / "root"
+    _put(root / "sub" / "ok.jpg", photos["a"])
+    (root / "sub" / "link.jpg").symlink_to(outside_fifo)
+    (root / "sub" / "out").symlink_to(outside_fifo.parent, target_is_directory=True)
+    a = {
+        "dotdot": "../../outside/secret.jpg",
+        "absolute": str(outside_fifo),
+        "symlink": "link.jpg",
+        "symlinked_folder": "out/secret.jpg",
+    }[how]
+    _put(root / "sub" / "m.pair.json", json.dumps({"a": a, "b": "ok.jpg"}).encode())
+    report = _job(root, PairSpec("manifest", "sub/m.pair.json"), settings, comparator)
+    assert report.failed
+    result = _result(root / "sub" / "m.result.json")
+    assert result.error is not None
+    assert (result.error.type, result.error.input) == ("path_outside_root", "a")
+
+
+def test_symlink_out_of_a_pair_folder_is_refused(
+    tmp_path: Path,
+    outside_fifo: Path,
+    photos: dict[str, bytes],
+    settings: Settings,
+    comparator: MetricsComparator,
+) -> None:
+    root = tmp_path / "root"
+    _put(root / "p" / "b.jpg", photos["a"])
+    (root / "p" / "a.jpg").symlink_to(outside_fifo)
+    _job(root, PairSpec("folder", "p"), settings, comparator)
+    result = _result(root / "p" / "result.json")
+    assert result.error is not None
+    assert (result.error.type, result.error.input) == ("path_outside_root", "a")
+
+
+def test_manifest_that_vanished_is_nothing_to_do(
+    tmp_path: Path, settings: Settings, comparator: MetricsComparator
+) -> None:
+    report = _job(tmp_path, PairSpec("manifest", "gone.pair.json"), settings, comparator)
+    assert report == JobReport(PairSpec("manifest", "gone.pair.json"), "none")
+    assert os.listdir(tmp_path) == []
