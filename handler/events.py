@@ -1,0 +1,265 @@
+"""Every source's object notification, normalised into one ``ObjectEvent`` type.
+
+Sources and their key encodings (see tests/fixtures/events for a recorded payload of each):
+
+* S3 notifications from AWS (``aws:s3``) and from MinIO's targets (``minio:s3``, optionally
+  inside MinIO's ``{"EventName", "Key", "Records"}`` wrapper): keys are form-encoded
+  (``+`` for a space, ``%2F`` possible) and decoded with ``unquote_plus``.
+* MinIO's ListenBucketNotification stream: the same records, but keys arrive raw; the caller says
+  so with ``raw_keys=True``. Unquoting them would turn a literal ``+`` into a space.
+* EventBridge ``Object Created``/``Object Deleted`` events: raw keys.
+* SNS envelopes (as delivered to SQS, and the ``aws:sns`` records of a Lambda invocation) around
+  any of the above, the Lambda SQS event (``Records[].body``) and SQS ``ReceiveMessage`` messages.
+
+``s3:TestEvent`` yields no events. Deletes become ``kind="removed"`` events, which the job layer
+ignores. A malformed record becomes an ``EventError`` for that record only; the others are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import unquote_plus
+
+from handler.logs import get_logger
+
+EventKind = Literal["created", "removed", "other"]
+#: SQS -> SNS -> event is two; deeper nesting is not something any AWS service produces.
+MAX_ENVELOPES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectEvent:
+    """One object changed in one bucket. ``key`` is always the decoded, real object key."""
+
+    bucket: str
+    key: str
+    kind: EventKind
+    size: int | None = None
+    #: Without the quotes S3 puts around ETags in HTTP headers.
+    etag: str | None = None
+    #: Where it came from: ``aws:s3``, ``minio:s3``, ``aws.s3`` (EventBridge), ``listing``.
+    source: str = ""
+    #: The source's own event name (``ObjectCreated:Put``, ``s3:ObjectCreated:Put``, ...).
+    name: str = ""
+
+
+class EventError(ValueError):
+    """A record that is not a valid object notification: an error for that record only."""
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """What one delivery (an SQS message, a stream line, an invocation) held."""
+
+    events: list[ObjectEvent] = field(default_factory=list)
+    errors: list[EventError] = field(default_factory=list)
+
+    def extend(self, other: Parsed) -> None:
+        self.events.extend(other.events)
+        self.errors.extend(other.errors)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueMessage:
+    """One SQS message, from ``ReceiveMessage`` or from a Lambda SQS event record."""
+
+    message_id: str
+    body: str
+    receipt_handle: str | None = None
+
+    def parse(self) -> Parsed:
+        return parse_body(self.body)
+
+
+def normalise_etag(etag: str | None) -> str | None:
+    """ETags compare without their quotes (events omit them, HEAD responses include them)."""
+    if etag is None:
+        return None
+    return etag.strip().strip('"') or None
+
+
+def parse_body(body: str | bytes, *, raw_keys: bool = False, depth: int = 0) -> Parsed:
+    """Parse a JSON text (an SQS body, an SNS message, a stream line) into events."""
+    if depth > MAX_ENVELOPES:
+        return Parsed(errors=[EventError(f"more than {MAX_ENVELOPES} nested envelopes")])
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return Parsed(errors=[EventError(f"event is not valid JSON: {exc}")])
+    return parse_notification(doc, raw_keys=raw_keys, depth=depth)
+
+
+def parse_notification(doc: Any, *, raw_keys: bool = False, depth: int = 0) -> Parsed:
+    """Any supported notification document, already decoded from JSON, into events.
+
+    ``raw_keys`` is for MinIO's listen stream only: its keys are not URL-encoded.
+    """
+    log = get_logger()
+    if not isinstance(doc, Mapping):
+        return Parsed(errors=[EventError(f"event must be a JSON object, not {type(doc).__name__}")])
+    if doc.get("Event") == "s3:TestEvent":
+        log.debug("event_ignored", reason="s3:TestEvent", bucket=doc.get("Bucket"))
+        return Parsed()
+    if doc.get("Type") == "Notification" and "Message" in doc:
+        return _parse_sns(doc.get("Message"), depth)
+    if doc.get("source") == "aws.s3" and "detail" in doc:
+        return _wrap(_parse_eventbridge, doc)
+    if "Records" in doc:
+        records = doc["Records"]
+        if records is None:  # MinIO's keep-alive line
+            return Parsed()
+        if not isinstance(records, list):
+            return Parsed(errors=[EventError('"Records" must be a list')])
+        parsed = Parsed()
+        for record in records:
+            parsed.extend(_parse_record(record, raw_keys=raw_keys, depth=depth))
+        return parsed
+    return Parsed(errors=[EventError(f"unrecognised event with keys {sorted(doc)[:8]}")])
+
+
+def _parse_record(record: Any, *, raw_keys: bool, depth: int) -> Parsed:
+    if not isinstance(record, Mapping):
+        return Parsed(errors=[EventError("a record must be a JSON object")])
+    source = record.get("eventSource") or record.get("EventSource")
+    if source == "aws:sns":
+        sns = record.get("Sns")
+        if not isinstance(sns, Mapping):
+            return Parsed(errors=[EventError('aws:sns record without an "Sns" object')])
+        return _parse_sns(sns.get("Message"), depth)
+    if source == "aws:sqs":
+        return parse_body(str(record.get("body", "")), depth=depth + 1)
+    if source in ("aws:s3", "minio:s3"):
+        return _wrap(_parse_s3_record, record, raw_keys)
+    return Parsed(errors=[EventError(f"unsupported eventSource {source!r}")])
+
+
+def _parse_sns(message: Any, depth: int) -> Parsed:
+    if not isinstance(message, str):
+        return Parsed(errors=[EventError('SNS notification without a string "Message"')])
+    return parse_body(message, depth=depth + 1)
+
+
+def _wrap(parse: Callable[..., ObjectEvent], *args: Any) -> Parsed:
+    try:
+        event = parse(*args)
+    except EventError as exc:
+        return Parsed(errors=[exc])
+    return Parsed(events=[event])
+
+
+def _kind(name: str) -> EventKind:
+    if "ObjectCreated" in name:
+        return "created"
+    if "ObjectRemoved" in name:
+        return "removed"
+    return "other"
+
+
+def _parse_s3_record(record: Mapping[str, Any], raw_keys: bool) -> ObjectEvent:
+    name = _string(record, "eventName")
+    s3 = _mapping(record, "s3")
+    bucket = _string(_mapping(s3, "bucket", "s3."), "name", "s3.bucket.")
+    obj = _mapping(s3, "object", "s3.")
+    key = _string(obj, "key", "s3.object.")
+    return ObjectEvent(
+        bucket=bucket,
+        key=key if raw_keys else unquote_plus(key),
+        kind=_kind(name),
+        size=_size(obj.get("size")),
+        etag=normalise_etag(_optional_string(obj.get("eTag"))),
+        source=str(record.get("eventSource")),
+        name=name,
+    )
+
+
+def _parse_eventbridge(doc: Mapping[str, Any]) -> ObjectEvent:
+    name = _string(doc, "detail-type")
+    detail = _mapping(doc, "detail")
+    obj = _mapping(detail, "object", "detail.")
+    kind: EventKind = (
+        "created"
+        if name == "Object Created"
+        else "removed"
+        if name == "Object Deleted"
+        else "other"
+    )
+    return ObjectEvent(
+        bucket=_string(_mapping(detail, "bucket", "detail."), "name", "detail.bucket."),
+        key=_string(obj, "key", "detail.object."),
+        kind=kind,
+        size=_size(obj.get("size")),
+        # AWS documents ``etag``; moto sends ``eTag``.
+        etag=normalise_etag(_optional_string(obj.get("etag", obj.get("eTag")))),
+        source="aws.s3",
+        name=name,
+    )
+
+
+def _mapping(doc: Mapping[str, Any], name: str, where: str = "") -> Mapping[str, Any]:
+    value = doc.get(name)
+    if not isinstance(value, Mapping):
+        raise EventError(f'event field "{where}{name}" is missing or not an object')
+    return value
+
+
+def _string(doc: Mapping[str, Any], name: str, where: str = "") -> str:
+    value = doc.get(name)
+    if not isinstance(value, str) or not value:
+        raise EventError(f'event field "{where}{name}" is missing or not a non-empty string')
+    return value
+
+
+def _optional_string(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _size(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        return None
+    return size if size >= 0 else None
+
+
+# --- SQS -----------------------------------------------------------------------------------------
+
+
+def is_sqs_event(event: Any) -> bool:
+    """Is ``event`` a Lambda SQS batch (``Records[].eventSource == "aws:sqs"``)?"""
+    if not isinstance(event, Mapping):
+        return False
+    records = event.get("Records")
+    return (
+        isinstance(records, list)
+        and bool(records)
+        and all(isinstance(r, Mapping) and r.get("eventSource") == "aws:sqs" for r in records)
+    )
+
+
+def lambda_sqs_messages(event: Mapping[str, Any]) -> list[QueueMessage]:
+    """The messages of a Lambda SQS event, in order."""
+    return [
+        QueueMessage(
+            message_id=str(record.get("messageId", "")),
+            body=str(record.get("body", "")),
+            receipt_handle=_optional_string(record.get("receiptHandle")),
+        )
+        for record in event["Records"]
+    ]
+
+
+def sqs_messages(messages: Sequence[Mapping[str, Any]]) -> list[QueueMessage]:
+    """The ``Messages`` of an SQS ``ReceiveMessage`` response."""
+    return [
+        QueueMessage(
+            message_id=str(message.get("MessageId", "")),
+            body=str(message.get("Body", "")),
+            receipt_handle=_optional_string(message.get("ReceiptHandle")),
+        )
+        for message in messages
+    ]

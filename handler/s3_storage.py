@@ -1,0 +1,296 @@
+"""Pair storage on S3 (or any S3-compatible store), confined to one bucket and key prefix.
+
+It satisfies ``handler.jobs.PairStorage``, so S3 pairs follow exactly the rules of local pairs.
+What differs from a folder, and is handled here:
+
+* Inputs are HEADed first: the ``ContentLength`` is checked against the byte limit before a
+  single byte is downloaded, and the GET carries ``If-Match`` on the HEAD's ETag, so what is
+  compared is exactly the version whose ETag the result records. Bodies are streamed into
+  memory in chunks (never into temp files) and cut off at the limit whatever the server claims.
+* Results are written with a conditional PUT: ``If-None-Match: *`` where no result was seen,
+  ``If-Match`` on the seen result's ETag otherwise. Two workers racing on one pair therefore
+  cannot both write; the loser gets ``ResultConflict`` and treats the pair as done.
+* Outputs (results, diff images) may live elsewhere: ``output_bucket`` and/or ``output_prefix``
+  (the output key is ``output_prefix + input key``).
+* Keys are checked before any request: ``..``/``.``/empty segments, a leading ``/`` and control
+  characters are refused with ``PathOutsideRoot``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from handler.errors import ImageTooLarge, InputNotFound, InputUnreadable, PathOutsideRoot
+from handler.events import normalise_etag
+from handler.pairs import is_output_name
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+CHUNK_BYTES = 1024 * 1024
+_NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+_DENIED = frozenset({"403", "AccessDenied", "Forbidden", "AllAccessDisabled"})
+_PRECONDITION = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict"})
+_CONTENT_TYPES = {".json": "application/json", ".png": "image/png"}
+
+
+class ResultConflict(Exception):
+    """Another worker wrote this result first (conditional PUT answered 412)."""
+
+
+class ObjectChanged(Exception):
+    """An input was replaced between its HEAD and its GET."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str | None
+    last_modified: datetime | None
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that are not plain relative paths; returns ``key`` unchanged."""
+    if key.startswith("/"):
+        raise PathOutsideRoot(f"key {key!r} starts with '/'")
+    if any(unicodedata.category(ch) == "Cc" for ch in key):
+        raise PathOutsideRoot(f"key {key!r} contains control characters")
+    if any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
+        raise PathOutsideRoot(f"key {key!r} has an empty, '.' or '..' segment")
+    return key
+
+
+def normalise_prefix(prefix: str | None) -> str:
+    """``"a/b"`` and ``"a/b/"`` both mean the folder ``a/b/``; ``""``/None is the whole bucket."""
+    prefix = (prefix or "").strip("/")
+    if prefix:
+        check_key(prefix)
+        return prefix + "/"
+    return ""
+
+
+def error_code(exc: ClientError) -> str:
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return str(error.get("Code") or status or "")
+
+
+def _status(exc: ClientError) -> str:
+    return str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+
+def _is(exc: ClientError, codes: frozenset[str]) -> bool:
+    return error_code(exc) in codes or _status(exc) in codes
+
+
+class S3Storage:
+    """``bucket``/``prefix`` as a pair root. One instance per job: it remembers HEADs and the
+    ETags of results it read, which is what makes its result writes conditional."""
+
+    def __init__(
+        self,
+        client: S3Client,
+        bucket: str,
+        prefix: str = "",
+        *,
+        output_bucket: str | None = None,
+        output_prefix: str | None = None,
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = normalise_prefix(prefix)
+        self.output_bucket = output_bucket or bucket
+        self.output_prefix = normalise_prefix(output_prefix)
+        self._heads: dict[str, ObjectInfo] = {}
+        #: Result key -> ETag seen when read (None: seen absent). Drives conditional writes.
+        self._seen_results: dict[str, str | None] = {}
+
+    # --- addressing ------------------------------------------------------------------------
+
+    def key(self, relative: str) -> str:
+        """The input key of ``relative`` (checked)."""
+        return self.prefix + check_key(relative)
+
+    def relative(self, key: str) -> str | None:
+        """``key`` relative to the root, or None when it is not under the root."""
+        if not key.startswith(self.prefix) or key == self.prefix:
+            return None
+        return key[len(self.prefix) :]
+
+    def location(self, relative: str) -> tuple[str, str]:
+        """(bucket, key) where ``relative`` lives: outputs may be redirected."""
+        key = self.key(relative)
+        if is_output_name(relative):
+            return self.output_bucket, self.output_prefix + key
+        return self.bucket, key
+
+    def is_own_output(self, bucket: str, key: str) -> bool:
+        """Is ``bucket/key`` something this handler writes (recursion guard)?"""
+        if is_output_name(key):
+            return True
+        return bool(self.output_prefix) and (
+            bucket == self.output_bucket and key.startswith(self.output_prefix)
+        )
+
+    # --- PairStorage -----------------------------------------------------------------------
+
+    def head(self, relative: str) -> ObjectInfo:
+        """HEAD ``relative`` once per instance (size, ETag, LastModified)."""
+        bucket, key = self.location(relative)
+        cached = self._heads.get(key)
+        if cached is not None:
+            return cached
+        try:
+            response = self.client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            raise self._error(exc, relative) from None
+        info = ObjectInfo(
+            key=key,
+            size=int(response.get("ContentLength", 0)),
+            etag=normalise_etag(response.get("ETag")),
+            last_modified=response.get("LastModified"),
+        )
+        self._heads[key] = info
+        return info
+
+    def etag(self, relative: str) -> str | None:
+        return self.head(relative).etag
+
+    def landed_at(self, relative: str) -> float:
+        modified = self.head(relative).last_modified
+        if modified is None:
+            raise InputUnreadable(f"{relative}: the store reports no LastModified")
+        return modified.timestamp()
+
+    def read(self, relative: str, max_bytes: int) -> bytes:
+        """The object's bytes, at most ``max_bytes`` (``ImageTooLarge`` before downloading)."""
+        if is_output_name(relative):
+            return self._read_output(relative, max_bytes)
+        info = self.head(relative)
+        if info.size > max_bytes:
+            raise ImageTooLarge(
+                f"{relative} is {info.size} bytes, over the limit of {max_bytes}; not downloaded"
+            )
+        try:
+            if info.etag:
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=info.key, IfMatch=f'"{info.etag}"'
+                )
+            else:
+                response = self.client.get_object(Bucket=self.bucket, Key=info.key)
+        except ClientError as exc:
+            if _is(exc, _PRECONDITION):
+                raise ObjectChanged(f"{relative} changed while being read") from None
+            raise self._error(exc, relative) from None
+        return _drain(response, relative, max_bytes)
+
+    def _read_output(self, relative: str, max_bytes: int) -> bytes:
+        bucket, key = self.location(relative)
+        try:
+            response = self.client.get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if _is(exc, _NOT_FOUND):
+                self._seen_results[key] = None
+            raise self._error(exc, relative) from None
+        self._seen_results[key] = normalise_etag(response.get("ETag"))
+        return _drain(response, relative, max_bytes)
+
+    def write_atomic(self, relative: str, data: bytes) -> str:
+        """PUT (atomic on S3). A result already read through this instance is replaced only if
+        it is still the version read; one seen absent is created only if still absent."""
+        bucket, key = self.location(relative)
+        content_type = _CONTENT_TYPES.get(posixpath.splitext(key)[1].lower(), "")
+        content_type = content_type or "application/octet-stream"
+        try:
+            if key in self._seen_results:
+                seen = self._seen_results[key]
+                if seen is None:
+                    self.client.put_object(
+                        Bucket=bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*"
+                    )
+                else:
+                    self.client.put_object(
+                        Bucket=bucket,
+                        Key=key,
+                        Body=data,
+                        ContentType=content_type,
+                        IfMatch=f'"{seen}"',
+                    )
+            else:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+        except ClientError as exc:
+            if _is(exc, _PRECONDITION):
+                raise ResultConflict(f"{key}: another worker wrote it first") from None
+            raise OSError(f"cannot write s3://{bucket}/{key}: {error_code(exc)}") from None
+        return key
+
+    def list_names(self, folder: str) -> list[str]:
+        """Sorted object names directly under ``folder`` (no "sub-folders")."""
+        base = self.key(folder).rstrip("/") + "/" if folder else self.prefix
+        names: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(base) :]
+                    if name:
+                        names.append(name)
+        except ClientError as exc:
+            raise self._error(exc, folder or ".") from None
+        return sorted(names)
+
+    def _error(self, exc: ClientError, relative: str) -> Exception:
+        if _is(exc, _NOT_FOUND):
+            return InputNotFound(f"{relative} does not exist in the bucket")
+        if _is(exc, _DENIED):
+            return InputUnreadable(f"{relative}: access denied")
+        return exc  # throttling, 5xx, network: transient, the caller retries the pair
+
+
+def _drain(response: Any, relative: str, max_bytes: int) -> bytes:
+    """Read a GET body in chunks, refusing more than ``max_bytes`` whatever the headers said."""
+    declared = int(response.get("ContentLength", 0) or 0)
+    body = response["Body"]
+    try:
+        if declared > max_bytes:
+            raise ImageTooLarge(f"{relative} is {declared} bytes, over the limit of {max_bytes}")
+        chunks: list[bytes] = []
+        total = 0
+        for chunk in body.iter_chunks(CHUNK_BYTES):
+            total += len(chunk)
+            if total > max_bytes:
+                raise ImageTooLarge(f"{relative} is over the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        body.close()
+
+
+def s3_client(endpoint_url: str | None = None, region: str | None = None) -> S3Client:
+    """A boto3 S3 client from the standard AWS chain (env, profile, instance/role credentials).
+
+    ``endpoint_url`` (or ``AWS_ENDPOINT_URL[_S3]``, which boto3 reads itself) points it at MinIO,
+    SeaweedFS or another S3-compatible store; those get path-style addressing, which they all
+    serve, rather than bucket-name host names, which need DNS set up for them.
+    """
+    custom = (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    config = Config(
+        retries={"mode": "standard", "max_attempts": 5},
+        s3={"addressing_style": "path" if custom else "auto"},
+    )
+    client: S3Client = boto3.client(
+        "s3", endpoint_url=endpoint_url, region_name=region, config=config
+    )
+    return client

@@ -1,0 +1,132 @@
+"""``pairwatch watch poll`` (the real CLI, in a subprocess) against SeaweedFS on 127.0.0.1.
+
+SeaweedFS has no bucket notifications, which is exactly the store ``watch poll`` exists for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import scenes
+from tests.support.s3_servers import ROOT, aws_env, client, seaweedfs_server, unique, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def jpeg() -> tuple[bytes, bytes]:
+    photo = scenes.photo("astronaut").resize((128, 128))
+    return scenes.encode(photo), scenes.encode(photo.rotate(20))
+
+
+def pairwatch(*args: str, endpoint: str, **env: str) -> subprocess.Popen[str]:
+    environment = {
+        **os.environ,
+        **aws_env(),
+        "PAIRWATCH_COMPARATOR": "metrics",
+        "PAIRWATCH_LOG_FORMAT": "json",
+        "PAIRWATCH_LOG_LEVEL": "DEBUG",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "watcher.cli", *args, "--endpoint-url", endpoint],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def result_of(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())  # type: ignore[no-any-return]
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
+def log_events(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def test_poll_watcher_finds_pairs_before_and_while_running(
+    endpoint: str, jpeg: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    s3 = client("s3", endpoint)
+    bucket = unique("poll")
+    s3.create_bucket(Bucket=bucket)
+    a, b = jpeg
+    # Already there when the watcher starts; and one outside the watched prefix.
+    s3.put_object(Bucket=bucket, Key="in/early bird/a.jpg", Body=a)
+    s3.put_object(Bucket=bucket, Key="in/early bird/b.jpg", Body=b)
+    s3.put_object(Bucket=bucket, Key="elsewhere/p/a.jpg", Body=a)
+    s3.put_object(Bucket=bucket, Key="elsewhere/p/b.jpg", Body=a)
+    proc = pairwatch(
+        "watch", "poll", f"s3://{bucket}/in", "--interval", "0.2",
+        endpoint=endpoint, PAIRWATCH_PAIR_TIMEOUT="1",
+    )  # fmt: skip
+    try:
+        early = wait_for(lambda: result_of(s3, bucket, "in/early bird/result.json"), 30)
+        assert early["status"] == "ok" and early["diff_image"] == "diff.png"
+        # Uploaded while running: keys with a plus and unicode.
+        s3.put_object(
+            Bucket=bucket, Key="in/late+ü/x.png", Body=scenes.as_png(scenes.photo("coffee"))
+        )
+        s3.put_object(Bucket=bucket, Key="in/late+ü/y.jpg", Body=a)
+        late = wait_for(lambda: result_of(s3, bucket, "in/late+ü/result.json"), 30)
+        assert late["status"] == "ok" and late["is_similar"] is False
+        # A lone image: after pair_timeout (1 s) it is reported as an incomplete pair.
+        s3.put_object(Bucket=bucket, Key="in/lonely/a.jpg", Body=a)
+        lonely = wait_for(lambda: result_of(s3, bucket, "in/lonely/result.json"), 30)
+        assert lonely["error"]["type"] == "incomplete_pair"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert result_of(s3, bucket, "elsewhere/p/result.json") is None
+    events = log_events(stderr)
+    written = [e for e in events if e["event"] == "result_written"]
+    assert sorted(e["pair_id"] for e in written) == ["early bird", "late+ü", "lonely"]
+    assert not any(e["level"] == "error" for e in events), stderr[-3000:]
+    # Nothing secret in the logs.
+    assert aws_env()["AWS_SECRET_ACCESS_KEY"] not in stderr
+
+
+def test_poll_once_and_restart_skips_done_pairs(endpoint: str, jpeg: tuple[bytes, bytes]) -> None:
+    s3 = client("s3", endpoint)
+    bucket = unique("once")
+    s3.create_bucket(Bucket=bucket)
+    a, b = jpeg
+    s3.put_object(Bucket=bucket, Key="p/a.jpg", Body=a)
+    s3.put_object(Bucket=bucket, Key="p/b.jpg", Body=b)
+    first = pairwatch("watch", "poll", f"s3://{bucket}", "--once", endpoint=endpoint)
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 0, stderr[-3000:]
+    stamp = result_of(s3, bucket, "p/result.json")
+    assert stamp is not None and stamp["status"] == "ok"
+    second = pairwatch("watch", "poll", f"s3://{bucket}", "--once", endpoint=endpoint)
+    _, stderr = second.communicate(timeout=60)
+    assert second.returncode == 0, stderr[-3000:]
+    assert result_of(s3, bucket, "p/result.json") == stamp  # not rewritten
+    assert not [e for e in log_events(stderr) if e["event"] == "result_written"]
+
+
+def test_bad_url_is_a_usage_error(endpoint: str) -> None:
+    proc = pairwatch("watch", "poll", "http://not-s3", endpoint=endpoint)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "s3://BUCKET/PREFIX" in stderr

@@ -1,0 +1,155 @@
+"""``pairwatch watch sqs`` (the real CLI, in a subprocess) on moto's S3 -> SQS notifications.
+
+Everything is real over HTTP on 127.0.0.1: the bucket with its suffix-filtered notification,
+the queue (1 s visibility timeout) and its dead-letter queue (maxReceiveCount 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from handler.bucket_jobs import Delivery
+from handler.events import sqs_messages
+from tests.support import scenes
+from tests.support.s3_servers import (
+    ROOT,
+    aws_env,
+    client,
+    moto_server,
+    notified_bucket,
+    queue_depth,
+    wait_for,
+)
+from watcher.sqs import _region_from_url, _Worker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    with moto_server() as url:
+        yield url
+
+
+def watch_sqs(queue_url: str, endpoint: str, *extra: str) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        **aws_env(),
+        "PAIRWATCH_COMPARATOR": "metrics",
+        "PAIRWATCH_LOG_FORMAT": "json",
+        "PAIRWATCH_LOG_LEVEL": "DEBUG",
+        "PAIRWATCH_SQS_WAIT_SECONDS": "2",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "watcher.cli", "watch", "sqs", queue_url,
+         "--endpoint-url", endpoint, *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def log_events(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def get_json(s3: Any, bucket: str, key: str) -> dict[str, Any]:
+    return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())  # type: ignore[no-any-return]
+
+
+def test_worker_drains_the_queue_and_poison_goes_to_the_dlq(endpoint: str) -> None:
+    s3, sqs = client("s3", endpoint), client("sqs", endpoint)
+    setup = notified_bucket(endpoint)
+    photo = scenes.photo("rocket").resize((120, 160))
+    a, b = scenes.encode(photo), scenes.encode(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    folders = ["in/with space", "in/a+b=c", "in/ünï cödé"]
+    for folder in folders:
+        s3.put_object(Bucket=setup.bucket, Key=f"{folder}/1.jpg", Body=a)
+        s3.put_object(Bucket=setup.bucket, Key=f"{folder}/2.jpg", Body=b)
+    manifest = {"a": "with space/1.jpg", "b": "a+b=c/1.jpg"}
+    s3.put_object(Bucket=setup.bucket, Key="in/same.pair.json", Body=json.dumps(manifest).encode())
+    s3.put_object(Bucket=setup.bucket, Key="in/poison\x1b[31m/1.jpg", Body=a)
+    wait_for(lambda: queue_depth(sqs, setup.queue_url) == 9, 10, 0.05, "9 notifications")
+
+    started = time.monotonic()
+    proc = watch_sqs(setup.queue_url, endpoint, "--exit-when-idle")
+    _, stderr = proc.communicate(timeout=90)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, stderr[-4000:]
+
+    for folder in folders:
+        result = get_json(s3, setup.bucket, f"{folder}/result.json")
+        assert result["status"] == "ok" and result["is_similar"] is False, folder
+        assert result["diff_image"] == "diff.png"
+    same = get_json(s3, setup.bucket, "in/same.result.json")
+    assert same["status"] == "ok" and same["is_similar"] is True
+    # Drained: everything deleted except the poison message, which SQS moved to the DLQ.
+    assert queue_depth(sqs, setup.queue_url) == 0
+    assert queue_depth(sqs, setup.dlq_url) == 1
+    events = log_events(stderr)
+    names = [e["event"] for e in events]
+    assert names.count("result_written") == 4
+    assert names.count("event_rejected") == 2  # the poison's two deliveries
+    assert names.count("message_left_for_retry") == 2
+    assert "queue_idle" in names and names[-1] == "watch_stopped"
+    assert aws_env()["AWS_SECRET_ACCESS_KEY"] not in stderr
+    assert elapsed < 60
+
+
+def test_sigterm_stops_an_idle_worker(endpoint: str) -> None:
+    setup = notified_bucket(endpoint)
+    proc = watch_sqs(setup.queue_url, endpoint)
+    try:
+        # Once the TestEvent is deleted the worker sits in a long poll: stop it there.
+        wait_for(lambda: queue_depth(client("sqs", endpoint), setup.queue_url) == 0, 20, 0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert log_events(stderr)[-1]["event"] == "watch_stopped"
+
+
+def test_unreachable_queue_fails_cleanly(endpoint: str) -> None:
+    proc = watch_sqs(f"{endpoint}/123456789012/no-such-queue", endpoint)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert any(e["event"] == "queue_unavailable" for e in log_events(stderr))
+
+
+def test_visibility_is_extended_while_a_pair_runs(endpoint: str) -> None:
+    """The queue hides a message for 1 s; a pair that runs 2.5 s keeps it hidden throughout."""
+    sqs = client("sqs", endpoint)
+    setup = notified_bucket(endpoint)
+    wait_for(lambda: queue_depth(sqs, setup.queue_url) == 1, 10, 0.05, "the TestEvent")
+    message = sqs.receive_message(QueueUrl=setup.queue_url)["Messages"][0]
+    seen_again: list[Any] = []
+
+    class SlowJobs:
+        """Stands in for the comparison: its one property that matters here is taking 2.5 s,
+        during which it also plays a second consumer of the queue."""
+
+        def handle_parsed(self, parsed: Any, **_: Any) -> Delivery:
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline:
+                other = sqs.receive_message(QueueUrl=setup.queue_url, WaitTimeSeconds=1)
+                seen_again.extend(other.get("Messages", []))
+            return Delivery(ok=True)
+
+    worker = _Worker(sqs, setup.queue_url, SlowJobs(), visibility=1, wait_seconds=1)  # type: ignore[arg-type]
+    worker._handle(sqs_messages([message])[0], "1")
+    assert seen_again == []  # never visible to another consumer meanwhile
+    assert worker.deleted == 1 and queue_depth(sqs, setup.queue_url) == 0
+
+
+def test_region_is_read_from_aws_queue_urls() -> None:
+    assert _region_from_url("https://sqs.eu-west-1.amazonaws.com/1/q") == "eu-west-1"
+    assert _region_from_url("https://sqs.cn-north-1.amazonaws.com.cn/1/q") == "cn-north-1"
+    assert _region_from_url("http://127.0.0.1:4566/1/q") is None
