@@ -23,7 +23,7 @@ from handler.compare import create_comparator
 from handler.config import Settings, load_settings
 from handler.events import is_sqs_event, lambda_sqs_messages, parse_notification
 from handler.logs import configure_logging, get_logger
-from handler.s3_storage import s3_client
+from handler.s3_storage import normalise_prefix, s3_client
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,12 @@ def runtime() -> Runtime:
         settings = load_settings()
         configure_logging(settings.log_format, settings.log_level)
         comparator = create_comparator(settings)
-        _runtime = Runtime(settings, BucketJobs(settings, comparator, s3_client()))
+        _runtime = Runtime(
+            settings,
+            BucketJobs(
+                settings, comparator, s3_client(), prefix=normalise_prefix(settings.input_prefix)
+            ),
+        )
     return _runtime
 
 

@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     )
     queue_size: int = Field(1000, gt=0, description="Bound of the watcher's pending-pair queue.")
     diff_image: bool = Field(True, description="Write diff.png beside every result.")
+    input_prefix: str = Field(
+        "",
+        description="S3 (watch sqs, Lambda): only keys under this prefix are pairs; manifests "
+        "cannot reach outside it. watch minio/poll take it from their s3:// URL.",
+    )
     output_prefix: str | None = Field(None, description="S3: write results under this prefix.")
     output_bucket: str | None = Field(None, description="S3: write results to this bucket.")
     comparison: ComparisonConfig = Field(default_factory=lambda: ComparisonConfig())

@@ -216,3 +216,31 @@ def test_direct_s3_invocation_and_malformed_event(
     # Test events are acknowledged, not errors.
     test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": setup.bucket}
     assert app.lambda_handler(test_event, Context([900_000])) == {"events": 0}
+
+
+def test_input_prefix_confines_keys_and_manifests(
+    endpoint: str, lambda_env: None, jpegs: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With PAIRWATCH_INPUT_PREFIX, keys elsewhere are not pairs and manifests cannot escape."""
+    monkeypatch.setenv("PAIRWATCH_INPUT_PREFIX", "incoming")
+    s3 = client("s3", endpoint)
+    setup = notified_bucket(endpoint)
+    a, b = jpegs
+    s3.put_object(Bucket=setup.bucket, Key="private/a.jpg", Body=a)
+    s3.put_object(Bucket=setup.bucket, Key="private/b.jpg", Body=b)
+    s3.put_object(Bucket=setup.bucket, Key="incoming/b.jpg", Body=b)
+    manifest = json.dumps({"a": "../private/a.jpg", "b": "b.jpg"}).encode()
+    s3.put_object(Bucket=setup.bucket, Key="incoming/escape.pair.json", Body=manifest)
+    event = json.loads((FIXTURES / "aws_s3_notification.json").read_text())
+    record = event["Records"][0]
+    record["s3"]["bucket"]["name"] = setup.bucket
+
+    record["s3"]["object"]["key"] = "private%2Fb.jpg"
+    app.lambda_handler(event, Context([900_000]))
+    assert "Contents" not in s3.list_objects_v2(Bucket=setup.bucket, Prefix="private/result")
+
+    record["s3"]["object"]["key"] = "incoming%2Fescape.pair.json"
+    app.lambda_handler(event, Context([900_000]))
+    result = get_json(s3, setup.bucket, "incoming/escape.result.json")
+    assert result["status"] == "error"
+    assert (result["error"]["type"], result["error"]["input"]) == ("path_outside_root", "a")

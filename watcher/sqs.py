@@ -26,6 +26,7 @@ from handler.config import Settings
 from handler.errors import PairError
 from handler.events import QueueMessage, sqs_messages
 from handler.logs import get_logger
+from handler.s3_storage import normalise_prefix
 from watcher.bucket import (
     EXIT_FAILED,
     EXIT_OK,
@@ -52,13 +53,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="exit (status 0) as soon as one long poll comes back empty: for batch runs, "
         "cron jobs and tests",
     )
+    parser.add_argument(
+        "--input-prefix",
+        metavar="PREFIX",
+        help="only keys under PREFIX are pairs, and manifests cannot reach outside it "
+        "(default: PAIRWATCH_INPUT_PREFIX, else the whole bucket)",
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     log = get_logger(queue=args.queue_url)
     region = args.region or _region_from_url(args.queue_url)
+    prefix = args.input_prefix if args.input_prefix is not None else settings.input_prefix
     try:
-        jobs = build_jobs(settings, args.endpoint_url, region)
+        jobs = build_jobs(settings, args.endpoint_url, region, prefix=normalise_prefix(prefix))
     except PairError as exc:
         log.error("comparator_unavailable", error_type=exc.type, error=exc.message)
         return EXIT_FAILED
