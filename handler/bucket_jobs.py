@@ -97,6 +97,7 @@ class BucketJobs:
             self.prefix,
             output_bucket=self.settings.output_bucket,
             output_prefix=self.settings.output_prefix,
+            max_pixels=self.settings.max_input_pixels,
         )
 
     def handle(self, event: ObjectEvent) -> EventResult:

@@ -67,11 +67,7 @@ def prepare(
         raise InvalidImage("the file is empty (0 bytes)")
     with _open(data) as img:
         width, height = img.size
-        if width * height > max_pixels:
-            raise ImageTooLarge(
-                f"{width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit of "
-                f"{max_pixels / 1e6:.1f} megapixels; not decoded"
-            )
+        check_pixels(width, height, max_pixels)
         source_format = str(img.format)
         original_mode = img.mode
         orientation = img.getexif().get(0x0112, 1)
@@ -90,6 +86,31 @@ def prepare(
         format=source_format,
         original_mode=original_mode,
     )
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """``ImageTooLarge`` when ``width`` x ``height`` is over the pixel budget."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit of "
+            f"{max_pixels / 1e6:.1f} megapixels; not decoded"
+        )
+
+
+def header_dimensions(head: bytes) -> tuple[int, int] | None:
+    """Width and height from the first bytes of an image file, or None when they are not
+    enough to tell (a JPEG's frame header can sit behind large EXIF/ICC segments).
+
+    Lets remote storage refuse a huge image after a small ranged read instead of a download.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(head), formats=SUPPORTED_FORMATS) as img:
+                width, height = img.size
+    except Exception:
+        return None
+    return (width, height)
 
 
 def _open(data: bytes) -> Image.Image:

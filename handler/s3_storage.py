@@ -31,12 +31,17 @@ from botocore.exceptions import ClientError
 
 from handler.errors import ImageTooLarge, InputNotFound, InputUnreadable, PathOutsideRoot
 from handler.events import normalise_etag
+from handler.images import check_pixels, header_dimensions
 from handler.pairs import is_output_name
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 CHUNK_BYTES = 1024 * 1024
+#: Objects larger than this get their image header read (a ranged GET of PROBE_BYTES) and
+#: checked against the pixel budget before the download; smaller ones are simply downloaded.
+PROBE_MIN_BYTES = 1024 * 1024
+PROBE_BYTES = 64 * 1024
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 _DENIED = frozenset({"403", "AccessDenied", "Forbidden", "AllAccessDisabled"})
 _PRECONDITION = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict"})
@@ -105,8 +110,10 @@ class S3Storage:
         *,
         output_bucket: str | None = None,
         output_prefix: str | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.client = client
+        self.max_pixels = max_pixels
         self.bucket = bucket
         self.prefix = normalise_prefix(prefix)
         self.output_bucket = output_bucket or bucket
@@ -181,6 +188,8 @@ class S3Storage:
             raise ImageTooLarge(
                 f"{relative} is {info.size} bytes, over the limit of {max_bytes}; not downloaded"
             )
+        if self.max_pixels is not None and info.size > PROBE_MIN_BYTES:
+            self._check_header(info, relative, self.max_pixels)
         try:
             if info.etag:
                 response = self.client.get_object(
@@ -193,6 +202,19 @@ class S3Storage:
                 raise ObjectChanged(f"{relative} changed while being read") from None
             raise self._error(exc, relative) from None
         return _drain(response, relative, max_bytes)
+
+    def _check_header(self, info: ObjectInfo, relative: str, max_pixels: int) -> None:
+        """Read the first ``PROBE_BYTES`` and refuse an image whose header dimensions are over
+        ``max_pixels`` before downloading the rest (a bomb need not be small in bytes)."""
+        try:
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=info.key, Range=f"bytes=0-{PROBE_BYTES - 1}"
+            )
+        except ClientError as exc:
+            raise self._error(exc, relative) from None
+        dimensions = header_dimensions(_drain(response, relative, PROBE_BYTES))
+        if dimensions is not None:
+            check_pixels(*dimensions, max_pixels)
 
     def _read_output(self, relative: str, max_bytes: int) -> bytes:
         bucket, key = self.location(relative)

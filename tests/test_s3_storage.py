@@ -8,10 +8,14 @@ on the real client (nothing is stubbed) to prove what is *not* downloaded.
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from handler.bucket_jobs import BucketJobs
 from handler.compare.metrics import MetricsComparator
@@ -20,6 +24,8 @@ from handler.errors import ImageTooLarge, InputNotFound, PairError, PathOutsideR
 from handler.events import ObjectEvent
 from handler.result import ComparisonResult
 from handler.s3_storage import (
+    PROBE_BYTES,
+    PROBE_MIN_BYTES,
     ObjectChanged,
     ResultConflict,
     S3Storage,
@@ -119,6 +125,38 @@ def test_size_is_checked_with_head_before_any_download(s3: Any, bucket: str) -> 
     assert calls.count("HeadObject") == 1 and calls.count("GetObject") == 0
     assert storage.read("p/big.jpg", max_bytes=5000) == b"x" * 5000
     assert calls.count("HeadObject") == 1  # the HEAD is remembered for the job
+
+
+def _png_claiming(width: int, height: int, body_bytes: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height``, padded to ``body_bytes`` with junk."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    junk = np.random.default_rng(3).bytes(body_bytes)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", junk)
+
+
+def test_pixel_budget_is_checked_from_a_ranged_read_before_download(s3: Any, bucket: str) -> None:
+    s3.put_object(Bucket=bucket, Key="in/p/bomb.png", Body=_png_claiming(40000, 40000, 3 << 20))
+    noise = np.random.default_rng(4).integers(0, 255, (800, 800, 3), dtype=np.uint8)
+    real = scenes.encode(Image.fromarray(noise), "PNG")
+    assert len(real) > PROBE_MIN_BYTES
+    s3.put_object(Bucket=bucket, Key="in/p/real.png", Body=real)
+    calls = Calls(s3)
+    downloaded: list[int] = []
+    s3.meta.events.register(
+        "after-call.s3.GetObject",
+        lambda parsed, **_: downloaded.append(int(parsed["ContentLength"])),
+    )
+    storage = S3Storage(s3, bucket, "in", max_pixels=100_000_000)
+    with pytest.raises(ImageTooLarge, match=r"1600\.0 megapixels"):
+        storage.read("p/bomb.png", max_bytes=64 << 20)
+    assert calls.count("GetObject") == 1 and downloaded == [PROBE_BYTES]
+    assert storage.read("p/real.png", max_bytes=64 << 20) == real
+    assert downloaded[1:] == [PROBE_BYTES, len(real)]
 
 
 def test_missing_input_and_listing(s3: Any, bucket: str) -> None:
