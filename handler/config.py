@@ -12,7 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -24,6 +31,7 @@ from pydantic_settings import (
 #: local edits (a pasted object over a few percent of the image, a blurred region, recolouring,
 #: mirroring) score below it; see ``handler.compare.metrics`` and tests/test_metrics.py.
 DEFAULT_SIMILARITY_THRESHOLD = 0.93
+DEFAULT_MAX_INPUT_PIXELS = 200_000_000
 
 
 class ComparisonConfig(BaseModel):
@@ -82,7 +90,9 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_input_pixels: int = Field(
-        200_000_000, gt=0, description="Decompression-bomb guard, checked before decoding."
+        DEFAULT_MAX_INPUT_PIXELS,
+        gt=0,
+        description="Decompression-bomb guard, checked before decoding.",
     )
     max_input_bytes: int = Field(
         512 * 1024 * 1024, gt=0, description="Largest input file/object read."
@@ -120,6 +130,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Lambda: hand the rest of an SQS batch back when less time than this is left.",
     )
+
+    @model_validator(mode="after")
+    def _vl_needs_a_model(self) -> Settings:
+        if self.comparator == "vl" and not self.model:
+            raise ValueError("comparator 'vl' needs a model (PAIRWATCH_MODEL or --model)")
+        return self
 
     @classmethod
     def settings_customise_sources(

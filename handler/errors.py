@@ -89,3 +89,11 @@ class ModelUnavailable(PairError):
 class ComparisonTimeout(PairError):
     type = "timeout"
     status = "timeout"
+
+
+#: Failures of the moment, not of the inputs: a result recording one of these does not count as
+#: "already done", so the next run (a restart, a rescan, a redelivery) compares the pair again.
+RETRYABLE_ERROR_TYPES = frozenset(
+    error.type
+    for error in (ComparisonTimeout, OutOfMemory, ModelCrashed, ModelUnavailable, InputUnreadable)
+)

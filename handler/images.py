@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from handler.config import DEFAULT_MAX_INPUT_PIXELS
 from handler.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 
 #: Formats we decode. Restricting ``Image.open`` to them keeps exotic decoders (EPS runs
 #: Ghostscript, for one) out of reach of untrusted input.
 #: (Multi-picture MPO files from cameras open through the JPEG plugin and report "MPO".)
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-DEFAULT_MAX_INPUT_PIXELS = 200_000_000
 
 # The pixel budget is enforced by ``prepare`` from the header before decoding; Pillow's own global
 # guard (which warns at 89 MP and fails at 179 MP) would otherwise override the configured limit.

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from handler.compare.base import Comparator
 from handler.config import ComparisonConfig, Settings
 from handler.errors import (
+    RETRYABLE_ERROR_TYPES,
     AmbiguousPair,
     IncompletePair,
     InputNotFound,
@@ -338,6 +339,8 @@ def _answers(
 ) -> bool:
     """Does ``existing`` answer this exact request (pair, inputs by content, config, comparator)?"""
     info = comparator.info
+    if existing.error is not None and existing.error.type in RETRYABLE_ERROR_TYPES:
+        return False
     if (existing.comparator.name, existing.comparator.model) != (info.name, info.model):
         return False
     if existing.pair_id != pair_id:

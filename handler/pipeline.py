@@ -1,7 +1,8 @@
 """One pair, end to end: load each input, prepare it (one at a time), compare, build the result.
 
-Every ``PairError`` becomes a result with ``status`` error/timeout; nothing a single pair does can
-raise out of ``compare_pair`` except programming errors.
+Every ``PairError`` becomes a result with ``status`` error/timeout. What still raises is not
+about the pair itself and is worth a retry: storage trouble from ``ImageInput.load`` (an object
+replaced mid-read, the network) and programming errors.
 """
 
 from __future__ import annotations
@@ -118,7 +119,13 @@ def _with_diff(
         return PairOutcome(result)
     from handler.diff_image import render_diff
 
-    return PairOutcome(result, render_diff(prepared[0], prepared[1], result))
+    try:
+        return PairOutcome(result, render_diff(prepared[0], prepared[1], result))
+    except Exception as exc:  # the diff is an illustration: never lose the result over it
+        get_logger(pair_id=result.pair_id).error(
+            "diff_failed", error_type=type(exc).__name__, error=str(exc)
+        )
+        return PairOutcome(result)
 
 
 def _prepare_one(

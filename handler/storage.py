@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 import tempfile
 from pathlib import Path
 
@@ -88,8 +89,14 @@ def read_file(path: Path, max_bytes: int, *, label: str | None = None) -> bytes:
     """Read a whole input file, mapping OS failures onto per-pair errors."""
     label = label or str(path)
     try:
-        with path.open("rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
+        # O_NONBLOCK: opening a FIFO planted under an image's name must not wait for a writer.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            status = os.fstat(handle.fileno())
+            if stat.S_ISDIR(status.st_mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(status.st_mode):
+                raise InputUnreadable(f"{label} is not a regular file")
+            size = status.st_size
             data = handle.read(max_bytes + 1) if size <= max_bytes else b""
     except FileNotFoundError:
         raise InputNotFound(f"{label} does not exist (vanished?)") from None

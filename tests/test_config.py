@@ -84,3 +84,10 @@ def test_bad_config_files_give_clear_errors(tmp_path: Path, content: str, messag
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigFileError, match="cannot read"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_the_vl_comparator_needs_a_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PAIRWATCH_MODEL", raising=False)
+    with pytest.raises(ConfigFileError, match="needs a model"):
+        load_settings(None, comparator="vl")
+    assert load_settings(None, comparator="vl", model="/models/x").comparator == "vl"

@@ -1,8 +1,8 @@
 """``handler.jobs``: one pair job over a real folder (``LocalStorage``) and the metrics comparator.
 
 Where a test must prove that nothing outside the root is *read*, the outside file is a FIFO:
-opening one for reading blocks until a writer appears, so any read would hang the test into
-its timeout instead of passing quietly.
+a plain ``open`` of one blocks until a writer appears (the test would hang into its timeout),
+and ``read_file`` refuses it as ``input_unreadable`` — either way not ``path_outside_root``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from handler.jobs import (
     pairs_for_name,
     run_pair_job,
 )
-from handler.result import ComparisonResult
+from handler.result import ComparisonResult, ErrorInfo
 from handler.storage import LocalStorage
 from tests.support import scenes
 
@@ -344,7 +344,7 @@ def test_bad_manifests_give_error_results(
 
 @pytest.fixture
 def outside_fifo(tmp_path: Path) -> Path:
-    """A root inside tmp_path and, beside it, a FIFO that would block anyone reading it."""
+    """A root inside tmp_path and, beside it, a FIFO that no read can pass quietly."""
     (tmp_path / "root").mkdir()
     (tmp_path / "outside").mkdir()
     fifo = tmp_path / "outside" / "secret.jpg"
@@ -401,3 +401,50 @@ def test_manifest_that_vanished_is_nothing_to_do(
     report = _job(tmp_path, PairSpec("manifest", "gone.pair.json"), settings, comparator)
     assert report == JobReport(PairSpec("manifest", "gone.pair.json"), "none")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_fifo_named_like_an_image_is_an_error_not_a_hang(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    _put(tmp_path / "p" / "b.jpg", photos["a"])
+    os.mkfifo(tmp_path / "p" / "a.jpg")  # nobody will ever write to it
+    report = _job(tmp_path, PairSpec("folder", "p"), settings, comparator)
+    assert report.failed
+    result = _result(tmp_path / "p" / "result.json")
+    assert result.error is not None
+    assert (result.error.type, result.error.input) == ("input_unreadable", "a")
+    assert "not a regular file" in result.error.message
+
+
+@pytest.mark.parametrize(
+    ("error_type", "retried"),
+    [
+        ("timeout", True),
+        ("out_of_memory", True),
+        ("model_unavailable", True),
+        ("invalid_image", False),
+    ],
+)
+def test_failures_of_the_moment_are_retried_failures_of_the_inputs_are_not(
+    tmp_path: Path,
+    photos: dict[str, bytes],
+    settings: Settings,
+    comparator: MetricsComparator,
+    error_type: str,
+    retried: bool,
+) -> None:
+    spec = PairSpec("folder", "p")
+    _put(tmp_path / "p" / "a.jpg", photos["a"])
+    _put(tmp_path / "p" / "b.jpg", photos["a_copy"])
+    _job(tmp_path, spec, settings, comparator)
+    result_file = tmp_path / "p" / "result.json"
+    failed = _result(result_file).model_copy(
+        update={
+            "status": "timeout" if error_type == "timeout" else "error",
+            "error": ErrorInfo(type=error_type, message="recorded by an earlier run"),
+        }
+    )
+    result_file.write_text(failed.to_json())
+    again = _job(tmp_path, spec, settings, comparator)
+    assert again.outcome == ("written" if retried else "skipped")
+    assert (_result(result_file).status == "ok") is retried

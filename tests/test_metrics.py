@@ -110,3 +110,13 @@ def test_recolouring_is_reported_as_colour() -> None:
         _prepared(scenes.encode(img)), _prepared(scenes.recoloured(img)), CONFIG
     )
     assert any(d.aspect == "color" for d in outcome.differences)
+
+
+@pytest.mark.parametrize("size", [(2560, 100), (3000, 1), (1, 900)])
+def test_banners_and_lines_are_compared(size: tuple[int, int]) -> None:
+    """Thinner than the SSIM window once downsized: stretched, never an exception."""
+    img = scenes.photo("coffee").resize(size)
+    a = _prepared(scenes.encode(img, "PNG"))
+    assert COMPARATOR.compare(a, a, CONFIG).is_similar
+    flipped = _prepared(scenes.mirrored(img))
+    assert 0.0 <= COMPARATOR.compare(a, flipped, CONFIG).similarity <= 1.0

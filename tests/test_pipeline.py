@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from handler.compare.base import Outcome
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig
@@ -102,3 +104,23 @@ def test_a_comparator_timeout_becomes_a_timeout_result() -> None:
     assert result.status == "timeout" and result.error is not None
     assert result.error.type == "timeout" and result.error.input is None
     assert result.similarity is None and "compare" in result.timings_ms
+
+
+def test_a_diff_image_that_cannot_be_drawn_does_not_cost_the_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*_: object) -> bytes:
+        raise MemoryError("no room for the drawing")
+
+    monkeypatch.setattr("handler.diff_image.render_diff", broken)
+    data = scenes.encode(scenes.photo("coffee"))
+    outcome = compare_pair(
+        "p5",
+        _input("a.jpg", data, []),
+        _input("b.jpg", data, []),
+        CONFIG,
+        MetricsComparator(),
+        max_input_pixels=10**8,
+        diff_image=True,
+    )
+    assert outcome.result.status == "ok" and outcome.diff_png is None

@@ -30,6 +30,9 @@ from handler.result import ComparatorInfo, Difference, Region
 #: Longest edge of the common working size. Large enough that an edit over ~1% of the image
 #: spans many SSIM windows, small enough to stay in the low milliseconds.
 WORK_EDGE = 256
+#: Shortest edge of the working size: the Gaussian SSIM window (sigma 1.5) is 11 pixels wide,
+#: so a banner or a one-pixel line is stretched to at least that instead of failing.
+MIN_WORK_EDGE = 16
 #: A pixel is "changed" where local SSIM falls below this or the colour moves more than
 #: CHANGED_DELTA_E (CIE76) — values that JPEG quality 70 and rescaling stay clear of.
 CHANGED_SSIM = 0.5
@@ -89,7 +92,7 @@ class MetricsComparator:
             similarity=similarity,
             is_similar=is_similar,
             summary=_summary(similarity, is_similar, regions, changed_fraction),
-            differences=_differences(metrics, regions, changed_fraction),
+            differences=_differences(metrics, regions),
             changed_regions=regions,
             metrics=metrics,
         )
@@ -99,7 +102,7 @@ def _common_size(a: Image.Image, b: Image.Image) -> tuple[Image.Image, Image.Ima
     """Both images at A's aspect ratio with WORK_EDGE as the longest edge."""
     width, height = a.size
     factor = WORK_EDGE / max(width, height)
-    size = (max(8, round(width * factor)), max(8, round(height * factor)))
+    size = (max(MIN_WORK_EDGE, round(width * factor)), max(MIN_WORK_EDGE, round(height * factor)))
     resample = Image.Resampling.LANCZOS
     return a.resize(size, resample), b.resize(size, resample)
 
@@ -156,9 +159,7 @@ def _summary(similarity: float, similar: bool, regions: list[Region], fraction: 
     )
 
 
-def _differences(
-    metrics: dict[str, float], regions: list[Region], fraction: float
-) -> list[Difference]:
+def _differences(metrics: dict[str, float], regions: list[Region]) -> list[Difference]:
     found: list[Difference] = []
     if metrics["hash_similarity"] < 0.75:
         found.append(
@@ -187,5 +188,4 @@ def _differences(
                 ),
             )
         )
-    del fraction
     return found
