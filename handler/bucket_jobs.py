@@ -20,6 +20,7 @@ What an event can come to:
 
 from __future__ import annotations
 
+import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -28,9 +29,9 @@ from handler.compare.base import Comparator
 from handler.config import Settings
 from handler.errors import PairError
 from handler.events import ObjectEvent, Parsed
-from handler.jobs import JobReport, pairs_for_name, run_pair_job
+from handler.jobs import JobReport, PairSpec, pairs_for_name, run_pair_job
 from handler.logs import get_logger
-from handler.pairs import is_relevant_name
+from handler.pairs import is_image_name, is_manifest_name, is_relevant_name
 from handler.s3_storage import ResultConflict, S3Storage, check_key
 
 if TYPE_CHECKING:
@@ -122,6 +123,8 @@ class BucketJobs:
             log.error("event_rejected", error_type=exc.type, error=exc.message)
             raise
         specs = pairs_for_name(relative)
+        if is_image_name(relative):
+            specs += _sibling_manifests(storage, relative)
         if not specs:
             log.debug("event_ignored", reason="hidden, temporary or not in a pair folder")
             return EventResult(event, "ignored")
@@ -139,7 +142,7 @@ class BucketJobs:
             if report.outcome == "waiting":
                 log.info("pair_waiting", pair_id=spec.pair_id, retry_in=report.retry_in)
                 result.retry_in = report.retry_in
-            if spec.kind == "manifest":
+            if spec.path == relative:  # the manifest's own event: its images may be on the way
                 self._check_pending(storage, report)
             result.outcome = report.outcome
         return result
@@ -195,6 +198,17 @@ class BucketJobs:
             delivery.results.append(result)
             delivery.retry_in = _earliest(delivery.retry_in, result.retry_in)
         return delivery
+
+
+def _sibling_manifests(storage: S3Storage, image: str) -> list[PairSpec]:
+    """Manifests beside a new or replaced image: it may be one of their inputs. Each re-run is
+    cheap when it is not (the recorded ETags match: HEADs, no download)."""
+    folder = posixpath.dirname(image)
+    return [
+        PairSpec("manifest", posixpath.join(folder, name))
+        for name in storage.list_names(folder)
+        if is_manifest_name(name)
+    ]
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

@@ -119,6 +119,7 @@ class S3Storage:
         self.output_bucket = output_bucket or bucket
         self.output_prefix = normalise_prefix(output_prefix)
         self._heads: dict[str, ObjectInfo] = {}
+        self._listings: dict[str, list[str]] = {}
         #: Result key -> ETag seen when read (None: seen absent). Drives conditional writes.
         self._seen_results: dict[str, str | None] = {}
 
@@ -257,7 +258,13 @@ class S3Storage:
         return key
 
     def list_names(self, folder: str) -> list[str]:
-        """Sorted object names directly under ``folder`` (no "sub-folders")."""
+        """Sorted object names directly under ``folder`` (no "sub-folders"); listed once per
+        instance, like the HEADs, since an instance serves one job."""
+        if folder not in self._listings:
+            self._listings[folder] = self._list(folder)
+        return self._listings[folder]
+
+    def _list(self, folder: str) -> list[str]:
         base = self.key(folder).rstrip("/") + "/" if folder else self.prefix
         names: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")

@@ -284,6 +284,26 @@ def test_manifest_output_prefix_and_guards(
     assert calls.names == []
 
 
+def test_replacing_an_image_reruns_the_manifests_beside_it(
+    s3: Any, bucket: str, images: dict[str, bytes], comparator: MetricsComparator
+) -> None:
+    jobs = BucketJobs(Settings(diff_image=False, pair_timeout=60), comparator, s3)
+    s3.put_object(Bucket=bucket, Key="m/x.jpg", Body=images["a"])
+    s3.put_object(Bucket=bucket, Key="m/y.jpg", Body=images["a2"])
+    manifest = json.dumps({"a": "x.jpg", "b": "y.jpg"}).encode()
+    s3.put_object(Bucket=bucket, Key="m/cmp.pair.json", Body=manifest)
+    assert jobs.handle(created(bucket, "m/cmp.pair.json")).outcome == "written"
+    assert get_json(s3, bucket, "m/cmp.result.json")["is_similar"] is True
+
+    calls = Calls(s3)
+    assert jobs.handle(created(bucket, "m/y.jpg")).outcome == "skipped"  # same ETags
+    assert calls.count("ListObjectsV2") == 1  # the folder, listed once for both pair rules
+
+    s3.put_object(Bucket=bucket, Key="m/y.jpg", Body=images["other"])
+    assert jobs.handle(created(bucket, "m/y.jpg")).outcome == "written"
+    assert get_json(s3, bucket, "m/cmp.result.json")["is_similar"] is False
+
+
 def test_hostile_key_is_an_error_for_that_record(
     s3: Any, bucket: str, comparator: MetricsComparator
 ) -> None:
