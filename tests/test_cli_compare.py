@@ -12,6 +12,7 @@ import pytest
 
 from handler.result import ComparisonResult
 from tests.support import scenes
+from watcher.cli import main
 
 PAIRWATCH = [sys.executable, "-m", "watcher.cli"]
 
@@ -101,3 +102,33 @@ def test_schema_describes_the_result() -> None:
     schema = json.loads(proc.stdout)
     for field in ("pair_id", "status", "similarity", "changed_regions", "inputs", "error"):
         assert field in schema["properties"]
+
+
+def test_output_never_replaces_an_input(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before comparing (exit 2): as A itself, through ``..``, through a symlink, as B."""
+    a = tmp_path / "a.jpg"
+    a.write_bytes(pair[0].read_bytes())
+    link = tmp_path / "link.jpg"
+    link.symlink_to(a)
+    (tmp_path / "sub").mkdir()
+    for output in (a, tmp_path / "sub" / ".." / "a.jpg", link, pair[1]):
+        assert main(["compare", str(a), str(pair[1]), "-o", str(output)]) == 2
+        captured = capsys.readouterr()
+        assert "is one of the inputs" in captured.err and captured.out == ""
+    assert a.read_bytes() == pair[0].read_bytes() and link.is_symlink()
+    assert main(["compare", str(a), str(pair[1]), "-o", str(tmp_path / "no" / "r.json")]) == 2
+    assert "is not in an existing folder" in capsys.readouterr().err
+    assert main(["compare", str(a), str(pair[1]), "-o", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_output_is_replaced_atomically(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    proc = _run("compare", str(pair[0]), str(pair[1]), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert ComparisonResult.model_validate_json(out.read_text()).status == "ok"
+    # The temporary file was renamed over the result: none is left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from handler.config import Settings
+from handler.events import ObjectEvent, Parsed
 from tests.support import scenes
 from tests.support.s3_servers import (
     ROOT,
@@ -32,6 +34,8 @@ from tests.support.s3_servers import (
     unique,
     wait_for,
 )
+from watcher.bucket import BucketURL, build_jobs, list_events
+from watcher.minio_listen import Listener, minio_client
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,3 +128,35 @@ def test_missing_endpoint_is_a_usage_error() -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "--endpoint-url" in proc.stderr
+
+
+def test_a_relisted_lone_image_is_retried_once(
+    minio: tuple[str, MinioListenLayer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every (re)connect replays the listing: a lone image's retry replaces its pending one
+    (it used to pile up, one more per reconnect), and only that object is retried, not the
+    whole listing batch it came in."""
+    endpoint, _ = minio
+    for name, value in aws_env().items():
+        monkeypatch.setenv(name, value)
+    s3 = client("s3", endpoint)
+    bucket = unique("relist")
+    s3.create_bucket(Bucket=bucket)
+    upload_pair(s3, bucket, "in/done")
+    s3.put_object(Bucket=bucket, Key="in/lone/a.jpg", Body=b"not even decoded: it waits")
+    settings = Settings(comparator="metrics", pair_timeout=600)
+    url = BucketURL(bucket, "in/")
+    jobs = build_jobs(settings, endpoint, "us-east-1", prefix=url.prefix)
+    listener = Listener(minio_client(endpoint, "us-east-1"), jobs, url, queue_size=10)
+    for _ in range(3):  # the first connection and two reconnects
+        listener._handle(Parsed(events=list(list_events(jobs, bucket, url.prefix))), 0)
+    assert result_of(s3, bucket, "in/done/result.json") is not None
+    assert len(listener.retries) == 1
+    # Due now (a 0 s delay under the same key replaces it): only the lone image comes back.
+    lone = ObjectEvent(bucket, "in/lone/a.jpg", "created")
+    listener.retries.add(Parsed(events=[lone]), 0, key=(bucket, lone.key))
+    assert len(listener.retries) == 1
+    assert [([e.key for e in p.events], n) for p, n in listener.retries.due()] == [
+        (["in/lone/a.jpg"], 0)
+    ]
+    assert len(listener.retries) == 0

@@ -284,6 +284,36 @@ def test_cli(results: Results, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["report", str(tmp_path / "missing"), "--log-level", "ERROR"]) == 2
 
 
+def test_unwritable_output_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing" / "report.html"
+    assert main(["report", str(tmp_path), "-o", str(missing), "--log-level", "ERROR"]) == 1
+    assert f"cannot write {missing}: No such file or directory" in capsys.readouterr().err
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    assert main(["report", str(tmp_path), "-o", str(folder), "--log-level", "ERROR"]) == 1
+    assert f"cannot write {folder}: Is a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temporary file left
+
+
+def test_finds_results_as_the_watchers_name_them(tmp_path: Path) -> None:
+    """Result names match case-blind; hidden and temporary folders and files are skipped."""
+    for relative in (
+        "p/result.json",
+        "Q/RESULT.JSON",
+        "night.Result.Json",
+        ".hidden/result.json",
+        "upload.part/result.json",
+        "p/.result.json.abc.tmp",
+        "p/notresult.json",
+    ):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text("{}")
+    found = sorted(p.relative_to(tmp_path).as_posix() for p in report.find_results(tmp_path))
+    assert found == ["Q/RESULT.JSON", "night.Result.Json", "p/result.json"]
+
+
 def test_empty_folder(tmp_path: Path) -> None:
     output = tmp_path / "report.html"
     written = report.build_report(tmp_path, output, max_input_bytes=1, max_input_pixels=1)

@@ -18,6 +18,7 @@ import pytest
 
 from tests.support import scenes
 from tests.support.s3_servers import ROOT, aws_env, client, seaweedfs_server, unique, wait_for
+from watcher.cli import main
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -130,3 +131,79 @@ def test_bad_url_is_a_usage_error(endpoint: str) -> None:
     proc = pairwatch("watch", "poll", "http://not-s3", endpoint=endpoint)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 2 and "s3://BUCKET/PREFIX" in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["s3://bucket/a/../c"], "'..' segment"),
+        (["s3://bucket/in", "--interval", "nan"], "not a finite number"),
+        (["s3://bucket/in", "--interval", "-1"], "above 0"),
+    ],
+)
+def test_bad_prefix_or_interval_is_a_usage_error(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused by argparse (exit 2), not a traceback: nothing is contacted, no server needed."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["watch", "poll", *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_once_exits_1_when_a_pair_result_is_not_ok(
+    endpoint: str, jpeg: tuple[bytes, bytes]
+) -> None:
+    s3 = client("s3", endpoint)
+    bucket = unique("broken")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="p/a.jpg", Body=jpeg[0])
+    s3.put_object(Bucket=bucket, Key="p/b.jpg", Body=jpeg[0][:300])  # truncated
+    proc = pairwatch("watch", "poll", f"s3://{bucket}", "--once", endpoint=endpoint)
+    _, stderr = proc.communicate(timeout=60)
+    result = result_of(s3, bucket, "p/result.json")
+    assert result is not None and result["error"]["type"] == "invalid_image"
+    assert proc.returncode == 1, stderr[-3000:]
+    # Delivered fine: it is the pair that failed. A second run finds the same error result.
+    second = pairwatch("watch", "poll", f"s3://{bucket}", "--once", endpoint=endpoint)
+    _, stderr = second.communicate(timeout=60)
+    assert second.returncode == 1, stderr[-3000:]
+    assert not [e for e in log_events(stderr) if e["event"] == "result_written"]
+
+
+def test_unwritable_output_is_retried_with_backoff(
+    endpoint: str, jpeg: tuple[bytes, bytes]
+) -> None:
+    """Results go to a bucket the server refuses (InvalidBucketName): each try compares, then
+    cannot write. Each key is tried again after RETRY_DELAYS[0] = 5 s, not at every listing
+    (every 0.1 s here)."""
+    s3 = client("s3", endpoint)
+    bucket = unique("unwritable")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="p/a.jpg", Body=jpeg[0])
+    s3.put_object(Bucket=bucket, Key="p/b.jpg", Body=jpeg[1])
+    proc = pairwatch(
+        "watch", "poll", f"s3://{bucket}", "--interval", "0.1",
+        endpoint=endpoint, PAIRWATCH_OUTPUT_BUCKET="Not_A_Valid_Bucket",
+    )  # fmt: skip
+    lines: list[dict[str, Any]] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("{"):
+                lines.append(json.loads(line))
+            # 20 listings after the failing one (about 2 s): none of them retried it.
+            if sum(e["event"] == "poll_pass" for e in lines) > 20:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=30)
+    assert proc.returncode == 0, rest[-3000:]
+    failed = [e for e in lines if e["event"] == "event_failed"]
+    assert sorted(e["key"] for e in failed) == ["p/a.jpg", "p/b.jpg"], lines[-20:]
+    assert sum(e["event"] == "pair_compared" for e in lines) == 2
+    scheduled = [
+        (e["key"], e["attempts"], e["delay_s"]) for e in lines if e["event"] == "retry_scheduled"
+    ]
+    assert sorted(scheduled) == [("p/a.jpg", 1, 5.0), ("p/b.jpg", 1, 5.0)]
+    assert result_of(s3, bucket, "p/result.json") is None

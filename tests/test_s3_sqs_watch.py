@@ -124,6 +124,14 @@ def test_unreachable_queue_fails_cleanly(endpoint: str) -> None:
     assert any(e["event"] == "queue_unavailable" for e in log_events(stderr))
 
 
+def test_bad_input_prefix_is_a_usage_error(endpoint: str) -> None:
+    proc = watch_sqs(f"{endpoint}/123456789012/any", endpoint, "--input-prefix", "in/../other")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "bad input prefix" in stderr and "'..' segment" in stderr
+    assert "comparator_unavailable" not in stderr and "Traceback" not in stderr
+
+
 def test_visibility_is_extended_while_a_pair_runs(endpoint: str) -> None:
     """The queue hides a message for 1 s; a pair that runs 2.5 s keeps it hidden throughout."""
     sqs = client("sqs", endpoint)

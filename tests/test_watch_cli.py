@@ -27,6 +27,8 @@ from PIL import Image
 
 from handler.result import ComparisonResult
 from tests.support import scenes
+from watcher.args import positive_seconds, seconds
+from watcher.cli import main
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -163,6 +165,32 @@ def test_not_a_folder_is_a_usage_error(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "is not a folder" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--settle-time", "-0.5", "is negative"),
+        ("--settle-time", "nan", "not a finite number"),
+        ("--pair-timeout", "inf", "not a finite number"),
+        ("--pair-timeout", "0", "above 0"),
+        ("--pair-timeout", "soon", "not a number"),
+    ],
+)
+def test_bad_durations_are_usage_errors(
+    tmp_path: Path, option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse refuses them (exit 2) before anything starts; nan would pass any bound check."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["watch", str(tmp_path), option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and message in err
+
+
+def test_duration_types() -> None:
+    assert seconds("0") == 0.0 and seconds("1.5") == 1.5
+    assert positive_seconds("0.25") == 0.25
 
 
 class _Running:

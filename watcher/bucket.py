@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from handler.bucket_jobs import BucketJobs
 from handler.compare import create_comparator
 from handler.config import Settings
+from handler.errors import PairError
 from handler.events import ObjectEvent, Parsed, normalise_etag
 from handler.s3_storage import normalise_prefix, s3_client
 from watcher.shutdown import StopFlag
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-#: Delays before a delivery that failed (throttling, network, an unwritable output) is retried;
-#: after the last one it is given up with an error log line.
+#: Delays before a delivery that failed (throttling, network, an unwritable output) is retried.
+#: ``watch minio`` gives up after the last one with an error log line; ``watch poll``, which
+#: sees the key in every listing anyway, repeats the last one.
 RETRY_DELAYS = (5.0, 30.0, 120.0)
 
 
@@ -42,8 +43,8 @@ def parse_s3_url(text: str) -> BucketURL:
         raise argparse.ArgumentTypeError(f"{text!r} names no bucket")
     try:
         return BucketURL(bucket, normalise_prefix(prefix))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    except PairError as exc:  # PathOutsideRoot: "..", "." or empty segments, control characters
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc.message}") from None
 
 
 def add_endpoint_options(parser: argparse.ArgumentParser) -> None:
@@ -81,34 +82,66 @@ def list_events(jobs: BucketJobs, bucket: str, prefix: str) -> Iterator[ObjectEv
             )
 
 
+#: What a retry is filed under: an object's (bucket, key).
+RetryKey = tuple[str, str]
+
+
 @dataclass(order=True)
 class _Due:
     at: float
     seq: int
     parsed: Parsed = field(compare=False)
     attempt: int = field(default=0, compare=False)
+    key: RetryKey | None = field(default=None, compare=False)
+    cancelled: bool = field(default=False, compare=False)
 
 
 class RetrySchedule:
-    """Deliveries to handle again later, earliest first (in-memory: a restart re-lists)."""
+    """Deliveries to handle again later, earliest first (in-memory: a restart re-lists).
+
+    An entry added with a ``key`` replaces that key's pending entry: the listing replayed after
+    every reconnect reports the same lone image again, and without this each replay would add
+    one more retry of it.
+    """
 
     def __init__(self) -> None:
         self._heap: list[_Due] = []
         self._seq = itertools.count()
+        self._by_key: dict[RetryKey, _Due] = {}
+        self._cancelled = 0
 
-    def add(self, parsed: Parsed, delay: float, attempt: int = 0) -> None:
-        heapq.heappush(self._heap, _Due(time.monotonic() + delay, next(self._seq), parsed, attempt))
+    def add(
+        self, parsed: Parsed, delay: float, attempt: int = 0, *, key: RetryKey | None = None
+    ) -> None:
+        item = _Due(time.monotonic() + delay, next(self._seq), parsed, attempt, key)
+        if key is not None:
+            replaced = self._by_key.get(key)
+            if replaced is not None:
+                # Left in the heap (removing from its middle is O(n)); skipped when popped.
+                replaced.cancelled = True
+                self._cancelled += 1
+            self._by_key[key] = item
+        heapq.heappush(self._heap, item)
+        if self._cancelled > len(self._heap) // 2:
+            self._heap = [d for d in self._heap if not d.cancelled]
+            heapq.heapify(self._heap)
+            self._cancelled = 0
 
     def due(self) -> list[tuple[Parsed, int]]:
         now = time.monotonic()
         out = []
         while self._heap and self._heap[0].at <= now:
             item = heapq.heappop(self._heap)
+            if item.cancelled:
+                self._cancelled -= 1
+                continue
+            if item.key is not None:
+                del self._by_key[item.key]
             out.append((item.parsed, item.attempt))
         return out
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._heap) - self._cancelled
 
 
 def sleep_unless_stopped(stop: StopFlag, seconds: float, step: float = 0.2) -> None:

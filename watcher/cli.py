@@ -17,6 +17,7 @@ from types import ModuleType
 
 from handler.config import ConfigFileError, Settings, load_settings
 from handler.logs import configure_logging
+from watcher.args import EXIT_OK, EXIT_USAGE
 
 #: Sub-commands implemented in their own modules: each has ``configure_parser(parser)`` and
 #: ``run(args, settings) -> int``. ``watch sqs|minio|poll`` are spelled ``watch-<source>`` here.
@@ -29,7 +30,6 @@ SUBCOMMAND_MODULES = {
     "report": "watcher.report",
 }
 _WATCH_SOURCES = ("sqs", "minio", "poll")
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:

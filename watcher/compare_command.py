@@ -8,21 +8,52 @@ from pathlib import Path
 
 from handler.compare import create_comparator
 from handler.config import Settings
+from handler.errors import PairError
 from handler.pipeline import ImageInput, compare_pair
-from handler.storage import read_file
+from handler.storage import LocalStorage, read_file
+from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a", type=Path, help="image A")
     parser.add_argument("b", type=Path, help="image B")
-    parser.add_argument("--output", "-o", type=Path, help="also write the result JSON here")
+    parser.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        help="also write the result JSON here (atomically; never over image A or B)",
+    )
 
 
 def _file_input(path: Path, max_bytes: int) -> ImageInput:
     return ImageInput(name=path.name, load=lambda: read_file(path, max_bytes))
 
 
+def _same_file(output: Path, image: Path) -> bool:
+    """Would writing ``output`` replace ``image``? (same name once folders are resolved, or
+    the same file behind a symlink)"""
+    entry = output.parent.resolve() / output.name
+    return entry == image.parent.resolve() / image.name or output.resolve() == image.resolve()
+
+
+def _output_problem(output: Path, inputs: tuple[Path, Path]) -> str | None:
+    if any(_same_file(output, image) for image in inputs):
+        return "is one of the inputs"
+    if output.is_dir():
+        return "is a folder"
+    if not output.parent.is_dir():
+        return "is not in an existing folder"
+    return None
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    output: Path | None = args.output
+    # Checked before comparing: with a VL model, the comparison is the expensive part.
+    if output is not None:
+        problem = _output_problem(output, (args.a, args.b))
+        if problem:
+            print(f"pairwatch compare: --output {output} {problem}", file=sys.stderr)
+            return EXIT_USAGE
     comparator = create_comparator(settings)
     try:
         result = compare_pair(
@@ -36,7 +67,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         comparator.close()
     text = result.to_json()
-    if args.output:
-        args.output.write_text(text, encoding="utf-8")
     sys.stdout.write(text)
-    return 0 if result.status == "ok" else 1
+    if output is not None:
+        try:
+            LocalStorage(output.parent).write_atomic(output.name, text.encode("utf-8"))
+        except (OSError, PairError) as exc:
+            reason = exc.message if isinstance(exc, PairError) else exc.strerror or str(exc)
+            print(f"pairwatch compare: cannot write {output}: {reason}", file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_OK if result.status == "ok" else EXIT_FAILED

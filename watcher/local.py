@@ -17,17 +17,9 @@ from handler.config import Settings
 from handler.errors import PairError
 from handler.jobs import JobReport
 from handler.logs import get_logger
+from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, positive_seconds, seconds
 from watcher.folder_watch import FolderWatcher
 from watcher.shutdown import stop_on_signals
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return value
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +36,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--pair-timeout",
-        type=_seconds,
+        type=positive_seconds,
         metavar="SECONDS",
         help="how long a lone image waits for its partner (default 600; PAIRWATCH_PAIR_TIMEOUT)",
     )
     parser.add_argument(
         "--settle-time",
-        type=float,
+        type=seconds,
         metavar="SECONDS",
         help="how long a file written in place must stay unchanged before it is read "
         "(default 0.5; PAIRWATCH_SETTLE_TIME)",
@@ -59,9 +51,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     log = get_logger()
-    if args.settle_time is not None and args.settle_time < 0:
-        print("pairwatch: --settle-time must not be negative", file=sys.stderr)
-        return EXIT_USAGE
     updates = {"pair_timeout": args.pair_timeout, "settle_time": args.settle_time}
     settings = settings.model_copy(update={k: v for k, v in updates.items() if v is not None})
     if not args.dir.is_dir():

@@ -7,8 +7,14 @@ first ask the server for the bucket's location.
 
 A stream loses whatever happens while it is down, and the SDK reconnects silently. So every
 (re)connection is followed by one listing of the prefix: anything uploaded during the gap is
-handled then, and pairs already done are skipped by the usual result check. The stream is read
-on its own thread into a bounded queue, so a slow pair never makes MinIO drop events.
+handled then, and pairs already done are skipped by the usual result check.
+
+The stream is read on its own thread into a queue bounded by ``queue_size``, so a burst of events
+or a slow pair does not stop the stream from being read until that queue is full. Once it is,
+the reader waits for room, and so does the listing replayed after a (re)connect (it runs on the
+reader thread, before the stream is read): meanwhile the stream is not read, and what MinIO
+cannot hand over then may be lost. Only the listing after the next reconnect catches up on it,
+so size ``queue_size`` for the largest burst expected.
 """
 
 from __future__ import annotations
@@ -31,12 +37,10 @@ from minio.credentials.providers import Provider
 from handler.bucket_jobs import BucketJobs
 from handler.config import Settings
 from handler.errors import PairError
-from handler.events import Parsed, parse_notification
+from handler.events import ObjectEvent, Parsed, parse_notification
 from handler.logs import get_logger
+from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from watcher.bucket import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
     RETRY_DELAYS,
     BucketURL,
     RetrySchedule,
@@ -154,15 +158,25 @@ class Listener:
 
     def _handle(self, parsed: Parsed, attempt: int) -> None:
         delivery = self.jobs.handle_parsed(parsed)
-        if delivery.transient:
+        # Retries are filed per object, so that one lone image is not a reason to handle a whole
+        # listing batch again, and a reconnect's listing replaces its pending retry.
+        for result in delivery.results:
+            if result.retry_in is not None:
+                # A lone image: look again when its partner is overdue (incomplete_pair then).
+                self._retry(result.event, result.retry_in, 0)
+        if not delivery.transient:
+            return
+        handled = {id(result.event) for result in delivery.results}
+        for event in parsed.events:
+            if id(event) in handled:
+                continue
             if attempt < len(RETRY_DELAYS):
-                self.retries.add(parsed, RETRY_DELAYS[attempt], attempt + 1)
+                self._retry(event, RETRY_DELAYS[attempt], attempt + 1)
             else:
-                keys = [event.key for event in parsed.events]
-                self.log.error("retries_exhausted", keys=keys[:10], attempts=attempt + 1)
-        if delivery.retry_in is not None:
-            # A lone image: look again when its partner is overdue (incomplete_pair then).
-            self.retries.add(parsed, delivery.retry_in)
+                self.log.error("retries_exhausted", key=event.key, attempts=attempt + 1)
+
+    def _retry(self, event: ObjectEvent, delay: float, attempt: int) -> None:
+        self.retries.add(Parsed(events=[event]), delay, attempt, key=(event.bucket, event.key))
 
     # --- the stream thread --------------------------------------------------------------------
 

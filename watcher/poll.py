@@ -13,14 +13,14 @@ import time
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from handler.bucket_jobs import BucketJobs
+from handler.bucket_jobs import BucketJobs, Delivery
 from handler.config import Settings
 from handler.errors import PairError
 from handler.events import Parsed
 from handler.logs import get_logger
+from watcher.args import EXIT_FAILED, EXIT_OK, positive_seconds
 from watcher.bucket import (
-    EXIT_FAILED,
-    EXIT_OK,
+    RETRY_DELAYS,
     BucketURL,
     add_endpoint_options,
     build_jobs,
@@ -31,26 +31,20 @@ from watcher.bucket import (
 from watcher.shutdown import StopFlag, stop_on_signals
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return value
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", type=parse_s3_url, metavar="s3://BUCKET/PREFIX")
     add_endpoint_options(parser)
     parser.add_argument(
         "--interval",
-        type=_seconds,
+        type=positive_seconds,
         metavar="SECONDS",
         help="seconds between two listings (default 10; PAIRWATCH_POLL_INTERVAL)",
     )
     parser.add_argument(
         "--once",
         action="store_true",
-        help="list and process once, then exit (status 1 if anything failed)",
+        help="list and process once, then exit (status 1 if a listing or delivery failed or "
+        "a pair's result is not ok)",
     )
 
 
@@ -81,18 +75,27 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 class Poller:
-    """Remembers the ETag each key had when it was last handled successfully."""
+    """Remembers the ETag each key had when it was last handled.
+
+    A key is handled again when its ETag changes, or when it is due in ``recheck``: a lone
+    image at its pair_timeout, or a transient failure (an unwritable output, throttling) after
+    the next of ``RETRY_DELAYS``. The last delay then repeats: the key is still listed, and a
+    manifest waiting for its images must be looked at until its pair_timeout, but a failure
+    that persists costs one comparison every few minutes rather than one per listing.
+    """
 
     def __init__(self, jobs: BucketJobs, url: BucketURL) -> None:
         self.jobs = jobs
         self.url = url
         self.seen: dict[str, str | None] = {}
-        #: Key -> monotonic time it must be handled again (a lone image's pair_timeout).
+        #: Key -> monotonic time it must be handled again.
         self.recheck: dict[str, float] = {}
+        #: Key -> transient failures in a row (the index of its next delay in RETRY_DELAYS).
+        self.failures: dict[str, int] = {}
         self.log = get_logger(bucket=url.bucket, prefix=url.prefix)
 
     def scan(self, stop: StopFlag) -> bool:
-        """One pass; False if the listing or any object failed (it is retried next pass)."""
+        """One pass; False if the listing, a delivery or a pair failed."""
         started = time.perf_counter()
         listed: set[str] = set()
         handled = failed = 0
@@ -101,21 +104,28 @@ class Poller:
                 if stop.requested:
                     break
                 listed.add(event.key)
+                unchanged = self.seen.get(event.key, "") == event.etag
                 due = self.recheck.get(event.key)
-                if self.seen.get(event.key, "") == event.etag and (
-                    due is None or due > time.monotonic()
-                ):
+                if unchanged and (due is None or due > time.monotonic()):
                     continue
                 handled += 1
+                failures = self.failures.pop(event.key, 0)
+                if not unchanged:
+                    failures = 0  # a replaced object starts afresh
                 delivery = self.jobs.handle_parsed(Parsed(events=[event]))
                 self.recheck.pop(event.key, None)
-                if delivery.transient:
-                    failed += 1
-                    self.seen.pop(event.key, None)
-                    continue
                 # Rejected keys are remembered too: they fail the same way until replaced.
                 self.seen[event.key] = event.etag
-                if not delivery.ok:
+                if delivery.transient:
+                    failed += 1
+                    delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)]
+                    self.failures[event.key] = failures + 1
+                    self.recheck[event.key] = time.monotonic() + delay
+                    self.log.info(
+                        "retry_scheduled", key=event.key, attempts=failures + 1, delay_s=delay
+                    )
+                    continue
+                if not delivery.ok or _any_pair_failed(delivery):
                     failed += 1
                 if delivery.retry_in is not None:
                     self.recheck[event.key] = time.monotonic() + delivery.retry_in
@@ -126,6 +136,7 @@ class Poller:
             # Forget deleted objects, so memory follows the bucket rather than its history.
             self.seen = {k: v for k, v in self.seen.items() if k in listed}
             self.recheck = {k: v for k, v in self.recheck.items() if k in listed}
+            self.failures = {k: v for k, v in self.failures.items() if k in listed}
         self.log.debug(
             "poll_pass",
             objects=len(listed),
@@ -134,3 +145,8 @@ class Poller:
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
         )
         return failed == 0
+
+
+def _any_pair_failed(delivery: Delivery) -> bool:
+    """A result that is not ok, new or already there (as ``watch DIR --once`` counts them)."""
+    return any(report.failed for result in delivery.results for report in result.reports)

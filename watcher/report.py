@@ -31,15 +31,15 @@ from pydantic import ValidationError
 
 from handler.config import Settings
 from handler.errors import PairError
+from handler.jobs import MAX_RESULT_BYTES
 from handler.logs import get_logger
 from handler.pairs import RESULT_NAME, RESULT_SUFFIX, is_ignored_name
 from handler.result import ComparisonResult
 from handler.storage import LocalStorage
 from handler.thumbnails import DEFAULT_EDGE, thumbnail
+from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 DEFAULT_OUTPUT = "report.html"
-#: A result JSON is a few kilobytes; anything far bigger is not one of ours.
-MAX_RESULT_BYTES = 16 * 1024 * 1024
 #: Row kinds, the status filter's values: an ok result is "similar" or "different".
 KINDS = ("similar", "different", "error", "timeout", "unreadable")
 
@@ -66,22 +66,29 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     root: Path = args.dir
     if not root.is_dir():
         print(f"pairwatch report: {root} is not a folder", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.thumb_size < 0 or args.thumb_size > 1024:
         print("pairwatch report: --thumb-size must be between 0 and 1024", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     output: Path = args.output or root / DEFAULT_OUTPUT
-    report = build_report(
-        root,
-        output,
-        title=args.title,
-        thumb_size=args.thumb_size,
-        max_input_bytes=settings.max_input_bytes,
-        max_input_pixels=settings.max_input_pixels,
-    )
+    try:
+        report = build_report(
+            root,
+            output,
+            title=args.title,
+            thumb_size=args.thumb_size,
+            max_input_bytes=settings.max_input_bytes,
+            max_input_pixels=settings.max_input_pixels,
+        )
+    except (OSError, PairError) as exc:
+        # Reading is failure-proof (unreadable results and inputs become rows and notes), so
+        # this is the page's own write: a missing or read-only folder, a folder named as output.
+        reason = exc.message if isinstance(exc, PairError) else exc.strerror or str(exc)
+        print(f"pairwatch report: cannot write {output}: {reason}", file=sys.stderr)
+        return EXIT_FAILED
     counts = ", ".join(f"{n} {kind}" for kind, n in report.counts.items() if n)
     print(f"{output}: {report.pairs} pairs ({counts or 'none found'})")
-    return 0
+    return EXIT_OK
 
 
 @dataclass(frozen=True)
@@ -141,14 +148,19 @@ class Entry:
         return self.result.created_at.isoformat() if self.result else ""
 
 
+def is_result_name(name: str) -> bool:
+    """A result the handler wrote, matched case-blind like ``handler.pairs.is_output_name``."""
+    base = posixpath.basename(name).lower()
+    return not is_ignored_name(base) and (base == RESULT_NAME or base.endswith(RESULT_SUFFIX))
+
+
 def find_results(root: Path) -> Iterator[Path]:
-    """Every ``result.json`` and ``NAME.result.json`` under ``root`` (hidden folders skipped)."""
+    """Every ``result.json`` and ``NAME.result.json`` under ``root``, skipping the folders and
+    files the watchers ignore (hidden, temporary)."""
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not is_ignored_name(d))
         for name in sorted(files):
-            if is_ignored_name(name):
-                continue
-            if name == RESULT_NAME or name.endswith(RESULT_SUFFIX):
+            if is_result_name(name):
                 yield Path(folder, name)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -27,13 +28,8 @@ from handler.errors import PairError
 from handler.events import QueueMessage, sqs_messages
 from handler.logs import get_logger
 from handler.s3_storage import normalise_prefix
-from watcher.bucket import (
-    EXIT_FAILED,
-    EXIT_OK,
-    add_endpoint_options,
-    build_jobs,
-    sleep_unless_stopped,
-)
+from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from watcher.bucket import add_endpoint_options, build_jobs, sleep_unless_stopped
 from watcher.shutdown import StopFlag, stop_on_signals
 
 if TYPE_CHECKING:
@@ -64,9 +60,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     log = get_logger(queue=args.queue_url)
     region = args.region or _region_from_url(args.queue_url)
-    prefix = args.input_prefix if args.input_prefix is not None else settings.input_prefix
+    # Checked before the comparator is built: loading a model first would waste minutes, and a
+    # bad prefix is a usage error, not an unavailable comparator.
+    raw_prefix = args.input_prefix if args.input_prefix is not None else settings.input_prefix
     try:
-        jobs = build_jobs(settings, args.endpoint_url, region, prefix=normalise_prefix(prefix))
+        prefix = normalise_prefix(raw_prefix)
+    except PairError as exc:
+        print(
+            f"pairwatch: bad input prefix (--input-prefix or PAIRWATCH_INPUT_PREFIX): "
+            f"{exc.message}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        jobs = build_jobs(settings, args.endpoint_url, region, prefix=prefix)
     except PairError as exc:
         log.error("comparator_unavailable", error_type=exc.type, error=exc.message)
         return EXIT_FAILED

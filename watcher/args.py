@@ -1,0 +1,41 @@
+"""What every sub-command shares: its exit statuses and the argparse types of its options.
+
+An argparse type that raises ``ArgumentTypeError`` becomes a usage message and exit status 2
+before anything is started, which is where a bad duration belongs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+#: 0: done (or stopped by a signal) · 1: a pair or the service failed · 2: bad command line.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def seconds(text: str) -> float:
+    """A duration in seconds that may be 0 (``--settle-time 0``: read at once)."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative: give seconds >= 0")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A duration in seconds above 0 (a zero interval or pair timeout would spin or misfire)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
+
+
+def _finite(text: str) -> float:
+    # float() accepts "nan" and "inf": neither is a usable duration (nan compares false to
+    # everything, so it would slip past every bound check below).
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
+    return value
