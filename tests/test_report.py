@@ -13,7 +13,6 @@ import io
 import json
 import os
 import posixpath
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from handler.pipeline import ImageInput, compare_pair
 from handler.storage import LocalStorage
 from handler.thumbnails import DEFAULT_EDGE
 from tests.support import scenes
+from tests.support.browser import browser_paths, start_chromium
 from watcher import report
 from watcher.cli import main
 
@@ -326,48 +326,14 @@ def test_empty_folder(tmp_path: Path) -> None:
 ARTIFACTS = REPO / "artifacts"
 
 
-def _browser_paths() -> tuple[str, str] | None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        return None
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return None
-    return chromium, driver
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    paths = _browser_paths()
-    if paths is None:
+    if browser_paths() is None:
         message = "headless Chromium + chromedriver + selenium are not installed"
         if os.environ.get("PAIRWATCH_REQUIRE_BROWSER") == "1":
             pytest.fail(message + " (PAIRWATCH_REQUIRE_BROWSER=1)")
         pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = paths[0]
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-quic",
-        "--window-size=1280,900",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # An explicit driver path: Selenium Manager never tries to download anything.
-    driver = webdriver.Chrome(service=Service(paths[1]), options=options)
-    driver.set_page_load_timeout(30)
+    driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"), console_log=True)
     try:
         yield driver
     finally:

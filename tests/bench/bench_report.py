@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from handler.config import ComparisonConfig
 from handler.pairs import DIFF_NAME, RESULT_NAME
 from handler.pipeline import ImageInput, compare_pair
 from tests.support import scenes
+from tests.support.browser import start_chromium
 from watcher.report import build_report
 
 MAX_PIXELS = 200_000_000
@@ -83,27 +83,9 @@ def _make_folder(root: Path, pairs: int) -> None:
 
 
 def _browser_timings(page: Path, profile: Path) -> dict[str, float]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import Select
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1280,900",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(
-        service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options
-    )
+    driver = start_chromium(profile)
     try:
         driver.get(page.as_uri())
         nav = driver.execute_script(
