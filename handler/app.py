@@ -22,7 +22,7 @@ from handler.bucket_jobs import BucketJobs
 from handler.compare import create_comparator
 from handler.config import Settings, load_settings
 from handler.events import is_sqs_event, lambda_sqs_messages, parse_notification
-from handler.logs import configure_logging, get_logger
+from handler.logs import configure_logging, elapsed_ms, get_logger
 from handler.s3_storage import normalise_prefix, s3_client
 
 
@@ -66,7 +66,7 @@ def handle_event(event: Any, context: Any, jobs: BucketJobs, settings: Settings)
             "invocation_done",
             events=len(delivery.results),
             ok=delivery.ok,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            duration_ms=elapsed_ms(started),
         )
         if not delivery.ok:
             # Lambda's own retries (and on-failure destination) apply to direct invocations.
@@ -94,7 +94,7 @@ def handle_event(event: Any, context: Any, jobs: BucketJobs, settings: Settings)
         "batch_done",
         messages=len(messages),
         failed=len(failures),
-        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        duration_ms=elapsed_ms(started),
     )
     return {"batchItemFailures": failures}
 

@@ -30,7 +30,7 @@ from handler.errors import (
     InputNotFound,
     PairError,
 )
-from handler.logs import get_logger
+from handler.logs import elapsed_ms, get_logger
 from handler.pairs import (
     DIFF_NAME,
     RESULT_NAME,
@@ -210,7 +210,7 @@ def run_pair_job(
             error_type=resolved.error.type,
             error=resolved.error.message,
             input=resolved.failed_input,
-            duration_ms=_ms(started),
+            duration_ms=elapsed_ms(started),
         )
         return _write(storage, spec, result, None, resolved.inputs, started, log)
 
@@ -416,7 +416,7 @@ def _write(
             error_type="output_unwritable",
             error=str(exc),
             path=spec.result_path,
-            duration_ms=_ms(started),
+            duration_ms=elapsed_ms(started),
         )
         return JobReport(spec, "unwritable", result, inputs)
     log.info(
@@ -425,11 +425,7 @@ def _write(
         path=spec.result_path,
         bytes=len(text),
         diff_image=result.diff_image,
-        write_ms=_ms(write_start),
-        duration_ms=_ms(started),
+        write_ms=elapsed_ms(write_start),
+        duration_ms=elapsed_ms(started),
     )
     return JobReport(spec, "written", result, inputs)
-
-
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 2)

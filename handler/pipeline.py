@@ -17,7 +17,7 @@ from handler.compare.base import Comparator
 from handler.config import ComparisonConfig
 from handler.errors import PairError
 from handler.images import PreparedImage, prepare
-from handler.logs import get_logger
+from handler.logs import elapsed_ms, get_logger
 from handler.result import ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo
 
 
@@ -36,10 +36,6 @@ class PairOutcome:
 
     result: ComparisonResult
     diff_png: bytes | None = None
-
-
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 2)
 
 
 def compare_pair(
@@ -67,12 +63,12 @@ def compare_pair(
             prepared.append(_prepare_one(source, info, config, max_input_pixels, timings, log))
         compare_start = time.perf_counter()
         outcome = comparator.compare(prepared[0], prepared[1], config)
-        timings["compare"] = _ms(compare_start)
+        timings["compare"] = elapsed_ms(compare_start)
     except PairError as exc:
         failed = "a" if len(prepared) == 0 else "b" if len(prepared) == 1 else None
         if "compare" not in timings and len(prepared) == 2:
-            timings["compare"] = _ms(compare_start)
-        timings["total"] = _ms(started)
+            timings["compare"] = elapsed_ms(compare_start)
+        timings["total"] = elapsed_ms(started)
         result = failure_result(
             pair_id, exc, infos, config, comparator.info, timings=timings, failed_input=failed
         )
@@ -84,7 +80,7 @@ def compare_pair(
             duration_ms=timings["total"],
         )
         return _with_diff(result, prepared, diff_image)
-    timings["total"] = _ms(started)
+    timings["total"] = elapsed_ms(started)
     log.info(
         "pair_compared",
         comparator=comparator.info.name,
@@ -146,7 +142,7 @@ def _prepare_one(
     info.format = image.format
     info.original_size = image.original_size
     info.processed_size = image.size
-    elapsed = _ms(start)
+    elapsed = elapsed_ms(start)
     timings["prepare"] = round(timings.get("prepare", 0.0) + elapsed, 2)
     log.info(
         "image_prepared",

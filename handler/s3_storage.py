@@ -305,6 +305,14 @@ def _drain(response: Any, relative: str, max_bytes: int) -> bytes:
         body.close()
 
 
+def s3_endpoint(endpoint_url: str | None = None) -> str | None:
+    """The S3 endpoint in force: the given one, else ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``
+    (which boto3 also reads itself); None means AWS."""
+    return (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
 def s3_client(endpoint_url: str | None = None, region: str | None = None) -> S3Client:
     """A boto3 S3 client from the standard AWS chain (env, profile, instance/role credentials).
 
@@ -312,9 +320,7 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None) -> S3C
     SeaweedFS or another S3-compatible store; those get path-style addressing, which they all
     serve, rather than bucket-name host names, which need DNS set up for them.
     """
-    custom = (
-        endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    custom = s3_endpoint(endpoint_url)
     config = Config(
         retries={"mode": "standard", "max_attempts": 5},
         s3={"addressing_style": "path" if custom else "auto"},

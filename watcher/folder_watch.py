@@ -46,7 +46,7 @@ from handler.jobs import (
     pairs_for_name,
     run_pair_job,
 )
-from handler.logs import get_logger
+from handler.logs import elapsed_ms, get_logger
 from handler.pairs import is_ignored_name, is_manifest_name, is_relevant_name
 from handler.storage import LocalStorage
 from watcher.jobqueue import CoalescingQueue
@@ -161,7 +161,7 @@ class FolderWatcher:
             "watch_stopped",
             reason=f"signal {stop.signal_name}" if stop.signal_name else "done",
             pending=len(self.queue),
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            duration_ms=elapsed_ms(started),
             **self.summary.counts,
         )
         return self.summary

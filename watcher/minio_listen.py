@@ -39,6 +39,7 @@ from handler.config import Settings
 from handler.errors import PairError
 from handler.events import ObjectEvent, Parsed, parse_notification
 from handler.logs import get_logger
+from handler.s3_storage import s3_endpoint
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from watcher.bucket import (
     RETRY_DELAYS,
@@ -69,11 +70,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     url: BucketURL = args.url
     log = get_logger(bucket=url.bucket, prefix=url.prefix)
-    endpoint = (
-        args.endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    endpoint = s3_endpoint(args.endpoint_url)
     if not endpoint:
         print("pairwatch: watch minio needs --endpoint-url (or AWS_ENDPOINT_URL)", file=sys.stderr)
         return EXIT_USAGE

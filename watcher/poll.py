@@ -17,7 +17,7 @@ from handler.bucket_jobs import BucketJobs, Delivery
 from handler.config import Settings
 from handler.errors import PairError
 from handler.events import Parsed
-from handler.logs import get_logger
+from handler.logs import elapsed_ms, get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, positive_seconds
 from watcher.bucket import (
     RETRY_DELAYS,
@@ -142,7 +142,7 @@ class Poller:
             objects=len(listed),
             handled=handled,
             failed=failed,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            duration_ms=elapsed_ms(started),
         )
         return failed == 0
 

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from handler.config import Settings
 from handler.errors import PairError
 from handler.jobs import MAX_RESULT_BYTES
-from handler.logs import get_logger
+from handler.logs import elapsed_ms, get_logger
 from handler.pairs import RESULT_NAME, RESULT_SUFFIX, is_ignored_name
 from handler.result import ComparisonResult
 from handler.storage import LocalStorage
@@ -202,7 +202,7 @@ def build_report(
         path=str(output),
         pairs=len(entries),
         bytes=len(data),
-        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        duration_ms=elapsed_ms(started),
         **{kind: counts.get(kind, 0) for kind in KINDS},
     )
     return Report(output, len(entries), {k: counts.get(k, 0) for k in KINDS}, len(data))
