@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -119,6 +120,20 @@ class Settings(BaseSettings):
     vl_load_timeout: float = Field(
         900.0, gt=0, description="VL: seconds a model worker may take to load the model."
     )
+    vl_backend: Literal["local", "openai"] = Field(
+        "local",
+        description="VL: local (the model in a worker process) or openai (an OpenAI-compatible "
+        "chat-completions engine at vl_endpoint serving `model`).",
+    )
+    vl_endpoint: str | None = Field(
+        None, description="VL openai backend: the engine's base URL, e.g. http://vllm:8000/v1."
+    )
+    vl_api_key: SecretStr | None = Field(
+        None, description="VL openai backend: API key (never logged, never in results)."
+    )
+    vl_api_key_file: Path | None = Field(
+        None, description="VL openai backend: file holding the API key (e.g. a mounted secret)."
+    )
     sqs_wait_seconds: int = Field(
         20, ge=0, le=20, description="watch sqs: ReceiveMessage long-poll wait (0-20 s)."
     )
@@ -135,6 +150,30 @@ class Settings(BaseSettings):
     def _vl_needs_a_model(self) -> Settings:
         if self.comparator == "vl" and not self.model:
             raise ValueError("comparator 'vl' needs a model (PAIRWATCH_MODEL or --model)")
+        return self
+
+    @model_validator(mode="after")
+    def _openai_backend_needs_an_endpoint(self) -> Settings:
+        if self.vl_backend == "openai" and not self.vl_endpoint:
+            raise ValueError(
+                "vl_backend 'openai' needs vl_endpoint (PAIRWATCH_VL_ENDPOINT or --vl-endpoint)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _api_key_from_file(self) -> Settings:
+        """A key file (a mounted secret) fills ``vl_api_key`` unless the key is given itself;
+        the file is read once here so a missing or unreadable one is a configuration error."""
+        if self.vl_api_key is None and self.vl_api_key_file is not None:
+            try:
+                key = self.vl_api_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read vl_api_key_file: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ValueError("vl_api_key_file is not UTF-8 text") from None
+            if not key:
+                raise ValueError("vl_api_key_file is empty")
+            self.vl_api_key = SecretStr(key)
         return self
 
     @classmethod

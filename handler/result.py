@@ -36,6 +36,10 @@ class ComparatorInfo(BaseModel):
     name: str
     model: str | None = None
     device: str = "cpu"
+    #: VL only: where the model runs, ``local`` (worker process) or ``openai`` (a server).
+    backend: str | None = None
+    #: VL ``openai`` backend only: the server's base URL, without credentials.
+    endpoint: str | None = None
 
 
 class InputInfo(BaseModel):
