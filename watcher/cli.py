@@ -57,6 +57,11 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
         "--comparator", choices=("auto", "metrics", "vl"), help="override PAIRWATCH_COMPARATOR"
     )
     parser.add_argument("--model", help="VL model: Hugging Face id or local folder")
+    parser.add_argument(
+        "--vl-endpoint",
+        metavar="URL",
+        help="OpenAI-compatible server for the VL model (sets vl_backend=openai)",
+    )
     parser.add_argument("--log-format", choices=("auto", "json", "console"))
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -92,6 +97,8 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
         args.config,
         comparator=args.comparator,
         model=args.model,
+        vl_endpoint=args.vl_endpoint,
+        vl_backend="openai" if args.vl_endpoint else None,
         log_format=args.log_format,
         log_level=args.log_level,
     )

@@ -1,0 +1,243 @@
+"""``OpenAIBackend`` against a real ``transformers serve`` on 127.0.0.1 (tiny offline model).
+
+The server is started once for the module (``engine``) and answers a fixed valid JSON (the tiny
+model is wired with ``--answer``). 429 and 500 come from ``FaultProxy`` in front of it: a fake
+for those two status codes only, since an engine cannot be made to throttle or fail on demand;
+every other answer, 4xx included, is the real server's.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from handler.compare.vl.openai_backend import (
+    MAX_BUSY_WAITS,
+    RETRY_DELAYS_S,
+    OpenAIBackend,
+    public_endpoint,
+)
+from handler.config import ConfigFileError, load_settings
+from handler.errors import ComparisonTimeout, ModelCrashed, ModelUnavailable
+from tests.support import scenes, tiny_vlm
+from tests.support.engine_server import FaultProxy, TransformersServe, fault_proxy, free_port
+
+ANSWER = json.dumps(
+    {
+        "similarity": 0.42,
+        "differences": [
+            {"aspect": "presence", "element": "object", "description": "A patch was pasted "
+             "into image B.", "region": None}
+        ],
+        "summary": "Image B has a pasted patch.",
+    }
+)  # fmt: skip
+SECRET = "sk-test-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersServe]:
+    root = tmp_path_factory.mktemp("engine")
+    model = tiny_vlm.build(root / "model", answer=ANSWER)
+    server = TransformersServe(model, root / "serve.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def proxy(engine: TransformersServe) -> Iterator[FaultProxy]:
+    with fault_proxy(engine.url) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def images() -> list[tuple[str, bytes]]:
+    cat = scenes.photo("chelsea")
+    return [("Image A:", scenes.encode(cat)), ("Image B:", scenes.pasted_object(cat))]
+
+
+class Sleeps(list[float]):
+    """Records the back-off pauses instead of waiting them out."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def backend(url: str, model: str, **kwargs: object) -> OpenAIBackend:
+    return OpenAIBackend(endpoint=url, model=model, **kwargs)  # type: ignore[arg-type]
+
+
+def ask(be: OpenAIBackend, images: list[tuple[str, bytes]], timeout_s: float = 30.0) -> object:
+    return be.ask(images, "Compare the images.", schema={"type": "object"}, max_tokens=64,
+                  timeout_s=timeout_s)  # fmt: skip
+
+
+def test_a_pair_is_answered_by_the_real_server(
+    engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
+) -> None:
+    be = backend(proxy.url, engine.model, api_key=SecretStr(SECRET))
+    be.wait_ready()
+    reply = be.ask(images, "Compare.", schema={"type": "object"}, max_tokens=64, timeout_s=30)
+    assert reply.text == ANSWER and reply.finish_reason == "stop"
+    # transformers serve accepts response_format but ignores it: the probe finds that out.
+    assert reply.constrained is False
+    assert reply.attempts == 1 and reply.new_tokens > 0
+    assert reply.prompt_tokens is not None and reply.prompt_tokens > 50  # the images' tokens
+    assert proxy.requests == 2  # one probe, one pair: the probe is not repeated
+    assert set(proxy.authorizations) == {f"Bearer {SECRET}"}
+    be.close()
+
+
+def test_concurrent_pairs_run_at_once_up_to_the_limit(
+    engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
+) -> None:
+    be = backend(proxy.url, engine.model, max_in_flight=3)
+    be.wait_ready()
+    start = threading.Barrier(8)
+    texts: list[str] = []
+
+    def one() -> None:
+        start.wait()
+        texts.append(be.ask(images, "x", schema=None, max_tokens=64, timeout_s=60).text)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert texts == [ANSWER] * 8
+    assert 2 <= proxy.max_in_flight <= 3
+
+
+def test_429_is_waited_out_per_retry_after(
+    engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
+) -> None:
+    sleeps = Sleeps()
+    be = backend(proxy.url, engine.model, sleep=sleeps)
+    be.wait_ready()
+    proxy.plan.faults, proxy.plan.retry_after = [429, 429], "2"
+    reply = ask(be, images)
+    assert reply.text == ANSWER and reply.attempts == 3  # type: ignore[attr-defined]
+    assert sleeps == [2.0, 2.0]
+
+
+def test_429_without_end_gives_model_unavailable(
+    engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
+) -> None:
+    sleeps = Sleeps()
+    be = backend(proxy.url, engine.model, sleep=sleeps)
+    be.wait_ready()
+    proxy.plan.faults, proxy.plan.retry_after = [429] * 20, "Wed, 21 Oct 2015 07:28:00 GMT"
+    before = proxy.requests
+    with pytest.raises(ModelUnavailable, match="busy"):
+        ask(be, images)
+    assert proxy.requests - before == MAX_BUSY_WAITS + 1
+    assert sleeps == [0.0] * MAX_BUSY_WAITS  # a date in the past: no wait at all
+
+
+def test_a_retry_after_past_the_deadline_is_not_waited_for(
+    engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
+) -> None:
+    sleeps = Sleeps()
+    be = backend(proxy.url, engine.model, sleep=sleeps)
+    be.wait_ready()
+    proxy.plan.faults, proxy.plan.retry_after = [429], "20"
+    with pytest.raises(ModelUnavailable, match="429"):
+        ask(be, images, timeout_s=5)
+    assert sleeps == []
+
+
+def test_500_is_retried_with_backoff(
+    engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
+) -> None:
+    sleeps = Sleeps()
+    be = backend(proxy.url, engine.model, sleep=sleeps)
+    be.wait_ready()
+    proxy.plan.faults = [500, 500]
+    reply = ask(be, images)
+    assert reply.text == ANSWER and reply.attempts == 3  # type: ignore[attr-defined]
+    assert sleeps == list(RETRY_DELAYS_S[:2])
+
+
+def test_persistent_500_gives_model_unavailable_without_the_key(
+    engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
+) -> None:
+    sleeps = Sleeps()
+    be = backend(proxy.url, engine.model, api_key=SecretStr(SECRET), sleep=sleeps)
+    be.wait_ready()
+    proxy.plan.faults = [500] * 10
+    proxy.plan.body = f"upstream failed for Authorization: Bearer {SECRET} " + "x" * 1000
+    with pytest.raises(ModelUnavailable) as caught:
+        ask(be, images)
+    message = caught.value.message
+    assert "500 Internal Server Error" in message and "Bearer ***" in message
+    assert SECRET not in message and len(message) < 500
+    assert sleeps == list(RETRY_DELAYS_S)
+
+
+def test_a_server_that_is_down_gives_model_unavailable(images: list[tuple[str, bytes]]) -> None:
+    sleeps = Sleeps()
+    be = backend(f"http://127.0.0.1:{free_port()}/v1", "m", sleep=sleeps)
+    with pytest.raises(ModelUnavailable, match="Connection refused"):
+        be.wait_ready()
+    with pytest.raises(ModelUnavailable, match="Connection refused"):
+        ask(be, images)
+    assert sleeps == list(RETRY_DELAYS_S) * 2  # the probe is tried again for the next pair
+
+
+def test_an_unknown_host_gives_model_unavailable(images: list[tuple[str, bytes]]) -> None:
+    be = backend("http://pairwatch-engine.invalid/v1", "m", sleep=Sleeps())
+    with pytest.raises(ModelUnavailable, match="cannot reach"):
+        ask(be, images)
+
+
+def test_a_server_slower_than_the_deadline_gives_timeout(
+    engine: TransformersServe, images: list[tuple[str, bytes]]
+) -> None:
+    be = backend(engine.url, engine.model)
+    be.wait_ready()
+    started = time.monotonic()
+    with pytest.raises(ComparisonTimeout):
+        ask(be, images, timeout_s=0.02)
+    assert time.monotonic() - started < 0.5
+    assert ask(be, images).text == ANSWER  # type: ignore[attr-defined]
+
+
+def test_a_rejected_request_gives_model_crashed_with_the_servers_message(
+    engine: TransformersServe, images: list[tuple[str, bytes]]
+) -> None:
+    be = backend(engine.url, "not-the-served-model")
+    with pytest.raises(ModelCrashed, match=r"400 Bad Request: .*pinned"):
+        be.ask(images, "x", schema=None, max_tokens=8, timeout_s=30)
+    # With a schema the readiness probe meets the refusal first: a deployment problem.
+    with pytest.raises(ModelUnavailable, match="refuses requests"):
+        ask(be, images)
+
+
+def test_public_endpoint_drops_credentials() -> None:
+    assert public_endpoint("https://user:pw@vllm:8000/v1?key=s#x") == "https://vllm:8000/v1"
+    assert public_endpoint("http://[::1]:8000/v1") == "http://[::1]:8000/v1"
+
+
+def test_the_api_key_comes_from_a_file_and_is_never_shown(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(f"{SECRET}\n")
+    settings = load_settings(
+        vl_backend="openai", vl_endpoint="http://e/v1", vl_api_key_file=key_file
+    )
+    assert settings.vl_api_key is not None
+    assert settings.vl_api_key.get_secret_value() == SECRET
+    assert SECRET not in repr(settings) and SECRET not in settings.model_dump_json()
+    with pytest.raises(ConfigFileError, match="vl_api_key_file"):
+        load_settings(vl_api_key_file=tmp_path / "missing")
+    with pytest.raises(ConfigFileError, match="needs vl_endpoint"):
+        load_settings(vl_backend="openai")
