@@ -9,10 +9,15 @@ every other answer, 4xx included, is the real server's.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -25,6 +30,7 @@ from handler.compare.vl.openai_backend import (
 )
 from handler.config import ConfigFileError, load_settings
 from handler.errors import ComparisonTimeout, ModelCrashed, ModelUnavailable
+from handler.result import ComparisonResult
 from tests.support import scenes, tiny_vlm
 from tests.support.engine_server import FaultProxy, TransformersServe, fault_proxy, free_port
 
@@ -187,11 +193,10 @@ def test_persistent_500_gives_model_unavailable_without_the_key(
 def test_a_server_that_is_down_gives_model_unavailable(images: list[tuple[str, bytes]]) -> None:
     sleeps = Sleeps()
     be = backend(f"http://127.0.0.1:{free_port()}/v1", "m", sleep=sleeps)
-    with pytest.raises(ModelUnavailable, match="Connection refused"):
-        be.wait_ready()
+    be.wait_ready()  # logs, does not raise: a watcher starts while its server is down
     with pytest.raises(ModelUnavailable, match="Connection refused"):
         ask(be, images)
-    assert sleeps == list(RETRY_DELAYS_S) * 2  # the probe is tried again for the next pair
+    assert sleeps == list(RETRY_DELAYS_S) * 2  # the probe is tried again for the pair
 
 
 def test_an_unknown_host_gives_model_unavailable(images: list[tuple[str, bytes]]) -> None:
@@ -241,3 +246,122 @@ def test_the_api_key_comes_from_a_file_and_is_never_shown(tmp_path: Path) -> Non
         load_settings(vl_api_key_file=tmp_path / "missing")
     with pytest.raises(ConfigFileError, match="needs vl_endpoint"):
         load_settings(vl_backend="openai")
+
+
+# -- the commands, end to end --------------------------------------------------------------------
+
+
+def cli_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PAIRWATCH_LOG_FORMAT": "json",
+        "PAIRWATCH_LOG_LEVEL": "DEBUG",  # the most talkative level must not leak the key either
+        "PAIRWATCH_VL_API_KEY": SECRET,
+        "PAIRWATCH_COMPARISON__MAX_IMAGE_SIZE": "[256, 256]",
+    }
+
+
+def pairwatch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "watcher.cli", *args],
+        capture_output=True, text=True, env=cli_env(), timeout=timeout,
+    )  # fmt: skip
+
+
+def put_pair(folder: Path, images: list[tuple[str, bytes]]) -> None:
+    """Both images renamed into place, as rsync and editors do: read at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (_, data) in zip(("a.jpg", "b.jpg"), images, strict=True):
+        temporary = folder / f".{name}.part"
+        temporary.write_bytes(data)
+        temporary.rename(folder / name)
+
+
+def wait_for_result(path: Path, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            document: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            document = {}
+        if document and predicate(document):
+            return document
+        time.sleep(0.1)
+    raise AssertionError(f"no such result at {path}: {path.read_text() if path.exists() else '-'}")
+
+
+def assert_openai_ok(document: dict[str, Any], endpoint: str) -> None:
+    result = ComparisonResult.model_validate(document)
+    assert result.status == "ok", result.error
+    assert result.comparator.backend == "openai" and result.comparator.endpoint == endpoint
+    assert result.similarity == 0.42 and result.is_similar is False
+    assert result.differences[0].description == "A patch was pasted into image B."
+    assert result.vl is not None and result.vl.raw_text == ANSWER
+
+
+def test_compare_through_the_server(
+    engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]], tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    a.write_bytes(images[0][1])
+    b.write_bytes(images[1][1])
+    proc = pairwatch("compare", str(a), str(b), "--model", engine.model, "--vl-endpoint", proxy.url)
+    assert proc.returncode == 0, proc.stderr
+    assert_openai_ok(json.loads(proc.stdout), proxy.url)
+    assert SECRET not in proc.stdout + proc.stderr
+    assert f"Bearer {SECRET}" in proxy.authorizations  # it was sent, just never shown
+    events = [json.loads(line)["event"] for line in proc.stderr.splitlines() if line[:1] == "{"]
+    assert {"vl_engine_ready", "vl_generated", "pair_compared"} <= set(events)
+
+
+def test_watch_once_through_the_server(
+    engine: TransformersServe, images: list[tuple[str, bytes]], tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    for name in ("shop", "door"):
+        put_pair(inbox / name, images)
+    proc = pairwatch("watch", str(inbox), "--once", "--model", engine.model,
+                     "--vl-endpoint", engine.url)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for name in ("shop", "door"):
+        result = inbox / name / "result.json"
+        assert_openai_ok(json.loads(result.read_text()), engine.url)
+        assert SECRET not in result.read_text()
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_a_server_stopped_mid_run(
+    engine: TransformersServe, images: list[tuple[str, bytes]], tmp_path: Path
+) -> None:
+    """The watcher outlives its server: pairs meanwhile get ``model_unavailable``, and are
+    compared again (``ok``) once the server is back."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "watcher.cli", "watch", str(inbox), "--settle-time", "0",
+         "--model", engine.model, "--vl-endpoint", engine.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+    )  # fmt: skip
+    try:
+        put_pair(inbox / "first", images)
+        assert_openai_ok(wait_for_result(inbox / "first" / "result.json", bool), engine.url)
+        engine.stop()
+        put_pair(inbox / "second", images)
+        failed = wait_for_result(inbox / "second" / "result.json", bool)
+        assert failed["status"] == "error" and failed["error"]["type"] == "model_unavailable"
+        assert "Connection refused" in failed["error"]["message"]
+        assert watcher.poll() is None
+        engine.start()
+        put_pair(inbox / "second", images)  # the same images again: a failure of the moment
+        document = wait_for_result(
+            inbox / "second" / "result.json", lambda d: d["status"] == "ok"
+        )  # is compared again
+        assert_openai_ok(document, engine.url)
+    finally:
+        if not engine.running:
+            engine.start()
+        watcher.send_signal(signal.SIGTERM)
+        _, stderr = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, stderr
+    assert SECRET not in stderr

@@ -26,6 +26,7 @@ a lock across a request; at most ``max_in_flight`` requests are open at any mome
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -129,9 +130,12 @@ class OpenAIBackend:
     # -- the seam ------------------------------------------------------------------------------
 
     def wait_ready(self) -> None:
-        """Probe the server once (reachable, serves the model, constrains or not); raises
-        ``ModelUnavailable`` while it cannot answer, so a later call probes again."""
-        self._schema_support()
+        """Probe the server (reachable, serves the model, constrains or not) before the first
+        pair. A server that cannot answer yet is logged, not raised: unlike a missing local
+        model it may come back, so the watchers start anyway and every pair probes again
+        (and fails as ``model_unavailable``, retryable) until one succeeds."""
+        with contextlib.suppress(ModelUnavailable):  # logged as vl_engine_unavailable
+            self._schema_support()
 
     def ask(
         self,
