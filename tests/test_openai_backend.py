@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from pydantic import SecretStr
 
@@ -205,6 +206,16 @@ def test_an_unknown_host_gives_model_unavailable(images: list[tuple[str, bytes]]
         ask(be, images)
 
 
+def open_connections(port: int) -> int:
+    """This process's established TCP connections to ``port``."""
+    return sum(
+        1
+        for connection in psutil.Process().net_connections(kind="tcp")
+        if connection.raddr and connection.raddr.port == port
+        and connection.status == psutil.CONN_ESTABLISHED
+    )  # fmt: skip
+
+
 def test_a_server_slower_than_the_deadline_gives_timeout(
     engine: TransformersServe, images: list[tuple[str, bytes]]
 ) -> None:
@@ -214,7 +225,11 @@ def test_a_server_slower_than_the_deadline_gives_timeout(
     with pytest.raises(ComparisonTimeout):
         ask(be, images, timeout_s=0.02)
     assert time.monotonic() - started < 0.5
+    # The probe's pooled connection carried the pair and was closed on the timeout, which is
+    # how the server learns the request is cancelled.
+    assert open_connections(engine.port) == 0
     assert ask(be, images).text == ANSWER  # type: ignore[attr-defined]
+    assert open_connections(engine.port) == 1  # kept alive for the next pair
 
 
 def test_a_rejected_request_gives_model_crashed_with_the_servers_message(
