@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     vl_max_new_tokens: int = Field(
         512, gt=0, le=8192, description="VL: most tokens the model may answer with per pair."
     )
+    vl_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="VL: most pairs per batched generate (default 8 on CUDA, 1 on CPU).",
+    )
     vl_load_timeout: float = Field(
         900.0, gt=0, description="VL: seconds a model worker may take to load the model."
     )

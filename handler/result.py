@@ -30,6 +30,8 @@ class Difference(BaseModel):
     aspect: str = ""
     element: str = ""
     description: str
+    #: Index into ``changed_regions`` this difference is about, when known.
+    region: int | None = None
 
 
 class ComparatorInfo(BaseModel):
@@ -71,6 +73,12 @@ class VLDetails(BaseModel):
     max_pixels: int | None = None
     peak_memory_mb: float | None = Field(
         None, description="Peak GPU memory the model allocated for this pair (CUDA only)."
+    )
+    constrained: bool = Field(
+        False, description="Decoding was constrained to the answer's JSON Schema."
+    )
+    batch_size: int | None = Field(
+        None, description="How many pairs shared the model call that answered this one."
     )
 
 

@@ -18,9 +18,58 @@ from handler.result import Difference
 _ANSWER_SHAPE = (
     '{"similarity": <number from 0.0 (unrelated) to 1.0 (identical)>, '
     '"differences": [{"aspect": "<one of the aspects>", "element": "<what differs>", '
-    '"description": "<how it differs between image A and image B>"}], '
+    '"description": "<how it differs between image A and image B>", "region": null}], '
     '"summary": "<one sentence>"}'
 )
+
+
+#: Bounds of the answer's JSON Schema. They bound the tokens a constrained answer can take (a
+#: random-weight model fills every string to its limit), so keep them within what
+#: ``vl_max_new_tokens`` (512 by default) allows; a real model's answers stay well inside them.
+MAX_DIFFERENCES = 6
+MAX_ASPECT_CHARS = 24
+MAX_ELEMENT_CHARS = 48
+MAX_DESCRIPTION_CHARS = 160
+MAX_SUMMARY_CHARS = 240
+MAX_REGION_INDEX = 999
+
+
+def answer_schema() -> dict[str, Any]:
+    """The answer's JSON Schema: what the local worker constrains decoding to (xgrammar) and
+    what an OpenAI-compatible server gets as ``response_format``. Every property is required
+    and no other is allowed (OpenAI's strict mode demands both); ``region`` is an index into
+    the result's ``changed_regions`` or null."""
+
+    def text(max_length: int, min_length: int = 0) -> dict[str, Any]:
+        return {"type": "string", "minLength": min_length, "maxLength": max_length}
+
+    difference = {
+        "type": "object",
+        "properties": {
+            "aspect": text(MAX_ASPECT_CHARS),
+            "element": text(MAX_ELEMENT_CHARS),
+            "description": text(MAX_DESCRIPTION_CHARS, min_length=1),
+            "region": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 0, "maximum": MAX_REGION_INDEX},
+                    {"type": "null"},
+                ]
+            },
+        },
+        "required": ["aspect", "element", "description", "region"],
+        "additionalProperties": False,
+    }
+    return {
+        "title": "ComparisonAnswer",
+        "type": "object",
+        "properties": {
+            "similarity": {"type": "number", "minimum": 0.0, "maximum": 1.0},
+            "differences": {"type": "array", "items": difference, "maxItems": MAX_DIFFERENCES},
+            "summary": text(MAX_SUMMARY_CHARS),
+        },
+        "required": ["similarity", "differences", "summary"],
+        "additionalProperties": False,
+    }
 
 
 def build_prompt(config: ComparisonConfig) -> str:
@@ -72,8 +121,14 @@ class ModelAnswer(BaseModel):
             if isinstance(item, str) and item.strip():
                 items.append({"description": item.strip()})
             elif isinstance(item, dict):
-                fields = {k: str(v) for k, v in item.items() if v is not None}
+                fields: dict[str, Any] = {
+                    k: str(v) for k, v in item.items() if v is not None and k != "region"
+                }
                 fields.setdefault("description", fields.get("element", ""))
+                region = item.get("region")
+                # A region is an index or nothing: a model's odd value there costs only it.
+                if isinstance(region, int) and not isinstance(region, bool) and region >= 0:
+                    fields["region"] = region
                 if any(fields.get(k) for k in ("aspect", "element", "description")):
                     items.append(fields)
         return items

@@ -28,6 +28,7 @@ from handler.compare.vl.protocol import (
     Ready,
     Reply,
     Request,
+    Row,
     WorkerOptions,
 )
 
@@ -52,20 +53,21 @@ def worker_main(conn: Connection, options: WorkerOptions) -> None:
     conn.send(Ready(device=engine.device, load_ms=round((time.perf_counter() - started) * 1e3)))
     while True:
         try:
-            request = conn.recv()
+            batch = conn.recv()
         except (EOFError, OSError):
             return  # the service is gone
-        if request is None:
+        if batch is None:
             return
         conn.send(TAKEN)
         try:
-            reply = engine.handle(request)
-        except Exception as exc:
-            reply = Reply(kind="error", message=f"{type(exc).__name__}: {exc}")
-        try:
-            conn.send(reply)
+            for index, request in enumerate(batch):
+                try:
+                    reply = engine.handle(request)
+                except Exception as exc:
+                    reply = Reply(kind="error", message=f"{type(exc).__name__}: {exc}")
+                conn.send(Row(index, reply))
         except OSError:
-            return  # the service died while this pair ran
+            return  # the service died while this batch ran
 
 
 class Engine:
