@@ -40,8 +40,11 @@ import httpx2
 import openai
 from pydantic import SecretStr
 
+from handler.compare.vl.protocol import Reply, Request
+from handler.config import Settings
 from handler.errors import ComparisonTimeout, ModelCrashed, ModelUnavailable
 from handler.logs import elapsed_ms, get_logger
+from handler.result import VLDetails
 
 #: Pauses between attempts after a connection failure or a 5xx: a restarting server gets ~3.5 s
 #: to come back before the pair is given up as ``model_unavailable`` (and retried later).
@@ -106,13 +109,15 @@ class OpenAIBackend:
         endpoint: str,
         model: str,
         api_key: SecretStr | None = None,
+        max_tokens: int = 512,
         max_in_flight: int = 8,
         probe_timeout_s: float = 120.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.endpoint = public_endpoint(endpoint)
+        self.endpoint: str | None = public_endpoint(endpoint)
         self.device = "remote"
         self._model = model
+        self._max_tokens = max_tokens
         self._secret = api_key.get_secret_value() if api_key else None
         self._probe_timeout_s = probe_timeout_s
         self._sleep = sleep
@@ -127,7 +132,38 @@ class OpenAIBackend:
         self._constrained: bool | None = None
         self._log = get_logger(comparator="vl", backend=self.name, endpoint=self.endpoint)
 
-    # -- the seam ------------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OpenAIBackend:
+        if not settings.vl_endpoint or not settings.model:
+            raise ValueError("the openai VL backend needs vl_endpoint and model")
+        return cls(
+            endpoint=settings.vl_endpoint,
+            model=settings.model,
+            api_key=settings.vl_api_key,
+            max_tokens=settings.vl_max_new_tokens,
+            probe_timeout_s=settings.vl_load_timeout,
+        )
+
+    # -- the seam (protocol.Backend) ---------------------------------------------------------
+
+    def generate(self, request: Request) -> Reply:
+        """One pair's model call, labelled as the local worker labels it."""
+        answer = self.ask(
+            [("Image A:", request.jpegs[0]), ("Image B:", request.jpegs[1])],
+            request.prompt,
+            schema=request.schema,
+            max_tokens=self._max_tokens,
+            timeout_s=request.timeout_s,
+        )
+        return Reply(
+            kind="ok",
+            text=answer.text,
+            prompt_tokens=answer.prompt_tokens,
+            new_tokens=answer.new_tokens,
+            attempts=answer.attempts,
+            generate_ms=answer.generate_ms,
+            constrained=answer.constrained,
+        )
 
     def wait_ready(self) -> None:
         """Probe the server (reachable, serves the model, constrains or not) before the first
@@ -230,26 +266,32 @@ class OpenAIBackend:
             attempts += 1
             try:
                 return self._post(body, deadline), attempts
+            except ComparisonTimeout as exc:
+                exc.details.setdefault("vl", VLDetails(attempts=attempts))
+                raise
             except _Retryable as exc:
                 if exc.retry_after is not None:
                     waits += 1
                     delay = min(exc.retry_after, MAX_RETRY_AFTER_S)
                     if waits > MAX_BUSY_WAITS or time.monotonic() + delay >= deadline:
-                        raise ModelUnavailable(
-                            f"the model server stayed busy after {attempts} requests ({exc})"
+                        raise _given_up(
+                            f"the model server stayed busy after {attempts} requests ({exc})",
+                            attempts,
                         ) from None
                 else:
                     if failures == len(RETRY_DELAYS_S):
-                        raise ModelUnavailable(
+                        raise _given_up(
                             f"cannot reach the model server at {self.endpoint} after "
-                            f"{attempts} attempts: {exc}"
+                            f"{attempts} attempts: {exc}",
+                            attempts,
                         ) from None
                     delay = RETRY_DELAYS_S[failures]
                     failures += 1
                     if time.monotonic() + delay >= deadline:
-                        raise ModelUnavailable(
+                        raise _given_up(
                             f"cannot reach the model server at {self.endpoint} before the "
-                            f"pair's deadline: {exc}"
+                            f"pair's deadline: {exc}",
+                            attempts,
                         ) from None
                 self._log.warning(
                     "vl_engine_retry", attempt=attempts, delay_s=delay, error=str(exc)
@@ -295,6 +337,10 @@ class OpenAIBackend:
         if self._secret:
             message = message.replace(self._secret, "***")
         return message[:MESSAGE_LIMIT]
+
+
+def _given_up(message: str, attempts: int) -> ModelUnavailable:
+    return ModelUnavailable(message, details={"vl": VLDetails(attempts=attempts)})
 
 
 class _Retryable(Exception):
