@@ -8,6 +8,7 @@ every other answer, 4xx included, is the real server's.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -101,6 +102,19 @@ def test_a_pair_is_answered_by_the_real_server(
     assert reply.prompt_tokens is not None and reply.prompt_tokens > 50  # the images' tokens
     assert proxy.requests == 2  # one probe, one pair: the probe is not repeated
     assert set(proxy.authorizations) == {f"Bearer {SECRET}"}
+    probe, pair = proxy.bodies
+    assert probe["response_format"]["type"] == "json_schema"
+    assert "response_format" not in pair  # the server ignores it: asked without
+    assert pair["temperature"] == 0 and pair["max_tokens"] == 64
+    (message,) = pair["messages"]
+    parts = message["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url", "text", "image_url", "text"]
+    assert [parts[0]["text"], parts[2]["text"], parts[4]["text"]] == ["Image A:", "Image B:",
+                                                                       "Compare."]  # fmt: skip
+    for part, (_, jpeg) in zip((parts[1], parts[3]), images, strict=True):
+        prefix, _, data = part["image_url"]["url"].partition(",")
+        assert prefix == "data:image/jpeg;base64"
+        assert base64.b64decode(data) == jpeg  # the prepared bytes, not re-encoded
     be.close()
 
 
@@ -346,6 +360,7 @@ def test_watch_once_through_the_server(
     assert SECRET not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_a_server_stopped_mid_run(
     engine: TransformersServe, images: list[tuple[str, bytes]], tmp_path: Path
 ) -> None:

@@ -12,6 +12,7 @@ the headers it saw, so tests can check what pairwatch sends.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -115,6 +117,7 @@ class FaultProxy:
         self.in_flight = 0
         self.max_in_flight = 0
         self.authorizations: list[str] = []
+        self.bodies: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -145,6 +148,7 @@ class FaultProxy:
                     proxy.in_flight += 1
                     proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
                     proxy.authorizations.append(self.headers.get("Authorization", ""))
+                    proxy.bodies.append(json.loads(body or b"{}"))
                     fault = proxy.plan.faults.pop(0) if proxy.plan.faults else None
                 try:
                     if fault is not None:
