@@ -26,10 +26,13 @@ from pydantic import SecretStr
 
 from handler.compare.vl.openai_backend import (
     MAX_BUSY_WAITS,
+    PROBE_WORD,
     RETRY_DELAYS_S,
     OpenAIBackend,
     public_endpoint,
 )
+from handler.compare.vl.prompt import answer_schema
+from handler.compare.vl.protocol import Request
 from handler.config import ConfigFileError, load_settings
 from handler.errors import ComparisonTimeout, ModelCrashed, ModelUnavailable
 from handler.result import ComparisonResult
@@ -395,3 +398,29 @@ def test_a_server_stopped_mid_run(
         _, stderr = watcher.communicate(timeout=60)
     assert watcher.returncode == 0, stderr
     assert SECRET not in stderr
+
+
+def test_a_server_that_passes_the_probe_gets_the_answer_schema(
+    tmp_path: Path, images: list[tuple[str, bytes]]
+) -> None:
+    """No constraining engine (vLLM, SGLang, Ollama) runs here, so a real ``transformers serve``
+    whose model is wired to give the probe's only valid answer stands in for one: what is
+    checked is that a passed probe makes every pair carry the answer schema."""
+    model = tiny_vlm.build(tmp_path / "model", answer=json.dumps({"probe": PROBE_WORD}))
+    server = TransformersServe(model, tmp_path / "serve.log")
+    server.start()
+    try:
+        with fault_proxy(server.url) as proxy:
+            be = backend(proxy.url, server.model)
+            reply = be.generate(
+                Request(jpegs=(images[0][1], images[1][1]), prompt="Compare.", max_pixels=1,
+                        timeout_s=30, schema=answer_schema())
+            )  # fmt: skip
+            assert reply.constrained is True and reply.kind == "ok"
+            assert reply.details().constrained is True
+            pair = proxy.bodies[-1]["response_format"]
+            assert pair["type"] == "json_schema"
+            assert pair["json_schema"]["schema"] == answer_schema()
+            assert pair["json_schema"]["name"] == "ComparisonAnswer"
+    finally:
+        server.stop()

@@ -385,7 +385,7 @@ def _constrain(body: dict[str, Any], schema: dict[str, Any] | None) -> dict[str,
         return body
     response_format = {
         "type": "json_schema",
-        "json_schema": {"name": "answer", "schema": schema, "strict": True},
+        "json_schema": {"name": schema.get("title", "answer"), "schema": schema, "strict": True},
     }
     return {**body, "response_format": response_format}
 
