@@ -1265,3 +1265,90 @@ def _drain(sqs: Any, queue_url: str) -> None:
     while messages := sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=0).get("Messages"):
         for message in messages:
             sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+@pytest.mark.slow
+def test_deployed_engine_stacks_wire_workers_to_an_internal_load_balancer(
+    template: dict[str, Any],
+) -> None:
+    """Deploy both engine options on moto (standing in for AWS) and read back what was created:
+    the workers' endpoint is the load balancer moto made, which is internal and admits only the
+    workers' security group. moto does not run the containers (that needs a GPU and vLLM); the
+    static tests above check the engine's own flags."""
+    with moto_server() as endpoint:
+        ec2, cfn = client("ec2", endpoint), client("cloudformation", endpoint)
+        elb, ecs = client("elbv2", endpoint), client("ecs", endpoint)
+        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        subnets = [
+            ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=zone)[
+                "Subnet"
+            ]["SubnetId"]
+            for i, zone in enumerate(("us-east-1a", "us-east-1b"), 1)
+        ]
+        for worker in ("fargate", "lambda"):
+            name = unique(f"pw-{worker}")
+            parameters = {"BucketName": name, "ImageTag": "t", "Worker": worker}
+            parameters |= {"Engine": "vllm", "ProcessingTimeout": "60"}
+            parameters |= {"VpcId": vpc, "SubnetIds": ",".join(subnets)}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                cfn.create_stack(
+                    StackName=name,
+                    TemplateBody=json.dumps(template),  # JSON: see the GPU deployment test
+                    Parameters=[
+                        {"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()
+                    ],
+                    Capabilities=["CAPABILITY_IAM"],
+                )
+            (stack,) = cfn.describe_stacks(StackName=name)["Stacks"]
+            assert stack["StackStatus"] == "CREATE_COMPLETE"
+            outputs = {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
+            physical = {
+                r["LogicalResourceId"]: r["PhysicalResourceId"]
+                for r in cfn.list_stack_resources(StackName=name)["StackResourceSummaries"]
+            }
+
+            (lb,) = elb.describe_load_balancers(LoadBalancerArns=[physical["EngineLoadBalancer"]])[
+                "LoadBalancers"
+            ]
+            assert lb["Scheme"] == "internal"
+            assert outputs["EngineEndpoint"] == f"http://{lb['DNSName']}/v1"
+            if worker == "fargate":
+                definition = ecs.describe_task_definition(
+                    taskDefinition=physical["WorkerTaskDefinition"]
+                )["taskDefinition"]
+                (container,) = definition["containerDefinitions"]
+                env = {i["name"]: i["value"] for i in container["environment"] if i}
+            else:
+                function = client("lambda", endpoint).get_function_configuration(
+                    FunctionName=physical["Function"]
+                )
+                env = function["Environment"]["Variables"]
+                assert function["VpcConfig"]["SecurityGroupIds"] == [
+                    physical["WorkerSecurityGroup"]
+                ]
+            assert env["PAIRWATCH_VL_ENDPOINT"] == outputs["EngineEndpoint"]
+            assert env["PAIRWATCH_VL_BACKEND"] == "openai"
+
+            # Who may reach the load balancer and the engine: groups, never address ranges.
+            groups = {
+                g["GroupId"]: g
+                for g in ec2.describe_security_groups(
+                    Filters=[{"Name": "vpc-id", "Values": [vpc]}]
+                )["SecurityGroups"]
+            }
+            lb_group = groups[physical["EngineLoadBalancerSecurityGroup"]]
+            assert lb["SecurityGroups"] == [lb_group["GroupId"]]
+            sources = {
+                pair["GroupId"]
+                for permission in lb_group["IpPermissions"]
+                for pair in permission["UserIdGroupPairs"]
+            }
+            assert sources == {physical["WorkerSecurityGroup"]}
+            for group in groups.values():
+                for permission in group["IpPermissions"]:
+                    assert not permission.get("IpRanges"), group["GroupId"]
+            (target_group,) = elb.describe_target_groups(
+                LoadBalancerArn=physical["EngineLoadBalancer"]
+            )["TargetGroups"]
+            assert (target_group["Port"], target_group["HealthCheckPath"]) == (8000, "/health")
