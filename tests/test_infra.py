@@ -462,6 +462,28 @@ def test_workers_call_the_engine_which_only_they_can_reach(
     assert stack.resolve(outputs["EngineEndpoint"]["Value"]) == env["PAIRWATCH_VL_ENDPOINT"]
 
 
+def test_an_engine_api_key_reaches_both_sides_as_an_ecs_secret_only(
+    template: dict[str, Any],
+) -> None:
+    arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:pairwatch-vl-AbCdEf"
+    stack = _deployed(template, "fargate+vllm", EngineApiKeySecretArn=arn)
+    r = stack.resources
+    worker, vllm = _ecs_container(r), _ecs_container(r, "EngineTaskDefinition")
+    assert worker["Secrets"] == [{"Name": "PAIRWATCH_VL_API_KEY", "ValueFrom": arn}]
+    assert vllm["Secrets"] == [{"Name": "VLLM_API_KEY", "ValueFrom": arn}]
+    # The execution role (ECS's agent, not the code) reads that one secret.
+    execution = _grants(r["TaskExecutionRole"])
+    assert execution["secretsmanager:GetSecretValue"] == {arn}
+    # Never as plain text in an environment.
+    for container in (worker, vllm):
+        assert not any("API_KEY" in item["Name"] for item in container["Environment"])
+    plain = _deployed(template, "fargate+vllm").resources
+    assert "Secrets" not in _ecs_container(plain)
+    assert "secretsmanager:GetSecretValue" not in _grants(plain["TaskExecutionRole"])
+    # A Lambda could only carry the key in its (readable) configuration: refused.
+    assert Stack(template, **DEPLOYMENTS["lambda+vllm"], EngineApiKeySecretArn=arn).violations()
+
+
 @pytest.mark.parametrize("deployment", ["gpu", "fargate", "lambda"])
 def test_without_the_engine_workers_run_their_own_comparator(
     template: dict[str, Any], deployment: str
@@ -1268,6 +1290,7 @@ def _drain(sqs: Any, queue_url: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Tried to parse:UserWarning")  # moto skips what it lacks
 def test_deployed_engine_stacks_wire_workers_to_an_internal_load_balancer(
     template: dict[str, Any],
 ) -> None:
