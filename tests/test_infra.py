@@ -384,6 +384,8 @@ def test_iam_is_least_privilege(template: dict[str, Any], deployment: str) -> No
         # Containers cannot reach the instance role through IMDS (bridge network = 2 hops).
         launch = resources["LaunchTemplate"]["LaunchTemplateData"]
         assert launch["MetadataOptions"] == {"HttpTokens": "required", "HttpPutResponseHopLimit": 1}
+        # ... nor awsvpc tasks (the engine), which the agent keeps off IMDS.
+        assert "ECS_AWSVPC_BLOCK_IMDS=true" in launch["UserData"]
     assert roles == {}, f"unexpected roles {sorted(roles)}"
     if "EngineTaskDefinition" in resources:
         assert "TaskRoleArn" not in resources["EngineTaskDefinition"]  # vLLM needs no AWS access
