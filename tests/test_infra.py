@@ -1185,21 +1185,7 @@ def test_deployed_stack_compares_a_pair_and_its_outputs_notify_nothing(
         bucket = unique("pairwatch")
         parameters = {"BucketName": bucket, "ImageTag": "gpu-test"}
         parameters |= {"Worker": "gpu", "VpcId": vpc, "SubnetIds": subnet}
-        with warnings.catch_warnings():  # moto skips, with a warning, what it cannot create
-            warnings.simplefilter("ignore", UserWarning)
-            cfn.create_stack(
-                StackName=bucket,
-                # As JSON: moto's YAML loader misreads the short form `!Condition NAME` inside
-                # `!Or`, which CloudFormation itself accepts.
-                TemplateBody=json.dumps(template),
-                Parameters=[
-                    {"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()
-                ],
-                Capabilities=["CAPABILITY_IAM"],
-            )
-        (stack,) = cfn.describe_stacks(StackName=bucket)["Stacks"]
-        assert stack["StackStatus"] == "CREATE_COMPLETE"
-        outputs = {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
+        outputs = _create_stack(cfn, template, bucket, parameters)
         queue_url, dlq_url = outputs["QueueUrl"], outputs["DeadLetterQueueUrl"]
         attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])
         queue_arn = attributes["Attributes"]["QueueArn"]
@@ -1279,6 +1265,25 @@ def test_deployed_stack_compares_a_pair_and_its_outputs_notify_nothing(
         assert sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=1).get("Messages") is None
 
 
+def _create_stack(
+    cfn: Any, template: dict[str, Any], name: str, parameters: dict[str, str]
+) -> dict[str, str]:
+    """Create the stack on moto and return its outputs."""
+    with warnings.catch_warnings():  # moto skips, with a warning, what it cannot create
+        warnings.simplefilter("ignore", UserWarning)
+        cfn.create_stack(
+            StackName=name,
+            # As JSON: moto's YAML loader misreads the short form `!Condition NAME` inside
+            # `!Or`, which CloudFormation itself accepts.
+            TemplateBody=json.dumps(template),
+            Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
+            Capabilities=["CAPABILITY_IAM"],
+        )
+    (stack,) = cfn.describe_stacks(StackName=name)["Stacks"]
+    assert stack["StackStatus"] == "CREATE_COMPLETE"
+    return {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
+
+
 def _queued(sqs: Any, queue_url: str) -> int:
     names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
     found = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)["Attributes"]
@@ -1315,19 +1320,7 @@ def test_deployed_engine_stacks_wire_workers_to_an_internal_load_balancer(
             parameters = {"BucketName": name, "ImageTag": "t", "Worker": worker}
             parameters |= {"Engine": "vllm", "ProcessingTimeout": "60"}
             parameters |= {"VpcId": vpc, "SubnetIds": ",".join(subnets)}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                cfn.create_stack(
-                    StackName=name,
-                    TemplateBody=json.dumps(template),  # JSON: see the GPU deployment test
-                    Parameters=[
-                        {"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()
-                    ],
-                    Capabilities=["CAPABILITY_IAM"],
-                )
-            (stack,) = cfn.describe_stacks(StackName=name)["Stacks"]
-            assert stack["StackStatus"] == "CREATE_COMPLETE"
-            outputs = {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
+            outputs = _create_stack(cfn, template, name, parameters)
             physical = {
                 r["LogicalResourceId"]: r["PhysicalResourceId"]
                 for r in cfn.list_stack_resources(StackName=name)["StackResourceSummaries"]
