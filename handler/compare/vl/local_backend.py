@@ -45,8 +45,11 @@ from handler.result import VLDetails
 #: itself between tokens; the grace covers one last token step and the reply, so only a stuck
 #: prefill or a hung kernel meets the kill.
 KILL_GRACE_S = 2.0
-#: Longest wait for more pairs once one is queued: a few ms against generate's hundreds.
-BATCH_FILL_S = 0.02
+#: Filling a batch: take pairs while the next one arrives within ``BATCH_GAP_S`` of the last,
+#: for at most ``BATCH_FILL_S`` after the first — milliseconds against generate's seconds.
+#: Concurrent callers run the metrics pre-gate first, so their pairs arrive spread out.
+BATCH_GAP_S = 0.01
+BATCH_FILL_S = 0.05
 #: Default ``vl_batch_size``: batching pays on a GPU; on CPU the cores are already busy.
 CUDA_BATCH_SIZE, CPU_BATCH_SIZE = 8, 1
 
@@ -160,15 +163,16 @@ class LocalBackend:
             self._loaded.set()
 
     def _next_batch(self) -> list[_Pending] | None:
-        """Block for one pair, then take what else arrives within ``BATCH_FILL_S``."""
+        """Block for one pair, then take what else arrives (``BATCH_GAP_S``, ``BATCH_FILL_S``)."""
         first = self._queue.get()
         if first is None:
             return None
         batch = [first]
         fill_until = time.monotonic() + BATCH_FILL_S
         while len(batch) < self.batch_size:
+            wait = min(BATCH_GAP_S, fill_until - time.monotonic())
             try:
-                item = self._queue.get(timeout=max(0.0, fill_until - time.monotonic()))
+                item = self._queue.get(timeout=max(0.0, wait))
             except queue.Empty:
                 break
             if item is None:

@@ -17,20 +17,20 @@ from handler.result import Difference
 #: The answer shape the prompt shows the model, verbatim.
 _ANSWER_SHAPE = (
     '{"similarity": <number from 0.0 (unrelated) to 1.0 (identical)>, '
+    '"summary": "<one sentence>", '
     '"differences": [{"aspect": "<one of the aspects>", "element": "<what differs>", '
-    '"description": "<how it differs between image A and image B>", "region": null}], '
-    '"summary": "<one sentence>"}'
+    '"description": "<how it differs between image A and image B>", "region": null}]}'
 )
 
 
 #: Bounds of the answer's JSON Schema. They bound the tokens a constrained answer can take (a
 #: random-weight model fills every string to its limit), so keep them within what
 #: ``vl_max_new_tokens`` (512 by default) allows; a real model's answers stay well inside them.
-MAX_DIFFERENCES = 6
-MAX_ASPECT_CHARS = 24
-MAX_ELEMENT_CHARS = 48
-MAX_DESCRIPTION_CHARS = 160
-MAX_SUMMARY_CHARS = 240
+MAX_DIFFERENCES = 4
+MAX_ASPECT_CHARS = 16
+MAX_ELEMENT_CHARS = 32
+MAX_DESCRIPTION_CHARS = 100
+MAX_SUMMARY_CHARS = 120
 MAX_REGION_INDEX = 999
 
 
@@ -41,7 +41,10 @@ def answer_schema() -> dict[str, Any]:
     the result's ``changed_regions`` or null."""
 
     def text(max_length: int, min_length: int = 0) -> dict[str, Any]:
-        return {"type": "string", "minLength": min_length, "maxLength": max_length}
+        # A pattern rather than minLength/maxLength (xgrammar takes one or the other): it
+        # bounds the length the same way and also rules out escapes and control characters,
+        # so a character is never six tokens (``\u0000``).
+        return {"type": "string", "pattern": f'^[^"\\\\\\x00-\\x1f]{{{min_length},{max_length}}}$'}
 
     difference = {
         "type": "object",
@@ -64,10 +67,11 @@ def answer_schema() -> dict[str, Any]:
         "type": "object",
         "properties": {
             "similarity": {"type": "number", "minimum": 0.0, "maximum": 1.0},
-            "differences": {"type": "array", "items": difference, "maxItems": MAX_DIFFERENCES},
             "summary": text(MAX_SUMMARY_CHARS),
+            "differences": {"type": "array", "items": difference, "maxItems": MAX_DIFFERENCES},
         },
-        "required": ["similarity", "differences", "summary"],
+        # This order is the answer's: an answer cut off by the token limit keeps the verdict.
+        "required": ["similarity", "summary", "differences"],
         "additionalProperties": False,
     }
 

@@ -16,8 +16,10 @@ import io
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -32,6 +34,14 @@ from handler.compare.vl.protocol import (
     WorkerOptions,
 )
 
+if TYPE_CHECKING:
+    from handler.compare.vl.decoding import Grammars
+
+#: ``send(index, reply)``: one pair's reply, by its index in the batch.
+Send = Callable[[int, Reply], None]
+
+#: Below this many parameters a CPU worker runs torch on one thread (see ``Engine``).
+SMALL_MODEL_PARAMS = 50_000_000
 #: A retry never goes below this many pixels per image (a few visual tokens are still an image).
 MIN_RETRY_PIXELS = 56 * 56
 
@@ -58,16 +68,56 @@ def worker_main(conn: Connection, options: WorkerOptions) -> None:
             return  # the service is gone
         if batch is None:
             return
-        conn.send(TAKEN)
         try:
-            for index, request in enumerate(batch):
-                try:
-                    reply = engine.handle(request)
-                except Exception as exc:
-                    reply = Reply(kind="error", message=f"{type(exc).__name__}: {exc}")
-                conn.send(Row(index, reply))
-        except OSError:
+            conn.send(TAKEN)
+            serve_batch(engine, batch, conn)
+        except _ServiceGone:
             return  # the service died while this batch ran
+
+
+class _ServiceGone(Exception):
+    pass
+
+
+def serve_batch(engine: Engine, batch: list[Request], conn: Connection) -> None:
+    """Run one batch; every pair gets exactly one ``Row``, an ``error`` one if the batch failed
+    for another reason than memory (the service then replaces this worker)."""
+    sent: set[int] = set()
+
+    def send(index: int, reply: Reply) -> None:
+        sent.add(index)
+        try:
+            conn.send(Row(index, reply))
+        except OSError:
+            raise _ServiceGone from None
+
+    try:
+        engine.serve(batch, send)
+    except _ServiceGone:
+        raise
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {str(exc)[:500]}"
+        for index in range(len(batch)):
+            if index not in sent:
+                send(index, Reply(kind="error", message=message, batch_size=len(batch)))
+
+
+@dataclass
+class _Pair:
+    """One request of a batch and what its attempts have learnt so far."""
+
+    index: int
+    request: Request
+    images: list[Image.Image]
+    deadline: float
+    budget: int
+    used: int = 0
+    attempts: int = 0
+    halved: bool = False
+
+    @property
+    def fault(self) -> Fault:
+        return self.request.fault or Fault()
 
 
 class Engine:
@@ -90,6 +140,10 @@ class Engine:
             options.model, dtype=self.dtype, attn_implementation="sdpa"
         )
         self.model: Any = model.to(device).eval()
+        if not device.startswith("cuda") and self.model.num_parameters() < SMALL_MODEL_PARAMS:
+            # A small model's step is per-op overhead, which intra-op threads only add
+            # synchronisation to: measured 6-9x faster with one thread on a loaded 2-core host.
+            torch.set_num_threads(1)
         self.device = str(self.model.device)
         self.on_cuda = self.device.startswith("cuda")
         self.max_new_tokens = options.max_new_tokens
@@ -103,78 +157,147 @@ class Engine:
         if self.processor.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.processor.tokenizer.eos_token_id)
         self.sizing = pixel_area_sizing(self.processor.image_processor)
+        tokenizer = self.processor.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.pad_id: int = int(pad)
+        self.grammars = _grammars(tokenizer, self.model, self.eos_ids)
 
-    def handle(self, request: Request) -> Reply:
-        """One pair, retried once at half the pixels if the device runs out of memory."""
-        images = [_decode(jpeg) for jpeg in request.jpegs]
-        deadline = time.monotonic() + request.timeout_s
-        fault = request.fault or Fault()
-        if fault.crash:
+    def serve(self, batch: list[Request], send: Send) -> None:
+        """One batch: each pair's deadline starts now; ``send`` gets every pair's reply once,
+        as soon as that pair is finished."""
+        now = time.monotonic()
+        pairs = [
+            _Pair(i, r, [_decode(j) for j in r.jpegs], now + r.timeout_s, r.max_pixels)
+            for i, r in enumerate(batch)
+        ]
+        if any(p.fault.crash for p in pairs):
             ctypes.string_at(0)  # a real segfault, as a broken kernel or driver would cause
-        if fault.delay_s:
-            time.sleep(fault.delay_s)
+        delay = max(p.fault.delay_s for p in pairs)
+        if delay:
+            time.sleep(delay)
         if self.on_cuda:
             self._torch.cuda.reset_peak_memory_stats(self.device)
-        budget = request.max_pixels
-        attempt = 0
-        while True:
-            attempt += 1
-            used = budget
-            try:
-                inputs, used = encode_pair(
-                    self.processor, self.sizing, images, request.prompt, budget
-                )
-                return self.generate(inputs, deadline, attempt, budget, fault, used)
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            # Outside the except block the traceback (and the tensors its frames hold) is gone.
-            inputs = None
-            self.free_memory()
-            if attempt >= 2 or used <= MIN_RETRY_PIXELS:
-                return Reply(
-                    kind="oom",
-                    message=message,
-                    attempts=attempt,
-                    max_pixels=budget,
-                    peak_memory_mb=self.peak_memory_mb(),
-                )
-            budget = max(MIN_RETRY_PIXELS, used // 2)
+        self._attempt(pairs, send)
 
-    def generate(
-        self, inputs: Any, deadline: float, attempt: int, budget: int, fault: Fault, used: int
-    ) -> Reply:
+    def _attempt(self, pairs: list[_Pair], send: Send) -> None:
+        """Generate for ``pairs``; out of memory, split the batch in halves and try each, and
+        retry a lone pair once at half its pixels (a pair's ``attempts`` counts its tries)."""
+        sent: set[int] = set()
+
+        def deliver(index: int, reply: Reply) -> None:
+            sent.add(index)
+            send(index, reply)
+
+        for pair in pairs:
+            pair.attempts += 1
+        try:
+            self._generate(pairs, deliver)
+            return
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        # Outside the except block the traceback (and the tensors its frames hold) is gone.
+        self.free_memory()
+        left = [p for p in pairs if p.index not in sent]
+        if len(left) > 1:
+            half = len(left) // 2
+            self._attempt(left[:half], send)
+            self._attempt(left[half:], send)
+            return
+        for pair in left:
+            if pair.halved or pair.used <= MIN_RETRY_PIXELS:
+                send(
+                    pair.index,
+                    Reply(
+                        kind="oom",
+                        message=message,
+                        attempts=pair.attempts,
+                        max_pixels=pair.budget,
+                        peak_memory_mb=self.peak_memory_mb(),
+                    ),
+                )
+                continue
+            pair.budget, pair.halved = max(MIN_RETRY_PIXELS, pair.used // 2), True
+            self._attempt([pair], send)
+
+    def _generate(self, pairs: list[_Pair], send: Send) -> None:
+        """One batched, left-padded ``generate``; each row stops at its end token or deadline
+        (``decoding.RowStops``) and is constrained to its schema (``decoding.SchemaConstraint``)."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        from handler.compare.vl.decoding import RowStops
+
         torch = self._torch
-        inputs = inputs.to(self.device, dtype=self.dtype)
-        if fault.oom_above_pixels is not None and used > fault.oom_above_pixels:
+        late = [p for p in pairs if time.monotonic() >= p.deadline]
+        for pair in late:
+            send(
+                pair.index,
+                Reply(
+                    kind="ok",
+                    out_of_time=True,
+                    attempts=pair.attempts,
+                    max_pixels=pair.budget,
+                    batch_size=len(pairs),
+                ),
+            )
+        pairs = [p for p in pairs if p not in late]
+        if not pairs:
+            return
+        encoded = []
+        for pair in pairs:
+            inputs, pair.used = encode_pair(
+                self.processor, self.sizing, pair.images, pair.request.prompt, pair.budget
+            )
+            encoded.append(inputs)
+        inputs = collate(encoded, self.pad_id).to(self.device, dtype=self.dtype)
+        if any(_fault_oom(p, len(pairs)) for p in pairs):
             torch.empty(1 << 62, dtype=torch.uint8, device=self.device)  # the allocator refuses
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        visual_tokens = count_visual_tokens(self.processor, inputs["input_ids"])
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return Reply(kind="ok", out_of_time=True, attempts=attempt, max_pixels=budget)
+        width = int(inputs["input_ids"].shape[1])
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        visual = [count_visual_tokens(self.processor, row) for row in inputs["input_ids"]]
+        schemas = [p.request.schema for p in pairs]
+        constrained = self.grammars is not None and any(s is not None for s in schemas)
         started = time.perf_counter()
+
+        def on_done(row: int, tokens: list[int], out_of_time: bool) -> None:
+            pair = pairs[row]
+            send(
+                pair.index,
+                Reply(
+                    kind="ok",
+                    text=self.processor.decode(tokens, skip_special_tokens=True).strip(),
+                    visual_tokens=visual[row],
+                    prompt_tokens=int(prompt_tokens[row]),
+                    new_tokens=len(tokens),
+                    attempts=pair.attempts,
+                    max_pixels=pair.budget,
+                    generate_ms=round((time.perf_counter() - started) * 1e3, 1),
+                    out_of_time=out_of_time,
+                    peak_memory_mb=self.peak_memory_mb(),
+                    constrained=constrained and schemas[row] is not None,
+                    batch_size=len(pairs),
+                ),
+            )
+
+        stops = RowStops(width, [p.deadline for p in pairs], self.eos_ids, on_done)
+        processors = LogitsProcessorList()
+        if constrained and self.grammars is not None:
+            grammars = self.grammars
+            compiled = [None if s is None else grammars.compiled(s) for s in schemas]
+            processors.append(grammars.constraint(compiled, stops))
         with torch.inference_mode():
             output = self.model.generate(
-                **inputs, max_new_tokens=self.max_new_tokens, max_time=remaining
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                stopping_criteria=StoppingCriteriaList([stops]),
+                logits_processor=processors,
+                pad_token_id=self.pad_id,
             )
-        elapsed = time.perf_counter() - started
-        new = output[0, prompt_tokens:].tolist()
-        finished = bool(new) and new[-1] in self.eos_ids
-        return Reply(
-            kind="ok",
-            text=self.processor.decode(new, skip_special_tokens=True).strip(),
-            visual_tokens=visual_tokens,
-            prompt_tokens=prompt_tokens,
-            new_tokens=len(new),
-            attempts=attempt,
-            max_pixels=budget,
-            generate_ms=round(elapsed * 1e3, 1),
-            # Neither the end token nor the token limit, and the time is up: max_time stopped it.
-            out_of_time=not finished and len(new) < self.max_new_tokens and elapsed >= remaining,
-            peak_memory_mb=self.peak_memory_mb(),
-        )
+        for row in range(len(pairs)):
+            if row not in stops.done:  # stopped by the token limit
+                stops.done.add(row)
+                on_done(row, stops.new_tokens(output, row), False)
 
     def peak_memory_mb(self) -> float | None:
         if not self.on_cuda:
@@ -185,6 +308,53 @@ class Engine:
         gc.collect()
         if self.on_cuda:
             self._torch.cuda.empty_cache()
+
+
+def _grammars(tokenizer: Any, model: Any, eos_ids: set[int]) -> Grammars | None:
+    """The schema compiler, or None without xgrammar (answers are then only parsed and
+    validated afterwards: ``vl.constrained`` false)."""
+    try:
+        from handler.compare.vl.decoding import Grammars
+
+        vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        return Grammars(tokenizer, vocab_size, eos_ids)
+    except ImportError:
+        return None
+
+
+def _fault_oom(pair: _Pair, batch_size: int) -> bool:
+    fault = pair.fault
+    if fault.oom_above_pixels is not None and pair.used > fault.oom_above_pixels:
+        return True
+    return fault.oom_above_batch is not None and batch_size > fault.oom_above_batch
+
+
+def collate(encoded: list[Any], pad_id: int) -> Any:
+    """Stack the processor outputs of single pairs into one left-padded batch: per-token
+    tensors (``input_ids``, ``attention_mask``, ``mm_token_type_ids``...) padded on the left
+    (``input_ids`` with ``pad_id``, the others with 0), image tensors concatenated in row
+    order, which is the order the model reads image placeholders in. Encoding each pair on its
+    own keeps each pair's own pixel cap."""
+    import torch
+    from transformers import BatchFeature
+
+    if len(encoded) == 1:
+        return encoded[0]
+    width = max(int(e["input_ids"].shape[1]) for e in encoded)
+    batch: dict[str, Any] = {}
+    for key in encoded[0]:
+        values = [e[key] for e in encoded]
+        if all(
+            v.dim() == 2 and v.shape == e["input_ids"].shape
+            for v, e in zip(values, encoded, strict=True)
+        ):
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.cat(
+                [torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in values]
+            )
+        else:
+            batch[key] = torch.cat(values)
+    return BatchFeature(batch)
 
 
 def pixel_area_sizing(image_processor: Any) -> int | None:
