@@ -28,6 +28,7 @@ from handler.compare.vl.openai_backend import (
     MAX_BUSY_WAITS,
     PROBE_WORD,
     RETRY_DELAYS_S,
+    EngineReply,
     OpenAIBackend,
     public_endpoint,
 )
@@ -87,7 +88,15 @@ def backend(url: str, model: str, **kwargs: object) -> OpenAIBackend:
     return OpenAIBackend(endpoint=url, model=model, **kwargs)  # type: ignore[arg-type]
 
 
-def ask(be: OpenAIBackend, images: list[tuple[str, bytes]], timeout_s: float = 30.0) -> object:
+def ready(url: str, model: str, **kwargs: object) -> tuple[OpenAIBackend, Sleeps]:
+    """A probed backend whose back-off pauses are recorded, not waited out."""
+    sleeps = Sleeps()
+    be = backend(url, model, sleep=sleeps, **kwargs)
+    be.wait_ready()
+    return be, sleeps
+
+
+def ask(be: OpenAIBackend, images: list[tuple[str, bytes]], timeout_s: float = 30.0) -> EngineReply:
     return be.ask(images, "Compare the images.", schema={"type": "object"}, max_tokens=64,
                   timeout_s=timeout_s)  # fmt: skip
 
@@ -145,21 +154,17 @@ def test_concurrent_pairs_run_at_once_up_to_the_limit(
 def test_429_is_waited_out_per_retry_after(
     engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
 ) -> None:
-    sleeps = Sleeps()
-    be = backend(proxy.url, engine.model, sleep=sleeps)
-    be.wait_ready()
+    be, sleeps = ready(proxy.url, engine.model)
     proxy.plan.faults, proxy.plan.retry_after = [429, 429], "2"
     reply = ask(be, images)
-    assert reply.text == ANSWER and reply.attempts == 3  # type: ignore[attr-defined]
+    assert reply.text == ANSWER and reply.attempts == 3
     assert sleeps == [2.0, 2.0]
 
 
 def test_429_without_end_gives_model_unavailable(
     engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
 ) -> None:
-    sleeps = Sleeps()
-    be = backend(proxy.url, engine.model, sleep=sleeps)
-    be.wait_ready()
+    be, sleeps = ready(proxy.url, engine.model)
     proxy.plan.faults, proxy.plan.retry_after = [429] * 20, "Wed, 21 Oct 2015 07:28:00 GMT"
     before = proxy.requests
     with pytest.raises(ModelUnavailable, match="busy"):
@@ -171,9 +176,7 @@ def test_429_without_end_gives_model_unavailable(
 def test_a_retry_after_past_the_deadline_is_not_waited_for(
     engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
 ) -> None:
-    sleeps = Sleeps()
-    be = backend(proxy.url, engine.model, sleep=sleeps)
-    be.wait_ready()
+    be, sleeps = ready(proxy.url, engine.model)
     proxy.plan.faults, proxy.plan.retry_after = [429], "20"
     with pytest.raises(ModelUnavailable, match="429"):
         ask(be, images, timeout_s=5)
@@ -183,21 +186,17 @@ def test_a_retry_after_past_the_deadline_is_not_waited_for(
 def test_500_is_retried_with_backoff(
     engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
 ) -> None:
-    sleeps = Sleeps()
-    be = backend(proxy.url, engine.model, sleep=sleeps)
-    be.wait_ready()
+    be, sleeps = ready(proxy.url, engine.model)
     proxy.plan.faults = [500, 500]
     reply = ask(be, images)
-    assert reply.text == ANSWER and reply.attempts == 3  # type: ignore[attr-defined]
+    assert reply.text == ANSWER and reply.attempts == 3
     assert sleeps == list(RETRY_DELAYS_S[:2])
 
 
 def test_persistent_500_gives_model_unavailable_without_the_key(
     engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
 ) -> None:
-    sleeps = Sleeps()
-    be = backend(proxy.url, engine.model, api_key=SecretStr(SECRET), sleep=sleeps)
-    be.wait_ready()
+    be, sleeps = ready(proxy.url, engine.model, api_key=SecretStr(SECRET))
     proxy.plan.faults = [500] * 10
     proxy.plan.body = f"upstream failed for Authorization: Bearer {SECRET} " + "x" * 1000
     with pytest.raises(ModelUnavailable) as caught:
@@ -245,7 +244,7 @@ def test_a_server_slower_than_the_deadline_gives_timeout(
     # The probe's pooled connection carried the pair and was closed on the timeout, which is
     # how the server learns the request is cancelled.
     assert open_connections(engine.port) == 0
-    assert ask(be, images).text == ANSWER  # type: ignore[attr-defined]
+    assert ask(be, images).text == ANSWER
     assert open_connections(engine.port) == 1  # kept alive for the next pair
 
 
