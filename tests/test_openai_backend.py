@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -214,6 +215,24 @@ def test_a_server_that_is_down_gives_model_unavailable(images: list[tuple[str, b
     with pytest.raises(ModelUnavailable, match="Connection refused"):
         ask(be, images)
     assert sleeps == list(RETRY_DELAYS_S) * 2  # the probe is tried again for the pair
+
+
+def test_a_pair_waits_for_a_hanging_probe_only_until_its_deadline(
+    images: list[tuple[str, bytes]],
+) -> None:
+    """A listening socket that never answers (a hung server) holds the start-up probe for its
+    whole ``vl_load_timeout``; a pair meanwhile gives up at its own deadline."""
+    with socket.create_server(("127.0.0.1", 0)) as hung:
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/v1"
+        be = backend(url, "m", probe_timeout_s=30.0)
+        probing = threading.Thread(target=be.wait_ready, daemon=True)
+        probing.start()
+        time.sleep(0.3)  # the probe holds the lock now
+        started = time.monotonic()
+        with pytest.raises(ModelUnavailable, match="readiness probe"):
+            ask(be, images, timeout_s=1.0)
+        assert time.monotonic() - started < 2.0
+    be.close()
 
 
 def test_an_unknown_host_gives_model_unavailable(images: list[tuple[str, bytes]]) -> None:

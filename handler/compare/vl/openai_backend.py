@@ -220,13 +220,20 @@ class OpenAIBackend:
     # -- schema support, found out once ------------------------------------------------------
 
     def _schema_support(self, deadline: float | None = None) -> bool:
-        """Whether to send ``response_format``; the first caller probes, the others wait."""
-        with self._probe_lock:
+        """Whether to send ``response_format``; the first caller probes, the others wait for
+        it — but not past their own deadline (a probe of a down server takes its retries)."""
+        if self._constrained is not None:
+            return self._constrained
+        if deadline is None:
+            deadline = time.monotonic() + self._probe_timeout_s
+        if not self._probe_lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise ModelUnavailable("the model server has not answered its readiness probe yet")
+        try:
             if self._constrained is None:
-                if deadline is None:
-                    deadline = time.monotonic() + self._probe_timeout_s
                 self._constrained = self._probe(deadline)
             return self._constrained
+        finally:
+            self._probe_lock.release()
 
     def _probe(self, deadline: float) -> bool:
         started = time.perf_counter()
