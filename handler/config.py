@@ -7,6 +7,7 @@ precedence is explicit arguments > environment > file > defaults.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tomllib
 from pathlib import Path
@@ -143,6 +144,18 @@ class Settings(BaseSettings):
             raise ValueError("comparator 'vl' needs a model (PAIRWATCH_MODEL or --model)")
         return self
 
+    @model_validator(mode="after")
+    def _local_vl_needs_the_extra(self) -> Settings:
+        """The core install has no torch: say so up front, not as an ImportError mid-pair."""
+        runs_vl = self.comparator == "vl" or (self.comparator == "auto" and bool(self.model))
+        missing = missing_vl_packages() if runs_vl else []
+        if missing:
+            raise ValueError(
+                "the VL comparator needs the optional extra 'vl': "
+                f"pip install 'pairwatch[vl]' (missing: {', '.join(missing)})"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -153,6 +166,15 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings)
+
+
+#: What the local VL model needs beyond the core install (the ``vl`` extra, xgrammar optional).
+VL_PACKAGES = ("torch", "torchvision", "transformers")
+
+
+def missing_vl_packages() -> list[str]:
+    """The ``vl`` extra's packages that are not installed (looked up, not imported)."""
+    return [name for name in VL_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 class ConfigFileError(ValueError):
