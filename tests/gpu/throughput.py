@@ -220,6 +220,7 @@ def run_batch_size(
             wall = time.perf_counter() - started
         ok = [r for r in results if r.status == "ok" and r.vl is not None]
         share = busy.busy_share()
+        peaks = [r.vl.peak_memory_mb for r in ok if r.vl.peak_memory_mb is not None]
         return {
             "batch": batch,
             "pairs": count,
@@ -227,7 +228,7 @@ def run_batch_size(
             "pairs_per_s": round(count / wall, 2),
             "mean_batch": round(sum(r.vl.batch_size or 0 for r in ok) / max(1, len(ok)), 2),
             "visual_tokens": ok[0].vl.visual_tokens if ok else None,
-            "peak_gpu_mb": max((r.vl.peak_memory_mb or 0.0 for r in ok), default=None),
+            "peak_gpu_mb": max(peaks) if peaks else None,
             "gpu_busy_s": round(share * wall, 2) if share is not None else None,
             "gpu_busy_share": round(share, 3) if share is not None else None,
             "constrained": all(r.vl.constrained for r in ok) if ok else False,
