@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support.logs import json_events
+
 PAIRWATCH = [sys.executable, "-m", "watcher.cli"]
 
 
@@ -18,11 +19,6 @@ def cli_env(**extra: str) -> dict[str, str]:
     """This process's environment without any ``PAIRWATCH_*`` of the caller's, JSON logs on."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAIRWATCH_")}
     return {**env, "PAIRWATCH_LOG_FORMAT": "json", "PAIRWATCH_SETTLE_TIME": "0.2", **extra}
-
-
-def json_events(stderr: str) -> list[dict[str, Any]]:
-    """The structured log events among ``stderr``'s lines (tracebacks and the like skipped)."""
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
 @dataclass(frozen=True)
