@@ -34,7 +34,7 @@ from handler.pairs import (
 #: ``tempfile.mkstemp`` puts this many random characters between prefix and suffix.
 _TEMP_RANDOM_CHARS = 8
 _TEMP_SUFFIX = ".tmp"
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp", re.DOTALL)
+_TEMPORARY = re.compile(rf"\.(?P<name>.+)\.[a-z0-9_]{{{_TEMP_RANDOM_CHARS}}}\.tmp", re.DOTALL)
 #: A write takes milliseconds; a temporary this old belongs to a process that died mid-write.
 STALE_TEMPORARY_S = 600.0
 

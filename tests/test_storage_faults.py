@@ -185,6 +185,7 @@ def test_unsupported_names_get_their_own_error_type(tmp_path: Path, jpeg: bytes)
     _pair(tmp_path / "audit", jpeg, jpeg)
     (tmp_path / "audit" / "tab.pair.json").write_text('{"a": "a\\t.jpg", "b": "b.jpg"}')
     (tmp_path / "audit" / "out.pair.json").write_text('{"a": "../../x\\n.jpg", "b": "b.jpg"}')
+    (tmp_path / "audit" / "bad\nname.pair.json").write_bytes(MANIFEST)  # the manifest's own
     latin_folder = os.path.join(os.fsencode(tmp_path), b"latin\xe9")  # not UTF-8
     _pair(Path(os.fsdecode(latin_folder)), jpeg, jpeg)
     _pair(tmp_path / "good", jpeg, jpeg)
@@ -203,6 +204,7 @@ def test_unsupported_names_get_their_own_error_type(tmp_path: Path, jpeg: bytes)
         "b.jpg",
     ]
     assert _error(tmp_path / "audit" / "tab.result.json")[:2] == ("unsupported_name", "a")
+    assert _error(tmp_path / "audit" / "bad\nname.result.json")[:2] == ("unsupported_name", None)
     # Leaving the root is still the graver fault, whatever the name holds.
     assert _error(tmp_path / "audit" / "out.result.json")[:2] == ("path_outside_root", "a")
     assert _result(tmp_path / "good" / "result.json").status == "ok"
