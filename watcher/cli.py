@@ -2,7 +2,7 @@
 
 ``pairwatch compare A B`` · ``pairwatch schema`` · ``pairwatch watch DIR`` ·
 ``pairwatch watch sqs QUEUE_URL`` · ``pairwatch watch minio s3://BUCKET/PREFIX`` ·
-``pairwatch watch poll s3://BUCKET/PREFIX`` · ``pairwatch report DIR``
+``pairwatch watch poll s3://BUCKET/PREFIX`` · ``pairwatch report DIR`` · ``pairwatch serve``
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = {
     "watch-minio": "watcher.minio_listen",
     "watch-poll": "watcher.poll",
     "report": "watcher.report",
+    "serve": "watcher.serve",
 }
 _WATCH_SOURCES = ("sqs", "minio", "poll")
 

@@ -1,0 +1,52 @@
+"""Serve the HTTP API: uploads, object-store webhooks, health checks and Prometheus metrics."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from handler.config import Settings
+from handler.logs import get_logger
+from watcher.args import EXIT_FAILED, EXIT_OK
+from watcher.bucket import add_endpoint_options
+from watcher.serve_app import create_app
+
+#: Seconds past ``processing_timeout`` that a SIGTERM waits for in-flight requests.
+SHUTDOWN_GRACE = 30.0
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to listen on (serve_host; default 127.0.0.1)")
+    parser.add_argument("--port", type=port_number, help="TCP port (serve_port; default 8080)")
+    add_endpoint_options(parser)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT: then stop accepting, finish in-flight requests, exit 0."""
+    host = args.host or settings.serve_host
+    port = settings.serve_port if args.port is None else args.port
+    app = create_app(settings, endpoint_url=args.endpoint_url, region=args.region)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # structlog writes the access log (watcher.serve_app.AccessLog)
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.comparison.processing_timeout + SHUTDOWN_GRACE),
+    )
+    server = uvicorn.Server(config)
+    get_logger().info("serve_listening", host=host, port=port)
+    server.run()
+    return EXIT_OK if server.started else EXIT_FAILED
