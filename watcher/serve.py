@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from types import FrameType
 
 import uvicorn
 
@@ -14,6 +15,22 @@ from watcher.serve_app import create_app
 
 #: Seconds past ``processing_timeout`` that a SIGTERM waits for in-flight requests.
 SHUTDOWN_GRACE = 30.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with the watchers' signal contract.
+
+    uvicorn re-raises a captured SIGTERM once it has shut down, so the process would die of
+    the signal (status -15) after a clean stop; here the first SIGINT/SIGTERM stops gracefully
+    (exit 0) and a second one stops at once, as in every ``watch`` command. Like
+    ``watcher.shutdown``'s handler, this one only flips flags.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        del sig, frame
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
 
 
 def port_number(text: str) -> int:
@@ -46,7 +63,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=int(settings.comparison.processing_timeout + SHUTDOWN_GRACE),
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     get_logger().info("serve_listening", host=host, port=port)
     server.run()
     return EXIT_OK if server.started else EXIT_FAILED

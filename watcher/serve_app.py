@@ -502,5 +502,9 @@ def _compat_files(upload: Upload) -> tuple[UploadedFile, UploadedFile]:
 
 def _log_refused(exc: UploadTooLarge) -> None:
     get_logger().warning(
-        "upload_refused", field=exc.field_name, limit=exc.limit, reason="over max_input_bytes"
+        "upload_refused",
+        field=exc.field_name,
+        limit=exc.limit,
+        bytes_read=exc.bytes_read,
+        reason="over the upload cap",
     )

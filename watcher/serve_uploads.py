@@ -36,6 +36,8 @@ class UploadTooLarge(Exception):
         super().__init__(f"{field_name!r} is larger than the limit of {limit} bytes")
         self.field_name = field_name
         self.limit = limit
+        #: Body bytes read from the connection when the cap was passed (set by ``read_upload``).
+        self.bytes_read = 0
 
 
 class MalformedUpload(Exception):
@@ -198,4 +200,7 @@ async def read_upload(
         parser.finalize()
     except MultipartParseError as exc:
         raise MalformedUpload(f"broken multipart body: {exc}") from None
+    except UploadTooLarge as exc:
+        exc.bytes_read = reader.upload.bytes_read
+        raise
     return reader.upload

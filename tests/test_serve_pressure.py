@@ -1,0 +1,172 @@
+"""Back-pressure and shutdown of a real ``pairwatch serve`` process: 429 beyond ``concurrency +
+queue_size``, a vanished client's slot freed, SIGTERM finishing the request in hand."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import scenes
+from tests.support.s3_servers import wait_for
+from tests.support.serve_process import ServeProcess, serve_process
+
+BOUNDARY = "pressureboundary"
+
+
+@pytest.fixture(scope="module")
+def photos() -> tuple[bytes, bytes]:
+    img = scenes.photo("coffee")
+    return scenes.encode(img), scenes.pasted_object(img)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    env = {"PAIRWATCH_CONCURRENCY": "1", "PAIRWATCH_QUEUE_SIZE": "1"}
+    with serve_process(tmp_path_factory.mktemp("pressure"), env) as process:
+        yield process
+
+
+def _multipart(a: bytes, b: bytes) -> bytes:
+    parts = []
+    for name, data in (("a", a), ("b", b)):
+        parts.append(
+            (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; '
+                f'filename="{name}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+class SlowUpload:
+    """A client that sends its request headers and part of its body, then waits."""
+
+    def __init__(self, port: int, body: bytes, sent_first: int) -> None:
+        self.body = body
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        head = (
+            f"POST /v1/compare HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n"
+        ).encode()
+        self.sock.sendall(head + body[:sent_first])
+        self.sent = sent_first
+
+    def finish(self) -> tuple[int, bytes]:
+        """Send the rest and read the whole answer: (status, body)."""
+        self.sock.sendall(self.body[self.sent :])
+        response = b""
+        while b"\r\n\r\n" not in response or not _complete(response):
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            response += data
+        self.sock.close()
+        head, _, body = response.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    def abandon(self) -> None:
+        self.sock.close()
+
+
+def _complete(response: bytes) -> bool:
+    head, _, body = response.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
+
+
+def _in_flight(server: ServeProcess) -> tuple[float, float]:
+    text = httpx.get(server.url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        for name in ("pairwatch_in_flight", "pairwatch_queue_depth"):
+            if line.startswith(name + " "):
+                values[name] = float(line.split()[1])
+    return values["pairwatch_in_flight"], values["pairwatch_queue_depth"]
+
+
+def test_beyond_concurrency_and_queue_is_429_and_a_vanished_client_frees_its_slot(
+    server: ServeProcess, photos: tuple[bytes, bytes]
+) -> None:
+    body = _multipart(*photos)
+    holder = SlowUpload(server.port, body, len(body) // 3)  # takes the one slot
+    wait_for(lambda: _in_flight(server) == (1, 0), 10, what="the slot to be taken")
+    queued = SlowUpload(server.port, body, 0)  # takes the one queue place
+    wait_for(lambda: _in_flight(server) == (1, 1), 10, what="the queue place to be taken")
+
+    refused = httpx.post(
+        server.url + "/v1/compare", files={"a": ("a.jpg", photos[0]), "b": ("b.jpg", photos[1])}
+    )
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["error"]["type"] == "busy"
+
+    holder.abandon()  # disconnects mid-upload: its slot goes to the queued request
+    wait_for(lambda: _in_flight(server) == (1, 0), 10, what="the queued request to move up")
+    status, answer = queued.finish()
+    assert status == 200 and b'"status":"ok"' in answer
+    assert server.events("client_disconnected")
+    assert _in_flight(server) == (0, 0)
+
+
+def test_a_burst_gets_answers_or_429_never_anything_else(
+    server: ServeProcess, photos: tuple[bytes, bytes]
+) -> None:
+    def post(_: int) -> httpx.Response:
+        return httpx.post(
+            server.url + "/v1/compare",
+            files={"a": ("a.jpg", photos[0]), "b": ("b.jpg", photos[1])},
+            timeout=60,
+        )
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(post, range(12)))
+    codes = sorted(answer.status_code for answer in answers)
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(200) >= 2 and codes.count(429) >= 1, codes
+    assert all("Retry-After" in a.headers for a in answers if a.status_code == 429)
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_events_endpoint_is_disabled_without_a_token(server: ServeProcess) -> None:
+    answer = httpx.post(server.url + "/v1/events", content=b"{}")
+    assert answer.status_code == 404
+
+
+def test_sigterm_finishes_the_request_in_hand_then_exits_0(
+    tmp_path: Path, photos: tuple[bytes, bytes]
+) -> None:
+    with serve_process(tmp_path) as server:
+        body = _multipart(*photos)
+        client = SlowUpload(server.port, body, len(body) // 2)
+        wait_for(lambda: _in_flight(server) == (1, 0), 10, what="the request to be in flight")
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: _refuses(server.port), 10, what="the listening socket to close")
+        assert not server.events("serve_stopped")  # still busy with the request in hand
+        result: dict[str, object] = {}
+        finisher = threading.Thread(target=lambda: result.update(answer=client.finish()))
+        finisher.start()
+        finisher.join(30)
+        status, answer = result["answer"]  # type: ignore[misc]
+        assert status == 200 and b'"status":"ok"' in answer
+        assert server.process.wait(30) == 0
+        assert server.events("serve_stopped")
+
+
+def _refuses(port: int) -> bool:
+    """Has the server stopped accepting new connections?"""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
