@@ -4,6 +4,7 @@ cap, probes, docs, metrics and the access log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -201,10 +202,8 @@ def _raw_upload(port: int, total: int, chunk: int = 64 * 1024) -> tuple[int, byt
     sock.setblocking(False)
     try:
         while sent < total:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 response += sock.recv(65536)
-            except BlockingIOError:
-                pass
             if response:
                 break
             try:
@@ -278,12 +277,14 @@ def test_metrics_move_with_each_pair(server: ServeProcess, photos: dict[str, byt
     after = scrape()
     ok = {"source": "http", "comparator": "metrics", "status": "ok"}
     failed = {**ok, "status": "error"}
-    assert _sample(after, "pairwatch_pairs_total", **ok) == _sample(
-        before, "pairwatch_pairs_total", **ok
-    ) + 1
-    assert _sample(after, "pairwatch_pairs_total", **failed) == _sample(
-        before, "pairwatch_pairs_total", **failed
-    ) + 1
+    assert (
+        _sample(after, "pairwatch_pairs_total", **ok)
+        == _sample(before, "pairwatch_pairs_total", **ok) + 1
+    )
+    assert (
+        _sample(after, "pairwatch_pairs_total", **failed)
+        == _sample(before, "pairwatch_pairs_total", **failed) + 1
+    )
     assert _sample(after, "pairwatch_pair_errors_total", type="invalid_image") >= 1
     for stage in ("fetch", "prepare", "compare"):
         assert _sample(after, "pairwatch_stage_seconds_count", stage=stage) > _sample(
@@ -294,7 +295,9 @@ def test_metrics_move_with_each_pair(server: ServeProcess, photos: dict[str, byt
     assert "pairwatch_events_total" in after and "pairwatch_vl_visual_tokens" in after
 
 
-def test_access_log_has_one_line_per_request(server: ServeProcess, photos: dict[str, bytes]) -> None:
+def test_access_log_has_one_line_per_request(
+    server: ServeProcess, photos: dict[str, bytes]
+) -> None:
     _v1(server, photos["a"], photos["a"], pair_id="logged-pair")
     httpx.post(
         server.url + "/v1/events?token=" + TOKEN,
