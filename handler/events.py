@@ -208,7 +208,11 @@ def _parse_eventbridge(doc: Mapping[str, Any]) -> ObjectEvent:
 
 #: Where SeaweedFS's filer keeps S3 buckets (its default ``-s3.bucketsFolder``).
 SEAWEEDFS_BUCKETS_FOLDER = "/buckets/"
-_SEAWEEDFS_KINDS: dict[str, EventKind] = {"create": "created", "update": "created"}
+_SEAWEEDFS_KINDS: dict[str, EventKind] = {
+    "create": "created",
+    "update": "created",
+    "delete": "removed",
+}
 
 
 def parse_seaweedfs_filer_event(doc: Mapping[str, Any]) -> ObjectEvent:
@@ -221,7 +225,8 @@ def parse_seaweedfs_filer_event(doc: Mapping[str, Any]) -> ObjectEvent:
     event_type = _string(doc, "event_type")
     path = _string(doc, "key")
     message = _mapping(doc, "message")
-    entry = message.get("new_entry")
+    # A delete carries only the ``old_entry``.
+    entry = message.get("new_entry") or message.get("old_entry")
     in_buckets = path.startswith(SEAWEEDFS_BUCKETS_FOLDER)
     bucket, _, key = (
         path[len(SEAWEEDFS_BUCKETS_FOLDER) :].partition("/") if in_buckets else ("", "", "")
@@ -233,13 +238,7 @@ def parse_seaweedfs_filer_event(doc: Mapping[str, Any]) -> ObjectEvent:
         and isinstance(entry, Mapping)
         and not entry.get("is_directory")
     )
-    kind: EventKind = (
-        _SEAWEEDFS_KINDS.get(event_type, "other")
-        if is_object
-        else "removed"
-        if event_type == "delete"
-        else "other"
-    )
+    kind: EventKind = _SEAWEEDFS_KINDS.get(event_type, "other") if is_object else "other"
     size = etag = None
     if isinstance(entry, Mapping):
         attributes = entry.get("attributes")
