@@ -40,10 +40,14 @@ class ServeProcess:
 
 @contextmanager
 def serve_process(
-    log_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    port: int | None = None,
 ) -> Iterator[ServeProcess]:
-    """Start ``python -m watcher.cli serve`` on a free port; wait for /readyz; stop it after."""
-    port = free_port()
+    """Start ``python -m watcher.cli serve`` (on a free port unless given); wait for /readyz;
+    stop it after."""
+    port = port or free_port()
     log_path = log_dir / f"serve-{port}.log"
     full_env = {
         **os.environ,
