@@ -9,7 +9,7 @@ import uvicorn
 
 from handler.config import Settings
 from handler.logs import get_logger
-from watcher.args import EXIT_FAILED, EXIT_OK
+from watcher.args import EXIT_FAILED, EXIT_OK, port_number
 from watcher.bucket import add_endpoint_options
 from watcher.serve_app import create_app
 
@@ -31,16 +31,6 @@ class _Server(uvicorn.Server):
         if self.should_exit:
             self.force_exit = True
         self.should_exit = True
-
-
-def port_number(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
-    return port
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
