@@ -79,24 +79,26 @@ def test_admission_refuses_beyond_concurrency_plus_queue() -> None:
         entered: list[int] = []
 
         async def hold(n: int) -> None:
-            async with admission.slot():
+            async with admission.admit() as ticket, ticket.compare():
                 entered.append(n)
                 await release.wait()
 
         tasks = [asyncio.create_task(hold(n)) for n in range(3)]
         await asyncio.sleep(0.01)
-        assert (admission.in_flight, admission.waiting, entered) == (2, 1, [0, 1])
+        assert (admission.admitted, entered) == (3, [0, 1])
         assert _value("pairwatch_queue_depth") == 1 and _value("pairwatch_in_flight") == 2
         with pytest.raises(Busy) as busy:
-            async with admission.slot():
+            async with admission.admit():
                 pass
         assert busy.value.retry_after >= 1
         tasks[2].cancel()  # a waiter that goes away gives its queue place back
         await asyncio.sleep(0.01)
-        assert admission.waiting == 0
+        assert admission.admitted == 2 and _value("pairwatch_queue_depth") == 0
+        async with admission.admit():  # so there is room again
+            pass
         release.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-        assert (admission.in_flight, admission.waiting) == (0, 0)
+        assert admission.admitted == 0
         assert _value("pairwatch_queue_depth") == 0 and _value("pairwatch_in_flight") == 0
 
     asyncio.run(scenario())

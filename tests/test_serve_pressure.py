@@ -99,10 +99,10 @@ def test_beyond_concurrency_and_queue_is_429_and_a_vanished_client_frees_its_slo
     server: ServeProcess, photos: tuple[bytes, bytes]
 ) -> None:
     body = _multipart(*photos)
-    holder = SlowUpload(server.port, body, len(body) // 3)  # takes the one slot
-    wait_for(lambda: _in_flight(server) == (1, 0), 10, what="the slot to be taken")
-    queued = SlowUpload(server.port, body, 0)  # takes the one queue place
-    wait_for(lambda: _in_flight(server) == (1, 1), 10, what="the queue place to be taken")
+    holder = SlowUpload(server.port, body, len(body) // 3)  # admitted, uploading
+    wait_for(lambda: _in_flight(server) == (0, 1), 10, what="the first place to be taken")
+    queued = SlowUpload(server.port, body, 0)  # admitted too: concurrency 1 + queue_size 1
+    wait_for(lambda: _in_flight(server) == (0, 2), 10, what="the queue place to be taken")
 
     refused = httpx.post(
         server.url + "/v1/compare", files={"a": ("a.jpg", photos[0]), "b": ("b.jpg", photos[1])}
@@ -111,8 +111,8 @@ def test_beyond_concurrency_and_queue_is_429_and_a_vanished_client_frees_its_slo
     assert int(refused.headers["Retry-After"]) >= 1
     assert refused.json()["error"]["type"] == "busy"
 
-    holder.abandon()  # disconnects mid-upload: its slot goes to the queued request
-    wait_for(lambda: _in_flight(server) == (1, 0), 10, what="the queued request to move up")
+    holder.abandon()  # disconnects mid-upload: its place is free again
+    wait_for(lambda: _in_flight(server) == (0, 1), 10, what="the vanished client's place")
     status, answer = queued.finish()
     assert status == 200 and b'"status":"ok"' in answer
     assert server.events("client_disconnected")
@@ -149,7 +149,7 @@ def test_sigterm_finishes_the_request_in_hand_then_exits_0(
     with serve_process(tmp_path) as server:
         body = _multipart(*photos)
         client = SlowUpload(server.port, body, len(body) // 2)
-        wait_for(lambda: _in_flight(server) == (1, 0), 10, what="the request to be in flight")
+        wait_for(lambda: _in_flight(server) == (0, 1), 10, what="the request to be in hand")
         server.process.send_signal(signal.SIGTERM)
         wait_for(lambda: _refuses(server.port), 10, what="the listening socket to close")
         assert not server.events("serve_stopped")  # still busy with the request in hand

@@ -1,9 +1,12 @@
-"""Admission control for ``pairwatch serve``: ``concurrency`` pairs at once, ``queue_size`` waiting.
+"""Admission control for ``pairwatch serve``: ``concurrency`` pairs compare at once,
+``queue_size`` more wait, and anything beyond is refused at once (429 with ``Retry-After``).
 
-A request takes a place *before* its upload is read, so the bodies in memory are bounded by
-``concurrency`` x 2 x ``max_input_bytes`` whatever the number of clients; one that finds every
-place taken is refused at once (429 with ``Retry-After``) instead of piling up. Leaving the block
-(answered, failed, or the client gone) frees the place.
+A request takes its place *before* its body is read. Of the admitted requests, at most
+``2 x concurrency`` hold a body in memory — the ones comparing and as many reading their upload
+meanwhile, so the next pair is in memory when a slot frees up — which bounds upload memory by
+``4 x concurrency x max_input_bytes`` whatever the number of clients. The others wait with
+their bodies unread in the socket. Leaving a block (answered, failed, the client gone) frees
+what it held.
 
 This is serve's own small component because the HTTP layer needs a non-blocking "is there
 room?" answer; the pair jobs themselves stay the runner's and the pipeline's.
@@ -19,8 +22,10 @@ from contextlib import asynccontextmanager
 
 from watcher import metrics
 
-#: Weight of the newest hold time in the running mean that ``Retry-After`` is estimated from.
+#: Weight of the newest compare time in the running mean ``Retry-After`` is estimated from.
 _SMOOTHING = 0.2
+#: Bodies in memory per compare slot: one comparing, one read ahead.
+_BODIES_PER_SLOT = 2
 
 
 class Busy(Exception):
@@ -31,10 +36,33 @@ class Busy(Exception):
         self.retry_after = retry_after
 
 
-class Admission:
-    """At most ``concurrency`` holders at once and ``queue_size`` waiters; beyond that ``Busy``.
+class Ticket:
+    """An admitted request: it may read its body, then ``compare()`` waits for a slot."""
 
-    Lives on the event loop (no locks: every method runs between two awaits).
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    @asynccontextmanager
+    async def compare(self) -> AsyncIterator[None]:
+        admission = self._admission
+        await admission._slots.acquire()
+        metrics.QUEUE_DEPTH.dec()
+        started = time.monotonic()
+        try:
+            with metrics.in_flight():
+                yield
+        finally:
+            admission._slots.release()
+            metrics.QUEUE_DEPTH.inc()
+            admission.record_hold(time.monotonic() - started)
+
+
+class Admission:
+    """``concurrency`` compare slots and ``queue_size`` waiting places; beyond that ``Busy``.
+
+    Lives on one event loop (no locks: every method runs between two awaits). The
+    ``pairwatch_queue_depth`` gauge counts admitted requests that are not comparing yet,
+    ``pairwatch_in_flight`` the ones comparing.
     """
 
     def __init__(self, concurrency: int, queue_size: int) -> None:
@@ -42,38 +70,30 @@ class Admission:
             raise ValueError("concurrency must be >= 1 and queue_size >= 0")
         self.concurrency = concurrency
         self.queue_size = queue_size
-        self.in_flight = 0
-        self.waiting = 0
-        self._slots: asyncio.Semaphore | None = None
+        self.admitted = 0
+        self._slots = asyncio.Semaphore(concurrency)
+        self._bodies = asyncio.Semaphore(concurrency * _BODIES_PER_SLOT)
         self._mean_hold = 1.0
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the block; raises ``Busy`` at once when there is no room."""
-        if self.in_flight + self.waiting >= self.concurrency + self.queue_size:
+    async def admit(self) -> AsyncIterator[Ticket]:
+        """Admit one request for the block; raises ``Busy`` at once when there is no room."""
+        if self.admitted >= self.concurrency + self.queue_size:
             raise Busy(self.retry_after())
-        if self._slots is None:  # created on the running loop, not at import or app build
-            self._slots = asyncio.Semaphore(self.concurrency)
-        self.waiting += 1
+        self.admitted += 1
         metrics.QUEUE_DEPTH.inc()
         try:
-            await self._slots.acquire()
+            async with self._bodies:
+                yield Ticket(self)
         finally:
-            self.waiting -= 1
+            self.admitted -= 1
             metrics.QUEUE_DEPTH.dec()
-        self.in_flight += 1
-        started = time.monotonic()
-        try:
-            with metrics.in_flight():
-                yield
-        finally:
-            self.in_flight -= 1
-            self._slots.release()
-            held = time.monotonic() - started
-            self._mean_hold += _SMOOTHING * (held - self._mean_hold)
+
+    def record_hold(self, seconds: float) -> None:
+        self._mean_hold += _SMOOTHING * (seconds - self._mean_hold)
 
     def retry_after(self) -> int:
-        """Whole seconds until a place is likely free: the queue ahead, drained at the mean
-        hold time per slot (at least 1)."""
-        rounds = (self.waiting + 1) / self.concurrency
+        """Whole seconds until a place is likely free: the requests ahead, drained
+        ``concurrency`` at a time at the mean compare time (at least 1)."""
+        rounds = (self.admitted + 1) / self.concurrency
         return max(1, math.ceil(rounds * self._mean_hold))

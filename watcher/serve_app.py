@@ -29,7 +29,7 @@ from handler.logs import elapsed_ms, get_logger
 from handler.pipeline import ImageInput, compare_pair
 from handler.result import ComparisonResult
 from watcher import metrics
-from watcher.serve_admission import Admission, Busy
+from watcher.serve_admission import Admission, Busy, Ticket
 from watcher.serve_compat import (
     CompatRequestError,
     apply_overrides,
@@ -171,7 +171,7 @@ def v1_config(raw: str | None, base: ComparisonConfig) -> ComparisonConfig:
 
 
 class PairRunner:
-    """Runs one uploaded pair on a worker thread, watching the connection meanwhile."""
+    """Reads an upload, then runs its pair on a worker thread, watching the connection."""
 
     def __init__(self, state: ServeState) -> None:
         self.state = state
@@ -190,12 +190,14 @@ class PairRunner:
     async def run(
         self,
         request: Request,
+        ticket: Ticket,
         pair_id: str,
         files: tuple[UploadedFile, UploadedFile],
         config: ComparisonConfig,
         fetch_seconds: float,
     ) -> ComparisonResult | None:
-        """The pair's result, or None when the client went away before it was done."""
+        """The pair's result once a compare slot is free, or None when the client went away
+        before it was done (while waiting, the pair is never started)."""
         settings = self.state.settings
         gone = threading.Event()
         a, b = (
@@ -213,13 +215,16 @@ class PairRunner:
                 max_input_pixels=settings.max_input_pixels,
             ).result
 
+        result: ComparisonResult | None = None
         async with anyio.create_task_group() as group:
             group.start_soon(_watch_disconnect, request.receive, gone)
-            result = await anyio.to_thread.run_sync(work, limiter=self.state.limiter)
+            async with ticket.compare():
+                if not gone.is_set():
+                    result = await anyio.to_thread.run_sync(work, limiter=self.state.limiter)
             group.cancel_scope.cancel()
-        if gone.is_set():
+        if result is None or gone.is_set():
             get_logger(pair_id=pair_id).warning("client_disconnected", stage="compare")
-            metrics.PAIRS.labels("http", result.comparator.name, "abandoned").inc()
+            metrics.PAIRS.labels("http", self.state.comparator.info.name, "abandoned").inc()
             return None
         metrics.record_result(result, "http", stages={"fetch": fetch_seconds})
         return result
@@ -391,13 +396,13 @@ def create_app(
         unavailable, 500 other model failures; 413 upload over the cap, 429 busy."""
         runner = PairRunner(state())
         try:
-            async with state().admission.slot():
+            async with state().admission.admit() as ticket:
                 upload, fetch_seconds = await runner.read(request, max_files=2)
                 files = _v1_files(upload)
                 config = v1_config(upload.fields.get("config"), state().settings.comparison)
                 pair_id = check_pair_id(upload.fields.get("pair_id"))
                 request.state.pair_id = pair_id
-                result = await runner.run(request, pair_id, files, config, fetch_seconds)
+                result = await runner.run(request, ticket, pair_id, files, config, fetch_seconds)
         except Busy as exc:
             return busy_response(exc)
         except UploadTooLarge as exc:
@@ -422,13 +427,13 @@ def create_app(
         or an image that cannot be processed; 500 for timeouts and model failures."""
         runner = PairRunner(state())
         try:
-            async with state().admission.slot():
+            async with state().admission.admit() as ticket:
                 upload, fetch_seconds = await runner.read(request, max_files=2)
                 files = _compat_files(upload)
                 config = compat_config(upload.fields, state().settings.comparison)
                 pair_id = check_pair_id(None)
                 request.state.pair_id = pair_id
-                result = await runner.run(request, pair_id, files, config, fetch_seconds)
+                result = await runner.run(request, ticket, pair_id, files, config, fetch_seconds)
         except Busy as exc:
             return busy_response(exc, envelope=True)
         except UploadTooLarge as exc:

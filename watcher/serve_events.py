@@ -126,7 +126,7 @@ class EventsEndpoint:
     async def deliver(self, parsed: Parsed) -> Delivery:
         """Handle one delivery in a worker thread inside an admission slot; lone images are
         filed for a look when their partner is due."""
-        async with self.admission.slot():
+        async with self.admission.admit() as ticket, ticket.compare():
             delivery: Delivery = await anyio.to_thread.run_sync(
                 self.jobs.handle_parsed, parsed, limiter=self.limiter
             )
