@@ -33,8 +33,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         yield process
 
 
-def _multipart(a: bytes, b: bytes) -> bytes:
-    parts = []
+def _multipart(a: bytes, b: bytes, **fields: str) -> bytes:
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
     for name, data in (("a", a), ("b", b)):
         parts.append(
             (
@@ -170,3 +173,30 @@ def _refuses(port: int) -> bool:
     except OSError:
         return True
     return False
+
+
+def test_a_client_gone_mid_compare_stops_its_pair_at_the_next_stage(tmp_path: Path) -> None:
+    """Large inputs (prepared at up to 8192 px) keep the pair busy for a while: the client
+    hangs up once it is comparing, and the pair stops before its second image is prepared."""
+    big = scenes.photo("astronaut").resize((6000, 6000))
+    a = scenes.encode(big)
+    env = {"PAIRWATCH_COMPARISON__MAX_IMAGE_SIZE": "[8192, 8192]"}
+    with serve_process(tmp_path, env) as server:
+        body = _multipart(a, a, pair_id="gone")
+        client = SlowUpload(server.port, body, len(body))
+        wait_for(lambda: _in_flight(server) == (1, 0), 30, 0.02, what="the pair to compare")
+        client.abandon()
+        wait_for(lambda: server.events("client_disconnected"), 30, what="the disconnect")
+        gone = server.events("client_disconnected")[-1]
+        assert (gone["pair_id"], gone["stage"]) == ("gone", "compare")
+        prepared = [e for e in server.events("image_prepared") if e.get("pair_id") == "gone"]
+        assert len(prepared) <= 1
+        assert not [e for e in server.events("pair_compared") if e.get("pair_id") == "gone"]
+        wait_for(lambda: _in_flight(server) == (0, 0), 30, what="the slot to be free")
+        photos = scenes.encode(scenes.photo("coffee"))
+        answer = httpx.post(
+            server.url + "/v1/compare",
+            files={"a": ("a.jpg", photos), "b": ("b.jpg", photos)},
+            timeout=60,
+        )
+        assert answer.status_code == 200
