@@ -91,7 +91,6 @@ class ServeState:
     events: EventsEndpoint | None = None
     ready: bool = False
     not_ready_reason: str = "the comparator is starting"
-    _threads: list[threading.Thread] = field(default_factory=list)
 
     def watch_readiness(self) -> None:
         """Wait for the comparator (a model loading, an endpoint answering) on a thread."""
@@ -107,26 +106,7 @@ class ServeState:
                 return
             self.ready = True
 
-        thread = threading.Thread(target=wait, name="readiness", daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-
-def busy_response(exc: Busy, envelope: bool = False) -> JSONResponse:
-    message = "too many pairs in flight; retry later"
-    headers = {"Retry-After": str(exc.retry_after)}
-    if envelope:
-        return JSONResponse(compat_envelope(429, message), status_code=429, headers=headers)
-    return error_response(429, "busy", message, **headers)
-
-
-def too_large_response(exc: UploadTooLarge, envelope: bool = False) -> JSONResponse:
-    # Connection: close makes uvicorn drop the connection after answering instead of reading
-    # (and discarding) the rest of the upload.
-    headers = {"Connection": "close"}
-    if envelope:
-        return JSONResponse(compat_envelope(413, str(exc)), status_code=413, headers=headers)
-    return error_response(413, "upload_too_large", str(exc), **headers)
+        threading.Thread(target=wait, name="readiness", daemon=True).start()
 
 
 def v1_status(result: ComparisonResult) -> int:
@@ -170,39 +150,88 @@ def v1_config(raw: str | None, base: ComparisonConfig) -> ComparisonConfig:
         raise RequestError(400, "bad_request", str(exc)) from None
 
 
+@dataclass(frozen=True)
+class PairRequest:
+    """What an endpoint makes of a form: the two files, the config and the pair id."""
+
+    files: tuple[UploadedFile, UploadedFile]
+    config: ComparisonConfig
+    pair_id: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request answered without a result (each endpoint renders it in its own shape)."""
+
+    status: int
+    type: str
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+#: Turns a parsed form into a ``PairRequest``; raises ``RequestError`` for a bad one.
+Select = Callable[[Upload, ComparisonConfig], PairRequest]
+
+
 class PairRunner:
-    """Reads an upload, then runs its pair on a worker thread, watching the connection."""
+    """Admits a request, reads its upload, then runs its pair on a worker thread while
+    watching the connection."""
 
     def __init__(self, state: ServeState) -> None:
         self.state = state
 
-    async def read(self, request: Request, max_files: int) -> tuple[Upload, float]:
-        started = time.perf_counter()
-        upload = await read_upload(
-            request.headers.get("content-type", ""),
-            request.stream(),
-            max_file_bytes=self.state.settings.max_input_bytes,
-            max_files=max_files,
-            max_pixels=self.state.settings.max_input_pixels,
-        )
-        return upload, time.perf_counter() - started
+    async def handle(
+        self, request: Request, select: Select, two_files: str
+    ) -> ComparisonResult | Refusal | None:
+        """The result, a ``Refusal`` (busy, too large, malformed; ``two_files`` is the message
+        for a form with more than two files), or None when the client is gone."""
+        try:
+            async with self.state.admission.admit() as ticket:
+                started = time.perf_counter()
+                upload = await read_upload(
+                    request.headers.get("content-type", ""),
+                    request.stream(),
+                    max_file_bytes=self.state.settings.max_input_bytes,
+                    max_files=2,
+                    max_pixels=self.state.settings.max_input_pixels,
+                )
+                fetch_seconds = time.perf_counter() - started
+                pair = select(upload, self.state.settings.comparison)
+                request.state.pair_id = pair.pair_id
+                return await self.run(request, ticket, pair, fetch_seconds)
+        except Busy as exc:
+            message = "too many pairs in flight; retry later"
+            return Refusal(429, "busy", message, {"Retry-After": str(exc.retry_after)})
+        except UploadTooLarge as exc:
+            _log_refused(exc)
+            # Connection: close makes uvicorn drop the connection after answering instead of
+            # reading (and discarding) the rest of the upload.
+            return Refusal(413, "upload_too_large", str(exc), {"Connection": "close"})
+        except TooManyFiles:
+            return Refusal(400, "bad_request", two_files)
+        except MalformedUpload as exc:
+            return Refusal(400, "bad_request", str(exc))
+        except RequestError as exc:
+            return Refusal(exc.status, exc.type, exc.message)
+        except ClientDisconnect:
+            get_logger().warning("client_disconnected", stage="upload")
+            return None
 
     async def run(
         self,
         request: Request,
         ticket: Ticket,
-        pair_id: str,
-        files: tuple[UploadedFile, UploadedFile],
-        config: ComparisonConfig,
+        pair: PairRequest,
         fetch_seconds: float,
     ) -> ComparisonResult | None:
         """The pair's result once a compare slot is free, or None when the client went away
         before it was done (while waiting, the pair is never started)."""
         settings = self.state.settings
+        pair_id = pair.pair_id
         gone = threading.Event()
         a, b = (
             ImageInput(safe_filename(f.filename, slot), _loader(f, gone))
-            for f, slot in zip(files, ("a", "b"), strict=True)
+            for f, slot in zip(pair.files, ("a", "b"), strict=True)
         )
 
         def work() -> ComparisonResult:
@@ -210,7 +239,7 @@ class PairRunner:
                 pair_id,
                 a,
                 b,
-                config,
+                pair.config,
                 self.state.comparator,
                 max_input_pixels=settings.max_input_pixels,
             ).result
@@ -393,65 +422,29 @@ def create_app(
     @app.post("/v1/compare", openapi_extra=_V1_BODY, summary="Compare two uploaded images")
     async def compare_v1(request: Request) -> Response:
         """Answer the result JSON: 200 ok, 422 failed on its inputs, 504 timeout, 503 model
-        unavailable, 500 other model failures; 413 upload over the cap, 429 busy."""
-        runner = PairRunner(state())
-        try:
-            async with state().admission.admit() as ticket:
-                upload, fetch_seconds = await runner.read(request, max_files=2)
-                files = _v1_files(upload)
-                config = v1_config(upload.fields.get("config"), state().settings.comparison)
-                pair_id = check_pair_id(upload.fields.get("pair_id"))
-                request.state.pair_id = pair_id
-                result = await runner.run(request, ticket, pair_id, files, config, fetch_seconds)
-        except Busy as exc:
-            return busy_response(exc)
-        except UploadTooLarge as exc:
-            _log_refused(exc)
-            return too_large_response(exc)
-        except TooManyFiles:
-            return error_response(400, "bad_request", "give two files, a and b")
-        except MalformedUpload as exc:
-            return error_response(400, "bad_request", str(exc))
-        except RequestError as exc:
-            return error_response(exc.status, exc.type, exc.message)
-        except ClientDisconnect:
-            get_logger().warning("client_disconnected", stage="upload")
-            return Response(status_code=400)
-        if result is None:
+        unavailable, 500 other model failures; 400 bad form, 413 upload over the cap, 429
+        busy."""
+        outcome = await PairRunner(state()).handle(request, _v1_request, "give two files, a and b")
+        if isinstance(outcome, Refusal):
+            return error_response(outcome.status, outcome.type, outcome.message, **outcome.headers)
+        if outcome is None:
             return Response(status_code=400)  # nobody is listening any more
-        return JSONResponse(result.model_dump(mode="json"), status_code=v1_status(result))
+        return JSONResponse(outcome.model_dump(mode="json"), status_code=v1_status(outcome))
 
     @app.post("/compare", openapi_extra=_COMPAT_BODY, summary="The original API (envelope)")
     async def compare_compat(request: Request) -> Response:
         """``{"code", "msg", "data"}``: 200 with the result; 400 for a file count other than two
         or an image that cannot be processed; 500 for timeouts and model failures."""
-        runner = PairRunner(state())
-        try:
-            async with state().admission.admit() as ticket:
-                upload, fetch_seconds = await runner.read(request, max_files=2)
-                files = _compat_files(upload)
-                config = compat_config(upload.fields, state().settings.comparison)
-                pair_id = check_pair_id(None)
-                request.state.pair_id = pair_id
-                result = await runner.run(request, ticket, pair_id, files, config, fetch_seconds)
-        except Busy as exc:
-            return busy_response(exc, envelope=True)
-        except UploadTooLarge as exc:
-            _log_refused(exc)
-            return too_large_response(exc, envelope=True)
-        except TooManyFiles:
-            return JSONResponse(compat_envelope(400, TWO_FILES_MESSAGE), status_code=400)
-        except (MalformedUpload, CompatRequestError) as exc:
-            return JSONResponse(compat_envelope(400, str(exc)), status_code=400)
-        except ClientDisconnect:
-            get_logger().warning("client_disconnected", stage="upload")
+        outcome = await PairRunner(state()).handle(request, _compat_request, TWO_FILES_MESSAGE)
+        if isinstance(outcome, Refusal):
+            envelope = compat_envelope(outcome.status, outcome.message)
+            return JSONResponse(envelope, status_code=outcome.status, headers=outcome.headers)
+        if outcome is None:
             return Response(status_code=400)
-        if result is None:
-            return Response(status_code=400)
-        code = compat_status(result, INPUT_ERROR_TYPES)
-        message = "success" if code == 200 else result.error.message if result.error else ""
+        code = compat_status(outcome, INPUT_ERROR_TYPES)
+        message = "success" if code == 200 else outcome.error.message if outcome.error else ""
         return JSONResponse(
-            compat_envelope(code, message, result.model_dump(mode="json")), status_code=code
+            compat_envelope(code, message, outcome.model_dump(mode="json")), status_code=code
         )
 
     @app.post("/v1/events", summary="Object notifications (MinIO, SeaweedFS, S3 event JSON)")
@@ -485,7 +478,8 @@ def create_app(
     return app
 
 
-def _v1_files(upload: Upload) -> tuple[UploadedFile, UploadedFile]:
+def _v1_request(upload: Upload, base: ComparisonConfig) -> PairRequest:
+    """Files ``a`` and ``b``, optional ``config`` (JSON) and ``pair_id``; nothing else."""
     by_name = {f.field_name: f for f in upload.files}
     unknown = sorted(set(upload.fields) - {"config", "pair_id"})
     if unknown or set(by_name) != {"a", "b"} or len(upload.files) != 2:
@@ -495,14 +489,23 @@ def _v1_files(upload: Upload) -> tuple[UploadedFile, UploadedFile]:
             "expected files a and b and optional fields config, pair_id"
             + (f"; unknown fields: {', '.join(unknown)}" if unknown else ""),
         )
-    return by_name["a"], by_name["b"]
+    return PairRequest(
+        (by_name["a"], by_name["b"]),
+        v1_config(upload.fields.get("config"), base),
+        check_pair_id(upload.fields.get("pair_id")),
+    )
 
 
-def _compat_files(upload: Upload) -> tuple[UploadedFile, UploadedFile]:
+def _compat_request(upload: Upload, base: ComparisonConfig) -> PairRequest:
+    """Two ``files`` and the original config fields (others ignored, as the original did)."""
     files = [f for f in upload.files if f.field_name == "files"]
     if len(files) != 2 or len(upload.files) != 2:
-        raise CompatRequestError(TWO_FILES_MESSAGE)
-    return files[0], files[1]
+        raise RequestError(400, "bad_request", TWO_FILES_MESSAGE)
+    try:
+        config = compat_config(upload.fields, base)
+    except CompatRequestError as exc:
+        raise RequestError(400, "bad_request", str(exc)) from None
+    return PairRequest((files[0], files[1]), config, check_pair_id(None))
 
 
 def _log_refused(exc: UploadTooLarge) -> None:
