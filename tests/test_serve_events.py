@@ -86,6 +86,10 @@ def s3_payload(bucket: str, key: str) -> dict[str, Any]:
     return doc
 
 
+def _post(server: ServeProcess, payload: dict[str, Any]) -> httpx.Response:
+    return httpx.post(server.url + "/v1/events", json=payload, headers=AUTH, timeout=60)
+
+
 def _result(s3: Any, bucket: str, key: str) -> ComparisonResult:
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     return ComparisonResult.model_validate_json(body)
@@ -108,22 +112,12 @@ def test_minio_webhook_writes_the_result_into_the_bucket(
 ) -> None:
     s3 = client("s3", moto)
     s3.put_object(Bucket=bucket, Key="incoming/shop front/a.jpg", Body=photos[0])
-    first = httpx.post(
-        server.url + "/v1/events",
-        json=minio_payload(bucket, "incoming/shop front/a.jpg"),
-        headers=AUTH,
-        timeout=60,
-    )
+    first = _post(server, minio_payload(bucket, "incoming/shop front/a.jpg"))
     assert first.status_code == 200
     assert [o["outcome"] for o in first.json()["outcomes"]] == ["waiting"]
 
     s3.put_object(Bucket=bucket, Key="incoming/shop front/b.jpg", Body=photos[1])
-    second = httpx.post(
-        server.url + "/v1/events",
-        json=minio_payload(bucket, "incoming/shop front/b.jpg"),
-        headers=AUTH,
-        timeout=60,
-    )
+    second = _post(server, minio_payload(bucket, "incoming/shop front/b.jpg"))
     assert second.status_code == 200
     assert second.json()["outcomes"] == [
         {"bucket": bucket, "key": "incoming/shop front/b.jpg", "outcome": "written"}
@@ -133,12 +127,7 @@ def test_minio_webhook_writes_the_result_into_the_bucket(
     assert (result.pair_id, result.status, result.is_similar) == ("shop front", "ok", False)
     assert [i.name for i in result.inputs] == ["a.jpg", "b.jpg"]
 
-    again = httpx.post(
-        server.url + "/v1/events",
-        json=minio_payload(bucket, "incoming/shop front/b.jpg"),
-        headers=AUTH,
-        timeout=60,
-    )
+    again = _post(server, minio_payload(bucket, "incoming/shop front/b.jpg"))
     assert again.json()["outcomes"][0]["outcome"] == "skipped"
     metrics = httpx.get(server.url + "/metrics").text
     assert 'pairwatch_events_total{outcome="written",source="minio:s3"}' in metrics
@@ -151,12 +140,7 @@ def test_plain_s3_event_json(
     s3 = client("s3", moto)
     s3.put_object(Bucket=bucket, Key="incoming/p/a.jpg", Body=photos[0])
     s3.put_object(Bucket=bucket, Key="incoming/p/b.jpg", Body=photos[0])
-    answer = httpx.post(
-        server.url + "/v1/events",
-        json=s3_payload(bucket, "incoming/p/b.jpg"),
-        headers=AUTH,
-        timeout=60,
-    )
+    answer = _post(server, s3_payload(bucket, "incoming/p/b.jpg"))
     assert answer.status_code == 200
     assert _result(s3, bucket, "incoming/p/result.json").is_similar is True
 
@@ -166,11 +150,7 @@ def test_a_lone_image_is_looked_at_again_when_its_partner_is_due(
 ) -> None:
     s3 = client("s3", moto)
     s3.put_object(Bucket=bucket, Key="incoming/alone/a.jpg", Body=photos[0])
-    answer = httpx.post(
-        server.url + "/v1/events",
-        json=minio_payload(bucket, "incoming/alone/a.jpg"),
-        headers=AUTH,
-    )
+    answer = _post(server, minio_payload(bucket, "incoming/alone/a.jpg"))
     assert answer.status_code == 200 and answer.json()["outcomes"][0]["outcome"] == "waiting"
 
     def written() -> ComparisonResult | None:
@@ -190,12 +170,7 @@ def test_a_manifest_before_its_images_asks_for_redelivery(
     s3.put_object(
         Bucket=bucket, Key="incoming/m.pair.json", Body=b'{"a": "x/a.jpg", "b": "x/b.jpg"}'
     )
-    answer = httpx.post(
-        server.url + "/v1/events",
-        json=minio_payload(bucket, "incoming/m.pair.json"),
-        headers=AUTH,
-        timeout=60,
-    )
+    answer = _post(server, minio_payload(bucket, "incoming/m.pair.json"))
     assert answer.status_code == 503 and int(answer.headers["Retry-After"]) > 0
 
 
@@ -220,11 +195,7 @@ def test_malformed_bodies_are_400_and_the_server_carries_on(
 
 
 def test_hostile_key_is_refused_for_that_record(server: ServeProcess, bucket: str) -> None:
-    answer = httpx.post(
-        server.url + "/v1/events",
-        json=minio_payload(bucket, "incoming/p/../../etc/x.jpg"),
-        headers=AUTH,
-    )
+    answer = _post(server, minio_payload(bucket, "incoming/p/../../etc/x.jpg"))
     assert answer.status_code == 200
     assert answer.json()["refused"] == 1 and answer.json()["outcomes"] == []
     assert server.events("event_rejected")
@@ -268,3 +239,11 @@ def test_seaweedfs_filer_webhook_end_to_end(tmp_path: Path, photos: tuple[bytes,
             assert result.inputs[0].etag is not None
             sources = {line.get("path") for line in server.events("http_request")}
             assert sources == {"/readyz", "/v1/events"}
+
+
+def test_an_oversized_event_body_is_413(server: ServeProcess) -> None:
+    answer = httpx.post(
+        server.url + "/v1/events", content=b" " * (2 * 1024 * 1024), headers=AUTH, timeout=60
+    )
+    assert answer.status_code == 413 and answer.json()["error"]["type"] == "body_too_large"
+    assert httpx.get(server.url + "/healthz").status_code == 200

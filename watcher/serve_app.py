@@ -315,54 +315,36 @@ class AccessLog:
             )
 
 
-_V1_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["a", "b"],
-                    "properties": {
-                        "a": {"type": "string", "format": "binary", "description": "image A"},
-                        "b": {"type": "string", "format": "binary", "description": "image B"},
-                        "config": {
-                            "type": "string",
-                            "description": "JSON object of ComparisonConfig fields",
-                        },
-                        "pair_id": {"type": "string", "maxLength": MAX_PAIR_ID_CHARS},
-                    },
-                }
-            }
-        },
+def _multipart_body(required: list[str], properties: dict[str, object]) -> dict[str, object]:
+    """OpenAPI for a form the endpoint streams itself (FastAPI's ``File()`` would spool it)."""
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
     }
-}
-_COMPAT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "exactly two images",
-                        },
-                        "focus_elements": {"type": "string"},
-                        "comparison_aspects": {"type": "string"},
-                        "similarity_threshold": {"type": "number"},
-                        "max_image_size": {"type": "string"},
-                        "image_quality": {"type": "integer"},
-                        "processing_timeout": {"type": "number"},
-                    },
-                }
-            }
-        },
-    }
-}
+
+
+_BINARY = {"type": "string", "format": "binary"}
+_V1_BODY = _multipart_body(
+    ["a", "b"],
+    {
+        "a": {**_BINARY, "description": "image A"},
+        "b": {**_BINARY, "description": "image B"},
+        "config": {"type": "string", "description": "JSON object of ComparisonConfig fields"},
+        "pair_id": {"type": "string", "maxLength": MAX_PAIR_ID_CHARS},
+    },
+)
+_COMPAT_BODY = _multipart_body(
+    ["files"],
+    {
+        "files": {"type": "array", "items": _BINARY, "description": "exactly two images"},
+        "focus_elements": {"type": "string"},
+        "comparison_aspects": {"type": "string"},
+        "similarity_threshold": {"type": "number"},
+        "max_image_size": {"type": "string"},
+        "image_quality": {"type": "integer"},
+        "processing_timeout": {"type": "number"},
+    },
+)
 
 
 def create_app(

@@ -98,7 +98,10 @@ class EventsEndpoint:
             body = await _read_capped(request.stream(), MAX_EVENT_BYTES)
         except BodyTooLarge:
             return error_response(
-                413, "body_too_large", f"events are at most {MAX_EVENT_BYTES} bytes"
+                413,
+                "body_too_large",
+                f"events are at most {MAX_EVENT_BYTES} bytes",
+                Connection="close",  # the rest of the body is not read
             )
         except ClientDisconnect:
             return Response(status_code=400)
