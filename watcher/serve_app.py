@@ -61,6 +61,7 @@ INPUT_ERROR_TYPES = frozenset(
     }
 )
 MAX_PAIR_ID_CHARS = 200
+JSON_TYPE = "application/json"
 TWO_FILES_MESSAGE = "exactly two files are required"
 
 
@@ -411,7 +412,10 @@ def create_app(
             return error_response(outcome.status, outcome.type, outcome.message, **outcome.headers)
         if outcome is None:
             return Response(status_code=400)  # nobody is listening any more
-        return JSONResponse(outcome.model_dump(mode="json"), status_code=v1_status(outcome))
+        # pydantic's own serializer: the result is written once, without a dict in between.
+        return Response(
+            outcome.model_dump_json(), status_code=v1_status(outcome), media_type=JSON_TYPE
+        )
 
     @app.post("/compare", openapi_extra=_COMPAT_BODY, summary="The original API (envelope)")
     async def compare_compat(request: Request) -> Response:
