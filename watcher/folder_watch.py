@@ -49,6 +49,7 @@ from handler.jobs import (
 from handler.logs import elapsed_ms, get_logger
 from handler.pairs import is_ignored_name, is_manifest_name, is_relevant_name
 from handler.storage import LocalStorage, remove_stale_temporaries
+from watcher import metrics
 from watcher.jobqueue import CoalescingQueue
 from watcher.settle import Change, Settler
 from watcher.shutdown import StopFlag
@@ -238,6 +239,7 @@ class FolderWatcher:
             )
             self.summary.add_crash(spec)
             return
+        metrics.record_report(report, "folder")
         if spec.kind == "manifest":
             self._track_inputs(spec, report.inputs)
         if report.outcome == "waiting" and report.retry_in is not None:
