@@ -31,7 +31,7 @@ from handler.pipeline import ImageInput, compare_pair
 from handler.result import ComparisonResult
 from tests.support import tiny_vlm
 
-ANSWER = '{"similarity": 0.8, "differences": [], "summary": "check"}'
+ANSWER = '{"similarity": 0.8, "summary": "check", "differences": []}'
 #: Allocator rounding and cache blocks; a growing peak is hundreds of MB at 100 MP.
 TOLERANCE_MB = 16.0
 
