@@ -32,8 +32,8 @@ from handler.compare.vl import VLComparator
 from handler.compare.vl.prompt import ModelAnswer
 from handler.config import ComparisonConfig, Settings
 from handler.logs import configure_logging
-from handler.pipeline import ImageInput, compare_pair
 from handler.result import ComparisonResult
+from tests.gpu.check import run_pair
 from tests.support import tiny_vlm
 
 #: Small prepared images: the tiny model's prompt stays short, as the tests keep it.
@@ -68,15 +68,7 @@ def run(
         comparator.wait_ready()
 
         def one(index: int) -> ComparisonResult:
-            a, b = work[index]
-            return compare_pair(
-                f"pair-{index}",
-                ImageInput("a.jpg", lambda: a),
-                ImageInput("b.jpg", lambda: b),
-                CONFIG,
-                comparator,
-                max_input_pixels=200_000_000,
-            ).result
+            return run_pair(comparator, *work[index], CONFIG, pair_id=f"pair-{index}")
 
         started = time.perf_counter()
         with ThreadPoolExecutor(batch) as pool:

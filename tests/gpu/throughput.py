@@ -40,8 +40,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from handler.compare.vl import VLComparator
 from handler.config import ComparisonConfig, Settings
 from handler.logs import configure_logging
-from handler.pipeline import ImageInput, compare_pair
 from handler.result import ComparisonResult
+from tests.gpu.check import run_pair
 from tests.support import tiny_vlm
 
 #: Qwen2.5-VL-3B-Instruct's config.json (text and vision), as published.
@@ -241,15 +241,7 @@ def run_batch_size(
 def _one(
     comparator: VLComparator, pair: tuple[bytes, bytes], config: ComparisonConfig
 ) -> ComparisonResult:
-    a, b = pair
-    return compare_pair(
-        "gpu",
-        ImageInput("a.jpg", lambda: a),
-        ImageInput("b.jpg", lambda: b),
-        config,
-        comparator,
-        max_input_pixels=200_000_000,
-    ).result
+    return run_pair(comparator, *pair, config, pair_id="gpu")
 
 
 def main(argv: list[str] | None = None) -> int:
