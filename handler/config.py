@@ -7,6 +7,7 @@ precedence is explicit arguments > environment > file > defaults.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tomllib
 from pathlib import Path
@@ -151,6 +152,27 @@ class Settings(BaseSettings):
         ge=0,
         description="Lambda: hand the rest of an SQS batch back when less time than this is left.",
     )
+    concurrency: int | None = Field(
+        None,
+        gt=0,
+        le=1024,
+        description="Pairs compared at once; unset: 8 for the vl comparator, 1 for metrics.",
+    )
+    serve_host: str = Field("127.0.0.1", description="pairwatch serve: address to listen on.")
+    serve_port: int = Field(8080, ge=0, le=65535, description="pairwatch serve: TCP port.")
+    events_token: SecretStr | None = Field(
+        None,
+        description="pairwatch serve: bearer token POST /v1/events requires (unset: disabled).",
+    )
+    events_token_file: Path | None = Field(
+        None, description="File holding events_token (a mounted secret), read at start-up."
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="watch ...: serve Prometheus metrics on this port (on serve_host).",
+    )
 
     @model_validator(mode="after")
     def _vl_needs_a_model(self) -> Settings:
@@ -167,19 +189,29 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _local_vl_needs_the_extra(self) -> Settings:
+        """The core install has no torch: say so up front, not as an ImportError mid-pair.
+        (With ``vl_backend = "openai"`` the model runs on the server: no extra needed.)"""
+        runs_vl = self.comparator == "vl" or (self.comparator == "auto" and bool(self.model))
+        missing = missing_vl_packages() if runs_vl and self.vl_backend == "local" else []
+        if missing:
+            raise ValueError(
+                "the VL comparator needs the optional extra 'vl': "
+                f"pip install 'pairwatch[vl]' (missing: {', '.join(missing)})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _api_key_from_file(self) -> Settings:
-        """A key file (a mounted secret) fills ``vl_api_key`` unless the key is given itself;
-        the file is read once here so a missing or unreadable one is a configuration error."""
+        """A key file (a mounted secret) fills ``vl_api_key`` unless the key is given itself."""
         if self.vl_api_key is None and self.vl_api_key_file is not None:
-            try:
-                key = self.vl_api_key_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ValueError(f"cannot read vl_api_key_file: {exc.strerror}") from None
-            except UnicodeDecodeError:
-                raise ValueError("vl_api_key_file is not UTF-8 text") from None
-            if not key:
-                raise ValueError("vl_api_key_file is empty")
-            self.vl_api_key = SecretStr(key)
+            self.vl_api_key = SecretStr(read_secret_file(self.vl_api_key_file))
+        return self
+
+    @model_validator(mode="after")
+    def _read_events_token_file(self) -> Settings:
+        if self.events_token is None and self.events_token_file is not None:
+            self.events_token = SecretStr(read_secret_file(self.events_token_file))
         return self
 
     @classmethod
@@ -194,8 +226,28 @@ class Settings(BaseSettings):
         return (init_settings, env_settings)
 
 
+#: What the local VL model needs beyond the core install (the ``vl`` extra, xgrammar optional).
+VL_PACKAGES = ("torch", "torchvision", "transformers")
+
+
+def missing_vl_packages() -> list[str]:
+    """The ``vl`` extra's packages that are not installed (looked up, not imported)."""
+    return [name for name in VL_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 class ConfigFileError(ValueError):
     """The ``--config`` file is missing, unparseable or holds invalid values."""
+
+
+def read_secret_file(path: Path) -> str:
+    """A secret from a mounted file (Kubernetes/Docker secrets): stripped, never empty."""
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read secret file {path}: {exc}") from exc
+    if not secret:
+        raise ValueError(f"secret file {path} is empty")
+    return secret
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -292,7 +292,7 @@ def test_the_api_key_comes_from_a_file_and_is_never_shown(tmp_path: Path) -> Non
     assert settings.vl_api_key is not None
     assert settings.vl_api_key.get_secret_value() == SECRET
     assert SECRET not in repr(settings) and SECRET not in settings.model_dump_json()
-    with pytest.raises(ConfigFileError, match="vl_api_key_file"):
+    with pytest.raises(ConfigFileError, match="cannot read secret file"):
         load_settings(vl_api_key_file=tmp_path / "missing")
     with pytest.raises(ConfigFileError, match="needs vl_endpoint"):
         load_settings(vl_backend="openai")

@@ -31,7 +31,7 @@ from handler.pipeline import ImageInput, compare_pair
 from handler.result import ComparisonResult
 from tests.support import tiny_vlm
 
-ANSWER = '{"similarity": 0.8, "differences": [], "summary": "check"}'
+ANSWER = '{"similarity": 0.8, "summary": "check", "differences": []}'
 #: Allocator rounding and cache blocks; a growing peak is hundreds of MB at 100 MP.
 TOLERANCE_MB = 16.0
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         comparator = VLComparator(Settings(model=str(model), device=args.device))
         try:
             warm_a, warm_b = synthetic_pair(0.3, seed=99)
-            warm = _pair(comparator, warm_a, warm_b, config)
+            warm = run_pair(comparator, warm_a, warm_b, config)
             if warm.status != "ok":
                 print(f"warm-up failed: {warm.error}", file=sys.stderr)
                 return 2
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 peaks: list[float] = []
                 started = time.perf_counter()
                 for _ in range(args.pairs):
-                    result = _pair(comparator, a, b, config)
+                    result = run_pair(comparator, a, b, config)
                     if result.status != "ok" or result.vl is None:
                         print(f"{megapixels} MP: {result.status} {result.error}", file=sys.stderr)
                         return 2
@@ -123,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if verdict == "PASS" else 1
 
 
-def _pair(
-    comparator: VLComparator, a: bytes, b: bytes, config: ComparisonConfig
+def run_pair(
+    comparator: VLComparator, a: bytes, b: bytes, config: ComparisonConfig, pair_id: str = "check"
 ) -> ComparisonResult:
+    """One pair of JPEG bytes through the real pipeline (also used by the throughput checks)."""
     return compare_pair(
-        "check",
+        pair_id,
         ImageInput("a.jpg", lambda: a),
         ImageInput("b.jpg", lambda: b),
         config,

@@ -26,11 +26,11 @@ _ANSWER_SHAPE = (
 #: Bounds of the answer's JSON Schema. They bound the tokens a constrained answer can take (a
 #: random-weight model fills every string to its limit), so keep them within what
 #: ``vl_max_new_tokens`` (512 by default) allows; a real model's answers stay well inside them.
-MAX_DIFFERENCES = 4
+MAX_DIFFERENCES = 3
 MAX_ASPECT_CHARS = 16
-MAX_ELEMENT_CHARS = 32
-MAX_DESCRIPTION_CHARS = 100
-MAX_SUMMARY_CHARS = 120
+MAX_ELEMENT_CHARS = 24
+MAX_DESCRIPTION_CHARS = 80
+MAX_SUMMARY_CHARS = 100
 MAX_REGION_INDEX = 999
 
 

@@ -135,7 +135,8 @@ class Fault:
     ``oom_above_pixels`` makes a real, impossible tensor allocation on the model's device while
     an image's resized pixel count exceeds it, so the allocator itself raises the out-of-memory
     error the retry path must handle; ``oom_above_batch`` does the same while more than that
-    many pairs share one ``generate``; ``crash`` dereferences a null pointer (a real SIGSEGV).
+    many pairs share one ``generate``; ``crash`` dereferences a null pointer (a real SIGSEGV),
+    after ``delay_s``.
     """
 
     delay_s: float = 0.0

@@ -170,11 +170,11 @@ class Engine:
             _Pair(i, r, [_decode(j) for j in r.jpegs], now + r.timeout_s, r.max_pixels)
             for i, r in enumerate(batch)
         ]
-        if any(p.fault.crash for p in pairs):
-            ctypes.string_at(0)  # a real segfault, as a broken kernel or driver would cause
         delay = max(p.fault.delay_s for p in pairs)
         if delay:
             time.sleep(delay)
+        if any(p.fault.crash for p in pairs):
+            ctypes.string_at(0)  # a real segfault, as a broken kernel or driver would cause
         if self.on_cuda:
             self._torch.cuda.reset_peak_memory_stats(self.device)
         self._attempt(pairs, send)
