@@ -25,6 +25,7 @@ import psutil
 import pytest
 from pydantic import SecretStr
 
+from handler import config
 from handler.compare.vl.openai_backend import (
     MAX_BUSY_WAITS,
     PROBE_WORD,
@@ -442,3 +443,24 @@ def test_a_server_that_passes_the_probe_gets_the_answer_schema(
             assert pair["json_schema"]["name"] == "ComparisonAnswer"
     finally:
         server.stop()
+
+
+def test_the_openai_backend_needs_no_vl_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings check the ``vl`` extra only where the model runs locally, and building the
+    comparator for a server imports no torch (a fresh interpreter tells)."""
+    monkeypatch.setattr(config, "VL_PACKAGES", ("pairwatch_no_such_package",))
+    with pytest.raises(ConfigFileError, match="optional extra 'vl'"):
+        load_settings(comparator="vl", model="m")
+    load_settings(comparator="vl", model="m", vl_backend="openai", vl_endpoint="http://e/v1")
+    code = (
+        "import sys\n"
+        "from handler.compare import create_comparator\n"
+        "from handler.config import load_settings\n"
+        "c = create_comparator(load_settings(comparator='vl', model='m', vl_backend='openai',"
+        " vl_endpoint='http://127.0.0.1:9/v1'))\n"
+        "assert c.info.backend == 'openai', c.info\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cli_env(), timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
