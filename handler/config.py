@@ -104,6 +104,12 @@ class Settings(BaseSettings):
         0.5, ge=0, description="Seconds a file's size and mtime must be stable before it is read."
     )
     queue_size: int = Field(1000, gt=0, description="Bound of the watcher's pending-pair queue.")
+    concurrency: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Pairs in progress at once, every source; default 8 for vl, 1 for metrics.",
+    )
     diff_image: bool = Field(True, description="Write diff.png beside every result.")
     input_prefix: str = Field(
         "",
@@ -130,6 +136,15 @@ class Settings(BaseSettings):
         ge=0,
         description="Lambda: hand the rest of an SQS batch back when less time than this is left.",
     )
+
+    @property
+    def pairs_in_flight(self) -> int:
+        """``concurrency``, or its default: 8 for the VL model (the worker batches concurrent
+        pairs), 1 for metrics (CPU-bound; one image is decoded at a time anyway)."""
+        if self.concurrency is not None:
+            return self.concurrency
+        vl = self.comparator == "vl" or (self.comparator == "auto" and bool(self.model))
+        return 8 if vl else 1
 
     @model_validator(mode="after")
     def _vl_needs_a_model(self) -> Settings:

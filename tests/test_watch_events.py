@@ -1,6 +1,6 @@
 """The folder watcher against real filesystem events (inotify, and watchdog's polling observer).
 
-Each test runs a ``FolderWatcher`` on a background thread over a temporary folder and writes
+Each test runs a ``FolderSource`` (with its ``Runner``) on a background thread over a temporary folder and writes
 files the way real tools do: plain copies, rsync's hidden temp file then rename, slow writers,
 ``mv`` from outside. Results are awaited by polling for the file, never by fixed sleeps.
 """
@@ -24,7 +24,8 @@ from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
 from handler.result import ComparisonResult
 from tests.support import scenes
-from watcher.folder_watch import FolderWatcher
+from watcher.folder_source import FolderSource
+from watcher.runner import Runner
 from watcher.shutdown import StopFlag
 
 pytestmark = [
@@ -46,10 +47,13 @@ def photos() -> dict[str, bytes]:
 
 
 @contextmanager
-def watching(root: Path, *, polling: bool = False, **overrides: Any) -> Iterator[FolderWatcher]:
+def watching(root: Path, *, polling: bool = False, **overrides: Any) -> Iterator[FolderSource]:
     """A running watcher; stopped (and checked to have stopped) when the block ends."""
     settings = Settings(**{"settle_time": 0.2, **overrides})
-    watcher = FolderWatcher(root, settings, MetricsComparator(), polling=polling)
+    runner: Runner[Any] = Runner(
+        MetricsComparator(), concurrency=settings.pairs_in_flight, queue_size=settings.queue_size
+    )
+    watcher = FolderSource(root, settings, runner, polling=polling)
     stop = StopFlag()
     # daemon: a watcher stuck by a bug must fail this test, not hang the whole session.
     thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)

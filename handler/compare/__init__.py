@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from handler.compare.base import Comparator, Outcome
+from handler.compare.base import Comparator, Verdict
 from handler.config import Settings
 
-__all__ = ["Comparator", "Outcome", "create_comparator", "resolve_comparator_name"]
+__all__ = ["Comparator", "Verdict", "create_comparator", "resolve_comparator_name"]
 
 
 def resolve_comparator_name(settings: Settings) -> str:
