@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from handler.bucket_jobs import Delivery
-from handler.events import sqs_messages
+from handler.compare.metrics import MetricsComparator
+from handler.disposition import done
 from tests.support import scenes
 from tests.support.s3_servers import (
     ROOT,
@@ -30,7 +31,9 @@ from tests.support.s3_servers import (
     queue_depth,
     wait_for,
 )
-from watcher.sqs import _region_from_url, _Worker
+from watcher.runner import Runner
+from watcher.shutdown import StopFlag
+from watcher.sqs import SqsSource, _region_from_url
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,7 +101,8 @@ def test_worker_drains_the_queue_and_poison_goes_to_the_dlq(endpoint: str) -> No
     names = [e["event"] for e in events]
     assert names.count("result_written") == 4
     assert names.count("event_rejected") == 2  # the poison's two deliveries
-    assert names.count("message_left_for_retry") == 2
+    assert names.count("message_rejected") == 2  # left alone: SQS ends it in the DLQ
+    assert "message_left_for_retry" not in names
     assert "queue_idle" in names and names[-1] == "watch_stopped"
     assert aws_env()["AWS_SECRET_ACCESS_KEY"] not in stderr
     assert elapsed < 60
@@ -137,7 +141,6 @@ def test_visibility_is_extended_while_a_pair_runs(endpoint: str) -> None:
     sqs = client("sqs", endpoint)
     setup = notified_bucket(endpoint)
     wait_for(lambda: queue_depth(sqs, setup.queue_url) == 1, 10, 0.05, "the TestEvent")
-    message = sqs.receive_message(QueueUrl=setup.queue_url)["Messages"][0]
     seen_again: list[Any] = []
 
     class SlowJobs:
@@ -149,12 +152,20 @@ def test_visibility_is_extended_while_a_pair_runs(endpoint: str) -> None:
             while time.monotonic() < deadline:
                 other = sqs.receive_message(QueueUrl=setup.queue_url, WaitTimeSeconds=1)
                 seen_again.extend(other.get("Messages", []))
-            return Delivery(ok=True)
+            return Delivery(done())
 
-    worker = _Worker(sqs, setup.queue_url, SlowJobs(), visibility=1, wait_seconds=1)  # type: ignore[arg-type]
-    worker._handle(sqs_messages([message])[0], "1")
+    runner: Runner[str] = Runner(MetricsComparator(), concurrency=2, queue_size=10)
+    source = SqsSource(
+        sqs,
+        setup.queue_url,
+        SlowJobs(),
+        runner,
+        wait_seconds=1,
+        exit_when_idle=True,  # type: ignore[arg-type]
+    )
+    runner.run(StopFlag(), source)
     assert seen_again == []  # never visible to another consumer meanwhile
-    assert worker.deleted == 1 and queue_depth(sqs, setup.queue_url) == 0
+    assert source.deleted == 1 and queue_depth(sqs, setup.queue_url) == 0
 
 
 def test_region_is_read_from_aws_queue_urls() -> None:

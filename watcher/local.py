@@ -55,7 +55,8 @@ def _progress(watcher: FolderSource, enabled: bool) -> Iterator[None]:
     def advance(report: JobReport) -> None:
         del report
         with lock:  # reports come from the runner's worker threads
-            bar.total = max(bar.total or 0, bar.n + 1 + len(queue) + watcher.runner.in_flight())
+            # This pair is still in flight: done (n + 1) + the others in flight + the queue.
+            bar.total = max(bar.total or 0, bar.n + len(queue) + watcher.runner.in_flight())
             bar.update(1)
 
     watcher.on_report = advance

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             except ComparatorUnavailable:
                 return EXIT_FAILED
     log.info("watch_stopped", handled=source.handled, deleted=source.deleted)
-    return EXIT_OK
+    return EXIT_FAILED if source.unavailable else EXIT_OK
 
 
 def _region_from_url(url: str) -> str | None:
@@ -117,6 +117,8 @@ class SqsSource:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._idle = False
+        #: The queue could not be found or reached at start (the run then fails).
+        self.unavailable = False
         self.log = get_logger(queue=queue_url)
 
     # -- what the runner calls (main thread) --------------------------------------------------
@@ -138,6 +140,8 @@ class SqsSource:
 
     def finished(self) -> bool:
         with self._lock:
+            if self.unavailable:
+                return True
             return self.exit_when_idle and self._idle and not self._inbox and not self._in_hand
 
     def next_wait(self) -> float | None:
@@ -149,12 +153,16 @@ class SqsSource:
     # -- receiving (its own thread) -----------------------------------------------------------
 
     def _receive_loop(self) -> None:
-        while not self._stopped.is_set() and self.visibility is None:
-            try:
-                self.visibility = self._visibility_timeout()
-            except (BotoCoreError, ClientError) as exc:
-                self.log.error("queue_unavailable", error=str(exc))
-                self._stopped.wait(RECEIVE_RETRY_PAUSE)
+        try:
+            self.visibility = self._visibility_timeout()
+        except (BotoCoreError, ClientError) as exc:
+            # A wrong URL, missing permissions or no network (after the client's bounded
+            # attempts): a configuration to fix, not something to wait out.
+            self.log.error("queue_unavailable", error_type=type(exc).__name__, error=str(exc))
+            with self._lock:
+                self.unavailable = True
+            self.runner.wake()
+            return
         while not self._stopped.is_set():
             room = min(MAX_RECEIVE, self.runner.free_slots())
             if room <= 0:
@@ -184,6 +192,8 @@ class SqsSource:
             # Received by a poll that outlived the stop: hand them to another worker now.
             self._change_visibility(messages, 0)
             return
+        if not messages and self.exit_when_idle and not self._idle:
+            self.log.info("queue_idle")
         with self._lock:
             self._idle = not messages
             for message in messages:
@@ -247,7 +257,7 @@ class SqsSource:
 
     def _heartbeat(self) -> None:
         """Keep every message in hand invisible: one batch call per 10 every half timeout."""
-        while not self._stopped.wait(max((self.visibility or 30) / 2, 0.5)):
+        while not self._stopped.wait(max((self.visibility or 1) / 2, 0.5)):
             with self._lock:
                 in_hand = list(self._in_hand.values())
             if in_hand and self.visibility:
