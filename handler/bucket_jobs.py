@@ -87,7 +87,8 @@ class BucketJobs:
         self.prefix = prefix
 
     def storage(self, bucket: str) -> S3Storage:
-        """A fresh storage per job: its HEAD cache and seen-result ETags belong to one job."""
+        """A fresh storage per event: its HEAD and listing caches and seen-result ETags belong
+        to the jobs of one event."""
         return S3Storage(
             self.client,
             bucket,
@@ -129,7 +130,7 @@ class BucketJobs:
             log.debug("event_ignored", reason="hidden, temporary or not in a pair folder")
             return EventReport(event, disposition.done("ignored: not in a pair"))
         reports = tuple(
-            run_pair_job(self.storage(event.bucket), spec, self.settings, self.comparator, now=now)
+            run_pair_job(storage, spec, self.settings, self.comparator, now=now)
             for spec in specs
         )
         return EventReport(event, disposition.combine(r.disposition for r in reports), reports)

@@ -412,7 +412,7 @@ def _write(
             result = result.model_copy(update={"diff_image": posixpath.basename(spec.diff_path)})
         text = result.to_json().encode()
         storage.write_atomic(spec.result_path, text)
-    except (OSError, PairError) as exc:
+    except (OSError, PairError, StorageUnavailable) as exc:
         log.error(
             "pair_failed",
             error_type="output_unwritable",
