@@ -130,8 +130,7 @@ class BucketJobs:
             log.debug("event_ignored", reason="hidden, temporary or not in a pair folder")
             return EventReport(event, disposition.done("ignored: not in a pair"))
         reports = tuple(
-            run_pair_job(storage, spec, self.settings, self.comparator, now=now)
-            for spec in specs
+            run_pair_job(storage, spec, self.settings, self.comparator, now=now) for spec in specs
         )
         return EventReport(event, disposition.combine(r.disposition for r in reports), reports)
 

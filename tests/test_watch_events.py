@@ -1,8 +1,9 @@
 """The folder watcher against real filesystem events (inotify, and watchdog's polling observer).
 
-Each test runs a ``FolderSource`` (with its ``Runner``) on a background thread over a temporary folder and writes
-files the way real tools do: plain copies, rsync's hidden temp file then rename, slow writers,
-``mv`` from outside. Results are awaited by polling for the file, never by fixed sleeps.
+Each test runs a ``FolderSource`` (with its ``Runner``) on a background thread over a temporary
+folder and writes files the way real tools do: plain copies, rsync's hidden temp file then
+rename, slow writers, ``mv`` from outside. Results are awaited by polling for the file, never by
+fixed sleeps.
 """
 
 from __future__ import annotations

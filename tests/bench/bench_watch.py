@@ -40,8 +40,8 @@ from PIL import Image
 from handler.compare import create_comparator
 from handler.config import Settings
 from handler.jobs import run_pair_job
-from handler.pairs import PairSpec
 from handler.logs import configure_logging
+from handler.pairs import PairSpec
 from handler.storage import LocalStorage
 from tests.support import scenes
 
