@@ -3,16 +3,20 @@
 botocore's defaults (60 s connect and read timeouts, several attempts) let an endpoint that
 accepts TCP and never answers hold a watcher for minutes with no log line. Every client here
 gives up after ``CONNECT_TIMEOUT_S`` to connect, ``READ_TIMEOUT_S`` to answer (SQS: the long
-poll's wait on top) and ``MAX_ATTEMPTS`` attempts in all; the caller logs the failure.
+poll's wait on top) and ``MAX_ATTEMPTS`` attempts in all. Every failed attempt is logged
+(``aws_call_failed``), so a store that misbehaves is visible at once; the caller logs the
+final failure of the call.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
+
+from handler.logs import get_logger
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -28,7 +32,7 @@ def client_config(*, read_timeout: float = READ_TIMEOUT_S, path_style: bool = Fa
     return Config(
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=read_timeout,
-        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
         s3={"addressing_style": "path" if path_style else "auto"},
     )
 
@@ -55,6 +59,7 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None) -> S3C
         region_name=region,
         config=client_config(path_style=bool(custom)),
     )
+    _log_failed_attempts(client)
     return client
 
 
@@ -68,4 +73,32 @@ def sqs_client(
         region_name=region,
         config=client_config(read_timeout=READ_TIMEOUT_S + wait_seconds),
     )
+    _log_failed_attempts(client)
     return client
+
+
+def _log_failed_attempts(client: Any) -> None:
+    client.meta.events.register("needs-retry", _log_attempt, unique_id="pairwatch-log-attempt")
+
+
+def _log_attempt(
+    attempts: int,
+    operation: Any = None,
+    response: Any = None,
+    caught_exception: Exception | None = None,
+    **_: Any,
+) -> None:
+    """botocore asks every handler whether to retry; this one only logs failed attempts
+    (returning None leaves the decision to botocore's retry handler)."""
+    status = getattr(response[0], "status_code", None) if response else None
+    if caught_exception is None and (status is None or status < 500) and status != 429:
+        return
+    get_logger().warning(
+        "aws_call_failed",
+        operation=getattr(operation, "name", None),
+        attempt=attempts,
+        of=MAX_ATTEMPTS,
+        status=status,
+        error_type=type(caught_exception).__name__ if caught_exception else None,
+        error=str(caught_exception) if caught_exception else None,
+    )
