@@ -22,6 +22,7 @@ from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
 from handler.disposition import done
 from handler.jobs import MISSING_INPUT, JobReport, run_pair_job
+from handler.locks import pair_lock
 from handler.pairs import PairSpec, is_ignored_path, pairs_for_name
 from handler.result import ComparisonResult, ErrorInfo
 from handler.storage import LocalStorage, PairStorage
@@ -445,3 +446,36 @@ def test_failures_of_the_moment_are_retried_failures_of_the_inputs_are_not(
     again = _job(tmp_path, spec, settings, comparator)
     assert again.action == ("written" if retried else "skipped")
     assert (_result(result_file).status == "ok") is retried
+
+
+def test_a_failure_of_the_moment_is_written_but_never_final(
+    tmp_path: Path, settings: Settings, comparator: MetricsComparator, photos: dict[str, bytes]
+) -> None:
+    """Fault 8: an unreadable input (here a FIFO under an image's name) is shown to users as
+    an error result, and the job asks to be retried; a bad image is written and done."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "a.jpg").write_bytes(photos["a"])
+    os.mkfifo(tmp_path / "p" / "b.jpg")
+    report = _job(tmp_path, PairSpec("folder", "p"), settings, comparator)
+    assert report.action == "written" and report.result is not None
+    assert report.result.error is not None and report.result.error.type == "input_unreadable"
+    assert report.disposition.kind == "retry" and report.disposition.at is None
+    (tmp_path / "p" / "b.jpg").unlink()
+    (tmp_path / "p" / "b.jpg").write_bytes(b"not an image")
+    final = _job(tmp_path, PairSpec("folder", "p"), settings, comparator)
+    assert final.result is not None and final.result.error is not None
+    assert final.result.error.type == "invalid_image" and final.disposition.kind == "done"
+
+
+def test_a_pair_in_hand_elsewhere_is_busy_and_retried_soon(
+    tmp_path: Path, settings: Settings, comparator: MetricsComparator, photos: dict[str, bytes]
+) -> None:
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "a.jpg").write_bytes(photos["a"])
+    (tmp_path / "p" / "b.jpg").write_bytes(photos["a_copy"])
+    now = time.time()
+    with pair_lock(LocalStorage(tmp_path), "p/result.json"):
+        report = _job(tmp_path, PairSpec("folder", "p"), settings, comparator, now=now)
+    assert report.action == "busy" and report.disposition.at == pytest.approx(now + 1)
+    assert not (tmp_path / "p" / "result.json").exists()  # nothing was compared
+    assert _job(tmp_path, PairSpec("folder", "p"), settings, comparator).action == "written"

@@ -251,3 +251,42 @@ def test_input_prefix_confines_keys_and_manifests(
     result = get_json(s3, setup.bucket, "incoming/escape.result.json")
     assert result["status"] == "error"
     assert (result["error"]["type"], result["error"]["input"]) == ("path_outside_root", "a")
+
+
+def test_a_lone_image_message_comes_back_when_its_partner_is_due(
+    endpoint: str, lambda_env: None, jpegs: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handed back with its visibility set to the partner's due time (the queue's own timeout
+    is 1 s); redelivered then, it gets its incomplete_pair result and is done."""
+    monkeypatch.setenv("PAIRWATCH_PAIR_TIMEOUT", "5")
+    s3, sqs = client("s3", endpoint), client("sqs", endpoint)
+    setup = notified_bucket(endpoint, suffixes=(".jpg",), max_receives=3)
+    s3.put_object(Bucket=setup.bucket, Key="lone/a.jpg", Body=jpegs[0])
+    messages = receive_all(sqs, setup.queue_url, 2)  # the TestEvent and the image's
+    lone = [m["MessageId"] for m in messages if key_of(m)]
+    assert run_batch(sqs, setup.queue_url, messages, Context([900_000])) == lone
+    hidden = sqs.receive_message(QueueUrl=setup.queue_url, WaitTimeSeconds=2)
+    assert "Messages" not in hidden  # not back after the queue's 1 s
+    again = receive_all(sqs, setup.queue_url, 1, visibility=5)
+    assert run_batch(sqs, setup.queue_url, again, Context([900_000])) == []
+    result = get_json(s3, setup.bucket, "lone/result.json")
+    assert result["error"]["type"] == "incomplete_pair"
+
+
+def test_a_failure_of_the_moment_keeps_the_message_with_a_back_off(
+    endpoint: str, lambda_env: None, jpegs: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault 8: the result cannot be stored (the output bucket is refused): the message is not
+    done, and it stays hidden for the back-off's first step (5 s), not the queue's 1 s."""
+    monkeypatch.setenv("PAIRWATCH_OUTPUT_BUCKET", "Not_A_Valid_Bucket")
+    s3, sqs = client("s3", endpoint), client("sqs", endpoint)
+    setup = notified_bucket(endpoint, suffixes=(".jpg",))
+    s3.put_object(Bucket=setup.bucket, Key="p/a.jpg", Body=jpegs[0])
+    s3.put_object(Bucket=setup.bucket, Key="p/b.jpg", Body=jpegs[1])
+    messages = receive_all(sqs, setup.queue_url, 3)  # the TestEvent and both images'
+    failed = run_batch(sqs, setup.queue_url, messages, Context([900_000]))
+    assert sorted(failed) == sorted(m["MessageId"] for m in messages if key_of(m))
+    assert "Messages" not in sqs.receive_message(QueueUrl=setup.queue_url, WaitTimeSeconds=3)
+    back = receive_all(sqs, setup.queue_url, 2)
+    assert sorted(m["MessageId"] for m in back) == sorted(failed)
+    assert {m["Attributes"]["ApproximateReceiveCount"] for m in back} == {"2"}
