@@ -35,7 +35,8 @@ from handler.pairs import IMAGE_SUFFIXES, MANIFEST_SUFFIX, is_output_name, is_re
 from handler.s3_storage import S3Storage
 from tests.support import scenes
 from tests.support.s3_servers import aws_env, client, moto_server, unique, wait_for
-from watcher.cli import SUBCOMMAND_MODULES, _normalise_argv, build_parser
+from watcher.cli import _normalise_argv, build_parser
+from watcher.commands import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -583,14 +584,14 @@ def test_every_container_command_exists_in_the_cli(
         "compose worker-gpu": "watch-minio",
     }
     for where, argv in commands.items():
-        parser, _ = build_parser()
+        parser = build_parser()
         try:
             args = parser.parse_args(_normalise_argv(argv))
         except SystemExit as exc:
             assert exc.code == 0, f"{where}: `pairwatch {shlex.join(argv)}` is not a valid command"
             continue
         assert args.command == expected[where], where
-        assert args.command in SUBCOMMAND_MODULES
+        assert args.command in COMMANDS
 
 
 def _compose_value(value: Any) -> str:
