@@ -109,6 +109,12 @@ def runner_for(settings: Settings) -> Iterator[Runner[Any]]:
 
 
 class Runner(Generic[K]):
+    """One per process: every source of the process feeds it keys (see the module's docstring).
+
+    ``K`` is the source's key: a ``PairSpec`` (folder), an object key (poll), ``(bucket, key)``
+    (MinIO), a message id (SQS).
+    """
+
     def __init__(
         self,
         comparator: Comparator,

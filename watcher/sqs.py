@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 #: Seconds between two ReceiveMessage rounds that failed (credentials, network, a deleted queue).
 RECEIVE_RETRY_PAUSE = 5.0
+#: The longest a stop waits to hand back messages it received but never started.
+RELEASE_WAIT_S = 1.0
 #: SQS hands out at most this many messages per ReceiveMessage.
 MAX_RECEIVE = 10
 _REGION_IN_URL = re.compile(r"^https://sqs[.-]([a-z0-9-]+)\.amazonaws\.com(\.cn)?/")
@@ -148,7 +150,18 @@ class SqsSource:
         return None
 
     def stop(self) -> None:
+        """Called once nothing is in flight: messages still in hand were received but never
+        started (a stop came first): make them visible to other workers at once, waiting at
+        most ``RELEASE_WAIT_S`` for the call so that a hung endpoint cannot delay the exit."""
         self._stopped.set()
+        with self._lock:
+            left, self._in_hand = list(self._in_hand.values()), {}
+        if left:
+            release = threading.Thread(
+                target=self._change_visibility, args=(left, 0), name="sqs-release", daemon=True
+            )
+            release.start()
+            release.join(RELEASE_WAIT_S)
 
     # -- receiving (its own thread) -----------------------------------------------------------
 
