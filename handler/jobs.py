@@ -12,7 +12,7 @@ acts on:
   or a *final* failure is written (a bad image, a bad manifest, ``incomplete_pair``...);
 * ``retry``: a failure of the moment (``RETRYABLE_ERROR_TYPES``: the error result is written
   so that users see the state, but it never counts as final), the store unavailable, the result
-  unwritable, the pair busy in another worker, or a lone image (``at`` = when its partner is
+  unwritable, the pair busy in another process, or a lone image (``at`` = when its partner is
   due, ``incomplete_pair`` then) or a manifest whose images have not all arrived;
 * ``reject`` is decided by the sources (a hostile key, a malformed event): a job never rejects.
 
@@ -66,14 +66,14 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_RESULT_BYTES = 16 * 1024 * 1024
 #: Name recorded for the partner that never arrived (``incomplete_pair``).
 MISSING_INPUT = ""
-#: A pair busy in another worker is looked at again this soon (it is usually done by then).
+#: A pair busy in another process is looked at again this soon (it is usually done by then).
 BUSY_RETRY_S = 1.0
 
 #: What a job did: ``written`` a new result (ok or error) · ``skipped`` the existing result
 #: already answers (``result`` is that one) · ``waiting`` a lone image within ``pair_timeout``
 #: · ``none`` not a pair (empty folder, manifest gone, a folder holding manifests) ·
 #: ``unwritable`` compared, but the result could not be stored · ``busy`` the pair is in hand
-#: in another worker · ``unavailable`` the store failed for the moment.
+#: in another process · ``unavailable`` the store failed for the moment.
 Action = Literal["written", "skipped", "waiting", "none", "unwritable", "busy", "unavailable"]
 
 
@@ -162,8 +162,8 @@ def run_plan(
         return JobReport(spec, "waiting", wait, None, plan.inputs)
     with pair_lock(storage, spec.result_path) as held:
         if not held:
-            get_logger(pair_id=spec.pair_id).debug("pair_busy", reason="in hand elsewhere")
-            retry = disposition.retry("pair in hand in another worker", now + BUSY_RETRY_S)
+            get_logger(pair_id=spec.pair_id).debug("pair_busy", reason="in another process")
+            retry = disposition.retry("pair in hand in another process", now + BUSY_RETRY_S)
             return JobReport(spec, "busy", retry, None, plan.inputs)
         try:
             return _run_locked(storage, plan, settings, comparator, now, queued_ms)

@@ -1,12 +1,16 @@
 """The same pair is never run twice at once: in this process, nor (locally) across processes.
 
 ``pair_lock`` is taken by ``handler.jobs`` around everything that reads and writes one pair's
-result. It never blocks: a pair already in hand elsewhere is "busy", and the job answers
-``retry`` soon instead of holding a worker slot; under the lock the job checks the result again,
-so the second runner finds it up to date and each pair is compared once.
+result; under it the job checks the result again, so the second of two jobs of one pair finds
+it up to date and each pair is compared once.
 
-* In-process: a keyed set of held pairs (threads of one runner, the Lambda's batch pool).
-* ``LocalStorage``: ``fcntl.flock`` on a hidden ``.NAME.lock`` beside the result, so two
+* In-process (threads of one runner, the Lambda's batch pool): a keyed lock the second job
+  *waits* for. The holder is a sibling thread whose pair is bounded by its own timeouts, and
+  waiting costs nothing else, whereas a retry would cost a redelivery (on SQS one of the
+  message's ``maxReceiveCount``) when two events of one pair (its two images) are in flight.
+* ``LocalStorage``: a non-blocking ``fcntl.flock`` on a hidden ``.NAME.lock`` beside the
+  result: a pair in hand in another process is "busy" and the job answers ``retry`` soon
+  instead of holding a worker slot for another process's pair. So two
   ``pairwatch watch`` processes on one folder (or one on each of two machines sharing a local
   filesystem) do not compare a pair twice. Dot-files are ignored by the watchers, so the lock
   files never trigger anything. They are unlinked on release; the unlink race (another process
@@ -33,8 +37,9 @@ from handler.storage import LocalStorage
 _MAX_NAME_BYTES = 255
 _LOCK_SUFFIX = ".lock"
 
-_held: set[tuple[str, str]] = set()
-_held_lock = threading.Lock()
+#: (root, result path) -> its lock and how many jobs hold or wait for it.
+_locks: dict[tuple[str, str], tuple[threading.Lock, list[int]]] = {}
+_locks_guard = threading.Lock()
 
 
 def lock_name(result_path: str) -> str:
@@ -56,22 +61,24 @@ def _scope(storage: object) -> str:
 
 @contextmanager
 def pair_lock(storage: object, result_path: str) -> Iterator[bool]:
-    """Hold ``result_path``'s pair for the block; yields False (held nothing) when it is busy."""
+    """Hold ``result_path``'s pair for the block (waiting for another thread of this process
+    that holds it); yields False (held nothing) when another process holds it."""
     key = (_scope(storage), result_path)
-    with _held_lock:
-        if key in _held:
-            yield False
-            return
-        _held.add(key)
+    with _locks_guard:
+        lock, users = _locks.setdefault(key, (threading.Lock(), [0]))
+        users[0] += 1
     try:
-        if isinstance(storage, LocalStorage):
-            with _file_lock(storage, result_path) as locked:
-                yield locked
-        else:
-            yield True
+        with lock:
+            if isinstance(storage, LocalStorage):
+                with _file_lock(storage, result_path) as locked:
+                    yield locked
+            else:
+                yield True
     finally:
-        with _held_lock:
-            _held.discard(key)
+        with _locks_guard:
+            users[0] -= 1
+            if not users[0]:
+                del _locks[key]
 
 
 @contextmanager

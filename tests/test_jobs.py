@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -22,7 +24,6 @@ from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
 from handler.disposition import done
 from handler.jobs import MISSING_INPUT, JobReport, run_pair_job
-from handler.locks import pair_lock
 from handler.pairs import PairSpec, is_ignored_path, pairs_for_name
 from handler.result import ComparisonResult, ErrorInfo
 from handler.storage import LocalStorage, PairStorage
@@ -467,15 +468,25 @@ def test_a_failure_of_the_moment_is_written_but_never_final(
     assert final.result.error.type == "invalid_image" and final.disposition.kind == "done"
 
 
-def test_a_pair_in_hand_elsewhere_is_busy_and_retried_soon(
+def test_a_pair_in_hand_in_another_process_is_busy_and_retried_soon(
     tmp_path: Path, settings: Settings, comparator: MetricsComparator, photos: dict[str, bytes]
 ) -> None:
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "a.jpg").write_bytes(photos["a"])
     (tmp_path / "p" / "b.jpg").write_bytes(photos["a_copy"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)",
+         str(tmp_path / "p" / ".result.json.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     now = time.time()
-    with pair_lock(LocalStorage(tmp_path), "p/result.json"):
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         report = _job(tmp_path, PairSpec("folder", "p"), settings, comparator, now=now)
+    finally:
+        holder.kill()
+        holder.wait()
     assert report.action == "busy" and report.disposition.at == pytest.approx(now + 1)
     assert not (tmp_path / "p" / "result.json").exists()  # nothing was compared
     assert _job(tmp_path, PairSpec("folder", "p"), settings, comparator).action == "written"

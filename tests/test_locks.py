@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,18 +23,27 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_in_process_a_held_pair_is_busy_until_released(tmp_path: Path) -> None:
+def test_in_process_a_second_job_waits_for_the_first(tmp_path: Path) -> None:
     (tmp_path / "p").mkdir()
     storage = LocalStorage(tmp_path)
+    order: list[str] = []
+
+    def second() -> None:
+        with pair_lock(LocalStorage(tmp_path), "p/result.json") as held:
+            order.append(f"second held={held}")
+
     with pair_lock(storage, "p/result.json") as held:
         assert held
         assert (tmp_path / "p" / ".result.json.lock").exists()
-        with pair_lock(LocalStorage(tmp_path), "p/result.json") as again:
-            assert not again  # same root, same pair: busy
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # same root, same pair: it waits
         with pair_lock(storage, "q.result.json") as other:
             assert other  # another pair is not held up
-    with pair_lock(storage, "p/result.json") as held:
-        assert held
+        order.append("first done")
+    waiter.join(5)
+    assert order == ["first done", "second held=True"]
     assert sorted(os.listdir(tmp_path / "p")) == []  # lock files do not stay behind
 
 

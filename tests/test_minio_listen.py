@@ -161,7 +161,7 @@ def test_a_relisted_lone_image_is_retried_once(
     thread.start()
     try:
         wait_for(lambda: result_of(s3, bucket, "in/done/result.json") is not None, 30)
-        # a.jpg and b.jpg run at once: one finds the pair busy and comes back 1 s later.
+        # a.jpg and b.jpg run at once: one waits for the other and finds the result up to date.
         wait_for(lambda: runner.idle() and len(runner.rechecks) == 1, 30)
     finally:
         stop.request()
