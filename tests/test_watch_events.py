@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-from structlog.testing import LogCapture
 
 from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
 from handler.result import ComparisonResult
 from tests.support import scenes
+from tests.support.logs import captured_logs
 from watcher.folder_source import FolderSource
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
@@ -89,23 +88,6 @@ def rsync_put(path: Path, data: bytes) -> None:
     temp = path.with_name(f".{path.name}.Xy7Q2z")
     temp.write_bytes(data)
     temp.rename(path)
-
-
-@contextmanager
-def captured_logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Every log event from every thread, each with the Unix time it was logged at."""
-    capture = LogCapture()
-    previous = structlog.get_config()["processors"]
-
-    def stamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        event["at"] = time.time()
-        return event
-
-    structlog.configure(processors=[stamp, capture])
-    try:
-        yield capture.entries
-    finally:
-        structlog.configure(processors=previous)
 
 
 def started(logs: list[MutableMapping[str, Any]], pair_id: str) -> int:

@@ -1,16 +1,18 @@
 """What the bucket sources (``watch sqs``, ``watch minio``, ``watch poll``) share.
 
 Building the bucket jobs once per process (on the runner's comparator) and listing a prefix as
-creation events (what a poller or a reconnect sees).
+creation events (what a poller or a reconnect sees), and handling one event with the runner's
+manifest index (asked which manifests read the object, taught what each manifest read).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from handler.aws_clients import s3_client
-from handler.bucket_jobs import BucketJobs
+from handler.bucket_jobs import BucketJobs, EventReport
 from handler.config import Settings
 from handler.events import ObjectEvent, normalise_etag
 from watcher.runner import Runner
@@ -41,3 +43,11 @@ def list_events(jobs: BucketJobs, bucket: str, prefix: str) -> Iterator[ObjectEv
                 etag=normalise_etag(item.get("ETag")),
                 source="listing",
             )
+
+
+def handle_event(jobs: BucketJobs, runner: Runner[Any], event: ObjectEvent) -> EventReport:
+    """One object event, on a runner worker thread."""
+    report = jobs.handle(event, now=time.time(), readers=runner.manifests.readers)
+    for job in report.reports:
+        runner.manifests.learn(job)
+    return report

@@ -44,7 +44,7 @@ from handler.disposition import Disposition
 from handler.events import ObjectEvent, Parsed, parse_notification
 from handler.logs import get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
-from watcher.bucket import bucket_jobs, list_events
+from watcher.bucket import bucket_jobs, handle_event, list_events
 from watcher.runner import ComparatorUnavailable, Runner, runner_for
 from watcher.shutdown import stop_on_signals
 
@@ -185,9 +185,7 @@ class Listener:
 
     def _work(self, event: ObjectEvent, queued_ms: float) -> Disposition:
         del queued_ms
-        report = self.jobs.handle(event, now=time.time(), readers=self.runner.manifests.readers)
-        for job in report.reports:
-            self.runner.manifests.learn(job)
+        report = handle_event(self.jobs, self.runner, event)
         return report.disposition
 
     # --- the stream thread --------------------------------------------------------------------
