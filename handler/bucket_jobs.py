@@ -98,7 +98,14 @@ class BucketJobs:
             max_pixels=self.settings.max_input_pixels,
         )
 
-    def handle(self, event: ObjectEvent, *, now: float, readers: Readers = _none) -> EventReport:
+    def handle(
+        self,
+        event: ObjectEvent,
+        *,
+        now: float,
+        readers: Readers = _none,
+        queued_ms: float | None = None,
+    ) -> EventReport:
         """Bring every pair ``event`` touches up to date.
 
         ``readers``: manifests known (to a long-running caller: ``watcher.manifests``) to read
@@ -130,12 +137,21 @@ class BucketJobs:
             log.debug("event_ignored", reason="hidden, temporary or not in a pair folder")
             return EventReport(event, disposition.done("ignored: not in a pair"))
         reports = tuple(
-            run_pair_job(storage, spec, self.settings, self.comparator, now=now) for spec in specs
+            run_pair_job(
+                storage, spec, self.settings, self.comparator, now=now, queued_ms=queued_ms
+            )
+            for spec in specs
         )
         return EventReport(event, disposition.combine(r.disposition for r in reports), reports)
 
     def handle_parsed(
-        self, parsed: Parsed, *, now: float, readers: Readers = _none, **context: object
+        self,
+        parsed: Parsed,
+        *,
+        now: float,
+        readers: Readers = _none,
+        queued_ms: float | None = None,
+        **context: object,
     ) -> Delivery:
         """Handle every event of one delivery; its disposition combines theirs.
 
@@ -147,7 +163,10 @@ class BucketJobs:
         for error in parsed.errors:
             log.error("event_malformed", error=str(error))
             fates.append(disposition.reject(f"malformed event: {error}"))
-        events = [self.handle(event, now=now, readers=readers) for event in parsed.events]
+        events = [
+            self.handle(event, now=now, readers=readers, queued_ms=queued_ms)
+            for event in parsed.events
+        ]
         fates += [report.disposition for report in events]
         return Delivery(disposition.combine(fates), events)
 

@@ -45,9 +45,12 @@ def list_events(jobs: BucketJobs, bucket: str, prefix: str) -> Iterator[ObjectEv
             )
 
 
-def handle_event(jobs: BucketJobs, runner: Runner[Any], event: ObjectEvent) -> EventReport:
+def handle_event(
+    jobs: BucketJobs, runner: Runner[Any], event: ObjectEvent, queued_ms: float
+) -> EventReport:
     """One object event, on a runner worker thread."""
-    report = jobs.handle(event, now=time.time(), readers=runner.manifests.readers)
+    now = time.time()
+    report = jobs.handle(event, now=now, readers=runner.manifests.readers, queued_ms=queued_ms)
     for job in report.reports:
         runner.manifests.learn(job)
     return report

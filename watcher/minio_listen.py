@@ -184,8 +184,7 @@ class Listener:
             self._waiting.popleft()
 
     def _work(self, event: ObjectEvent, queued_ms: float) -> Disposition:
-        del queued_ms
-        report = handle_event(self.jobs, self.runner, event)
+        report = handle_event(self.jobs, self.runner, event, queued_ms)
         return report.disposition
 
     # --- the stream thread --------------------------------------------------------------------

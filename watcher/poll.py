@@ -136,8 +136,7 @@ class PollSource:
     # -- one key (a runner worker thread) -----------------------------------------------------
 
     def _work(self, event: ObjectEvent, queued_ms: float) -> Disposition:
-        del queued_ms
-        report = handle_event(self.jobs, self.runner, event)
+        report = handle_event(self.jobs, self.runner, event, queued_ms)
         fate = report.disposition
         if fate.is_reject or (fate.is_retry and fate.at is None):
             self.failed = True

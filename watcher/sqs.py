@@ -222,11 +222,11 @@ class SqsSource:
     # -- one message (a runner worker thread) ---------------------------------------------------
 
     def _work(self, message: QueueMessage, queued_ms: float) -> Disposition:
-        del queued_ms
         delivery = self.jobs.handle_parsed(
             message.parse(),
             now=time.time(),
             readers=self.runner.manifests.readers,
+            queued_ms=queued_ms,
             message_id=message.message_id,
         )
         for report in delivery.reports:
