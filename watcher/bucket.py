@@ -45,7 +45,7 @@ def list_events(jobs: BucketJobs, bucket: str, prefix: str) -> Iterator[ObjectEv
             )
 
 
-def handle_event(
+def run_event(
     jobs: BucketJobs, runner: Runner[Any], event: ObjectEvent, queued_ms: float
 ) -> EventReport:
     """One object event, on a runner worker thread."""

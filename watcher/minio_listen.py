@@ -44,7 +44,7 @@ from handler.disposition import Disposition
 from handler.events import ObjectEvent, Parsed, parse_notification
 from handler.logs import get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
-from watcher.bucket import bucket_jobs, handle_event, list_events
+from watcher.bucket import bucket_jobs, list_events, run_event
 from watcher.runner import ComparatorUnavailable, Runner, runner_for
 from watcher.shutdown import stop_on_signals
 
@@ -184,7 +184,7 @@ class Listener:
             self._waiting.popleft()
 
     def _work(self, event: ObjectEvent, queued_ms: float) -> Disposition:
-        report = handle_event(self.jobs, self.runner, event, queued_ms)
+        report = run_event(self.jobs, self.runner, event, queued_ms)
         return report.disposition
 
     # --- the stream thread --------------------------------------------------------------------

@@ -23,7 +23,7 @@ from handler.disposition import Disposition
 from handler.events import ObjectEvent
 from handler.logs import elapsed_ms, get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, BucketURL
-from watcher.bucket import bucket_jobs, handle_event, list_events
+from watcher.bucket import bucket_jobs, list_events, run_event
 from watcher.runner import ComparatorUnavailable, Runner, runner_for
 from watcher.shutdown import stop_on_signals
 
@@ -136,7 +136,7 @@ class PollSource:
     # -- one key (a runner worker thread) -----------------------------------------------------
 
     def _work(self, event: ObjectEvent, queued_ms: float) -> Disposition:
-        report = handle_event(self.jobs, self.runner, event, queued_ms)
+        report = run_event(self.jobs, self.runner, event, queued_ms)
         fate = report.disposition
         if fate.is_reject or (fate.is_retry and fate.at is None):
             self.failed = True
