@@ -38,7 +38,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from handler.aws_clients import s3_client, sqs_client
 from handler.bucket_jobs import BucketJobs
-from handler.compare import create_comparator
+from handler.compare import create_comparator, resolve_concurrency
 from handler.config import Settings, load_settings
 from handler.disposition import SQS_MAX_VISIBILITY_S, Disposition, retry_delay
 from handler.events import QueueMessage, is_sqs_event, lambda_sqs_messages, parse_notification
@@ -113,7 +113,7 @@ def handle_event(event: Any, context: Any, rt: Runtime) -> dict[str, Any]:
             log.error("message_rejected", message_id=message.message_id, reason=fate.reason)
         return not fate.is_done
 
-    with ThreadPoolExecutor(rt.settings.pairs_in_flight, thread_name_prefix="pair") as pool:
+    with ThreadPoolExecutor(resolve_concurrency(rt.settings), thread_name_prefix="pair") as pool:
         back = list(pool.map(one, messages))
     failures = [
         {"itemIdentifier": m.message_id} for m, failed in zip(messages, back, strict=True) if failed

@@ -33,6 +33,7 @@ from functools import partial
 from typing import Any, Literal
 
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from handler import disposition
 from handler.compare.base import Comparator
@@ -412,7 +413,8 @@ def _write(
             result = result.model_copy(update={"diff_image": posixpath.basename(spec.diff_path)})
         text = result.to_json().encode()
         storage.write_atomic(spec.result_path, text)
-    except (OSError, PairError, StorageUnavailable) as exc:
+    # PydanticSerializationError: non-UTF-8 names.
+    except (OSError, PairError, StorageUnavailable, PydanticSerializationError) as exc:
         log.error(
             "pair_failed",
             error_type="output_unwritable",

@@ -22,6 +22,7 @@ from handler.bucket_jobs import Delivery
 from handler.compare.metrics import MetricsComparator
 from handler.disposition import done
 from tests.support import scenes
+from tests.support.logs import json_events
 from tests.support.s3_servers import (
     ROOT,
     aws_env,
@@ -61,10 +62,6 @@ def watch_sqs(queue_url: str, endpoint: str, *extra: str, **settings: str) -> su
     )  # fmt: skip
 
 
-def log_events(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-
-
 def get_json(s3: Any, bucket: str, key: str) -> dict[str, Any]:
     return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())  # type: ignore[no-any-return]
 
@@ -98,7 +95,7 @@ def test_worker_drains_the_queue_and_poison_goes_to_the_dlq(endpoint: str) -> No
     # Drained: everything deleted except the poison message, which SQS moved to the DLQ.
     assert queue_depth(sqs, setup.queue_url) == 0
     assert queue_depth(sqs, setup.dlq_url) == 1
-    events = log_events(stderr)
+    events = json_events(stderr)
     names = [e["event"] for e in events]
     assert names.count("result_written") == 4
     assert names.count("event_rejected") == 2  # the poison's two deliveries
@@ -123,7 +120,7 @@ def test_sigterm_stops_an_idle_worker_within_2_s(endpoint: str) -> None:
         _, stderr = proc.communicate(timeout=30)
     assert time.monotonic() - asked < 2.0
     assert proc.returncode == 0, stderr[-3000:]
-    assert log_events(stderr)[-1]["event"] == "watch_stopped"
+    assert json_events(stderr)[-1]["event"] == "watch_stopped"
 
 
 def test_a_worker_whose_model_cannot_load_receives_nothing(endpoint: str, tmp_path: Any) -> None:
@@ -142,7 +139,7 @@ def test_a_worker_whose_model_cannot_load_receives_nothing(endpoint: str, tmp_pa
     )  # fmt: skip
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 1, stderr[-3000:]
-    names = [e["event"] for e in log_events(stderr)]
+    names = [e["event"] for e in json_events(stderr)]
     assert "comparator_unavailable" in names and "message_received" not in names
     messages = sqs.receive_message(
         QueueUrl=setup.queue_url, MaxNumberOfMessages=10, MessageSystemAttributeNames=["All"]
@@ -174,7 +171,7 @@ def test_a_lone_image_waits_for_pair_timeout_then_gets_incomplete_pair(endpoint:
     assert written - landed >= 6.9  # 8 s after LastModified, which S3 keeps in whole seconds
     result = get_json(s3, setup.bucket, "in/lone/result.json")
     assert result["error"]["type"] == "incomplete_pair"
-    events = log_events(stderr)
+    events = json_events(stderr)
     waits = [e for e in events if e["event"] == "message_left_for_retry"]
     assert len(waits) == 1, [e["event"] for e in events]
     assert 1 <= waits[0]["retry_after_s"] <= 8  # one delivery while waiting
@@ -185,7 +182,7 @@ def test_unreachable_queue_fails_cleanly(endpoint: str) -> None:
     proc = watch_sqs(f"{endpoint}/123456789012/no-such-queue", endpoint)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert any(e["event"] == "queue_unavailable" for e in log_events(stderr))
+    assert any(e["event"] == "queue_unavailable" for e in json_events(stderr))
 
 
 def test_bad_input_prefix_is_a_usage_error(endpoint: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from handler.compare import resolve_concurrency
 from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
 from handler.result import ComparisonResult
@@ -51,7 +52,9 @@ def watching(root: Path, *, polling: bool = False, **overrides: Any) -> Iterator
     """A running watcher; stopped (and checked to have stopped) when the block ends."""
     settings = Settings(**{"settle_time": 0.2, **overrides})
     runner: Runner[Any] = Runner(
-        MetricsComparator(), concurrency=settings.pairs_in_flight, queue_size=settings.queue_size
+        MetricsComparator(),
+        concurrency=resolve_concurrency(settings),
+        queue_size=settings.queue_size,
     )
     watcher = FolderSource(root, settings, runner, polling=polling)
     stop = StopFlag()

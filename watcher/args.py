@@ -72,3 +72,14 @@ def parse_s3_url(text: str) -> BucketURL:
         return BucketURL(bucket, normalise_prefix(prefix))
     except PairError as exc:  # PathOutsideRoot: "..", "." or empty segments, control characters
         raise argparse.ArgumentTypeError(f"{text!r}: {exc.message}") from None
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0-65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port

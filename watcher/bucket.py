@@ -15,6 +15,7 @@ from handler.aws_clients import s3_client
 from handler.bucket_jobs import BucketJobs, EventReport
 from handler.config import Settings
 from handler.events import ObjectEvent, normalise_etag
+from watcher import metrics
 from watcher.runner import Runner
 
 
@@ -46,11 +47,12 @@ def list_events(jobs: BucketJobs, bucket: str, prefix: str) -> Iterator[ObjectEv
 
 
 def run_event(
-    jobs: BucketJobs, runner: Runner[Any], event: ObjectEvent, queued_ms: float
+    jobs: BucketJobs, runner: Runner[Any], event: ObjectEvent, queued_ms: float, source: str
 ) -> EventReport:
-    """One object event, on a runner worker thread."""
+    """One object event, on a runner worker thread (counted in the metrics under ``source``)."""
     now = time.time()
     report = jobs.handle(event, now=now, readers=runner.manifests.readers, queued_ms=queued_ms)
     for job in report.reports:
         runner.manifests.learn(job)
+    metrics.record_event_report(report, source)
     return report

@@ -2,7 +2,7 @@
 
 ``pairwatch compare A B`` · ``pairwatch schema`` · ``pairwatch watch DIR`` ·
 ``pairwatch watch sqs QUEUE_URL`` · ``pairwatch watch minio s3://BUCKET/PREFIX`` ·
-``pairwatch watch poll s3://BUCKET/PREFIX`` · ``pairwatch report DIR``
+``pairwatch watch poll s3://BUCKET/PREFIX`` · ``pairwatch report DIR`` · ``pairwatch serve``
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pairwatch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log_format, settings.log_level)
+    if args.command.startswith("watch") and settings.metrics_port is not None:
+        from watcher.metrics import start_metrics_server
+
+        start_metrics_server(settings.metrics_port, settings.serve_host)
     code: int = _implementation(args.command)(args, settings)
     return code
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from watcher.args import parse_s3_url, positive_int, positive_seconds, seconds
+from watcher.args import parse_s3_url, port_number, positive_int, positive_seconds, seconds
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,15 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _metrics_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics on PORT (metrics_port; on serve_host)",
+    )
+
+
 def _watch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", type=Path, metavar="DIR", help="folder to watch (recursively)")
     parser.add_argument(
@@ -70,6 +79,13 @@ def _watch(parser: argparse.ArgumentParser) -> None:
         "(default 0.5; PAIRWATCH_SETTLE_TIME)",
     )
     _runner_options(parser)
+    _metrics_options(parser)
+
+
+def _serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to listen on (serve_host; default 127.0.0.1)")
+    parser.add_argument("--port", type=port_number, help="TCP port (serve_port; default 8080)")
+    _endpoint_options(parser)
 
 
 def _endpoint_options(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +104,7 @@ def _endpoint_options(parser: argparse.ArgumentParser) -> None:
 def _watch_sqs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("queue_url", metavar="QUEUE_URL", help="the SQS queue's URL")
     _endpoint_options(parser)
+    _metrics_options(parser)
     parser.add_argument(
         "--exit-when-idle",
         action="store_true",
@@ -105,11 +122,13 @@ def _watch_sqs(parser: argparse.ArgumentParser) -> None:
 def _watch_minio(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", type=parse_s3_url, metavar="s3://BUCKET/PREFIX")
     _endpoint_options(parser)
+    _metrics_options(parser)
 
 
 def _watch_poll(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", type=parse_s3_url, metavar="s3://BUCKET/PREFIX")
     _endpoint_options(parser)
+    _metrics_options(parser)
     parser.add_argument(
         "--interval",
         dest="poll_interval",
@@ -166,6 +185,11 @@ COMMANDS = {
         "Poll an S3 prefix (ListObjectsV2) for stores without bucket notifications.",
         _watch_poll,
         "watcher.poll:run",
+    ),
+    "serve": Command(
+        "Serve the HTTP API: uploads, object-store webhooks, health checks and Prometheus metrics.",
+        _serve,
+        "watcher.serve:run",
     ),
     "report": Command(
         "Write a self-contained HTML report of every result under a folder.",

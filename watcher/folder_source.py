@@ -52,7 +52,8 @@ from handler.pairs import (
     is_relevant_name,
     pairs_for_name,
 )
-from handler.storage import LocalStorage
+from handler.storage import LocalStorage, remove_stale_temporaries
+from watcher import metrics
 from watcher.runner import Runner
 from watcher.settle import Change, Settler
 from watcher.shutdown import StopFlag
@@ -136,6 +137,7 @@ class FolderSource:
         """Watch first, then scan: nothing dropped in between is missed."""
         if not self.once:
             self._observer = self._start_observer()
+        remove_stale_temporaries(self.root)
         self._scanner = self._scan()
 
     def stop(self) -> None:
@@ -217,6 +219,7 @@ class FolderSource:
             self.summary.add_crash(spec)
             return disposition.retry(f"internal error: {exc}")
         self.runner.manifests.learn(report)
+        metrics.record_report(report, "folder")
         self.summary.add(report)
         if self.on_report is not None:
             self.on_report(report)

@@ -184,7 +184,7 @@ class Listener:
             self._waiting.popleft()
 
     def _work(self, event: ObjectEvent, queued_ms: float) -> Disposition:
-        report = run_event(self.jobs, self.runner, event, queued_ms)
+        report = run_event(self.jobs, self.runner, event, queued_ms, "minio")
         return report.disposition
 
     # --- the stream thread --------------------------------------------------------------------

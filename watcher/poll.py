@@ -136,7 +136,7 @@ class PollSource:
     # -- one key (a runner worker thread) -----------------------------------------------------
 
     def _work(self, event: ObjectEvent, queued_ms: float) -> Disposition:
-        report = run_event(self.jobs, self.runner, event, queued_ms)
+        report = run_event(self.jobs, self.runner, event, queued_ms, "poll")
         fate = report.disposition
         if fate.is_reject or (fate.is_retry and fate.at is None):
             self.failed = True

@@ -97,12 +97,12 @@ class _Entry:
 def runner_for(settings: Settings) -> Iterator[Runner[Any]]:
     """A runner with the configured comparator (built now: a VL model starts loading) and
     ``concurrency``; the comparator is closed when the block ends."""
-    from handler.compare import create_comparator
+    from handler.compare import create_comparator, resolve_concurrency
 
     comparator = create_comparator(settings)
     try:
         yield Runner(
-            comparator, concurrency=settings.pairs_in_flight, queue_size=settings.queue_size
+            comparator, concurrency=resolve_concurrency(settings), queue_size=settings.queue_size
         )
     finally:
         comparator.close()

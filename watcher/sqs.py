@@ -35,6 +35,7 @@ from handler.errors import PairError
 from handler.events import QueueMessage, sqs_messages
 from handler.logs import get_logger
 from handler.pairs import normalise_prefix
+from watcher import metrics
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from watcher.bucket import bucket_jobs
 from watcher.runner import ComparatorUnavailable, Runner, runner_for
@@ -231,6 +232,7 @@ class SqsSource:
         )
         for report in delivery.reports:
             self.runner.manifests.learn(report)
+        metrics.record_delivery(delivery, "sqs")
         return delivery.disposition
 
     def _settle(self, message: QueueMessage, fate: Disposition) -> None:

@@ -13,7 +13,7 @@ from structlog.testing import LogCapture
 
 
 def json_events(stderr: str) -> list[dict[str, Any]]:
-    """The JSON log lines of a ``PAIRWATCH_LOG_FORMAT=json`` run, in order."""
+    """The JSON log events among ``stderr``'s lines, in order (tracebacks and the like skipped)."""
     return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
