@@ -98,16 +98,26 @@ def record_report(report: JobReport, source: str) -> None:
 
 
 def record_delivery(delivery: Delivery, source: str) -> None:
-    """Count one delivery's events by disposition (``done``, ``retry``, ``reject``) and the
-    pairs its jobs compared."""
+    """Count one delivery's events by outcome (``event_outcome``) and the pairs its jobs
+    compared."""
     for handled in delivery.events:
         record_event_report(handled, source)
 
 
 def record_event_report(handled: EventReport, source: str) -> None:
-    EVENTS.labels(handled.event.source or source, handled.disposition.kind).inc()
+    EVENTS.labels(handled.event.source or source, event_outcome(handled)).inc()
     for report in handled.reports:
         record_report(report, source)
+
+
+def event_outcome(handled: EventReport) -> str:
+    """``failed`` for a record that needs another delivery (a failure of the moment) or never
+    succeeds (rejected); else what its last job did (``written``, ``skipped``, ``waiting``...),
+    or ``ignored``."""
+    fate = handled.disposition
+    if fate.is_reject or (fate.is_retry and fate.at is None):
+        return "failed"
+    return handled.reports[-1].action if handled.reports else "ignored"
 
 
 def record_event(source: str, outcome: str, count: int = 1) -> None:

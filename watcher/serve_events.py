@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from handler.aws_clients import s3_client
-from handler.bucket_jobs import BucketJobs, Delivery, EventReport
+from handler.bucket_jobs import BucketJobs, Delivery
 from handler.compare import Comparator
 from handler.config import Settings
 from handler.disposition import backoff, retry
@@ -182,11 +182,7 @@ def _summary(delivery: Delivery, parsed: Parsed) -> dict[str, Any]:
         "malformed": len(parsed.errors),
         "refused": len(parsed.events) - len(handled),
         "outcomes": [
-            {"bucket": r.event.bucket, "key": r.event.key, "outcome": _outcome(r)} for r in handled
+            {"bucket": r.event.bucket, "key": r.event.key, "outcome": metrics.event_outcome(r)}
+            for r in handled
         ],
     }
-
-
-def _outcome(handled: EventReport) -> str:
-    """What the event's last job did (``written``, ``skipped``, ``waiting``...), ``ignored``."""
-    return handled.reports[-1].action if handled.reports else "ignored"
