@@ -134,6 +134,8 @@ class OpenAIBackend:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAIBackend:
+        from handler.compare import resolve_concurrency  # the package imports this lazily
+
         if not settings.vl_endpoint or not settings.model:
             raise ValueError("the openai VL backend needs vl_endpoint and model")
         return cls(
@@ -141,6 +143,7 @@ class OpenAIBackend:
             model=settings.model,
             api_key=settings.vl_api_key,
             max_tokens=settings.vl_max_new_tokens,
+            max_in_flight=resolve_concurrency(settings),
             probe_timeout_s=settings.vl_load_timeout,
         )
 
