@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from handler.compare.base import Outcome
+from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig
 from handler.errors import ComparisonTimeout, InputNotFound
@@ -83,7 +83,7 @@ class _SlowComparator:
 
     info = ComparatorInfo(name="slow")
 
-    def compare(self, a: PreparedImage, b: PreparedImage, config: ComparisonConfig) -> Outcome:
+    def compare(self, a: PreparedImage, b: PreparedImage, config: ComparisonConfig) -> Verdict:
         raise ComparisonTimeout(f"no answer within {config.processing_timeout} s")
 
     def close(self) -> None:

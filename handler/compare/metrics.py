@@ -22,7 +22,7 @@ from scipy import ndimage
 from skimage.color import rgb2lab
 from skimage.metrics import structural_similarity
 
-from handler.compare.base import Outcome
+from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
 from handler.images import PreparedImage
 from handler.result import ComparatorInfo, Difference, Region
@@ -58,7 +58,10 @@ class MetricsComparator:
     def close(self) -> None:
         """Nothing to free: no model, no worker."""
 
-    def compare(self, a: PreparedImage, b: PreparedImage, config: ComparisonConfig) -> Outcome:
+    def wait_ready(self) -> None:
+        """Always ready: nothing to load."""
+
+    def compare(self, a: PreparedImage, b: PreparedImage, config: ComparisonConfig) -> Verdict:
         work_a, work_b = _common_size(a.image, b.image)
         grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
         rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
@@ -88,7 +91,7 @@ class MetricsComparator:
         )
         regions = _regions(mask, scale=a.original_size[0] / mask.shape[1], limit=a.original_size)
         is_similar = similarity >= config.similarity_threshold
-        return Outcome(
+        return Verdict(
             similarity=similarity,
             is_similar=is_similar,
             summary=_summary(similarity, is_similar, regions, changed_fraction),

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from handler.compare.base import Outcome
+from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.compare.vl.backends import create_backend
 from handler.compare.vl.local_backend import KILL_GRACE_S, LocalBackend
@@ -87,12 +87,12 @@ class VLComparator:
         config: ComparisonConfig,
         *,
         detection: Any = None,
-    ) -> Outcome:
+    ) -> Verdict:
         metrics = self._metrics.compare(a, b, config)
         skip_reason = _skip_reason(a, b, metrics.metrics)
         if skip_reason is not None:
             similarity = 1.0 if skip_reason == PIXEL_IDENTICAL else metrics.similarity
-            return Outcome(
+            return Verdict(
                 similarity=similarity,
                 is_similar=similarity >= config.similarity_threshold,
                 summary=f"The images are {skip_reason}; the VL model was not run.",
@@ -122,7 +122,7 @@ class VLComparator:
 
     # -- answers -----------------------------------------------------------------------------
 
-    def _outcome(self, reply: Reply, metrics: Outcome, config: ComparisonConfig) -> Outcome:
+    def _outcome(self, reply: Reply, metrics: Verdict, config: ComparisonConfig) -> Verdict:
         details = reply.details()
         self._log.info(
             "vl_generated",
@@ -153,7 +153,7 @@ class VLComparator:
             answer = parse_answer(reply.text)
         except AnswerInvalid as exc:
             raise ModelOutputInvalid(str(exc), details=context) from None
-        return Outcome(
+        return Verdict(
             similarity=answer.similarity,
             is_similar=answer.similarity >= config.similarity_threshold,
             summary=answer.summary,
