@@ -116,12 +116,15 @@ def test_a_pair_past_its_deadline_times_out_while_its_batch_mates_finish(
     short = CONFIG.model_copy(update={"processing_timeout": 0.4})
     pid = comparator.worker_pid
     started = time.monotonic()
-    first, *mates = _together(
-        [
-            lambda a=a, b=b, c=c: comparator.compare(a, b, c)
-            for (a, b), c in zip(pairs, [short, CONFIG, CONFIG], strict=True)
-        ]
-    )
+    for _ in range(3):  # under heavy load a caller can miss the batch: form it again
+        first, *mates = _together(
+            [
+                lambda a=a, b=b, c=c: comparator.compare(a, b, c)
+                for (a, b), c in zip(pairs, [short, CONFIG, CONFIG], strict=True)
+            ]
+        )
+        if isinstance(first, PairError) and first.details["vl"].batch_size >= 2:
+            break
     assert isinstance(first, PairError) and first.status == "timeout", first
     assert "did not finish its answer within 0.4 s" in first.message
     # The metrics pre-gate runs in the callers' threads first, so on a loaded machine a caller
@@ -131,7 +134,7 @@ def test_a_pair_past_its_deadline_times_out_while_its_batch_mates_finish(
     for outcome in mates:
         assert not isinstance(outcome, Exception), outcome
         assert outcome.vl.constrained
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 90
     assert comparator.worker_pid == pid  # stopped between tokens, not killed
 
 
