@@ -13,7 +13,8 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+import pillow_heif
+from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
 
 from handler.config import DEFAULT_MAX_INPUT_PIXELS
 from handler.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
@@ -21,7 +22,8 @@ from handler.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 #: Formats we decode. Restricting ``Image.open`` to them keeps exotic decoders (EPS runs
 #: Ghostscript, for one) out of reach of untrusted input.
 #: (Multi-picture MPO files from cameras open through the JPEG plugin and report "MPO".)
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+#: AVIF is Pillow's own plugin; HEIC/HEIF (phone photos) comes from pillow-heif.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 
 # The pixel budget is enforced by ``prepare`` from the header before decoding; Pillow's own global
 # guard (which warns at 89 MP and fails at 179 MP) would otherwise override the configured limit.
@@ -29,8 +31,11 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # ``Image.open(formats=...)`` looks plugins up by name but only pre-registers the common ones.
 Image.init()
+pillow_heif.register_heif_opener()
 
 _WHITE = (255, 255, 255)
+#: The fill of ignored boxes: the same in A and B, so they compare equal.
+NEUTRAL = (128, 128, 128)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +90,30 @@ def prepare(
         original_size=original_size,
         format=source_format,
         original_mode=original_mode,
+    )
+
+
+def mask_boxes(
+    image: PreparedImage, boxes: list[tuple[float, float, float, float]], quality: int
+) -> PreparedImage:
+    """A copy with each box (x0, y0, x1, y1 as fractions of the image) filled with NEUTRAL."""
+    masked = image.image.copy()
+    draw = ImageDraw.Draw(masked)
+    width, height = masked.size
+    for x0, y0, x1, y1 in boxes:
+        left, top = int(x0 * width), int(y0 * height)
+        right = max(left, int(np.ceil(x1 * width)) - 1)
+        bottom = max(top, int(np.ceil(y1 * height)) - 1)
+        draw.rectangle((left, top, right, bottom), fill=NEUTRAL)
+    buffer = io.BytesIO()
+    masked.save(buffer, "JPEG", quality=quality)
+    return PreparedImage(
+        jpeg=buffer.getvalue(),
+        image=masked,
+        size=image.size,
+        original_size=image.original_size,
+        format=image.format,
+        original_mode=image.original_mode,
     )
 
 

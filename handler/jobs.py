@@ -236,6 +236,7 @@ def run_pair_job(
         comparator,
         max_input_pixels=settings.max_input_pixels,
         diff_image=settings.diff_image,
+        cache_mb=settings.cache_mb,
     )
     return _write(storage, spec, outcome.result, outcome.diff_png, plan.paths, started, log)
 

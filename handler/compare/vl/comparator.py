@@ -33,6 +33,7 @@ from handler.compare.vl.protocol import (
 )
 from handler.compare.vl.worker import worker_main
 from handler.config import ComparisonConfig, Settings
+from handler.detect import Detection
 from handler.errors import (
     ComparisonTimeout,
     ModelCrashed,
@@ -96,8 +97,15 @@ class VLComparator:
         """The current worker's process id (None between a kill and the next start)."""
         return self._worker.process.pid if self._worker else None
 
-    def compare(self, a: PreparedImage, b: PreparedImage, config: ComparisonConfig) -> Outcome:
-        metrics = self._metrics.compare(a, b, config)
+    def compare(
+        self,
+        a: PreparedImage,
+        b: PreparedImage,
+        config: ComparisonConfig,
+        *,
+        detection: Detection | None = None,
+    ) -> Outcome:
+        metrics = self._metrics.compare(a, b, config, detection=detection)
         skip_reason = _skip_reason(a, b, metrics.metrics)
         if skip_reason is not None:
             similarity = 1.0 if skip_reason == PIXEL_IDENTICAL else metrics.similarity
