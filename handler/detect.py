@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from handler.config import IgnoreRegion
@@ -308,7 +308,7 @@ def _open(data: bytes, max_pixels: int) -> pyvips.Image:
 def _header(data: bytes, max_pixels: int) -> pyvips.Image:
     """A lazily decoded image, restricted to the supported libvips loaders."""
     try:
-        image = pyvips.Image.new_from_buffer(data, "", access="sequential")
+        image = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error")
     except pyvips.Error:
         return _fallback(data, max_pixels)
     if not _streamed(image):
@@ -317,13 +317,17 @@ def _header(data: bytes, max_pixels: int) -> pyvips.Image:
 
 
 def _streamed(image: pyvips.Image) -> bool:
-    return bool(image.get_typeof("vips-loader")) and image.get("vips-loader") in _LOADERS
+    """Can libvips decode this itself? (Its bundled libheif decodes AVIF but not HEVC.)"""
+    if not image.get_typeof("vips-loader") or image.get("vips-loader") not in _LOADERS:
+        return False
+    return not image.get_typeof("heif-compression") or image.get("heif-compression") != "hevc"
 
 
 def _fallback(data: bytes, max_pixels: int) -> pyvips.Image:
-    """Formats libvips has no loader for here (BMP): Pillow decodes them, budget checked first.
+    """Formats libvips cannot decode here: Pillow decodes them whole, budget checked first.
 
-    BMP is uncompressed, so the decoded image is no larger than the bytes already in memory.
+    That is BMP (uncompressed: decoded, it is no larger than its bytes) and HEIC (pillow-heif;
+    phone photos, 12-48 MP): the one case where detection holds a decoded image.
     """
     from handler.images import SUPPORTED_FORMATS, check_pixels
 
@@ -336,6 +340,8 @@ def _fallback(data: bytes, max_pixels: int) -> pyvips.Image:
                 pixels = np.asarray(img.convert("RGBA"))
     except ImageTooLarge:
         raise
+    except UnidentifiedImageError:
+        raise InvalidImage("not an image: the bytes match no supported image format") from None
     except Exception as exc:
         raise InvalidImage(f"cannot decode the image: {exc}") from exc
     return pyvips.Image.new_from_array(pixels, interpretation="srgb")

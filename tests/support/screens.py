@@ -22,7 +22,7 @@ WORDS = tuple(_TEXT.split())
 
 @dataclass(frozen=True)
 class Page:
-    """A rendered page and where each word of it sits: (x, y, width, height) per word."""
+    """A rendered page and where each word's ink sits: (x, y, width, height) per word."""
 
     image: Image.Image
     words: list[tuple[str, tuple[int, int, int, int]]]
@@ -56,7 +56,8 @@ def text_page(
             if x + max(width, int(face.getlength(shown))) > size[0] - 32:
                 break
             draw.text((x, y), shown, fill=(20, 20, 20), font=face)
-            words.append((shown, (x, y, int(face.getlength(shown)) + 1, font_size + 2)))
+            left, top, right, bottom = draw.textbbox((x, y), shown, font=face)
+            words.append((shown, (int(left), int(top), int(right - left), int(bottom - top))))
             x += width + int(face.getlength(" ")) + 2
     return Page(image, words)
 
