@@ -27,7 +27,6 @@ noise (re-encoding leaves weak specks). Confident clusters become regions in A's
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,15 +39,7 @@ from scipy import ndimage
 from handler.config import IgnoreRegion
 from handler.errors import ImageTooLarge, InvalidImage, InvalidManifest
 from handler.result import Region
-
-# libvips reads this once, at start-up: an EXIF-rotated input (which needs random access) is
-# decoded to a temporary file rather than to memory once it is over this size.
-os.environ.setdefault("VIPS_DISC_THRESHOLD", "32m")
-
-import pyvips  # (after the environment it reads)
-
-# The operation cache keeps whole decoded images alive: several hundred MB on a large page.
-pyvips.cache_set_max(0)
+from handler.vips import open_header, pyvips
 
 #: pixelmatch's default: 0.1 on its 0..1 scale of the YIQ distance (35215 = the largest one).
 COLOR_THRESHOLD = 0.1
@@ -74,17 +65,6 @@ CROP_SIDE = 448
 CROP_MARGIN = 24
 #: Strips hold about this many pixels per image (4 bytes each).
 _STRIP_PIXELS = 1 << 16
-#: libvips loaders reachable from untrusted input (the same formats ``handler.images`` opens).
-_LOADERS = frozenset(
-    {
-        "jpegload_buffer",
-        "pngload_buffer",
-        "webpload_buffer",
-        "gifload_buffer",
-        "tiffload_buffer",
-        "heifload_buffer",
-    }
-)
 _YIQ = np.array(
     [
         [0.29889531, 0.59597799, 0.21147017],
@@ -306,21 +286,13 @@ def _open(data: bytes, max_pixels: int) -> pyvips.Image:
 
 
 def _header(data: bytes, max_pixels: int) -> pyvips.Image:
-    """A lazily decoded image, restricted to the supported libvips loaders."""
-    try:
-        image = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error")
-    except pyvips.Error:
-        return _fallback(data, max_pixels)
-    if not _streamed(image):
-        return _fallback(data, max_pixels)
-    return image
+    """A lazily decoded image: libvips' own, or the Pillow fallback's."""
+    return open_header(data) or _fallback(data, max_pixels)
 
 
 def _streamed(image: pyvips.Image) -> bool:
-    """Can libvips decode this itself? (Its bundled libheif decodes AVIF but not HEVC.)"""
-    if not image.get_typeof("vips-loader") or image.get("vips-loader") not in _LOADERS:
-        return False
-    return not image.get_typeof("heif-compression") or image.get("heif-compression") != "hevc"
+    """Did libvips open it itself (rather than the Pillow fallback)?"""
+    return bool(image.get_typeof("vips-loader"))
 
 
 def _fallback(data: bytes, max_pixels: int) -> pyvips.Image:

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
 
 from handler.config import DEFAULT_MAX_INPUT_PIXELS
 from handler.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
+from handler.vips import open_header, pyvips, thumbnail_rgb
 
 #: Formats we decode. Restricting ``Image.open`` to them keeps exotic decoders (EPS runs
 #: Ghostscript, for one) out of reach of untrusted input.
@@ -34,6 +35,8 @@ Image.init()
 pillow_heif.register_heif_opener()
 
 _WHITE = (255, 255, 255)
+#: Above this many pixels, non-JPEG images are shrunk by libvips (see ``_shrink_streamed``).
+STREAM_PIXELS = 4_000_000
 #: The fill of ignored boxes: the same in A and B, so they compare equal.
 NEUTRAL = (128, 128, 128)
 
@@ -75,11 +78,17 @@ def prepare(
         check_pixels(width, height, max_pixels)
         source_format = str(img.format)
         original_mode = img.mode
-        orientation = img.getexif().get(0x0112, 1)
-        # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap.
-        turned = orientation in (5, 6, 7, 8)
-        rgb = _shrink(img, (max_size[1], max_size[0]) if turned else max_size, orientation)
-    original_size = (height, width) if turned else (width, height)
+        streamed = _shrink_streamed(data, img, max_size)
+        if streamed is not None:
+            rgb, original_size = streamed
+        else:
+            # (A PNG's getexif() decodes the whole image: only here, never on the streamed path.)
+            orientation = img.getexif().get(0x0112, 1)
+            # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap.
+            turned = orientation in (5, 6, 7, 8)
+            box = (max_size[1], max_size[0]) if turned else max_size
+            rgb = _shrink(img, box, orientation)
+            original_size = (height, width) if turned else (width, height)
     buffer = io.BytesIO()
     # optimize=True only shrinks Huffman tables (lossless) and costs a second pass: skip it.
     rgb.save(buffer, "JPEG", quality=quality)
@@ -170,6 +179,26 @@ def _identify_failure(data: bytes) -> InvalidImage:
             f"{found} images are not supported (supported: {', '.join(SUPPORTED_FORMATS)})"
         )
     return InvalidImage("not an image: the bytes match no supported image format")
+
+
+def _shrink_streamed(
+    data: bytes, img: Image.Image, box: tuple[int, int]
+) -> tuple[Image.Image, tuple[int, int]] | None:
+    """Large non-JPEG images through libvips, which shrinks while it decodes in strips (Pillow
+    would hold the whole decoded image): the RGB image and the display-oriented original size.
+    None where Pillow is as good (JPEG draft, small images) or libvips cannot decode it."""
+    width, height = img.size
+    if img.format in ("JPEG", "MPO") or width * height <= STREAM_PIXELS:
+        return None
+    header = open_header(data)
+    if header is None:
+        return None
+    orientation = int(header.get("orientation")) if header.get_typeof("orientation") else 1
+    original_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    try:
+        return thumbnail_rgb(data, box), original_size
+    except pyvips.Error as exc:
+        raise InvalidImage(f"cannot decode the image: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def _shrink(img: Image.Image, box: tuple[int, int], orientation: int) -> Image.Image:
