@@ -59,6 +59,9 @@ MIN_CLUSTER_PIXELS = 12
 MIN_STRONG_PIXELS = 4
 WEAK_CLUSTER_PIXELS = 256
 MAX_REGIONS = 20
+#: Regions are the changed pixels' bounds plus this margin: the faint anti-aliased rim of a
+#: changed word is under the colour threshold but part of the word.
+REGION_PAD = 2
 #: Crops of the largest regions: how many, their longest side, and context around a region.
 MAX_CROPS = 4
 CROP_SIDE = 448
@@ -509,7 +512,7 @@ def _detection(
         y1 = ndimage.maximum(cells.y1, labels, index)
         for i in range(count):
             if _confident(int(pixels[i]), int(strong[i])):
-                box = (int(x0[i]), int(y0[i]), int(x1[i]) + 1, int(y1[i]) + 1)
+                box = _padded((int(x0[i]), int(y0[i]), int(x1[i]) + 1, int(y1[i]) + 1), work)
                 clusters.append((int(pixels[i]), box))
     clusters.sort(key=lambda item: -item[0])
     kept = clusters[:MAX_REGIONS]
@@ -525,6 +528,17 @@ def _detection(
         changed_pixels=sum(pixels for pixels, _ in clusters),
         transparency_pixels=min(cells.transparency, sum(p for p, _ in clusters)),
         differing_pixels=cells.differing,
+    )
+
+
+def _padded(box: tuple[int, int, int, int], limit: tuple[int, int]) -> tuple[int, int, int, int]:
+    """REGION_PAD more on each side, inside the image."""
+    x0, y0, x1, y1 = box
+    return (
+        max(0, x0 - REGION_PAD),
+        max(0, y0 - REGION_PAD),
+        min(limit[0], x1 + REGION_PAD),
+        min(limit[1], y1 + REGION_PAD),
     )
 
 

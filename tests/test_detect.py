@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from handler import images as images_module
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig, IgnoreRegion
-from handler.detect import MAX_CROPS, Detection, cut_crops, detect
+from handler.detect import MAX_CROPS, REGION_PAD, Detection, cut_crops, detect
 from handler.errors import ImageTooLarge, InvalidImage, InvalidManifest
 from handler.pairs import is_image_name
 from handler.pipeline import ImageInput, PairOutcome, compare_pair
@@ -218,7 +218,13 @@ def test_transparency_only_difference_is_reported_as_such() -> None:
     assert not detection.identical
     assert detection.transparency_only and detection.transparency_pixels == 61 * 81
     (region,) = detection.regions
-    assert (region.x, region.y, region.width, region.height) == (120, 20, 61, 81)
+    pad = REGION_PAD  # tight bounds of the changed pixels, plus the rim margin
+    assert (region.x, region.y, region.width, region.height) == (
+        120 - pad,
+        20 - pad,
+        61 + 2 * pad,
+        81 + 2 * pad,
+    )
     result = _run(screens.png(a), screens.png(b)).result
     assert result.is_similar is False and result.metrics["pixel_identical"] == 0.0
     assert "transparency" in result.summary
