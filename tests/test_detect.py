@@ -358,3 +358,23 @@ def test_detection_result_is_frozen_and_self_describing() -> None:
     }
     with pytest.raises(AttributeError):
         detection.changed_pixels = 3  # type: ignore[misc]
+
+
+def test_ignore_regions_and_cache_mb_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from handler.config import ConfigFileError, load_settings
+    from handler.pairs import Manifest
+
+    box = '[{"x": 10, "y": 20, "width": 30, "height": 40}]'
+    monkeypatch.setenv("PAIRWATCH_COMPARISON__IGNORE_REGIONS", box)
+    monkeypatch.setenv("PAIRWATCH_CACHE_MB", "0")
+    settings = load_settings()
+    assert settings.comparison.ignore_regions == [IgnoreRegion(x=10, y=20, width=30, height=40)]
+    assert settings.cache_mb == 0
+    monkeypatch.setenv("PAIRWATCH_CACHE_MB", "-1")
+    with pytest.raises(ConfigFileError, match="cache_mb"):
+        load_settings()
+    bad = Manifest(
+        "a.png", "b.png", {"ignore_regions": [{"x": 0, "y": -5, "width": 1, "height": 1}]}
+    )
+    with pytest.raises(InvalidManifest, match=r"ignore_regions\.0\.y"):
+        bad.config(ComparisonConfig())
