@@ -8,6 +8,7 @@ mode conversion happens after the shrink, on the small image.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 from dataclasses import dataclass
@@ -116,14 +117,7 @@ def mask_boxes(
         draw.rectangle((left, top, right, bottom), fill=NEUTRAL)
     buffer = io.BytesIO()
     masked.save(buffer, "JPEG", quality=quality)
-    return PreparedImage(
-        jpeg=buffer.getvalue(),
-        image=masked,
-        size=image.size,
-        original_size=image.original_size,
-        format=image.format,
-        original_mode=image.original_mode,
-    )
+    return dataclasses.replace(image, jpeg=buffer.getvalue(), image=masked)
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
