@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -153,11 +154,38 @@ class Settings(BaseSettings):
         ge=0,
         description="Lambda: hand the rest of an SQS batch back when less time than this is left.",
     )
+    concurrency: int | None = Field(
+        None,
+        gt=0,
+        le=1024,
+        description="Pairs compared at once; unset: 8 for the vl comparator, 1 for metrics.",
+    )
+    serve_host: str = Field("127.0.0.1", description="pairwatch serve: address to listen on.")
+    serve_port: int = Field(8080, ge=0, le=65535, description="pairwatch serve: TCP port.")
+    events_token: SecretStr | None = Field(
+        None,
+        description="pairwatch serve: bearer token POST /v1/events requires (unset: disabled).",
+    )
+    events_token_file: Path | None = Field(
+        None, description="File holding events_token (a mounted secret), read at start-up."
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="watch ...: serve Prometheus metrics on this port (on serve_host).",
+    )
 
     @model_validator(mode="after")
     def _vl_needs_a_model(self) -> Settings:
         if self.comparator == "vl" and not self.model:
             raise ValueError("comparator 'vl' needs a model (PAIRWATCH_MODEL or --model)")
+        return self
+
+    @model_validator(mode="after")
+    def _read_events_token_file(self) -> Settings:
+        if self.events_token is None and self.events_token_file is not None:
+            self.events_token = SecretStr(read_secret_file(self.events_token_file))
         return self
 
     @classmethod
@@ -174,6 +202,17 @@ class Settings(BaseSettings):
 
 class ConfigFileError(ValueError):
     """The ``--config`` file is missing, unparseable or holds invalid values."""
+
+
+def read_secret_file(path: Path) -> str:
+    """A secret from a mounted file (Kubernetes/Docker secrets): stripped, never empty."""
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read secret file {path}: {exc}") from exc
+    if not secret:
+        raise ValueError(f"secret file {path} is empty")
+    return secret
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

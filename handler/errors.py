@@ -54,6 +54,14 @@ class PathOutsideRoot(PairError):
     type = "path_outside_root"
 
 
+class UnsupportedName(PairError):
+    """A file or folder name pairwatch does not handle (control characters such as a newline,
+    bytes that are not UTF-8): refused with a name of its own, so that the user learns to
+    rename it instead of reading a misleading ``path_outside_root`` or ``internal_error``."""
+
+    type = "unsupported_name"
+
+
 class InvalidManifest(PairError):
     type = "invalid_manifest"
 

@@ -8,6 +8,10 @@ Sources and their key encodings (see tests/fixtures/events for a recorded payloa
 * MinIO's ListenBucketNotification stream: the same records, but keys arrive raw; the caller says
   so with ``raw_keys=True``. Unquoting them would turn a literal ``+`` into a space.
 * EventBridge ``Object Created``/``Object Deleted`` events: raw keys.
+* SeaweedFS's filer webhook (``notification.webhook``): ``{"event_type", "key":
+  "/buckets/<bucket>/<key>", "message": {"new_entry": ...}}`` with the filer path raw; only files
+  under the filer's buckets folder are S3 objects, everything else (folders, ``/buckets/.system``)
+  is ``kind="other"``.
 * SNS envelopes (as delivered to SQS, and the ``aws:sns`` records of a Lambda invocation) around
   any of the above, the Lambda SQS event (``Records[].body``) and SQS ``ReceiveMessage`` messages.
 
@@ -17,6 +21,8 @@ ignores. A malformed record becomes an ``EventError`` for that record only; the 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -107,6 +113,8 @@ def parse_notification(doc: Any, *, raw_keys: bool = False, depth: int = 0) -> P
         return _parse_sns(doc.get("Message"), depth)
     if doc.get("source") == "aws.s3" and "detail" in doc:
         return _wrap(_parse_eventbridge, doc)
+    if "event_type" in doc and "message" in doc:
+        return _wrap(parse_seaweedfs_filer_event, doc)
     if "Records" in doc:
         records = doc["Records"]
         if records is None:  # MinIO's keep-alive line
@@ -196,6 +204,64 @@ def _parse_eventbridge(doc: Mapping[str, Any]) -> ObjectEvent:
         source="aws.s3",
         name=name,
     )
+
+
+#: Where SeaweedFS's filer keeps S3 buckets (its default ``-s3.bucketsFolder``).
+SEAWEEDFS_BUCKETS_FOLDER = "/buckets/"
+_SEAWEEDFS_KINDS: dict[str, EventKind] = {
+    "create": "created",
+    "update": "created",
+    "delete": "removed",
+}
+
+
+def parse_seaweedfs_filer_event(doc: Mapping[str, Any]) -> ObjectEvent:
+    """One SeaweedFS filer webhook notification (recorded: tests/fixtures/events).
+
+    An ``update`` is an object written over an existing one, so it counts as a creation; a
+    ``rename`` names the old path in ``key``, which no longer exists. The ETag is the S3 one the
+    gateway stores (``Seaweed-X-Amz-ETag``, base64 of the quoted-less hex string).
+    """
+    event_type = _string(doc, "event_type")
+    path = _string(doc, "key")
+    message = _mapping(doc, "message")
+    # A delete carries only the ``old_entry``.
+    entry = message.get("new_entry") or message.get("old_entry")
+    in_buckets = path.startswith(SEAWEEDFS_BUCKETS_FOLDER)
+    bucket, _, key = (
+        path[len(SEAWEEDFS_BUCKETS_FOLDER) :].partition("/") if in_buckets else ("", "", "")
+    )
+    is_object = (
+        bool(bucket)
+        and not bucket.startswith(".")
+        and bool(key)
+        and isinstance(entry, Mapping)
+        and not entry.get("is_directory")
+    )
+    kind: EventKind = _SEAWEEDFS_KINDS.get(event_type, "other") if is_object else "other"
+    size = etag = None
+    if isinstance(entry, Mapping):
+        attributes = entry.get("attributes")
+        size = _size(attributes.get("file_size")) if isinstance(attributes, Mapping) else None
+        etag = _seaweedfs_etag(entry.get("extended"))
+    return ObjectEvent(
+        bucket=bucket,
+        key=key or path,
+        kind=kind,
+        size=size,
+        etag=etag,
+        source="seaweedfs:filer",
+        name=event_type,
+    )
+
+
+def _seaweedfs_etag(extended: Any) -> str | None:
+    if not isinstance(extended, Mapping) or not isinstance(extended.get("Seaweed-X-Amz-ETag"), str):
+        return None
+    try:
+        return normalise_etag(base64.b64decode(extended["Seaweed-X-Amz-ETag"]).decode("ascii"))
+    except (binascii.Error, UnicodeDecodeError):
+        return None
 
 
 def _mapping(doc: Mapping[str, Any], name: str, where: str = "") -> Mapping[str, Any]:

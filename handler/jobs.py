@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from handler.compare.base import Comparator
 from handler.config import ComparisonConfig, Settings
@@ -411,7 +412,7 @@ def _write(
             result = result.model_copy(update={"diff_image": posixpath.basename(spec.diff_path)})
         text = result.to_json().encode()
         storage.write_atomic(spec.result_path, text)
-    except (OSError, PairError) as exc:
+    except (OSError, PairError, PydanticSerializationError) as exc:  # the last: non-UTF-8 names
         log.error(
             "pair_failed",
             error_type="output_unwritable",

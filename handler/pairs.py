@@ -2,7 +2,9 @@
 
 1. Pair folder/prefix ``<pair-id>/`` holding exactly two images -> ``<pair-id>/result.json``.
 2. Manifest ``NAME.pair.json`` = ``{"a": path, "b": path, "config": {...}}``
-   -> ``NAME.result.json``.
+   -> ``NAME.result.json`` (a shortened NAME where that would not fit in a file name).
+
+Names with control characters or bytes that are not UTF-8 are not handled (``check_name``).
 
 The handler's own outputs (results, diff images, temporary files) are recognised here so that no
 source ever mistakes them for inputs.
@@ -10,8 +12,10 @@ source ever mistakes them for inputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from handler.config import ComparisonConfig, format_validation_error
-from handler.errors import InvalidManifest, PathOutsideRoot
+from handler.errors import InvalidManifest, PathOutsideRoot, UnsupportedName
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
@@ -30,6 +34,10 @@ MANIFEST_SUFFIX = ".pair.json"
 RESULT_SUFFIX = ".result.json"
 DIFF_SUFFIX = ".diff.png"
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
+#: The longest file name (one path segment) Linux filesystems accept, in bytes.
+NAME_MAX_BYTES = 255
+#: Hex digits of the full stem's sha256 that keep shortened output names apart.
+_SHORT_NAME_DIGITS = 8
 
 
 def is_ignored_name(name: str) -> bool:
@@ -71,11 +79,61 @@ def manifest_stem(name: str) -> str:
 
 
 def manifest_result_name(name: str) -> str:
-    return manifest_stem(name) + RESULT_SUFFIX
+    return _output_stem(name) + RESULT_SUFFIX
 
 
 def manifest_diff_name(name: str) -> str:
-    return manifest_stem(name) + DIFF_SUFFIX
+    return _output_stem(name) + DIFF_SUFFIX
+
+
+def _output_stem(name: str) -> str:
+    """The manifest's stem, shortened where ``STEM.result.json`` would exceed NAME_MAX_BYTES.
+
+    A manifest name is legal up to 255 bytes but its result name is 2 bytes longer, so a stem
+    over 243 bytes is cut and tagged with a digest of the whole stem: two long manifests that
+    share their first bytes still get results of their own, and the same manifest always maps
+    to the same names (results and diff images stay beside each other, on every source).
+    """
+    stem = manifest_stem(name)
+    longest = max(len(RESULT_SUFFIX), len(DIFF_SUFFIX))
+    if encoded_size(stem) + longest <= NAME_MAX_BYTES:
+        return stem
+    digest = hashlib.sha256(stem.encode("utf-8", "surrogatepass")).hexdigest()
+    tag = "~" + digest[:_SHORT_NAME_DIGITS]
+    return truncate_to_bytes(stem, NAME_MAX_BYTES - longest - len(tag)) + tag
+
+
+def encoded_size(text: str) -> int:
+    """Bytes ``text`` takes as a UTF-8 file name (a lone surrogate counts 3: never too few)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def truncate_to_bytes(text: str, limit: int) -> str:
+    """The longest start of ``text`` that takes at most ``limit`` bytes, whole characters only."""
+    size = 0
+    for index, char in enumerate(text):
+        size += encoded_size(char)
+        if size > limit:
+            return text[:index]
+    return text
+
+
+def check_name(path: str) -> str:
+    """Refuse names pairwatch does not handle; returns ``path`` unchanged.
+
+    Control characters (a newline, a tab, ESC...) are legal in Linux names but break every
+    line-based consumer of results and logs, and S3 keys refuse them; bytes that are not UTF-8
+    (Python's surrogate escapes) cannot be written into a JSON result at all.
+    """
+    for char in path:
+        category = unicodedata.category(char)
+        if category == "Cc":
+            raise UnsupportedName(
+                f"{path!r} contains a control character ({char!r}); rename it without one"
+            )
+        if category == "Cs":
+            raise UnsupportedName(f"{path!r} is not valid UTF-8; rename it")
+    return path
 
 
 @dataclass(frozen=True)
@@ -109,18 +167,19 @@ def parse_manifest(data: bytes) -> Manifest:
     return Manifest(a=a, b=b, config_overrides=overrides)
 
 
-def join_relative(base: str, relative: str) -> str:
+def join_relative(base: str, relative: str, *, check_names: bool = True) -> str:
     """Join ``relative`` (from a manifest) onto the folder/prefix ``base``, staying inside it.
 
     Works on POSIX-style strings for both paths and keys. Absolute paths, ``..`` that climbs out
-    of the root, backslashes and control characters raise ``PathOutsideRoot``. Symlinks are the
-    storage layer's business (it resolves them against the real root).
+    of the root and backslashes raise ``PathOutsideRoot``; then, unless ``check_names`` is off,
+    names ``check_name`` refuses raise ``UnsupportedName``. Symlinks are the storage layer's
+    business (it resolves them against the real root).
     """
     if not relative or relative.startswith("/") or "\\" in relative:
         raise PathOutsideRoot(f"{relative!r} is not a relative path inside the watched root")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in relative):
-        raise PathOutsideRoot(f"{relative!r} contains control characters")
     joined = posixpath.normpath(posixpath.join(base or ".", relative))
     if joined == ".." or joined.startswith("../") or joined.startswith("/"):
         raise PathOutsideRoot(f"{relative!r} leads outside the watched root")
+    if check_names:
+        check_name(relative)
     return joined

@@ -2,18 +2,41 @@
 
 Inputs are only ever read; outputs are written atomically (a reader sees the old file or the
 new one, never half of one). Paths/keys are relative to the root and cannot escape it.
+
+A local atomic write goes through ``.NAME.XXXXXXXX.tmp`` beside its target (``XXXXXXXX``:
+``tempfile``'s random part); a process killed mid-write leaves it behind, and
+``remove_stale_temporaries`` is what clears those up when a watcher starts.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from handler.errors import ImageTooLarge, InputNotFound, InputUnreadable, PathOutsideRoot
-from handler.pairs import join_relative
+from handler.logs import get_logger
+from handler.pairs import (
+    DIFF_SUFFIX,
+    NAME_MAX_BYTES,
+    RESULT_SUFFIX,
+    encoded_size,
+    is_ignored_name,
+    is_output_name,
+    join_relative,
+    truncate_to_bytes,
+)
+
+#: ``tempfile.mkstemp`` puts this many random characters between prefix and suffix.
+_TEMP_RANDOM_CHARS = 8
+_TEMP_SUFFIX = ".tmp"
+_TEMPORARY = re.compile(rf"\.(?P<name>.+)\.[a-z0-9_]{{{_TEMP_RANDOM_CHARS}}}\.tmp", re.DOTALL)
+#: A write takes milliseconds; a temporary this old belongs to a process that died mid-write.
+STALE_TEMPORARY_S = 600.0
 
 
 class LocalStorage:
@@ -23,11 +46,26 @@ class LocalStorage:
         self.root = Path(root).resolve()
 
     def path(self, relative: str) -> Path:
-        """The real path of ``relative``; symlinks that lead outside the root are refused."""
-        clean = join_relative("", relative)
-        real = (self.root / clean).resolve()
+        """The real path of ``relative``; symlinks that lead outside the root are refused.
+
+        So are names ``check_name`` refuses (``UnsupportedName``), except for pairwatch's own
+        outputs: the error result of a folder named ``new\\nline`` is written, and found
+        again, inside it, where its user looks for it.
+        """
+        return self._real(self._clean(relative), relative)
+
+    def _clean(self, relative: str) -> str:
+        return join_relative("", relative, check_names=not is_output_name(relative))
+
+    def _real(self, clean: str, label: str) -> Path:
+        try:
+            real = (self.root / clean).resolve()
+        except RuntimeError:  # Python < 3.13 reports a symlink loop so, not as an OSError
+            raise InputUnreadable(f"{label}: symlink loop") from None
+        except OSError as exc:
+            raise InputUnreadable(f"{label}: {exc.strerror or exc}") from None
         if real != self.root and not real.is_relative_to(self.root):
-            raise PathOutsideRoot(f"{relative!r} resolves outside the watched root")
+            raise PathOutsideRoot(f"{label!r} resolves outside the watched root")
         return real
 
     def relative(self, path: Path) -> str:
@@ -69,9 +107,12 @@ class LocalStorage:
         Only the folder is resolved: a symlink planted under the output's name is replaced,
         never followed (it could point at an input, or outside the root).
         """
-        clean = join_relative("", relative)
-        target = self.path(posixpath.dirname(clean) or ".") / posixpath.basename(clean)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        clean = self._clean(relative)
+        folder = self._real(posixpath.dirname(clean) or ".", relative)
+        target = folder / posixpath.basename(clean)
+        fd, tmp = tempfile.mkstemp(
+            dir=target.parent, prefix=_temporary_prefix(target.name), suffix=_TEMP_SUFFIX
+        )
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -83,6 +124,61 @@ class LocalStorage:
             Path(tmp).unlink(missing_ok=True)
             raise
         return target
+
+
+def _temporary_prefix(name: str) -> str:
+    """``.NAME.``, NAME cut so that the whole temporary name fits in NAME_MAX_BYTES.
+
+    A target name may itself be up to 255 bytes, and the temporary is 14 bytes longer. An
+    output suffix (``.result.json``, ``.diff.png``) survives the cut, so that a shortened
+    temporary is still recognised as pairwatch's own by ``remove_stale_temporaries``.
+    """
+    budget = NAME_MAX_BYTES - len("..") - _TEMP_RANDOM_CHARS - len(_TEMP_SUFFIX)
+    if encoded_size(name) > budget:
+        kept = next((s for s in (RESULT_SUFFIX, DIFF_SUFFIX) if name.endswith(s)), "")
+        head = name[: len(name) - len(kept)]
+        name = truncate_to_bytes(head, budget - encoded_size(kept)) + kept
+    return f".{name}."
+
+
+def is_own_temporary(name: str) -> bool:
+    """A temporary ``write_atomic`` leaves behind when killed: ``.OUTPUT.XXXXXXXX.tmp``, where
+    OUTPUT is a result or diff image name. Other hidden ``*.tmp`` files are not ours to touch."""
+    match = _TEMPORARY.fullmatch(name)
+    return match is not None and is_output_name(match["name"])
+
+
+def remove_stale_temporaries(root: Path, older_than_s: float = STALE_TEMPORARY_S) -> list[Path]:
+    """Delete pairwatch's own temporaries under ``root`` last written over ``older_than_s`` ago.
+
+    Run when a watcher starts: a ``kill -9`` mid-write would otherwise leave them forever.
+    Only regular files that match ``is_own_temporary`` are removed; hidden folders (never
+    written into) and symlinked folders (possibly outside ``root``) are not entered. Each
+    removal is logged (``stale_temporary_removed``); a failure is logged and skipped.
+    """
+    log = get_logger(root=str(root))
+    cutoff = time.time() - older_than_s
+    removed: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not is_ignored_name(d)]
+        for name in filenames:
+            if not is_own_temporary(name):
+                continue
+            path = Path(dirpath, name)
+            try:
+                status = path.lstat()
+                if not stat.S_ISREG(status.st_mode) or status.st_mtime > cutoff:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue  # another process cleared it first
+            except OSError as exc:
+                log.warning("stale_temporary_unremovable", path=str(path), error=exc.strerror)
+                continue
+            age_s = round(time.time() - status.st_mtime, 1)
+            log.info("stale_temporary_removed", path=str(path), bytes=status.st_size, age_s=age_s)
+            removed.append(path)
+    return removed
 
 
 def read_file(path: Path, max_bytes: int, *, label: str | None = None) -> bytes:

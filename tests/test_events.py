@@ -193,3 +193,45 @@ def test_sqs_detection() -> None:
     assert not is_sqs_event(load("aws_s3_notification.json"))
     assert not is_sqs_event({"Records": []})
     assert not is_sqs_event("text")
+
+
+def test_seaweedfs_filer_webhook_recorded_from_weed() -> None:
+    """Recorded from ``weed mini`` 4.48 (``notification.webhook``) for one S3 upload: the
+    filer reports the folders it made, its ``.system`` bookkeeping and the object itself."""
+    lines = (FIXTURES / "seaweedfs_filer_webhook.jsonl").read_text(encoding="utf-8").splitlines()
+    events = [only_event(json.loads(line)) for line in lines]
+    created = [e for e in events if e.kind == "created"]
+    assert created == [
+        ObjectEvent(
+            bucket="photos",
+            key="incoming/my pair+1/ä b.jpg",  # the filer path is raw: no unquoting
+            kind="created",
+            size=3,
+            etag="900150983cd24fb0d6963f7d28e17f72",  # the S3 ETag, not the base64 md5
+            source="seaweedfs:filer",
+            name="create",
+        )
+    ]
+    assert all(e.kind == "other" for e in events if e not in created)
+
+
+@pytest.mark.parametrize(
+    ("event_type", "path", "kind"),
+    [
+        ("update", "/buckets/b/p/x.jpg", "created"),  # an object written over another
+        ("delete", "/buckets/b/p/x.jpg", "removed"),
+        ("rename", "/buckets/b/p/x.jpg", "other"),
+        ("create", "/elsewhere/p/x.jpg", "other"),  # a filer path outside the buckets
+        ("create", "/buckets/b", "other"),
+    ],
+)
+def test_seaweedfs_event_kinds(event_type: str, path: str, kind: str) -> None:
+    entry = {"name": "x.jpg", "attributes": {"file_size": 10}}
+    side = "old_entry" if event_type == "delete" else "new_entry"
+    doc = {"event_type": event_type, "key": path, "message": {side: entry}}
+    assert only_event(doc).kind == kind
+
+
+def test_seaweedfs_malformed_notification_is_an_error() -> None:
+    parsed = parse_notification({"event_type": "create", "key": 7, "message": {}})
+    assert not parsed.events and "key" in str(parsed.errors[0])

@@ -25,6 +25,7 @@ import pytest
 from handler.config import Settings
 from handler.events import ObjectEvent, Parsed
 from tests.support import scenes
+from tests.support.logs import json_events
 from tests.support.s3_servers import (
     ROOT,
     MinioListenLayer,
@@ -110,7 +111,7 @@ def test_listen_reconnect_and_catch_up(minio: tuple[str, MinioListenLayer]) -> N
     # The region was given, so the SDK never asked for the bucket's location.
     assert not any("location" in r for r in layer.other_requests)
 
-    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    events = json_events(stderr)
     names = [e["event"] for e in events]
     assert names.count("stream_connected") >= 2 and names.count("prefix_listed") >= 2
     written = sorted(e["pair_id"] for e in events if e["event"] == "result_written")

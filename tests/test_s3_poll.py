@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support import scenes
+from tests.support.logs import json_events
 from tests.support.s3_servers import ROOT, aws_env, client, seaweedfs_server, unique, wait_for
 from watcher.cli import main
 
@@ -61,10 +62,6 @@ def result_of(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
         return None
 
 
-def log_events(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-
-
 def test_poll_watcher_finds_pairs_before_and_while_running(
     endpoint: str, jpeg: tuple[bytes, bytes], tmp_path: Path
 ) -> None:
@@ -100,7 +97,7 @@ def test_poll_watcher_finds_pairs_before_and_while_running(
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr[-3000:]
     assert result_of(s3, bucket, "elsewhere/p/result.json") is None
-    events = log_events(stderr)
+    events = json_events(stderr)
     written = [e for e in events if e["event"] == "result_written"]
     assert sorted(e["pair_id"] for e in written) == ["early bird", "late+ü", "lonely"]
     assert not any(e["level"] == "error" for e in events), stderr[-3000:]
@@ -124,7 +121,7 @@ def test_poll_once_and_restart_skips_done_pairs(endpoint: str, jpeg: tuple[bytes
     _, stderr = second.communicate(timeout=60)
     assert second.returncode == 0, stderr[-3000:]
     assert result_of(s3, bucket, "p/result.json") == stamp  # not rewritten
-    assert not [e for e in log_events(stderr) if e["event"] == "result_written"]
+    assert not [e for e in json_events(stderr) if e["event"] == "result_written"]
 
 
 def test_bad_url_is_a_usage_error(endpoint: str) -> None:
@@ -168,7 +165,7 @@ def test_once_exits_1_when_a_pair_result_is_not_ok(
     second = pairwatch("watch", "poll", f"s3://{bucket}", "--once", endpoint=endpoint)
     _, stderr = second.communicate(timeout=60)
     assert second.returncode == 1, stderr[-3000:]
-    assert not [e for e in log_events(stderr) if e["event"] == "result_written"]
+    assert not [e for e in json_events(stderr) if e["event"] == "result_written"]
 
 
 def test_unwritable_output_is_retried_with_backoff(

@@ -21,6 +21,7 @@ from PIL import Image
 from handler.bucket_jobs import Delivery
 from handler.events import sqs_messages
 from tests.support import scenes
+from tests.support.logs import json_events
 from tests.support.s3_servers import (
     ROOT,
     aws_env,
@@ -57,10 +58,6 @@ def watch_sqs(queue_url: str, endpoint: str, *extra: str) -> subprocess.Popen[st
     )  # fmt: skip
 
 
-def log_events(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-
-
 def get_json(s3: Any, bucket: str, key: str) -> dict[str, Any]:
     return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())  # type: ignore[no-any-return]
 
@@ -94,7 +91,7 @@ def test_worker_drains_the_queue_and_poison_goes_to_the_dlq(endpoint: str) -> No
     # Drained: everything deleted except the poison message, which SQS moved to the DLQ.
     assert queue_depth(sqs, setup.queue_url) == 0
     assert queue_depth(sqs, setup.dlq_url) == 1
-    events = log_events(stderr)
+    events = json_events(stderr)
     names = [e["event"] for e in events]
     assert names.count("result_written") == 4
     assert names.count("event_rejected") == 2  # the poison's two deliveries
@@ -114,14 +111,14 @@ def test_sigterm_stops_an_idle_worker(endpoint: str) -> None:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr[-3000:]
-    assert log_events(stderr)[-1]["event"] == "watch_stopped"
+    assert json_events(stderr)[-1]["event"] == "watch_stopped"
 
 
 def test_unreachable_queue_fails_cleanly(endpoint: str) -> None:
     proc = watch_sqs(f"{endpoint}/123456789012/no-such-queue", endpoint)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert any(e["event"] == "queue_unavailable" for e in log_events(stderr))
+    assert any(e["event"] == "queue_unavailable" for e in json_events(stderr))
 
 
 def test_bad_input_prefix_is_a_usage_error(endpoint: str) -> None:

@@ -8,8 +8,6 @@ on the real client (nothing is stubbed) to prove what is *not* downloaded.
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +31,7 @@ from handler.s3_storage import (
     normalise_prefix,
 )
 from tests.support import scenes
+from tests.support.png import png_claiming
 from tests.support.s3_servers import client, seaweedfs_server, unique
 
 pytestmark = pytest.mark.timeout(120)
@@ -127,20 +126,9 @@ def test_size_is_checked_with_head_before_any_download(s3: Any, bucket: str) -> 
     assert calls.count("HeadObject") == 1  # the HEAD is remembered for the job
 
 
-def _png_claiming(width: int, height: int, body_bytes: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height``, padded to ``body_bytes`` with junk."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    junk = np.random.default_rng(3).bytes(body_bytes)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", junk)
-
-
 def test_pixel_budget_is_checked_from_a_ranged_read_before_download(s3: Any, bucket: str) -> None:
-    s3.put_object(Bucket=bucket, Key="in/p/bomb.png", Body=_png_claiming(40000, 40000, 3 << 20))
+    bomb = png_claiming(40000, 40000, np.random.default_rng(3).bytes(3 << 20))
+    s3.put_object(Bucket=bucket, Key="in/p/bomb.png", Body=bomb)
     noise = np.random.default_rng(4).integers(0, 255, (800, 800, 3), dtype=np.uint8)
     real = scenes.encode(Image.fromarray(noise), "PNG")
     assert len(real) > PROBE_MIN_BYTES

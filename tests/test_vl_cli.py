@@ -16,6 +16,7 @@ import jsonschema
 
 from handler.result import ComparisonResult, result_json_schema
 from tests.support import scenes, tiny_vlm
+from tests.support.logs import json_events
 
 
 def test_compare_with_a_random_model_gives_model_output_invalid(tmp_path: Path) -> None:
@@ -50,7 +51,7 @@ def test_compare_with_a_random_model_gives_model_output_invalid(tmp_path: Path) 
     assert result.vl is not None and result.vl.raw_text and not result.vl.skipped
     assert result.vl.visual_tokens == 2 * 9 * 6 and result.vl.attempts == 1
     assert result.metrics["ssim"] < 1.0
-    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    events = json_events(proc.stderr)
     names = [event["event"] for event in events]
     assert {"vl_worker_started", "vl_worker_ready", "vl_generated", "pair_failed"} <= set(names)
     generated = next(event for event in events if event["event"] == "vl_generated")

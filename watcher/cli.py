@@ -2,7 +2,7 @@
 
 ``pairwatch compare A B`` · ``pairwatch schema`` · ``pairwatch watch DIR`` ·
 ``pairwatch watch sqs QUEUE_URL`` · ``pairwatch watch minio s3://BUCKET/PREFIX`` ·
-``pairwatch watch poll s3://BUCKET/PREFIX`` · ``pairwatch report DIR``
+``pairwatch watch poll s3://BUCKET/PREFIX`` · ``pairwatch report DIR`` · ``pairwatch serve``
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from types import ModuleType
 
 from handler.config import ConfigFileError, Settings, load_settings
 from handler.logs import configure_logging
-from watcher.args import EXIT_OK, EXIT_USAGE
+from watcher.args import EXIT_OK, EXIT_USAGE, port_number
 
 #: Sub-commands implemented in their own modules: each has ``configure_parser(parser)`` and
 #: ``run(args, settings) -> int``. ``watch sqs|minio|poll`` are spelled ``watch-<source>`` here.
@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = {
     "watch-minio": "watcher.minio_listen",
     "watch-poll": "watcher.poll",
     "report": "watcher.report",
+    "serve": "watcher.serve",
 }
 _WATCH_SOURCES = ("sqs", "minio", "poll")
 
@@ -45,6 +46,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
         doc = (module.__doc__ or "").strip().splitlines()[0]
         sub = subparsers.add_parser(name, help=doc, description=module.__doc__)
         _add_common_options(sub)
+        if name.startswith("watch"):
+            sub.add_argument(
+                "--metrics-port",
+                type=port_number,
+                metavar="PORT",
+                help="serve Prometheus metrics on PORT (metrics_port; on serve_host)",
+            )
         module.configure_parser(sub)
     schema = subparsers.add_parser("schema", help="Print the result JSON Schema.")
     schema.set_defaults(command="schema")
@@ -83,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pairwatch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log_format, settings.log_level)
+    if args.command.startswith("watch") and settings.metrics_port is not None:
+        from watcher.metrics import start_metrics_server
+
+        start_metrics_server(settings.metrics_port, settings.serve_host)
     code: int = modules[args.command].run(args, settings)
     return code
 
@@ -94,6 +106,7 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
         model=args.model,
         log_format=args.log_format,
         log_level=args.log_level,
+        metrics_port=getattr(args, "metrics_port", None),
     )
 
 

@@ -48,7 +48,8 @@ from handler.jobs import (
 )
 from handler.logs import elapsed_ms, get_logger
 from handler.pairs import is_ignored_name, is_manifest_name, is_relevant_name
-from handler.storage import LocalStorage
+from handler.storage import LocalStorage, remove_stale_temporaries
+from watcher import metrics
 from watcher.jobqueue import CoalescingQueue
 from watcher.settle import Change, Settler
 from watcher.shutdown import StopFlag
@@ -141,6 +142,7 @@ class FolderWatcher:
             pair_timeout=self.settings.pair_timeout,
         )
         started = time.perf_counter()
+        remove_stale_temporaries(self.root)
         self._scanner = self._scan()
         try:
             while not stop.requested:
@@ -237,6 +239,7 @@ class FolderWatcher:
             )
             self.summary.add_crash(spec)
             return
+        metrics.record_report(report, "folder")
         if spec.kind == "manifest":
             self._track_inputs(spec, report.inputs)
         if report.outcome == "waiting" and report.retry_in is not None:

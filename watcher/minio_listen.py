@@ -40,6 +40,7 @@ from handler.errors import PairError
 from handler.events import ObjectEvent, Parsed, parse_notification
 from handler.logs import get_logger
 from handler.s3_storage import s3_endpoint
+from watcher import metrics
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from watcher.bucket import (
     RETRY_DELAYS,
@@ -155,6 +156,7 @@ class Listener:
 
     def _handle(self, parsed: Parsed, attempt: int) -> None:
         delivery = self.jobs.handle_parsed(parsed)
+        metrics.record_delivery(delivery, "minio", len(parsed.events))
         # Retries are filed per object, so that one lone image is not a reason to handle a whole
         # listing batch again, and a reconnect's listing replaces its pending retry.
         for result in delivery.results:

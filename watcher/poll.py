@@ -18,6 +18,7 @@ from handler.config import Settings
 from handler.errors import PairError
 from handler.events import Parsed
 from handler.logs import elapsed_ms, get_logger
+from watcher import metrics
 from watcher.args import EXIT_FAILED, EXIT_OK, positive_seconds
 from watcher.bucket import (
     RETRY_DELAYS,
@@ -113,6 +114,7 @@ class Poller:
                 if not unchanged:
                     failures = 0  # a replaced object starts afresh
                 delivery = self.jobs.handle_parsed(Parsed(events=[event]))
+                metrics.record_delivery(delivery, "poll", 1)
                 self.recheck.pop(event.key, None)
                 # Rejected keys are remembered too: they fail the same way until replaced.
                 self.seen[event.key] = event.etag

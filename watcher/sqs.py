@@ -28,6 +28,7 @@ from handler.errors import PairError
 from handler.events import QueueMessage, sqs_messages
 from handler.logs import get_logger
 from handler.s3_storage import normalise_prefix
+from watcher import metrics
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from watcher.bucket import add_endpoint_options, build_jobs, sleep_unless_stopped
 from watcher.shutdown import StopFlag, stop_on_signals
@@ -162,7 +163,9 @@ class _Worker:
         heartbeat = threading.Thread(target=self._keep_invisible, args=(message, done), daemon=True)
         heartbeat.start()
         try:
-            delivery = self.jobs.handle_parsed(message.parse(), message_id=message.message_id)
+            parsed = message.parse()
+            delivery = self.jobs.handle_parsed(parsed, message_id=message.message_id)
+            metrics.record_delivery(delivery, "sqs", len(parsed.events))
         finally:
             done.set()
             heartbeat.join()

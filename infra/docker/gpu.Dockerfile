@@ -1,15 +1,19 @@
 # syntax=docker/dockerfile:1
-# pairwatch GPU worker: `pairwatch watch sqs QUEUE_URL` (ECS, infra/aws/template.yaml) or
-# `pairwatch watch minio s3://BUCKET/PREFIX` (infra/minio/docker-compose.yml).
+# pairwatch GPU worker: `pairwatch watch sqs QUEUE_URL` with the VL model inside the worker (ECS on
+# GPU EC2, infra/aws/template.yaml Worker=gpu) or `pairwatch watch minio s3://BUCKET/PREFIX`
+# (infra/minio/docker-compose.yml, profile gpu).
 #
-# Build from the repository root (the build context is narrowed by gpu.Dockerfile.dockerignore):
-#   docker build -f infra/docker/gpu.Dockerfile -t pairwatch-gpu .
+# Build from the repository root (the build context is narrowed by gpu.Dockerfile.dockerignore),
+# for the platform the template pins (and, for a registry, without a multi-entry OCI index):
+#   docker build --platform linux/amd64 --provenance=false -f infra/docker/gpu.Dockerfile -t pairwatch-gpu .
 #
-# The `base` flavour of the CUDA image carries the CUDA runtime (cudart) and the driver hooks
-# the NVIDIA container toolkit needs; cuBLAS, cuDNN and NCCL come with torch's own wheels, so
-# the larger `runtime` flavour would only add a second, unused copy of them.
+# CUDA: torch==2.14.1's wheels are built for CUDA 13.0 and bring cuBLAS, cuDNN and NCCL with them;
+# the `base` flavour adds only the runtime and the NVIDIA_REQUIRE_CUDA=cuda>=13.0 check that the
+# container toolkit applies at start. CUDA 13.0 needs NVIDIA driver >= 580.65.06; the ECS GPU AMI
+# the template pins (GpuAmiParameter) ships 580.178.04. Move this tag, torch's pins and the AMI
+# together (tests/test_infra.py checks they agree).
 
-FROM nvidia/cuda:12.9.1-base-ubuntu24.04 AS build
+FROM nvidia/cuda:13.0.2-base-ubuntu24.04 AS build
 # Ubuntu's own python3 (3.12) is enough; apt package versions follow the pinned base image.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -23,9 +27,11 @@ RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md /src/
 COPY handler /src/handler
 COPY watcher /src/watcher
-RUN pip install --no-cache-dir /src
+# The `vl` extra (torch, torchvision, transformers, xgrammar), with the same pins so that the
+# extra's ranges cannot move torch.
+RUN pip install --no-cache-dir "/src[vl]" torch==2.14.1 torchvision==0.29.1
 
-FROM nvidia/cuda:12.9.1-base-ubuntu24.04
+FROM nvidia/cuda:13.0.2-base-ubuntu24.04
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \

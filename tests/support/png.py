@@ -1,0 +1,20 @@
+"""Hand-built PNG files whose header says what a test needs, whatever their pixels are."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+def png_claiming(width: int, height: int, idat: bytes = b"", *, end: bool = False) -> bytes:
+    """An 8-bit RGB PNG whose IHDR claims ``width`` x ``height``, followed by ``idat`` as its
+    only data chunk (junk, or nothing, to stand for a bomb or a truncated file), then IEND
+    when ``end``: header checks must reject or accept it before anything is decoded."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunks = png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
+    return b"\x89PNG\r\n\x1a\n" + chunks + (png_chunk(b"IEND", b"") if end else b"")

@@ -1,0 +1,142 @@
+"""The shared metrics (``watcher.metrics``) and serve's admission control, as small components,
+and the watchers' ``--metrics-port`` endpoint on a real ``pairwatch watch DIR`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from handler.config import ComparisonConfig
+from handler.errors import InvalidImage
+from handler.pipeline import failure_result
+from handler.result import ComparatorInfo, ComparisonResult, InputInfo, VLDetails
+from tests.support import scenes
+from tests.support.s3_servers import ROOT, free_port, wait_for
+from watcher import metrics
+from watcher.serve_admission import Admission, Busy
+
+
+def _value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _result(**update: object) -> ComparisonResult:
+    base = ComparisonResult(
+        pair_id="p",
+        status="ok",
+        similarity=0.5,
+        is_similar=False,
+        comparator=ComparatorInfo(name="vl", model="m", device="cuda:0"),
+        inputs=[InputInfo(name="a.jpg"), InputInfo(name="b.jpg")],
+        config=ComparisonConfig(),
+        timings_ms={"prepare": 20.0, "compare": 300.0, "total": 330.0},
+        vl=VLDetails(visual_tokens=1998, peak_memory_mb=512.0),
+    )
+    return base.model_copy(update=update)
+
+
+def test_record_result_counts_stages_errors_and_vl_numbers() -> None:
+    ok = {"source": "sqs", "comparator": "vl", "status": "ok"}
+    before = {
+        "pairs": _value("pairwatch_pairs_total", **ok),
+        "compare": _value("pairwatch_stage_seconds_sum", stage="compare"),
+        "write": _value("pairwatch_stage_seconds_count", stage="write"),
+        "tokens": _value("pairwatch_vl_visual_tokens_sum"),
+        "memory": _value("pairwatch_vl_peak_memory_bytes_sum"),
+        "errors": _value("pairwatch_pair_errors_total", type="invalid_image"),
+    }
+    metrics.record_result(_result(), "sqs", stages={"write": 0.01})
+    assert _value("pairwatch_pairs_total", **ok) == before["pairs"] + 1
+    assert _value("pairwatch_stage_seconds_sum", stage="compare") == pytest.approx(
+        before["compare"] + 0.3
+    )
+    assert _value("pairwatch_stage_seconds_count", stage="write") == before["write"] + 1
+    assert _value("pairwatch_vl_visual_tokens_sum") == before["tokens"] + 1998
+    assert _value("pairwatch_vl_peak_memory_bytes_sum") == before["memory"] + 512 * 2**20
+
+    failed = failure_result(
+        "p",
+        InvalidImage("truncated"),
+        [InputInfo(name="a"), InputInfo(name="b")],
+        ComparisonConfig(),
+        ComparatorInfo(name="metrics"),
+    )
+    metrics.record_result(failed, "folder")
+    assert _value("pairwatch_pair_errors_total", type="invalid_image") == before["errors"] + 1
+
+
+def test_admission_refuses_beyond_concurrency_plus_queue() -> None:
+    async def scenario() -> None:
+        admission = Admission(concurrency=2, queue_size=1)
+        release = asyncio.Event()
+        entered: list[int] = []
+
+        async def hold(n: int) -> None:
+            async with admission.admit() as ticket, ticket.compare():
+                entered.append(n)
+                await release.wait()
+
+        tasks = [asyncio.create_task(hold(n)) for n in range(3)]
+        await asyncio.sleep(0.01)
+        assert (admission.admitted, entered) == (3, [0, 1])
+        assert _value("pairwatch_queue_depth") == 1 and _value("pairwatch_in_flight") == 2
+        with pytest.raises(Busy) as busy:
+            async with admission.admit():
+                pass
+        assert busy.value.retry_after >= 1
+        tasks[2].cancel()  # a waiter that goes away gives its queue place back
+        await asyncio.sleep(0.01)
+        assert admission.admitted == 2 and _value("pairwatch_queue_depth") == 0
+        async with admission.admit():  # so there is room again
+            pass
+        release.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert admission.admitted == 0
+        assert _value("pairwatch_queue_depth") == 0 and _value("pairwatch_in_flight") == 0
+
+    asyncio.run(scenario())
+
+
+def test_admission_rejects_nonsense_limits() -> None:
+    with pytest.raises(ValueError):
+        Admission(0, 1)
+
+
+def test_watch_metrics_port_serves_the_same_names(tmp_path: Path) -> None:
+    """``pairwatch watch DIR --metrics-port PORT``: a real watcher, a real pair, a scrape."""
+    port = free_port()
+    img = scenes.photo("rocket")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PAIRWATCH_LOG_FORMAT": "json"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "watcher.cli", "watch", str(tmp_path), "--metrics-port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+
+        def scrape() -> str | None:
+            try:
+                return httpx.get(url, timeout=1).text
+            except httpx.HTTPError:
+                return None
+
+        assert "pairwatch_pairs_total" in wait_for(scrape, 30, 0.1, "the metrics endpoint")
+        (tmp_path / "p").mkdir()
+        (tmp_path / "p" / "a.jpg").write_bytes(scenes.encode(img))
+        (tmp_path / "p" / "b.jpg").write_bytes(scenes.pasted_object(img))
+        wanted = 'pairwatch_pairs_total{comparator="metrics",source="folder",status="ok"} 1.0'
+        text = wait_for(lambda: (t := scrape()) and wanted in t and t, 30, 0.2, wanted)
+        assert 'pairwatch_stage_seconds_count{stage="compare"} 1.0' in text
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0

@@ -1,0 +1,59 @@
+"""Serve the HTTP API: uploads, object-store webhooks, health checks and Prometheus metrics."""
+
+from __future__ import annotations
+
+import argparse
+from types import FrameType
+
+import uvicorn
+
+from handler.config import Settings
+from handler.logs import get_logger
+from watcher.args import EXIT_FAILED, EXIT_OK, port_number
+from watcher.bucket import add_endpoint_options
+from watcher.serve_app import create_app
+
+#: Seconds past ``processing_timeout`` that a SIGTERM waits for in-flight requests.
+SHUTDOWN_GRACE = 30.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with the watchers' signal contract.
+
+    uvicorn re-raises a captured SIGTERM once it has shut down, so the process would die of
+    the signal (status -15) after a clean stop; here the first SIGINT/SIGTERM stops gracefully
+    (exit 0) and a second one stops at once, as in every ``watch`` command. Like
+    ``watcher.shutdown``'s handler, this one only flips flags.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        del sig, frame
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to listen on (serve_host; default 127.0.0.1)")
+    parser.add_argument("--port", type=port_number, help="TCP port (serve_port; default 8080)")
+    add_endpoint_options(parser)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT: then stop accepting, finish in-flight requests, exit 0."""
+    host = args.host or settings.serve_host
+    port = settings.serve_port if args.port is None else args.port
+    app = create_app(settings, endpoint_url=args.endpoint_url, region=args.region)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # structlog writes the access log (watcher.serve_app.AccessLog)
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.comparison.processing_timeout + SHUTDOWN_GRACE),
+    )
+    server = _Server(config)
+    get_logger().info("serve_listening", host=host, port=port)
+    server.run()
+    return EXIT_OK if server.started else EXIT_FAILED

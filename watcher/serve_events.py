@@ -1,0 +1,174 @@
+"""``POST /v1/events``: object notifications over HTTP, handled like every bucket watcher's.
+
+MinIO's webhook target, SeaweedFS's filer webhook and plain S3 event JSON are parsed by
+``handler.events`` and handled by ``handler.bucket_jobs.BucketJobs``, which fetch the objects
+from the configured S3 endpoint and write the results back. The answer waits for the pairs:
+
+* 200 — every record is done, refused for good (a hostile key), or recorded for a later look
+  (a lone image: it is looked at again when its ``pair_timeout`` is up, in memory);
+* 503 with ``Retry-After`` — a record may succeed later (a manifest whose images are on their
+  way, throttling, an unwritable result): the sender delivers it again (MinIO's ``queue_dir``);
+* 400 malformed, 401 wrong or missing token, 413 body too large, 429 busy.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from handler.bucket_jobs import BucketJobs, Delivery
+from handler.compare import Comparator
+from handler.config import Settings
+from handler.events import Parsed, parse_body
+from handler.logs import get_logger
+from handler.s3_storage import normalise_prefix, s3_client
+from watcher import metrics
+from watcher.bucket import RETRY_DELAYS, RetrySchedule
+from watcher.serve_admission import Admission, Busy
+from watcher.serve_responses import error_response
+
+#: A notification is a few KB; MinIO batches nothing into one webhook request.
+MAX_EVENT_BYTES = 1024 * 1024
+#: ``pairwatch_events_total`` source for records refused before they had one.
+WEBHOOK_SOURCE = "webhook"
+#: How often due rechecks (lone images) are looked at.
+RECHECK_PERIOD = 1.0
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass
+class EventsEndpoint:
+    """The webhook's collaborators: the token, the bucket jobs and the shared admission."""
+
+    token: bytes
+    jobs: BucketJobs
+    admission: Admission
+    limiter: anyio.CapacityLimiter
+    rechecks: RetrySchedule
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        comparator: Comparator,
+        admission: Admission,
+        limiter: anyio.CapacityLimiter,
+        endpoint_url: str | None,
+        region: str | None,
+    ) -> EventsEndpoint:
+        assert settings.events_token is not None
+        jobs = BucketJobs(
+            settings,
+            comparator,
+            s3_client(endpoint_url, region),
+            prefix=normalise_prefix(settings.input_prefix),
+        )
+        token = settings.events_token.get_secret_value().encode()
+        return cls(token, jobs, admission, limiter, RetrySchedule())
+
+    def authorized(self, header: str | None) -> bool:
+        """``Bearer <token>``, compared in constant time (no early exit on the first byte)."""
+        scheme, _, presented = (header or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(presented.strip().encode(), self.token)
+
+    async def handle(self, request: Request) -> Response:
+        log = get_logger()
+        if not self.authorized(request.headers.get("authorization")):
+            log.warning("event_unauthorized", has_token="authorization" in request.headers)
+            metrics.record_event(WEBHOOK_SOURCE, "unauthorized")
+            return error_response(
+                401,
+                "unauthorized",
+                "missing or wrong bearer token",
+                **{"WWW-Authenticate": "Bearer"},
+            )
+        try:
+            body = await _read_capped(request.stream(), MAX_EVENT_BYTES)
+        except BodyTooLarge:
+            return error_response(
+                413,
+                "body_too_large",
+                f"events are at most {MAX_EVENT_BYTES} bytes",
+                Connection="close",  # the rest of the body is not read
+            )
+        except ClientDisconnect:
+            return Response(status_code=400)
+        parsed = parse_body(body)
+        if parsed.errors and not parsed.events:
+            for error in parsed.errors:
+                log.error("event_malformed", error=str(error))
+            metrics.record_event(WEBHOOK_SOURCE, "malformed", len(parsed.errors))
+            return error_response(400, "malformed_event", "; ".join(map(str, parsed.errors))[:1000])
+        try:
+            delivery = await self.deliver(parsed)
+        except Busy as exc:
+            return error_response(
+                429, "busy", "too many pairs in flight", **{"Retry-After": str(exc.retry_after)}
+            )
+        if delivery.transient:
+            return error_response(
+                503,
+                "retry",
+                "some records could not be handled yet; deliver again",
+                **{"Retry-After": str(int(RETRY_DELAYS[0]))},
+            )
+        return JSONResponse(_summary(delivery, parsed))
+
+    async def deliver(self, parsed: Parsed) -> Delivery:
+        """Handle one delivery in a worker thread inside an admission slot; lone images are
+        filed for a look when their partner is due."""
+        async with self.admission.admit() as ticket, ticket.compare():
+            delivery: Delivery = await anyio.to_thread.run_sync(
+                self.jobs.handle_parsed, parsed, limiter=self.limiter
+            )
+        metrics.record_delivery(delivery, WEBHOOK_SOURCE, len(parsed.events))
+        for result in delivery.results:
+            if result.retry_in is not None:
+                event = result.event
+                self.rechecks.add(
+                    Parsed(events=[event]), result.retry_in, key=(event.bucket, event.key)
+                )
+        return delivery
+
+    async def recheck_loop(self) -> None:
+        """Look again at lone images whose partner is due (``incomplete_pair`` otherwise)."""
+        while True:
+            await anyio.sleep(RECHECK_PERIOD)
+            for parsed, attempt in self.rechecks.due():
+                try:
+                    await self.deliver(parsed)
+                except Busy:
+                    self.rechecks.add(parsed, RETRY_DELAYS[0], attempt + 1)
+
+
+async def _read_capped(stream: AsyncIterator[bytes], limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in stream:
+        body.extend(chunk)
+        if len(body) > limit:
+            raise BodyTooLarge
+    return bytes(body)
+
+
+def _summary(delivery: Delivery, parsed: Parsed) -> dict[str, Any]:
+    return {
+        "events": len(parsed.events),
+        "malformed": len(parsed.errors),
+        "refused": len(parsed.events) - len(delivery.results),
+        "outcomes": [
+            {"bucket": r.event.bucket, "key": r.event.key, "outcome": r.outcome}
+            for r in delivery.results
+        ],
+    }
