@@ -105,3 +105,14 @@ RETRYABLE_ERROR_TYPES = frozenset(
     error.type
     for error in (ComparisonTimeout, OutOfMemory, ModelCrashed, ModelUnavailable, InputUnreadable)
 )
+
+
+class StorageUnavailable(Exception):
+    """The store failed for the moment (throttling, a 5xx, a timeout, an unreachable endpoint,
+    an object replaced while it was read). Not a ``PairError``: nothing is written, the unit of
+    work is retried (``handler.disposition.retry``)."""
+
+
+class ResultConflict(Exception):
+    """Another worker stored this result first (a conditional write was refused): the pair is
+    answered, so the unit of work is done."""

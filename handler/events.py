@@ -75,6 +75,10 @@ class QueueMessage:
     message_id: str
     body: str
     receipt_handle: str | None = None
+    #: ``ApproximateReceiveCount``: deliveries so far, this one included (drives the back-off).
+    receive_count: int | None = None
+    #: Lambda records only: the queue's ARN (``eventSourceARN``), from which its URL is found.
+    source_arn: str | None = None
 
     def parse(self) -> Parsed:
         return parse_body(self.body)
@@ -314,6 +318,8 @@ def lambda_sqs_messages(event: Mapping[str, Any]) -> list[QueueMessage]:
             message_id=str(record.get("messageId", "")),
             body=str(record.get("body", "")),
             receipt_handle=_optional_string(record.get("receiptHandle")),
+            receive_count=_count(_attributes(record, "attributes")),
+            source_arn=_optional_string(record.get("eventSourceARN")),
         )
         for record in event["Records"]
     ]
@@ -326,6 +332,19 @@ def sqs_messages(messages: Sequence[Mapping[str, Any]]) -> list[QueueMessage]:
             message_id=str(message.get("MessageId", "")),
             body=str(message.get("Body", "")),
             receipt_handle=_optional_string(message.get("ReceiptHandle")),
+            receive_count=_count(_attributes(message, "Attributes")),
         )
         for message in messages
     ]
+
+
+def _attributes(record: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    found = record.get(name)
+    return found if isinstance(found, Mapping) else {}
+
+
+def _count(attributes: Mapping[str, Any]) -> int | None:
+    try:
+        return int(attributes["ApproximateReceiveCount"])
+    except (KeyError, TypeError, ValueError):
+        return None

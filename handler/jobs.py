@@ -1,13 +1,26 @@
-"""One pair job, whatever the source: resolve the pair, skip it if done, compare, write results.
+"""One pair job, whatever the source: resolve the pair once into a ``Plan``, then run it.
 
-A watcher (local folder, S3, MinIO) only has to notice *which* pair may have changed and call
-``run_pair_job``; everything about what a pair is and when it is done lives here, on top of a
-small ``PairStorage`` protocol (``handler.storage.LocalStorage`` is one; an S3 prefix is another).
+A source (local folder, S3, MinIO, SQS, the Lambda) only notices *which* pair may have changed;
+everything about what a pair is and when it is done lives here, on top of the small
+``handler.storage.PairStorage`` protocol (``LocalStorage`` is one; an S3 prefix is another).
+
+The job is pure with respect to time: ``now`` is passed in, nothing sleeps. It returns a
+``JobReport`` carrying its ``Disposition`` (``handler.disposition``), which is what the source
+acts on:
+
+* ``done``: the result is up to date (written now, already there, written by another worker),
+  or a *final* failure is written (a bad image, a bad manifest, ``incomplete_pair``...);
+* ``retry``: a failure of the moment (``RETRYABLE_ERROR_TYPES``: the error result is written
+  so that users see the state, but it never counts as final), the store unavailable, the result
+  unwritable, the pair busy in another process, or a lone image (``at`` = when its partner is
+  due, ``incomplete_pair`` then) or a manifest whose images have not all arrived;
+* ``reject`` is decided by the sources (a hostile key, a malformed event): a job never rejects.
 
 Idempotency: a pair is compared again only when its existing result does not record the same
-request: the same input names and sha256 values, the same effective config and the same
-comparator. Re-running a job is therefore always safe, which is what lets the watchers rescan
-after downtime or a queue overflow instead of keeping state of their own.
+request: the same input names and sha256 values (ETags on S3), the same effective config and
+the same comparator. Re-running a job is therefore always safe, which is what lets the watchers
+rescan after downtime or a queue overflow instead of keeping state of their own. The check runs
+under the pair's lock (``handler.locks``), so of two runners only one compares.
 """
 
 from __future__ import annotations
@@ -17,36 +30,36 @@ import posixpath
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
+from handler import disposition
 from handler.compare.base import Comparator
 from handler.config import ComparisonConfig, Settings
+from handler.disposition import Disposition
 from handler.errors import (
     RETRYABLE_ERROR_TYPES,
     AmbiguousPair,
     IncompletePair,
     InputNotFound,
     PairError,
+    ResultConflict,
+    StorageUnavailable,
 )
+from handler.locks import pair_lock
 from handler.logs import elapsed_ms, get_logger
 from handler.pairs import (
-    DIFF_NAME,
-    RESULT_NAME,
+    PairSpec,
     folder_images,
-    is_ignored_name,
-    is_image_name,
     is_manifest_name,
     join_relative,
-    manifest_diff_name,
-    manifest_result_name,
-    manifest_stem,
     parse_manifest,
 )
 from handler.pipeline import ImageInput, compare_pair, failure_result
 from handler.result import ComparisonResult, InputInfo
+from handler.storage import PairStorage, VersionedStorage
 
 #: Manifests are a few hundred bytes; anything much bigger is not one.
 MAX_MANIFEST_BYTES = 1024 * 1024
@@ -54,125 +67,60 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_RESULT_BYTES = 16 * 1024 * 1024
 #: Name recorded for the partner that never arrived (``incomplete_pair``).
 MISSING_INPUT = ""
+#: A pair busy in another process is looked at again this soon (it is usually done by then).
+BUSY_RETRY_S = 1.0
 
-
-class PairStorage(Protocol):
-    """What a job needs from where the pairs live; paths are POSIX, relative to the root."""
-
-    def read(self, relative: str, max_bytes: int) -> bytes:
-        """The whole file; ``PairError`` (``InputNotFound``, ``PathOutsideRoot``...) otherwise."""
-        ...
-
-    def write_atomic(self, relative: str, data: bytes) -> object:
-        """Replace ``relative`` so that readers see the old file or the new one, never half."""
-        ...
-
-    def list_names(self, folder: str) -> list[str]:
-        """Sorted file names directly in ``folder`` ("" is the root); [] if it is gone."""
-        ...
-
-    def landed_at(self, relative: str) -> float:
-        """Unix time ``relative`` arrived (a lone image's partner is awaited from then)."""
-        ...
-
-
-@dataclass(frozen=True, order=True)
-class PairSpec:
-    """A pair folder (``path`` = the folder) or a manifest (``path`` = the ``.pair.json``)."""
-
-    kind: Literal["folder", "manifest"]
-    path: str
-
-    @property
-    def folder(self) -> str:
-        """Where the pair's results go."""
-        return self.path if self.kind == "folder" else posixpath.dirname(self.path)
-
-    @property
-    def pair_id(self) -> str:
-        if self.kind == "folder":
-            return self.path
-        return posixpath.join(self.folder, manifest_stem(self.path))
-
-    @property
-    def result_path(self) -> str:
-        name = RESULT_NAME if self.kind == "folder" else manifest_result_name(self.path)
-        return posixpath.join(self.folder, name)
-
-    @property
-    def diff_path(self) -> str:
-        name = DIFF_NAME if self.kind == "folder" else manifest_diff_name(self.path)
-        return posixpath.join(self.folder, name)
-
-
-def is_ignored_path(relative: str) -> bool:
-    """Hidden or temporary, itself or any folder above it (``.git/``, ``.Trash/``, ``x.part/``)."""
-    return any(is_ignored_name(part) for part in relative.split("/"))
-
-
-def pairs_for_name(relative: str) -> list[PairSpec]:
-    """The pairs a new, changed or deleted file may affect, by the naming conventions alone.
-
-    An image belongs to the pair folder it sits in (the root itself is never a pair folder); a
-    manifest is its own pair. Manifests that *reference* an image are the caller's to track
-    (``JobReport.inputs`` tells which files each manifest read).
-    """
-    if is_ignored_path(relative):
-        return []
-    if is_manifest_name(relative):
-        return [PairSpec("manifest", relative)]
-    folder = posixpath.dirname(relative)
-    if is_image_name(relative) and folder:
-        return [PairSpec("folder", folder)]
-    return []
-
-
-Outcome = Literal["written", "skipped", "waiting", "none", "unwritable"]
+#: What a job did: ``written`` a new result (ok or error) · ``skipped`` the existing result
+#: already answers (``result`` is that one) · ``waiting`` a lone image within ``pair_timeout``
+#: · ``none`` not a pair (empty folder, manifest gone, a folder holding manifests) ·
+#: ``unwritable`` compared, but the result could not be stored · ``busy`` the pair is in hand
+#: in another process · ``unavailable`` the store failed for the moment.
+Action = Literal["written", "skipped", "waiting", "none", "unwritable", "busy", "unavailable"]
 
 
 @dataclass(frozen=True)
 class JobReport:
-    """What a job did.
-
-    ``written``: a new result (ok or error) was written · ``skipped``: the existing result
-    already answers this request (``result`` is that one) · ``waiting``: a lone image still
-    within ``pair_timeout`` (ask again in ``retry_in`` seconds) · ``none``: not a pair (empty
-    folder, manifest gone, a folder holding manifests) · ``unwritable``: compared, but the
-    result could not be written.
-    """
+    """What a job did (logs, ``--once`` summaries) and what should happen next."""
 
     spec: PairSpec
-    outcome: Outcome
+    action: Action
+    disposition: Disposition
     result: ComparisonResult | None = None
     #: Files the pair reads (relative to the root): when one changes, the pair is due again.
     inputs: tuple[str, ...] = ()
-    retry_in: float | None = None
 
     @property
     def failed(self) -> bool:
-        if self.outcome == "unwritable":
+        if self.action in ("unwritable", "unavailable"):
             return True
         return self.result is not None and self.result.status != "ok"
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """A resolved pair: what to read, under which names, with which config."""
+class Plan:
+    """A pair resolved once: what to read, under which names, with which config.
 
-    paths: tuple[str, str]
-    names: tuple[str, str]
+    Exactly one of: comparable (two ``inputs``), ``problem`` (a pair-level failure found
+    before anything was compared), ``partner_due`` (a lone image), or not ``is_pair``.
+    """
+
+    spec: PairSpec
     config: ComparisonConfig
-
-
-@dataclass(frozen=True)
-class _Problem:
-    """A pair-level failure found before anything was compared."""
-
-    error: PairError
-    names: tuple[str, str]
-    config: ComparisonConfig
+    names: tuple[str, str] = (MISSING_INPUT, MISSING_INPUT)
+    #: Files the pair reads besides a manifest itself (relative to the root), in pair order.
     inputs: tuple[str, ...] = ()
+    problem: PairError | None = None
     failed_input: str | None = None
+    #: A lone image: the Unix time its partner is due (``incomplete_pair`` from then).
+    partner_due: float | None = None
+    is_pair: bool = True
+    #: A manifest: the Unix time it landed (its images are awaited until ``pair_timeout``).
+    landed: float | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Everything the job reads (a manifest first): a watcher checks they are complete."""
+        return (self.spec.path, *self.inputs) if self.spec.kind == "manifest" else self.inputs
 
 
 def run_pair_job(
@@ -181,55 +129,103 @@ def run_pair_job(
     settings: Settings,
     comparator: Comparator,
     *,
-    now: float | None = None,
+    now: float,
     queued_ms: float | None = None,
 ) -> JobReport:
-    """Bring ``spec``'s result up to date. Per-pair failures become error results, never raise.
+    """Resolve ``spec`` and bring its result up to date (``resolve`` then ``run_plan``)."""
+    try:
+        plan = resolve(storage, spec, settings, now)
+    except StorageUnavailable as exc:
+        return _unavailable(spec, exc)
+    return run_plan(storage, plan, settings, comparator, now=now, queued_ms=queued_ms)
 
-    ``now`` (Unix time) is when a lone image's wait is measured to (tests pass it explicitly);
+
+def run_plan(
+    storage: PairStorage,
+    plan: Plan,
+    settings: Settings,
+    comparator: Comparator,
+    *,
+    now: float,
+    queued_ms: float | None = None,
+) -> JobReport:
+    """Bring ``plan``'s result up to date. Per-pair failures become error results, never raise.
+
+    ``now`` (Unix time) is what a lone image's or a manifest's wait is measured to;
     ``queued_ms``, how long the caller's queue held the pair, is logged with ``pair_started``.
     """
+    spec = plan.spec
+    if not plan.is_pair:
+        return JobReport(spec, "none", disposition.done("not a pair"))
+    if plan.partner_due is not None:
+        get_logger(pair_id=spec.pair_id).debug("pair_waiting", partner_due=plan.partner_due)
+        wait = disposition.retry("lone image: waiting for its partner", plan.partner_due)
+        return JobReport(spec, "waiting", wait, None, plan.inputs)
+    with pair_lock(storage, spec.result_path) as held:
+        if not held:
+            get_logger(pair_id=spec.pair_id).debug("pair_busy", reason="in another process")
+            retry = disposition.retry("pair in hand in another process", now + BUSY_RETRY_S)
+            return JobReport(spec, "busy", retry, None, plan.inputs)
+        try:
+            return _run_locked(storage, plan, settings, comparator, now, queued_ms)
+        except StorageUnavailable as exc:
+            return _unavailable(spec, exc)
+        except ResultConflict:
+            get_logger(pair_id=spec.pair_id).info("pair_skipped", reason="another worker wrote it")
+            done = disposition.done("another worker wrote it")
+            return JobReport(spec, "skipped", done, None, plan.inputs)
+
+
+def _unavailable(spec: PairSpec, exc: StorageUnavailable) -> JobReport:
+    get_logger(pair_id=spec.pair_id).error(
+        "storage_unavailable", error_type=type(exc).__name__, error=str(exc)
+    )
+    return JobReport(spec, "unavailable", disposition.retry(f"storage unavailable: {exc}"))
+
+
+def _run_locked(
+    storage: PairStorage,
+    plan: Plan,
+    settings: Settings,
+    comparator: Comparator,
+    now: float,
+    queued_ms: float | None,
+) -> JobReport:
+    spec = plan.spec
     log = get_logger(pair_id=spec.pair_id)
     started = time.perf_counter()
-    resolved = _resolve(storage, spec, settings, time.time() if now is None else now)
-    if isinstance(resolved, JobReport):
-        return resolved
-    if isinstance(resolved, _Problem):
+    existing = _existing_result(storage, spec)
+    if plan.problem is not None:
         result = failure_result(
             spec.pair_id,
-            resolved.error,
-            [InputInfo(name=name) for name in resolved.names],
-            resolved.config,
+            plan.problem,
+            [InputInfo(name=name) for name in plan.names],
+            plan.config,
             comparator.info,
-            failed_input=resolved.failed_input,
+            failed_input=plan.failed_input,
         )
-        existing = _existing_result(storage, spec)
         if existing is not None and _same_failure(existing, result):
-            return JobReport(spec, "skipped", existing, resolved.inputs)
+            return _report(plan, "skipped", existing, settings, now)
         log.warning(
             "pair_failed",
-            error_type=resolved.error.type,
-            error=resolved.error.message,
-            input=resolved.failed_input,
+            error_type=plan.problem.type,
+            error=plan.problem.message,
+            input=plan.failed_input,
             duration_ms=elapsed_ms(started),
         )
-        return _write(storage, spec, result, None, resolved.inputs, started, log)
+        return _write(storage, plan, result, None, started, log, settings, now)
 
-    plan = resolved
-    existing = _existing_result(storage, spec)
-    if existing is not None and _answers(
-        existing, spec.pair_id, plan, comparator, storage, settings
-    ):
+    if existing is not None and _answers(existing, plan, comparator, storage, settings):
         log.debug("pair_skipped", reason="result_up_to_date", status=existing.status)
-        return JobReport(spec, "skipped", existing, plan.paths)
-    log.info("pair_started", kind=spec.kind, inputs=list(plan.paths), queued_ms=queued_ms)
+        return _report(plan, "skipped", existing, settings, now)
+    log.info("pair_started", kind=spec.kind, inputs=list(plan.inputs), queued_ms=queued_ms)
     a, b = (
         ImageInput(
             name, partial(storage.read, path, settings.max_input_bytes), _etag(storage, path)
         )
-        for name, path in zip(plan.names, plan.paths, strict=True)
+        for name, path in zip(plan.names, plan.inputs, strict=True)
     )
-    outcome = compare_pair(
+    compared = compare_pair(
         spec.pair_id,
         a,
         b,
@@ -239,87 +235,99 @@ def run_pair_job(
         diff_image=settings.diff_image,
         cache_mb=settings.cache_mb,
     )
-    return _write(storage, spec, outcome.result, outcome.diff_png, plan.paths, started, log)
+    return _write(storage, plan, compared.result, compared.diff_png, started, log, settings, now)
 
 
-def pair_files(
-    storage: PairStorage, spec: PairSpec, settings: Settings, *, now: float | None = None
-) -> tuple[str, ...]:
-    """The files ``spec`` consists of right now (a manifest first, then the images it names),
-    found without reading any image: a watcher checks that they are all completely written
-    before it runs the job."""
-    resolved = _resolve(storage, spec, settings, time.time() if now is None else now)
-    inputs = resolved.paths if isinstance(resolved, _Plan) else resolved.inputs
-    return (spec.path, *inputs) if spec.kind == "manifest" else inputs
+def _report(
+    plan: Plan, action: Action, result: ComparisonResult, settings: Settings, now: float
+) -> JobReport:
+    return JobReport(plan.spec, action, _fate(plan, result, settings, now), result, plan.inputs)
 
 
-def _resolve(
-    storage: PairStorage, spec: PairSpec, settings: Settings, now: float
-) -> _Plan | _Problem | JobReport:
+def _fate(plan: Plan, result: ComparisonResult, settings: Settings, now: float) -> Disposition:
+    """Done unless the result records a failure of the moment, or a manifest's images may still
+    be on their way (nothing else re-runs a manifest whose images sit in another prefix)."""
+    error = result.error
+    if error is None:
+        return disposition.done()
+    if error.type in RETRYABLE_ERROR_TYPES:
+        return disposition.retry(f"{error.type}: {error.message}")
+    pending = error.type == "input_not_found" and plan.landed is not None
+    if pending and now - (plan.landed or now) < settings.pair_timeout:
+        return disposition.retry(f"manifest inputs pending: {error.message}")
+    return disposition.done(f"final failure: {error.type}")
+
+
+def resolve(storage: PairStorage, spec: PairSpec, settings: Settings, now: float) -> Plan:
+    """What ``spec`` consists of right now, found without reading any image.
+
+    Raises only ``StorageUnavailable`` (the store failed for the moment).
+    """
     if spec.kind == "manifest":
         return _resolve_manifest(storage, spec, settings.comparison)
     return _resolve_folder(storage, spec, settings, now)
 
 
-def _resolve_folder(
-    storage: PairStorage, spec: PairSpec, settings: Settings, now: float
-) -> _Plan | _Problem | JobReport:
+def _resolve_folder(storage: PairStorage, spec: PairSpec, settings: Settings, now: float) -> Plan:
     config = settings.comparison
     try:
         names = storage.list_names(spec.folder)
     except PairError as exc:
-        return _Problem(exc, (spec.folder, MISSING_INPUT), config)
+        return Plan(spec, config, (spec.folder, MISSING_INPUT), problem=exc)
     if any(is_manifest_name(name) for name in names):
         # A folder holding manifests is paired explicitly: its images are not one folder-pair.
-        return JobReport(spec, "none")
+        return Plan(spec, config, is_pair=False)
     images = folder_images(names)
     paths = tuple(posixpath.join(spec.folder, name) for name in images)
     if len(images) == 2:
-        return _Plan((paths[0], paths[1]), (images[0], images[1]), config)
+        return Plan(spec, config, (images[0], images[1]), paths)
     if len(images) > 2:
         error: PairError = AmbiguousPair(
             f"{len(images)} images in {spec.folder}/; a pair folder holds exactly two: "
             + ", ".join(images)
         )
-        return _Problem(error, (images[0], images[1]), config, paths)
+        return Plan(spec, config, (images[0], images[1]), paths, problem=error)
     if not images:
-        return JobReport(spec, "none")
+        return Plan(spec, config, is_pair=False)
+    lone = (images[0], MISSING_INPUT)
     try:
-        waited = now - storage.landed_at(paths[0])
+        due = storage.landed_at(paths[0]) + settings.pair_timeout
     except InputNotFound:
-        return JobReport(spec, "none")
+        return Plan(spec, config, is_pair=False)
     except PairError as exc:
-        return _Problem(exc, (images[0], MISSING_INPUT), config, paths, "a")
-    if waited < settings.pair_timeout:
-        return JobReport(spec, "waiting", inputs=paths, retry_in=settings.pair_timeout - waited)
+        return Plan(spec, config, lone, paths, problem=exc, failed_input="a")
+    if now < due:
+        return Plan(spec, config, lone, paths, partner_due=due)
     error = IncompletePair(
         f"only one image ({images[0]}) in {spec.folder}/ after waiting "
         f"{settings.pair_timeout:g} s for its partner"
     )
-    return _Problem(error, (images[0], MISSING_INPUT), config, paths)
+    return Plan(spec, config, lone, paths, problem=error)
 
 
-def _resolve_manifest(
-    storage: PairStorage, spec: PairSpec, base: ComparisonConfig
-) -> _Plan | _Problem | JobReport:
+def _resolve_manifest(storage: PairStorage, spec: PairSpec, base: ComparisonConfig) -> Plan:
     try:
         manifest = parse_manifest(storage.read(spec.path, MAX_MANIFEST_BYTES))
     except InputNotFound:
-        return JobReport(spec, "none")  # deleted (or renamed away) meanwhile: nothing to answer
+        return Plan(spec, base, is_pair=False)  # deleted (or renamed away) meanwhile
     except PairError as exc:
-        return _Problem(exc, (spec.path, MISSING_INPUT), base)
+        return Plan(spec, base, (spec.path, MISSING_INPUT), problem=exc)
+    try:
+        landed: float | None = storage.landed_at(spec.path)
+    except PairError:
+        landed = None
     names = (manifest.a, manifest.b)
     paths: list[str] = []
     for slot, relative in zip("ab", names, strict=True):
         try:
             paths.append(join_relative(spec.folder, relative))
         except PairError as exc:
-            return _Problem(exc, names, base, tuple(paths), slot)
+            return Plan(spec, base, names, tuple(paths), exc, slot, landed=landed)
     try:
         config = manifest.config(base)
     except PairError as exc:
-        return _Problem(exc, names, base, tuple(paths))
-    return _Plan((paths[0], paths[1]), names, config)
+        return Plan(spec, base, names, tuple(paths), exc, landed=landed)
+    return Plan(spec, config, names, (paths[0], paths[1]), landed=landed)
 
 
 def _existing_result(storage: PairStorage, spec: PairSpec) -> ComparisonResult | None:
@@ -333,8 +341,7 @@ def _existing_result(storage: PairStorage, spec: PairSpec) -> ComparisonResult |
 
 def _answers(
     existing: ComparisonResult,
-    pair_id: str,
-    plan: _Plan,
+    plan: Plan,
     comparator: Comparator,
     storage: PairStorage,
     settings: Settings,
@@ -345,11 +352,11 @@ def _answers(
         return False
     if (existing.comparator.name, existing.comparator.model) != (info.name, info.model):
         return False
-    if existing.pair_id != pair_id:
+    if existing.pair_id != plan.spec.pair_id:
         return False  # the folder or manifest was renamed: the result must say its new name
     if existing.config != plan.config or tuple(i.name for i in existing.inputs) != plan.names:
         return False
-    for info_recorded, path in zip(existing.inputs, plan.paths, strict=True):
+    for info_recorded, path in zip(existing.inputs, plan.inputs, strict=True):
         current_etag = _etag(storage, path)
         if info_recorded.etag is not None and current_etag is not None:
             # An object store's ETag names one version: equal tags, same bytes; no download.
@@ -366,13 +373,6 @@ def _answers(
         if hashlib.sha256(data).hexdigest() != recorded:
             return False
     return True
-
-
-@runtime_checkable
-class VersionedStorage(Protocol):
-    """A storage whose files carry a version tag (S3's ETag), recorded in results."""
-
-    def etag(self, relative: str) -> str | None: ...
 
 
 def _etag(storage: PairStorage, path: str) -> str | None:
@@ -397,14 +397,16 @@ def _same_failure(existing: ComparisonResult, new: ComparisonResult) -> bool:
 
 def _write(
     storage: PairStorage,
-    spec: PairSpec,
+    plan: Plan,
     result: ComparisonResult,
     diff_png: bytes | None,
-    inputs: tuple[str, ...],
     started: float,
     log: Any,
+    settings: Settings,
+    now: float,
 ) -> JobReport:
     """Diff image first, then the result that names it: a result never points at nothing."""
+    spec = plan.spec
     write_start = time.perf_counter()
     try:
         if diff_png is not None:
@@ -412,7 +414,8 @@ def _write(
             result = result.model_copy(update={"diff_image": posixpath.basename(spec.diff_path)})
         text = result.to_json().encode()
         storage.write_atomic(spec.result_path, text)
-    except (OSError, PairError, PydanticSerializationError) as exc:  # the last: non-UTF-8 names
+    # PydanticSerializationError: non-UTF-8 names.
+    except (OSError, PairError, StorageUnavailable, PydanticSerializationError) as exc:
         log.error(
             "pair_failed",
             error_type="output_unwritable",
@@ -420,7 +423,8 @@ def _write(
             path=spec.result_path,
             duration_ms=elapsed_ms(started),
         )
-        return JobReport(spec, "unwritable", result, inputs)
+        retry = disposition.retry(f"result unwritable: {exc}")
+        return JobReport(spec, "unwritable", retry, result, plan.inputs)
     log.info(
         "result_written",
         status=result.status,
@@ -430,4 +434,4 @@ def _write(
         write_ms=elapsed_ms(write_start),
         duration_ms=elapsed_ms(started),
     )
-    return JobReport(spec, "written", result, inputs)
+    return _report(plan, "written", result, settings, now)

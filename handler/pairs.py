@@ -18,7 +18,7 @@ import posixpath
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -136,6 +136,57 @@ def check_name(path: str) -> str:
     return path
 
 
+@dataclass(frozen=True, order=True)
+class PairSpec:
+    """A pair folder (``path`` = the folder) or a manifest (``path`` = the ``.pair.json``)."""
+
+    kind: Literal["folder", "manifest"]
+    path: str
+
+    @property
+    def folder(self) -> str:
+        """Where the pair's results go."""
+        return self.path if self.kind == "folder" else posixpath.dirname(self.path)
+
+    @property
+    def pair_id(self) -> str:
+        if self.kind == "folder":
+            return self.path
+        return posixpath.join(self.folder, manifest_stem(self.path))
+
+    @property
+    def result_path(self) -> str:
+        name = RESULT_NAME if self.kind == "folder" else manifest_result_name(self.path)
+        return posixpath.join(self.folder, name)
+
+    @property
+    def diff_path(self) -> str:
+        name = DIFF_NAME if self.kind == "folder" else manifest_diff_name(self.path)
+        return posixpath.join(self.folder, name)
+
+
+def is_ignored_path(relative: str) -> bool:
+    """Hidden or temporary, itself or any folder above it (``.git/``, ``.Trash/``, ``x.part/``)."""
+    return any(is_ignored_name(part) for part in relative.split("/"))
+
+
+def pairs_for_name(relative: str) -> list[PairSpec]:
+    """The pairs a new, changed or deleted file may affect, by the naming conventions alone.
+
+    An image belongs to the pair folder it sits in (the root itself is never a pair folder); a
+    manifest is its own pair. Manifests that *reference* an image are the runner's to track
+    (``watcher.manifests.ManifestIndex``, learned from ``JobReport.inputs``).
+    """
+    if is_ignored_path(relative):
+        return []
+    if is_manifest_name(relative):
+        return [PairSpec("manifest", relative)]
+    folder = posixpath.dirname(relative)
+    if is_image_name(relative) and folder:
+        return [PairSpec("folder", folder)]
+    return []
+
+
 @dataclass(frozen=True)
 class Manifest:
     a: str
@@ -183,3 +234,23 @@ def join_relative(base: str, relative: str, *, check_names: bool = True) -> str:
     if check_names:
         check_name(relative)
     return joined
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that are not plain relative paths; returns ``key`` unchanged."""
+    if key.startswith("/"):
+        raise PathOutsideRoot(f"key {key!r} starts with '/'")
+    if any(unicodedata.category(ch) == "Cc" for ch in key):
+        raise PathOutsideRoot(f"key {key!r} contains control characters")
+    if any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
+        raise PathOutsideRoot(f"key {key!r} has an empty, '.' or '..' segment")
+    return key
+
+
+def normalise_prefix(prefix: str | None) -> str:
+    """``"a/b"`` and ``"a/b/"`` both mean the folder ``a/b/``; ``""``/None is the whole bucket."""
+    prefix = (prefix or "").strip("/")
+    if prefix:
+        check_key(prefix)
+        return prefix + "/"
+    return ""

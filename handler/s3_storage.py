@@ -10,6 +10,9 @@ What differs from a folder, and is handled here:
 * Results are written with a conditional PUT: ``If-None-Match: *`` where no result was seen,
   ``If-Match`` on the seen result's ETag otherwise. Two workers racing on one pair therefore
   cannot both write; the loser gets ``ResultConflict`` and treats the pair as done.
+* Errors are translated here, at the edge: missing and forbidden objects become ``PairError``s
+  (an error result); throttling, 5xx, timeouts and unreachable endpoints (``BotoCoreError``)
+  become ``StorageUnavailable`` (the unit of work is retried), never a bare botocore error.
 * Outputs (results, diff images) may live elsewhere: ``output_bucket`` and/or ``output_prefix``
   (the output key is ``output_prefix + input key``).
 * Keys are checked before any request: ``..``/``.``/empty segments, a leading ``/`` and control
@@ -18,21 +21,23 @@ What differs from a folder, and is handled here:
 
 from __future__ import annotations
 
-import os
 import posixpath
-import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from handler.errors import ImageTooLarge, InputNotFound, InputUnreadable, PathOutsideRoot
+from handler.errors import (
+    ImageTooLarge,
+    InputNotFound,
+    InputUnreadable,
+    ResultConflict,
+    StorageUnavailable,
+)
 from handler.events import normalise_etag
 from handler.images import check_pixels, header_dimensions
-from handler.pairs import is_output_name
+from handler.pairs import check_key, is_output_name, normalise_prefix
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -48,12 +53,18 @@ _PRECONDITION = frozenset({"412", "PreconditionFailed", "ConditionalRequestConfl
 _CONTENT_TYPES = {".json": "application/json", ".png": "image/png"}
 
 
-class ResultConflict(Exception):
-    """Another worker wrote this result first (conditional PUT answered 412)."""
+__all__ = [
+    "ObjectChanged",
+    "ResultConflict",
+    "S3Storage",
+    "StorageUnavailable",
+    "check_key",
+    "normalise_prefix",
+]
 
 
-class ObjectChanged(Exception):
-    """An input was replaced between its HEAD and its GET."""
+class ObjectChanged(StorageUnavailable):
+    """An input was replaced between its HEAD and its GET: retried, the new version is read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,26 +73,6 @@ class ObjectInfo:
     size: int
     etag: str | None
     last_modified: datetime | None
-
-
-def check_key(key: str) -> str:
-    """Refuse keys that are not plain relative paths; returns ``key`` unchanged."""
-    if key.startswith("/"):
-        raise PathOutsideRoot(f"key {key!r} starts with '/'")
-    if any(unicodedata.category(ch) == "Cc" for ch in key):
-        raise PathOutsideRoot(f"key {key!r} contains control characters")
-    if any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
-        raise PathOutsideRoot(f"key {key!r} has an empty, '.' or '..' segment")
-    return key
-
-
-def normalise_prefix(prefix: str | None) -> str:
-    """``"a/b"`` and ``"a/b/"`` both mean the folder ``a/b/``; ``""``/None is the whole bucket."""
-    prefix = (prefix or "").strip("/")
-    if prefix:
-        check_key(prefix)
-        return prefix + "/"
-    return ""
 
 
 def error_code(exc: ClientError) -> str:
@@ -162,6 +153,8 @@ class S3Storage:
             response = self.client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             raise self._error(exc, relative) from None
+        except BotoCoreError as exc:
+            raise _unreachable(exc, relative) from None
         info = ObjectInfo(
             key=key,
             size=int(response.get("ContentLength", 0)),
@@ -202,6 +195,8 @@ class S3Storage:
             if _is(exc, _PRECONDITION):
                 raise ObjectChanged(f"{relative} changed while being read") from None
             raise self._error(exc, relative) from None
+        except BotoCoreError as exc:
+            raise _unreachable(exc, relative) from None
         return _drain(response, relative, max_bytes)
 
     def _check_header(self, info: ObjectInfo, relative: str, max_pixels: int) -> None:
@@ -213,6 +208,8 @@ class S3Storage:
             )
         except ClientError as exc:
             raise self._error(exc, relative) from None
+        except BotoCoreError as exc:
+            raise _unreachable(exc, relative) from None
         dimensions = header_dimensions(_drain(response, relative, PROBE_BYTES))
         if dimensions is not None:
             check_pixels(*dimensions, max_pixels)
@@ -225,6 +222,8 @@ class S3Storage:
             if _is(exc, _NOT_FOUND):
                 self._seen_results[key] = None
             raise self._error(exc, relative) from None
+        except BotoCoreError as exc:
+            raise _unreachable(exc, relative) from None
         self._seen_results[key] = normalise_etag(response.get("ETag"))
         return _drain(response, relative, max_bytes)
 
@@ -254,7 +253,10 @@ class S3Storage:
         except ClientError as exc:
             if _is(exc, _PRECONDITION):
                 raise ResultConflict(f"{key}: another worker wrote it first") from None
-            raise OSError(f"cannot write s3://{bucket}/{key}: {error_code(exc)}") from None
+            reason = f"cannot write s3://{bucket}/{key}: {error_code(exc)}"
+            raise StorageUnavailable(reason) from None
+        except BotoCoreError as exc:
+            raise _unreachable(exc, relative) from None
         return key
 
     def list_names(self, folder: str) -> list[str]:
@@ -276,6 +278,8 @@ class S3Storage:
                         names.append(name)
         except ClientError as exc:
             raise self._error(exc, folder or ".") from None
+        except BotoCoreError as exc:
+            raise _unreachable(exc, folder or ".") from None
         return sorted(names)
 
     def _error(self, exc: ClientError, relative: str) -> Exception:
@@ -283,7 +287,13 @@ class S3Storage:
             return InputNotFound(f"{relative} does not exist in the bucket")
         if _is(exc, _DENIED):
             return InputUnreadable(f"{relative}: access denied")
-        return exc  # throttling, 5xx, network: transient, the caller retries the pair
+        # Throttling, 5xx: transient, the unit of work is retried.
+        return StorageUnavailable(f"{relative}: {error_code(exc)} ({exc})")
+
+
+def _unreachable(exc: BotoCoreError, relative: str) -> StorageUnavailable:
+    """Timeouts, refused or reset connections (after the client's bounded attempts)."""
+    return StorageUnavailable(f"{relative}: {type(exc).__name__}: {exc}")
 
 
 def _drain(response: Any, relative: str, max_bytes: int) -> bytes:
@@ -301,31 +311,7 @@ def _drain(response: Any, relative: str, max_bytes: int) -> bytes:
                 raise ImageTooLarge(f"{relative} is over the limit of {max_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+    except BotoCoreError as exc:  # the body stalled or the connection dropped mid-read
+        raise _unreachable(exc, relative) from None
     finally:
         body.close()
-
-
-def s3_endpoint(endpoint_url: str | None = None) -> str | None:
-    """The S3 endpoint in force: the given one, else ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``
-    (which boto3 also reads itself); None means AWS."""
-    return (
-        endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    )
-
-
-def s3_client(endpoint_url: str | None = None, region: str | None = None) -> S3Client:
-    """A boto3 S3 client from the standard AWS chain (env, profile, instance/role credentials).
-
-    ``endpoint_url`` (or ``AWS_ENDPOINT_URL[_S3]``, which boto3 reads itself) points it at MinIO,
-    SeaweedFS or another S3-compatible store; those get path-style addressing, which they all
-    serve, rather than bucket-name host names, which need DNS set up for them.
-    """
-    custom = s3_endpoint(endpoint_url)
-    config = Config(
-        retries={"mode": "standard", "max_attempts": 5},
-        s3={"addressing_style": "path" if custom else "auto"},
-    )
-    client: S3Client = boto3.client(
-        "s3", endpoint_url=endpoint_url, region_name=region, config=config
-    )
-    return client

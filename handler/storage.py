@@ -17,6 +17,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from handler.errors import ImageTooLarge, InputNotFound, InputUnreadable, PathOutsideRoot
 from handler.logs import get_logger
@@ -205,3 +206,34 @@ def read_file(path: Path, max_bytes: int, *, label: str | None = None) -> bytes:
     if size > max_bytes or len(data) > max_bytes:
         raise ImageTooLarge(f"{label} is over the limit of {max_bytes} bytes")
     return data
+
+
+class PairStorage(Protocol):
+    """What a job needs from where the pairs live; paths are POSIX, relative to the root.
+
+    Failures of the pair (missing, unreadable, outside the root) raise ``PairError``; failures
+    of the moment (throttling, an unreachable endpoint) raise ``StorageUnavailable``.
+    """
+
+    def read(self, relative: str, max_bytes: int) -> bytes:
+        """The whole file; ``PairError`` (``InputNotFound``, ``PathOutsideRoot``...) otherwise."""
+        ...
+
+    def write_atomic(self, relative: str, data: bytes) -> object:
+        """Replace ``relative`` so that readers see the old file or the new one, never half."""
+        ...
+
+    def list_names(self, folder: str) -> list[str]:
+        """Sorted file names directly in ``folder`` ("" is the root); [] if it is gone."""
+        ...
+
+    def landed_at(self, relative: str) -> float:
+        """Unix time ``relative`` arrived (a lone image's partner is awaited from then)."""
+        ...
+
+
+@runtime_checkable
+class VersionedStorage(Protocol):
+    """A storage whose files carry a version tag (S3's ETag), recorded in results."""
+
+    def etag(self, relative: str) -> str | None: ...

@@ -39,7 +39,8 @@ from handler.s3_storage import S3Storage
 from tests.support import scenes
 from tests.support.cfn import GetAtt, Ref, Stack, load_template
 from tests.support.s3_servers import aws_env, client, moto_server, unique, wait_for
-from watcher.cli import SUBCOMMAND_MODULES, _normalise_argv, build_parser
+from watcher.cli import _normalise_argv, build_parser
+from watcher.commands import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -947,17 +948,17 @@ def test_every_container_command_exists_in_the_cli(
     assert set(expected) | {"gpu CMD", "cpu CMD"} == set(commands)
     pending = []
     for where, argv in commands.items():
-        if expected.get(where) in PENDING_COMMANDS - set(SUBCOMMAND_MODULES):
+        if expected.get(where) in PENDING_COMMANDS - set(COMMANDS):
             pending.append(where)
             continue
-        parser, _ = build_parser()
+        parser = build_parser()
         try:
             args = parser.parse_args(_normalise_argv(argv))
         except SystemExit as exc:
             assert exc.code == 0, f"{where}: `pairwatch {shlex.join(argv)}` is not a valid command"
             continue
         assert args.command == expected[where], where
-        assert args.command in SUBCOMMAND_MODULES
+        assert args.command in COMMANDS
     if pending:
         pytest.skip(f"{pending}: the command is not on this branch yet")
 

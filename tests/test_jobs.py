@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -19,17 +22,11 @@ import pytest
 
 from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
-from handler.jobs import (
-    MISSING_INPUT,
-    JobReport,
-    PairSpec,
-    PairStorage,
-    is_ignored_path,
-    pairs_for_name,
-    run_pair_job,
-)
+from handler.disposition import done
+from handler.jobs import MISSING_INPUT, JobReport, run_pair_job
+from handler.pairs import PairSpec, is_ignored_path, pairs_for_name
 from handler.result import ComparisonResult, ErrorInfo
-from handler.storage import LocalStorage
+from handler.storage import LocalStorage, PairStorage
 from tests.support import scenes
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,6 +59,7 @@ def _job(
     root: Path, spec: PairSpec, settings: Settings, comparator: MetricsComparator, **kw: Any
 ) -> JobReport:
     storage: PairStorage = LocalStorage(root)  # LocalStorage is one PairStorage
+    kw.setdefault("now", time.time())
     return run_pair_job(storage, spec, settings, comparator, **kw)
 
 
@@ -114,7 +112,7 @@ def test_folder_pair_writes_result_and_diff_image(
     _put(tmp_path / "p1" / "b.png", photos["png"])
     _put(tmp_path / "p1" / "a.jpg", photos["a"])
     report = _job(tmp_path, PairSpec("folder", "p1"), settings, comparator)
-    assert report.outcome == "written" and not report.failed
+    assert report.action == "written" and not report.failed
     result = _result(tmp_path / "p1" / "result.json")
     assert result.pair_id == "p1" and result.status == "ok" and result.is_similar
     assert [i.name for i in result.inputs] == ["a.jpg", "b.png"]  # A is the first by name
@@ -152,12 +150,12 @@ def test_same_inputs_are_not_compared_again_and_a_replaced_one_is(
     before = (result_file.read_bytes(), result_file.stat().st_mtime_ns)
 
     again = _job(tmp_path, spec, settings, comparator)
-    assert again.outcome == "skipped" and again.result == first.result
+    assert again.action == "skipped" and again.result == first.result
     assert (result_file.read_bytes(), result_file.stat().st_mtime_ns) == before
 
     _put(tmp_path / "p" / "b.jpg", photos["other"])  # same name, new content
     replaced = _job(tmp_path, spec, settings, comparator)
-    assert replaced.outcome == "written"
+    assert replaced.action == "written"
     new = _result(result_file)
     assert new.inputs[1].sha256 == hashlib.sha256(photos["other"]).hexdigest()
     assert new.is_similar is False and first.result is not None and first.result.is_similar
@@ -174,10 +172,10 @@ def test_a_different_config_or_pair_name_compares_again(
         update={"comparison": settings.comparison.model_copy(update={"similarity_threshold": 1})}
     )
     report = _job(tmp_path, spec, stricter, comparator)
-    assert report.outcome == "written"
+    assert report.action == "written"
     assert _result(tmp_path / "p" / "result.json").config.similarity_threshold == 1
     (tmp_path / "p").rename(tmp_path / "renamed")  # the result must carry the new pair_id
-    assert _job(tmp_path, PairSpec("folder", "renamed"), stricter, comparator).outcome == "written"
+    assert _job(tmp_path, PairSpec("folder", "renamed"), stricter, comparator).action == "written"
     assert _result(tmp_path / "renamed" / "result.json").pair_id == "renamed"
 
 
@@ -188,20 +186,21 @@ def test_lone_image_waits_then_becomes_incomplete_pair(
     image = _put(tmp_path / "lone" / "a.jpg", photos["a"])
     landed = image.stat().st_ctime
     waiting = _job(tmp_path, spec, settings, comparator, now=landed + 10)
-    assert waiting.outcome == "waiting" and waiting.retry_in == pytest.approx(50)
+    assert waiting.action == "waiting" and waiting.disposition.kind == "retry"
+    assert waiting.disposition.at == pytest.approx(landed + 60)
     assert not (tmp_path / "lone" / "result.json").exists()
 
     expired = _job(tmp_path, spec, settings, comparator, now=landed + 61)
-    assert expired.outcome == "written" and expired.failed
+    assert expired.action == "written" and expired.failed
     result = _result(tmp_path / "lone" / "result.json")
     assert result.status == "error" and result.error is not None
     assert result.error.type == "incomplete_pair" and "a.jpg" in result.error.message
     assert [i.name for i in result.inputs] == ["a.jpg", MISSING_INPUT]
     # Reported once: asking again does not rewrite the same failure.
-    assert _job(tmp_path, spec, settings, comparator, now=landed + 99).outcome == "skipped"
+    assert _job(tmp_path, spec, settings, comparator, now=landed + 99).action == "skipped"
 
     _put(tmp_path / "lone" / "b.jpg", photos["a_copy"])  # the partner arrives after all
-    assert _job(tmp_path, spec, settings, comparator).outcome == "written"
+    assert _job(tmp_path, spec, settings, comparator).action == "written"
     assert _result(tmp_path / "lone" / "result.json").status == "ok"
 
 
@@ -223,12 +222,12 @@ def test_empty_folder_and_folder_with_manifests_are_not_pairs(
     tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
 ) -> None:
     (tmp_path / "empty").mkdir()
-    assert _job(tmp_path, PairSpec("folder", "empty"), settings, comparator).outcome == "none"
-    assert _job(tmp_path, PairSpec("folder", "gone"), settings, comparator).outcome == "none"
+    assert _job(tmp_path, PairSpec("folder", "empty"), settings, comparator).action == "none"
+    assert _job(tmp_path, PairSpec("folder", "gone"), settings, comparator).action == "none"
     _put(tmp_path / "m" / "a.jpg", photos["a"])
     _put(tmp_path / "m" / "b.jpg", photos["a"])
     _put(tmp_path / "m" / "x.pair.json", b'{"a": "a.jpg", "b": "b.jpg"}')
-    assert _job(tmp_path, PairSpec("folder", "m"), settings, comparator).outcome == "none"
+    assert _job(tmp_path, PairSpec("folder", "m"), settings, comparator).action == "none"
     assert not (tmp_path / "m" / "result.json").exists()
 
 
@@ -305,14 +304,14 @@ def test_manifest_pair_with_config_override(
     manifest = {"a": "../imgs/one.jpg", "b": "../imgs/two.jpg", "config": {"image_quality": 50}}
     _put(tmp_path / "jobs" / "check.pair.json", json.dumps(manifest).encode())
     report = _job(tmp_path, PairSpec("manifest", "jobs/check.pair.json"), settings, comparator)
-    assert report.outcome == "written" and report.inputs == ("imgs/one.jpg", "imgs/two.jpg")
+    assert report.action == "written" and report.inputs == ("imgs/one.jpg", "imgs/two.jpg")
     result = _result(tmp_path / "jobs" / "check.result.json")
     assert result.pair_id == "jobs/check" and result.status == "ok"
     assert result.config.image_quality == 50
     assert [i.name for i in result.inputs] == ["../imgs/one.jpg", "../imgs/two.jpg"]
     assert result.diff_image == "check.diff.png" and (tmp_path / "jobs/check.diff.png").exists()
     again = _job(tmp_path, PairSpec("manifest", "jobs/check.pair.json"), settings, comparator)
-    assert again.outcome == "skipped"
+    assert again.action == "skipped"
 
 
 @pytest.mark.parametrize(
@@ -399,7 +398,7 @@ def test_manifest_that_vanished_is_nothing_to_do(
     tmp_path: Path, settings: Settings, comparator: MetricsComparator
 ) -> None:
     report = _job(tmp_path, PairSpec("manifest", "gone.pair.json"), settings, comparator)
-    assert report == JobReport(PairSpec("manifest", "gone.pair.json"), "none")
+    assert report == JobReport(PairSpec("manifest", "gone.pair.json"), "none", done("not a pair"))
     assert os.listdir(tmp_path) == []
 
 
@@ -446,5 +445,48 @@ def test_failures_of_the_moment_are_retried_failures_of_the_inputs_are_not(
     )
     result_file.write_text(failed.to_json())
     again = _job(tmp_path, spec, settings, comparator)
-    assert again.outcome == ("written" if retried else "skipped")
+    assert again.action == ("written" if retried else "skipped")
     assert (_result(result_file).status == "ok") is retried
+
+
+def test_a_failure_of_the_moment_is_written_but_never_final(
+    tmp_path: Path, settings: Settings, comparator: MetricsComparator, photos: dict[str, bytes]
+) -> None:
+    """Fault 8: an unreadable input (here a FIFO under an image's name) is shown to users as
+    an error result, and the job asks to be retried; a bad image is written and done."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "a.jpg").write_bytes(photos["a"])
+    os.mkfifo(tmp_path / "p" / "b.jpg")
+    report = _job(tmp_path, PairSpec("folder", "p"), settings, comparator)
+    assert report.action == "written" and report.result is not None
+    assert report.result.error is not None and report.result.error.type == "input_unreadable"
+    assert report.disposition.kind == "retry" and report.disposition.at is None
+    (tmp_path / "p" / "b.jpg").unlink()
+    (tmp_path / "p" / "b.jpg").write_bytes(b"not an image")
+    final = _job(tmp_path, PairSpec("folder", "p"), settings, comparator)
+    assert final.result is not None and final.result.error is not None
+    assert final.result.error.type == "invalid_image" and final.disposition.kind == "done"
+
+
+def test_a_pair_in_hand_in_another_process_is_busy_and_retried_soon(
+    tmp_path: Path, settings: Settings, comparator: MetricsComparator, photos: dict[str, bytes]
+) -> None:
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "a.jpg").write_bytes(photos["a"])
+    (tmp_path / "p" / "b.jpg").write_bytes(photos["a_copy"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)",
+         str(tmp_path / "p" / ".result.json.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    now = time.time()
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        report = _job(tmp_path, PairSpec("folder", "p"), settings, comparator, now=now)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert report.action == "busy" and report.disposition.at == pytest.approx(now + 1)
+    assert not (tmp_path / "p" / "result.json").exists()  # nothing was compared
+    assert _job(tmp_path, PairSpec("folder", "p"), settings, comparator).action == "written"

@@ -115,12 +115,17 @@ def run_batch(
     sqs: Any, queue_url: str, messages: list[dict[str, Any]], context: Context
 ) -> list[str]:
     """Invoke the handler like the event source mapping does; returns the failed ids."""
-    response = app.lambda_handler(as_lambda_event(messages, "arn:aws:sqs:::jobs"), context)
+    response = app.lambda_handler(as_lambda_event(messages, queue_arn(sqs, queue_url)), context)
     failed = [item["itemIdentifier"] for item in response["batchItemFailures"]]
     for message in messages:
         if message["MessageId"] not in failed:
             sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
     return failed
+
+
+def queue_arn(sqs: Any, queue_url: str) -> str:
+    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    return str(attributes["Attributes"]["QueueArn"])
 
 
 def key_of(message: dict[str, Any]) -> str | None:
@@ -186,9 +191,11 @@ def test_stops_taking_pairs_when_time_runs_low(
     # 60 s left for the first two messages, then 5 s (< the 30 s default reserve).
     failed = run_batch(sqs, setup.queue_url, messages, Context([60_000, 60_000, 5_000]))
     assert failed == [m["MessageId"] for m in messages[2:]]
+    # The two handled messages' pairs are complete (both images were there): each has its
+    # result before any handed-back message is redelivered.
     done = [key_of(m) for m in messages[:2]]
-    folders = {k.split("%2F")[0] for k in done if k}
-    assert len(folders) in (1, 2)
+    for folder in {k.split("%2F")[0] for k in done if k}:
+        assert get_json(s3, setup.bucket, f"{folder}/result.json")["status"] == "ok"
     # The handed-back messages are redelivered and complete the job.
     again = receive_all(sqs, setup.queue_url, 2)
     assert run_batch(sqs, setup.queue_url, again, Context([900_000])) == []
@@ -244,3 +251,42 @@ def test_input_prefix_confines_keys_and_manifests(
     result = get_json(s3, setup.bucket, "incoming/escape.result.json")
     assert result["status"] == "error"
     assert (result["error"]["type"], result["error"]["input"]) == ("path_outside_root", "a")
+
+
+def test_a_lone_image_message_comes_back_when_its_partner_is_due(
+    endpoint: str, lambda_env: None, jpegs: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handed back with its visibility set to the partner's due time (the queue's own timeout
+    is 1 s); redelivered then, it gets its incomplete_pair result and is done."""
+    monkeypatch.setenv("PAIRWATCH_PAIR_TIMEOUT", "5")
+    s3, sqs = client("s3", endpoint), client("sqs", endpoint)
+    setup = notified_bucket(endpoint, suffixes=(".jpg",), max_receives=3)
+    s3.put_object(Bucket=setup.bucket, Key="lone/a.jpg", Body=jpegs[0])
+    messages = receive_all(sqs, setup.queue_url, 2)  # the TestEvent and the image's
+    lone = [m["MessageId"] for m in messages if key_of(m)]
+    assert run_batch(sqs, setup.queue_url, messages, Context([900_000])) == lone
+    hidden = sqs.receive_message(QueueUrl=setup.queue_url, WaitTimeSeconds=2)
+    assert "Messages" not in hidden  # not back after the queue's 1 s
+    again = receive_all(sqs, setup.queue_url, 1, visibility=5)
+    assert run_batch(sqs, setup.queue_url, again, Context([900_000])) == []
+    result = get_json(s3, setup.bucket, "lone/result.json")
+    assert result["error"]["type"] == "incomplete_pair"
+
+
+def test_a_failure_of_the_moment_keeps_the_message_with_a_back_off(
+    endpoint: str, lambda_env: None, jpegs: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault 8: the result cannot be stored (the output bucket is refused): the message is not
+    done, and it stays hidden for the back-off's first step (5 s), not the queue's 1 s."""
+    monkeypatch.setenv("PAIRWATCH_OUTPUT_BUCKET", "Not_A_Valid_Bucket")
+    s3, sqs = client("s3", endpoint), client("sqs", endpoint)
+    setup = notified_bucket(endpoint, suffixes=(".jpg",))
+    s3.put_object(Bucket=setup.bucket, Key="p/a.jpg", Body=jpegs[0])
+    s3.put_object(Bucket=setup.bucket, Key="p/b.jpg", Body=jpegs[1])
+    messages = receive_all(sqs, setup.queue_url, 3)  # the TestEvent and both images'
+    failed = run_batch(sqs, setup.queue_url, messages, Context([900_000]))
+    assert sorted(failed) == sorted(m["MessageId"] for m in messages if key_of(m))
+    assert "Messages" not in sqs.receive_message(QueueUrl=setup.queue_url, WaitTimeSeconds=3)
+    back = receive_all(sqs, setup.queue_url, 2)
+    assert sorted(m["MessageId"] for m in back) == sorted(failed)
+    assert {m["Attributes"]["ApproximateReceiveCount"] for m in back} == {"2"}

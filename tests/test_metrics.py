@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 from PIL import Image
 
-from handler.compare.base import Outcome
+from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig
 from handler.detect import detect
@@ -26,7 +26,7 @@ def _prepared(data: bytes) -> PreparedImage:
     return prepare(data, CONFIG.max_image_size, CONFIG.image_quality)
 
 
-def _compare(a: bytes, b: bytes, config: ComparisonConfig = CONFIG) -> Outcome:
+def _compare(a: bytes, b: bytes, config: ComparisonConfig = CONFIG) -> Verdict:
     detection = detect(a, b, max_pixels=50_000_000)
     return COMPARATOR.compare(_prepared(a), _prepared(b), config, detection=detection)
 

@@ -17,13 +17,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
-from handler.events import ObjectEvent, Parsed
+from handler.events import Parsed
 from tests.support import scenes
 from tests.support.logs import json_events
 from tests.support.s3_servers import (
@@ -35,8 +37,11 @@ from tests.support.s3_servers import (
     unique,
     wait_for,
 )
-from watcher.bucket import BucketURL, build_jobs, list_events
+from watcher.args import BucketURL
+from watcher.bucket import bucket_jobs, list_events
 from watcher.minio_listen import Listener, minio_client
+from watcher.runner import Runner
+from watcher.shutdown import StopFlag
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,17 +152,43 @@ def test_a_relisted_lone_image_is_retried_once(
     s3.put_object(Bucket=bucket, Key="in/lone/a.jpg", Body=b"not even decoded: it waits")
     settings = Settings(comparator="metrics", pair_timeout=600)
     url = BucketURL(bucket, "in/")
-    jobs = build_jobs(settings, endpoint, "us-east-1", prefix=url.prefix)
-    listener = Listener(minio_client(endpoint, "us-east-1"), jobs, url, queue_size=10)
-    for _ in range(3):  # the first connection and two reconnects
-        listener._handle(Parsed(events=list(list_events(jobs, bucket, url.prefix))), 0)
-    assert result_of(s3, bucket, "in/done/result.json") is not None
-    assert len(listener.retries) == 1
-    # Due now (a 0 s delay under the same key replaces it): only the lone image comes back.
-    lone = ObjectEvent(bucket, "in/lone/a.jpg", "created")
-    listener.retries.add(Parsed(events=[lone]), 0, key=(bucket, lone.key))
-    assert len(listener.retries) == 1
-    assert [([e.key for e in p.events], n) for p, n in listener.retries.due()] == [
-        (["in/lone/a.jpg"], 0)
-    ]
-    assert len(listener.retries) == 0
+    runner: Runner[tuple[str, str]] = Runner(MetricsComparator(), concurrency=2, queue_size=10)
+    jobs = bucket_jobs(settings, runner, endpoint, "us-east-1", url.prefix)
+    listener = Listener(minio_client(endpoint, "us-east-1"), jobs, url, runner, queue_size=10)
+    for _ in range(3):  # the listings of the first connection and of two reconnects
+        listener.inbox.put(Parsed(events=list(list_events(jobs, bucket, url.prefix))))
+    stop = StopFlag()
+    thread = threading.Thread(target=runner.run, args=(stop, _Replay(listener)), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: result_of(s3, bucket, "in/done/result.json") is not None, 30)
+        # a.jpg and b.jpg run at once: one waits for the other and finds the result up to date.
+        wait_for(lambda: runner.idle() and len(runner.rechecks) == 1, 30)
+    finally:
+        stop.request()
+        thread.join(10)
+    # One recheck, for the lone image only, when its partner is due (not one per listing).
+    assert len(runner.rechecks) == 1 and (bucket, "in/lone/a.jpg") in runner.rechecks
+    assert 590 < (runner.rechecks.next_due() or 0) <= 600
+
+
+class _Replay:
+    """The listener without its stream thread: only the listings put into its inbox."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def pump(self) -> None:
+        self.listener.pump()
+
+    def finished(self) -> bool:
+        return False
+
+    def next_wait(self) -> float | None:
+        return None

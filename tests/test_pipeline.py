@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from handler.compare.base import Outcome
+from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig
 from handler.detect import Detection
@@ -91,7 +91,7 @@ class _SlowComparator:
         config: ComparisonConfig,
         *,
         detection: Detection | None = None,
-    ) -> Outcome:
+    ) -> Verdict:
         raise ComparisonTimeout(f"no answer within {config.processing_timeout} s")
 
     def close(self) -> None:

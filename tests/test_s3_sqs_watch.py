@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from handler.bucket_jobs import Delivery
-from handler.events import sqs_messages
+from handler.compare.metrics import MetricsComparator
+from handler.disposition import done
 from tests.support import scenes
 from tests.support.logs import json_events
 from tests.support.s3_servers import (
@@ -31,7 +32,9 @@ from tests.support.s3_servers import (
     queue_depth,
     wait_for,
 )
-from watcher.sqs import _region_from_url, _Worker
+from watcher.runner import Runner
+from watcher.shutdown import StopFlag
+from watcher.sqs import SqsSource, _region_from_url
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,7 +45,7 @@ def endpoint() -> Iterator[str]:
         yield url
 
 
-def watch_sqs(queue_url: str, endpoint: str, *extra: str) -> subprocess.Popen[str]:
+def watch_sqs(queue_url: str, endpoint: str, *extra: str, **settings: str) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         **aws_env(),
@@ -50,6 +53,7 @@ def watch_sqs(queue_url: str, endpoint: str, *extra: str) -> subprocess.Popen[st
         "PAIRWATCH_LOG_FORMAT": "json",
         "PAIRWATCH_LOG_LEVEL": "DEBUG",
         "PAIRWATCH_SQS_WAIT_SECONDS": "2",
+        **settings,
     }
     return subprocess.Popen(
         [sys.executable, "-m", "watcher.cli", "watch", "sqs", queue_url,
@@ -95,23 +99,83 @@ def test_worker_drains_the_queue_and_poison_goes_to_the_dlq(endpoint: str) -> No
     names = [e["event"] for e in events]
     assert names.count("result_written") == 4
     assert names.count("event_rejected") == 2  # the poison's two deliveries
-    assert names.count("message_left_for_retry") == 2
+    assert names.count("message_rejected") == 2  # left alone: SQS ends it in the DLQ
+    assert "message_left_for_retry" not in names
     assert "queue_idle" in names and names[-1] == "watch_stopped"
     assert aws_env()["AWS_SECRET_ACCESS_KEY"] not in stderr
     assert elapsed < 60
 
 
-def test_sigterm_stops_an_idle_worker(endpoint: str) -> None:
+def test_sigterm_stops_an_idle_worker_within_2_s(endpoint: str) -> None:
+    """Fault 2: mid long poll (the default 20 s), SIGTERM is answered at once."""
     setup = notified_bucket(endpoint)
-    proc = watch_sqs(setup.queue_url, endpoint)
+    proc = watch_sqs(setup.queue_url, endpoint, PAIRWATCH_SQS_WAIT_SECONDS="20")
     try:
         # Once the TestEvent is deleted the worker sits in a long poll: stop it there.
         wait_for(lambda: queue_depth(client("sqs", endpoint), setup.queue_url) == 0, 20, 0.1)
+        time.sleep(1.0)
+    finally:
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert time.monotonic() - asked < 2.0
+    assert proc.returncode == 0, stderr[-3000:]
+    assert json_events(stderr)[-1]["event"] == "watch_stopped"
+
+
+def test_a_worker_whose_model_cannot_load_receives_nothing(endpoint: str, tmp_path: Any) -> None:
+    """Faults 8 and 9: no message is taken while the model loads, and a model that cannot be
+    loaded turns no pair into an error result: the worker exits 1, the messages stay."""
+    s3, sqs = client("s3", endpoint), client("sqs", endpoint)
+    setup = notified_bucket(endpoint)
+    jpeg = scenes.encode(scenes.photo("rocket").resize((64, 64)))
+    s3.put_object(Bucket=setup.bucket, Key="in/p/1.jpg", Body=jpeg)
+    s3.put_object(Bucket=setup.bucket, Key="in/p/2.jpg", Body=jpeg)
+    wait_for(lambda: queue_depth(sqs, setup.queue_url) == 3, 10, 0.05, "3 notifications")
+    proc = watch_sqs(
+        setup.queue_url, endpoint,
+        PAIRWATCH_COMPARATOR="vl", PAIRWATCH_MODEL=str(tmp_path / "no-such-model"),
+        HF_HUB_OFFLINE="1",
+    )  # fmt: skip
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 1, stderr[-3000:]
+    names = [e["event"] for e in json_events(stderr)]
+    assert "comparator_unavailable" in names and "message_received" not in names
+    messages = sqs.receive_message(
+        QueueUrl=setup.queue_url, MaxNumberOfMessages=10, MessageSystemAttributeNames=["All"]
+    )["Messages"]
+    assert len(messages) == 3
+    assert {m["Attributes"]["ApproximateReceiveCount"] for m in messages} == {"1"}  # first time
+    assert "Contents" not in s3.list_objects_v2(Bucket=setup.bucket, Prefix="in/p/result")
+
+
+def test_a_lone_image_waits_for_pair_timeout_then_gets_incomplete_pair(endpoint: str) -> None:
+    """Its message is kept invisible until the partner is due (not redelivered every second,
+    not deleted), then the pair gets its incomplete_pair result and the message is deleted."""
+    s3, sqs = client("s3", endpoint), client("sqs", endpoint)
+    setup = notified_bucket(endpoint, max_receives=3)
+    jpeg = scenes.encode(scenes.photo("rocket").resize((64, 64)))
+    s3.put_object(Bucket=setup.bucket, Key="in/lone/1.jpg", Body=jpeg)
+    landed = time.time()
+    proc = watch_sqs(setup.queue_url, endpoint, PAIRWATCH_PAIR_TIMEOUT="8")
+    try:
+        wait_for(
+            lambda: "Contents" in s3.list_objects_v2(Bucket=setup.bucket, Prefix="in/lone/result"),
+            30, 0.1, "the incomplete_pair result",
+        )  # fmt: skip
+        written = time.time()
+        wait_for(lambda: queue_depth(sqs, setup.queue_url) == 0, 10, 0.1, "a drained queue")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert json_events(stderr)[-1]["event"] == "watch_stopped"
+    assert written - landed >= 6.9  # 8 s after LastModified, which S3 keeps in whole seconds
+    result = get_json(s3, setup.bucket, "in/lone/result.json")
+    assert result["error"]["type"] == "incomplete_pair"
+    events = json_events(stderr)
+    waits = [e for e in events if e["event"] == "message_left_for_retry"]
+    assert len(waits) == 1, [e["event"] for e in events]
+    assert 1 <= waits[0]["retry_after_s"] <= 8  # one delivery while waiting
+    assert queue_depth(sqs, setup.dlq_url) == 0
 
 
 def test_unreachable_queue_fails_cleanly(endpoint: str) -> None:
@@ -134,7 +198,6 @@ def test_visibility_is_extended_while_a_pair_runs(endpoint: str) -> None:
     sqs = client("sqs", endpoint)
     setup = notified_bucket(endpoint)
     wait_for(lambda: queue_depth(sqs, setup.queue_url) == 1, 10, 0.05, "the TestEvent")
-    message = sqs.receive_message(QueueUrl=setup.queue_url)["Messages"][0]
     seen_again: list[Any] = []
 
     class SlowJobs:
@@ -146,12 +209,20 @@ def test_visibility_is_extended_while_a_pair_runs(endpoint: str) -> None:
             while time.monotonic() < deadline:
                 other = sqs.receive_message(QueueUrl=setup.queue_url, WaitTimeSeconds=1)
                 seen_again.extend(other.get("Messages", []))
-            return Delivery(ok=True)
+            return Delivery(done())
 
-    worker = _Worker(sqs, setup.queue_url, SlowJobs(), visibility=1, wait_seconds=1)  # type: ignore[arg-type]
-    worker._handle(sqs_messages([message])[0], "1")
+    runner: Runner[str] = Runner(MetricsComparator(), concurrency=2, queue_size=10)
+    source = SqsSource(
+        sqs,
+        setup.queue_url,
+        SlowJobs(),
+        runner,
+        wait_seconds=1,
+        exit_when_idle=True,  # type: ignore[arg-type]
+    )
+    runner.run(StopFlag(), source)
     assert seen_again == []  # never visible to another consumer meanwhile
-    assert worker.deleted == 1 and queue_depth(sqs, setup.queue_url) == 0
+    assert source.deleted == 1 and queue_depth(sqs, setup.queue_url) == 0
 
 
 def test_region_is_read_from_aws_queue_urls() -> None:

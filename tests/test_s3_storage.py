@@ -8,6 +8,7 @@ on the real client (nothing is stubbed) to prove what is *not* downloaded.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.bucket_jobs import BucketJobs
+from handler.bucket_jobs import BucketJobs, EventReport
 from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
-from handler.errors import ImageTooLarge, InputNotFound, PairError, PathOutsideRoot
+from handler.errors import ImageTooLarge, InputNotFound, PathOutsideRoot
 from handler.events import ObjectEvent
 from handler.result import ComparisonResult
 from handler.s3_storage import (
@@ -211,6 +212,15 @@ def created(bucket: str, key: str) -> ObjectEvent:
     return ObjectEvent(bucket=bucket, key=key, kind="created", source="test")
 
 
+def handle(jobs: BucketJobs, event: ObjectEvent) -> EventReport:
+    return jobs.handle(event, now=time.time())
+
+
+def actions(report: EventReport) -> list[str]:
+    """What the event's jobs did, in order (``[]``: the event was ignored or rejected)."""
+    return [job.action for job in report.reports]
+
+
 def test_pair_folder_end_to_end(
     s3: Any, bucket: str, images: dict[str, bytes], comparator: MetricsComparator
 ) -> None:
@@ -218,11 +228,13 @@ def test_pair_folder_end_to_end(
     jobs = BucketJobs(settings, comparator, s3, prefix="in")
     folder = "in/pair one+ü"
     s3.put_object(Bucket=bucket, Key=f"{folder}/a.jpg", Body=images["a"])
-    first = jobs.handle(created(bucket, f"{folder}/a.jpg"))
-    assert first.outcome == "waiting" and first.retry_in is not None  # acknowledged, no work
+    first = handle(jobs, created(bucket, f"{folder}/a.jpg"))
+    assert actions(first) == ["waiting"]  # no work: looked at again when its partner is due
+    assert first.disposition.kind == "retry" and first.disposition.at is not None
+    assert first.disposition.at > time.time() + 50
     s3.put_object(Bucket=bucket, Key=f"{folder}/b.jpg", Body=images["a2"])
-    second = jobs.handle(created(bucket, f"{folder}/b.jpg"))
-    assert second.outcome == "written"
+    second = handle(jobs, created(bucket, f"{folder}/b.jpg"))
+    assert actions(second) == ["written"] and second.disposition.kind == "done"
 
     result = ComparisonResult.model_validate(get_json(s3, bucket, f"{folder}/result.json"))
     assert result.status == "ok" and result.is_similar
@@ -235,14 +247,14 @@ def test_pair_folder_end_to_end(
     # The partner's duplicate event (or a redelivery): same ETags recorded -> skipped, and
     # neither image is downloaded to find that out.
     calls = Calls(s3)
-    again = jobs.handle(created(bucket, f"{folder}/a.jpg"))
-    assert again.outcome == "skipped"
+    again = handle(jobs, created(bucket, f"{folder}/a.jpg"))
+    assert actions(again) == ["skipped"]
     gets = calls.count("GetObject")
     assert gets == 1  # the result itself
 
     # Replacing an input changes its ETag: compared again.
     s3.put_object(Bucket=bucket, Key=f"{folder}/b.jpg", Body=images["other"])
-    assert jobs.handle(created(bucket, f"{folder}/b.jpg")).outcome == "written"
+    assert actions(handle(jobs, created(bucket, f"{folder}/b.jpg"))) == ["written"]
     assert get_json(s3, bucket, f"{folder}/result.json")["is_similar"] is False
 
 
@@ -255,7 +267,7 @@ def test_manifest_output_prefix_and_guards(
     s3.put_object(Bucket=bucket, Key="shots/y+2.png", Body=images["other"])
     manifest = {"a": "x 1.jpg", "b": "y+2.png", "config": {"similarity_threshold": 0.5}}
     s3.put_object(Bucket=bucket, Key="shots/cmp.pair.json", Body=json.dumps(manifest).encode())
-    assert jobs.handle(created(bucket, "shots/cmp.pair.json")).outcome == "written"
+    assert actions(handle(jobs, created(bucket, "shots/cmp.pair.json"))) == ["written"]
     result = get_json(s3, bucket, "results/shots/cmp.result.json")
     assert result["status"] == "ok" and result["config"]["similarity_threshold"] == 0.5
     assert [i["name"] for i in result["inputs"]] == ["x 1.jpg", "y+2.png"]
@@ -263,13 +275,17 @@ def test_manifest_output_prefix_and_guards(
     # Recursion guard: outputs and anything under output_prefix never start work.
     calls = Calls(s3)
     for key in ("results/shots/cmp.result.json", "results/shots/q/a.jpg", "shots/result.json"):
-        assert jobs.handle(created(bucket, key)).outcome == "ignored"
+        assert ignored(handle(jobs, created(bucket, key)))
     assert calls.names == []
     # Not a creation, not an image: ignored too.
     removed = ObjectEvent(bucket=bucket, key="shots/x 1.jpg", kind="removed")
-    assert jobs.handle(removed).outcome == "ignored"
-    assert jobs.handle(created(bucket, "shots/notes.txt")).outcome == "ignored"
+    assert ignored(handle(jobs, removed))
+    assert ignored(handle(jobs, created(bucket, "shots/notes.txt")))
     assert calls.names == []
+
+
+def ignored(report: EventReport) -> bool:
+    return report.disposition.kind == "done" and report.disposition.reason.startswith("ignored")
 
 
 def test_replacing_an_image_reruns_the_manifests_beside_it(
@@ -280,15 +296,16 @@ def test_replacing_an_image_reruns_the_manifests_beside_it(
     s3.put_object(Bucket=bucket, Key="m/y.jpg", Body=images["a2"])
     manifest = json.dumps({"a": "x.jpg", "b": "y.jpg"}).encode()
     s3.put_object(Bucket=bucket, Key="m/cmp.pair.json", Body=manifest)
-    assert jobs.handle(created(bucket, "m/cmp.pair.json")).outcome == "written"
+    assert actions(handle(jobs, created(bucket, "m/cmp.pair.json"))) == ["written"]
     assert get_json(s3, bucket, "m/cmp.result.json")["is_similar"] is True
 
     calls = Calls(s3)
-    assert jobs.handle(created(bucket, "m/y.jpg")).outcome == "skipped"  # same ETags
+    # The folder holds a manifest, so it is no pair folder; the manifest: same ETags.
+    assert actions(handle(jobs, created(bucket, "m/y.jpg"))) == ["none", "skipped"]
     assert calls.count("ListObjectsV2") == 1  # the folder, listed once for both pair rules
 
     s3.put_object(Bucket=bucket, Key="m/y.jpg", Body=images["other"])
-    assert jobs.handle(created(bucket, "m/y.jpg")).outcome == "written"
+    assert actions(handle(jobs, created(bucket, "m/y.jpg"))) == ["none", "written"]
     assert get_json(s3, bucket, "m/cmp.result.json")["is_similar"] is False
 
 
@@ -298,23 +315,26 @@ def test_hostile_key_is_an_error_for_that_record(
     jobs = BucketJobs(Settings(), comparator, s3)
     calls = Calls(s3)
     for key in ("p/../../etc/a.jpg", "p/bad\x01/a.jpg", "/p/a.jpg"):
-        with pytest.raises(PairError):
-            jobs.handle(created(bucket, key))
+        report = handle(jobs, created(bucket, key))
+        assert report.disposition.kind == "reject" and not report.reports
     assert calls.names == []  # refused before any request
 
 
 def test_manifest_before_its_images_asks_for_a_retry(
     s3: Any, bucket: str, images: dict[str, bytes], comparator: MetricsComparator
 ) -> None:
-    from handler.bucket_jobs import InputsPending
-
     jobs = BucketJobs(Settings(diff_image=False, pair_timeout=60), comparator, s3)
     s3.put_object(Bucket=bucket, Key="m/early.pair.json", Body=b'{"a": "a.jpg", "b": "b.jpg"}')
-    with pytest.raises(InputsPending):
-        jobs.handle(created(bucket, "m/early.pair.json"))
+    early = handle(jobs, created(bucket, "m/early.pair.json"))
+    # The state is written for users to see, but the record is not done: it comes back.
+    assert actions(early) == ["written"] and early.disposition.kind == "retry"
+    assert get_json(s3, bucket, "m/early.result.json")["error"]["type"] == "input_not_found"
+    # Past pair_timeout the same answer is final.
+    late = jobs.handle(created(bucket, "m/early.pair.json"), now=time.time() + 61)
+    assert late.disposition.kind == "done"
     for name in ("a.jpg", "b.jpg"):
         s3.put_object(Bucket=bucket, Key=f"m/{name}", Body=images["a"])
-    assert jobs.handle(created(bucket, "m/early.pair.json")).outcome == "written"
+    assert actions(handle(jobs, created(bucket, "m/early.pair.json"))) == ["written"]
     assert get_json(s3, bucket, "m/early.result.json")["status"] == "ok"
 
 
@@ -326,7 +346,7 @@ def test_oversized_image_gets_an_error_result_without_download(
     s3.put_object(Bucket=bucket, Key="big/a.jpg", Body=images["a"])
     s3.put_object(Bucket=bucket, Key="big/b.jpg", Body=images["a"] + b"\0" * 100)
     calls = Calls(s3)
-    assert jobs.handle(created(bucket, "big/b.jpg")).outcome == "written"
+    assert actions(handle(jobs, created(bucket, "big/b.jpg"))) == ["written"]
     assert calls.count("GetObject") == 2  # the old result (absent) and image a; never b
     result = get_json(s3, bucket, "big/result.json")
     assert result["error"]["type"] == "image_too_large" and result["error"]["input"] == "b"
@@ -336,7 +356,7 @@ def test_workers_racing_on_one_pair_write_once(
     endpoint: str, s3: Any, bucket: str, images: dict[str, bytes], comparator: MetricsComparator
 ) -> None:
     """Worker B compares while worker A writes the result first: B's conditional PUT fails
-    and B reports the pair as done by someone else ("raced"), leaving A's result in place."""
+    and B reports the pair as done by someone else, leaving A's result in place."""
     s3.put_object(Bucket=bucket, Key="race/a.jpg", Body=images["a"])
     s3.put_object(Bucket=bucket, Key="race/b.jpg", Body=images["other"])
     worker_b = client("s3", endpoint)
@@ -350,5 +370,7 @@ def test_workers_racing_on_one_pair_write_once(
     winner_written: list[bool] = []
     worker_b.meta.events.register("before-parameter-build.s3.PutObject", worker_a_wins)
     jobs = BucketJobs(Settings(diff_image=False), comparator, worker_b)
-    assert jobs.handle(created(bucket, "race/b.jpg")).outcome == "raced"
+    raced = handle(jobs, created(bucket, "race/b.jpg"))
+    assert actions(raced) == ["skipped"] and raced.disposition.kind == "done"
+    assert raced.disposition.reason == "another worker wrote it"
     assert s3.get_object(Bucket=bucket, Key="race/result.json")["Body"].read() == winner

@@ -28,7 +28,7 @@ from PIL import Image
 from handler.result import ComparisonResult
 from tests.support import scenes
 from watcher.args import positive_seconds, seconds
-from watcher.cli import main
+from watcher.cli import build_parser, main, settings_from_args
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -186,6 +186,40 @@ def test_bad_durations_are_usage_errors(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}" in err and message in err
+
+
+def test_flags_and_environment_are_validated_as_one_set_of_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flag whose dest is a settings field overrides it; an invalid value from any source is
+    a usage error naming the field (exit 2), before a comparator is built."""
+    args = build_parser().parse_args(
+        ["watch", str(tmp_path), "--concurrency", "3", "--pair-timeout", "9"]
+    )
+    monkeypatch.setenv("PAIRWATCH_PAIR_TIMEOUT", "1")
+    monkeypatch.setenv("PAIRWATCH_SETTLE_TIME", "2")
+    settings = settings_from_args(args)
+    assert (settings.concurrency, settings.pair_timeout, settings.settle_time) == (3, 9, 2)
+    monkeypatch.setenv("PAIRWATCH_CONCURRENCY", "0")
+    assert main(["watch", str(tmp_path)]) == 2
+    assert "concurrency" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["watch", str(tmp_path), "--concurrency", "0"])
+    assert exit_.value.code == 2
+
+
+def test_building_the_parser_imports_no_implementation() -> None:
+    """``pairwatch schema`` and ``--help`` pay for argparse, not for boto3, minio or watchdog."""
+    probe = (
+        "import sys; from watcher.cli import build_parser; build_parser(); "
+        "heavy = {'boto3', 'botocore', 'minio', 'watchdog', 'jinja2', 'PIL', 'watcher.sqs', "
+        "'watcher.local', 'watcher.report', 'handler.jobs'} & set(sys.modules); "
+        "print(sorted(heavy))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=_env(), timeout=60
+    )
+    assert proc.stdout.strip() == "[]", proc.stderr
 
 
 def test_duration_types() -> None:

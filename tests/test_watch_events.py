@@ -1,8 +1,9 @@
 """The folder watcher against real filesystem events (inotify, and watchdog's polling observer).
 
-Each test runs a ``FolderWatcher`` on a background thread over a temporary folder and writes
-files the way real tools do: plain copies, rsync's hidden temp file then rename, slow writers,
-``mv`` from outside. Results are awaited by polling for the file, never by fixed sleeps.
+Each test runs a ``FolderSource`` (with its ``Runner``) on a background thread over a temporary
+folder and writes files the way real tools do: plain copies, rsync's hidden temp file then
+rename, slow writers, ``mv`` from outside. Results are awaited by polling for the file, never by
+fixed sleeps.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-from structlog.testing import LogCapture
 
+from handler.compare import resolve_concurrency
 from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
 from handler.result import ComparisonResult
 from tests.support import scenes
-from watcher.folder_watch import FolderWatcher
+from tests.support.logs import captured_logs
+from watcher.folder_source import FolderSource
+from watcher.runner import Runner
 from watcher.shutdown import StopFlag
 
 pytestmark = [
@@ -46,10 +48,15 @@ def photos() -> dict[str, bytes]:
 
 
 @contextmanager
-def watching(root: Path, *, polling: bool = False, **overrides: Any) -> Iterator[FolderWatcher]:
+def watching(root: Path, *, polling: bool = False, **overrides: Any) -> Iterator[FolderSource]:
     """A running watcher; stopped (and checked to have stopped) when the block ends."""
     settings = Settings(**{"settle_time": 0.2, **overrides})
-    watcher = FolderWatcher(root, settings, MetricsComparator(), polling=polling)
+    runner: Runner[Any] = Runner(
+        MetricsComparator(),
+        concurrency=resolve_concurrency(settings),
+        queue_size=settings.queue_size,
+    )
+    watcher = FolderSource(root, settings, runner, polling=polling)
     stop = StopFlag()
     # daemon: a watcher stuck by a bug must fail this test, not hang the whole session.
     thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
@@ -84,23 +91,6 @@ def rsync_put(path: Path, data: bytes) -> None:
     temp = path.with_name(f".{path.name}.Xy7Q2z")
     temp.write_bytes(data)
     temp.rename(path)
-
-
-@contextmanager
-def captured_logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Every log event from every thread, each with the Unix time it was logged at."""
-    capture = LogCapture()
-    previous = structlog.get_config()["processors"]
-
-    def stamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        event["at"] = time.time()
-        return event
-
-    structlog.configure(processors=[stamp, capture])
-    try:
-        yield capture.entries
-    finally:
-        structlog.configure(processors=previous)
 
 
 def started(logs: list[MutableMapping[str, Any]], pair_id: str) -> int:

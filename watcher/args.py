@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
+
+from handler.errors import PairError
+from handler.pairs import normalise_prefix
 
 #: 0: done (or stopped by a signal) · 1: a pair or the service failed · 2: bad command line.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -39,6 +43,35 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
     return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return value
+
+
+@dataclass(frozen=True)
+class BucketURL:
+    bucket: str
+    prefix: str
+
+
+def parse_s3_url(text: str) -> BucketURL:
+    """``s3://BUCKET`` or ``s3://BUCKET/PREFIX`` (the prefix is a folder: ``a/b`` = ``a/b/``)."""
+    if not text.startswith("s3://"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an s3://BUCKET/PREFIX URL")
+    bucket, _, prefix = text[len("s3://") :].partition("/")
+    if not bucket:
+        raise argparse.ArgumentTypeError(f"{text!r} names no bucket")
+    try:
+        return BucketURL(bucket, normalise_prefix(prefix))
+    except PairError as exc:  # PathOutsideRoot: "..", "." or empty segments, control characters
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc.message}") from None
 
 
 def port_number(text: str) -> int:

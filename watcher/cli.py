@@ -9,54 +9,31 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
-from handler.config import ConfigFileError, Settings, load_settings
-from handler.logs import configure_logging
-from watcher.args import EXIT_OK, EXIT_USAGE, port_number
+from watcher.args import EXIT_OK, EXIT_USAGE
+from watcher.commands import COMMANDS
 
-#: Sub-commands implemented in their own modules: each has ``configure_parser(parser)`` and
-#: ``run(args, settings) -> int``. ``watch sqs|minio|poll`` are spelled ``watch-<source>`` here.
-SUBCOMMAND_MODULES = {
-    "compare": "watcher.compare_command",
-    "watch": "watcher.local",
-    "watch-sqs": "watcher.sqs",
-    "watch-minio": "watcher.minio_listen",
-    "watch-poll": "watcher.poll",
-    "report": "watcher.report",
-    "serve": "watcher.serve",
-}
 _WATCH_SOURCES = ("sqs", "minio", "poll")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
+def build_parser() -> argparse.ArgumentParser:
+    """Every sub-command's options; no implementation is imported (see watcher.commands)."""
     parser = argparse.ArgumentParser(
         prog="pairwatch",
         description="Compare image pairs with bounded memory and hard timeouts.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules: dict[str, ModuleType] = {}
-    for name, module_name in SUBCOMMAND_MODULES.items():
-        module = importlib.import_module(module_name)
-        modules[name] = module
-        doc = (module.__doc__ or "").strip().splitlines()[0]
-        sub = subparsers.add_parser(name, help=doc, description=module.__doc__)
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
         _add_common_options(sub)
-        if name.startswith("watch"):
-            sub.add_argument(
-                "--metrics-port",
-                type=port_number,
-                metavar="PORT",
-                help="serve Prometheus metrics on PORT (metrics_port; on serve_host)",
-            )
-        module.configure_parser(sub)
+        command.configure(sub)
     schema = subparsers.add_parser("schema", help="Print the result JSON Schema.")
     schema.set_defaults(command="schema")
-    return parser, modules
+    return parser
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -78,15 +55,19 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
-    parser, modules = build_parser()
-    args = parser.parse_args(args_list)
+    args = build_parser().parse_args(args_list)
     if args.command == "schema":
+        import json
+
         from handler.result import result_json_schema
 
         print(json.dumps(result_json_schema(), indent=2))
         return EXIT_OK
+    from handler.config import ConfigFileError
+    from handler.logs import configure_logging
+
     try:
-        settings = _settings_from_args(args)
+        settings = settings_from_args(args)
     except ConfigFileError as exc:
         print(f"pairwatch: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -95,19 +76,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         from watcher.metrics import start_metrics_server
 
         start_metrics_server(settings.metrics_port, settings.serve_host)
-    code: int = modules[args.command].run(args, settings)
+    code: int = _implementation(args.command)(args, settings)
     return code
 
 
-def _settings_from_args(args: argparse.Namespace) -> Settings:
-    return load_settings(
-        args.config,
-        comparator=args.comparator,
-        model=args.model,
-        log_format=args.log_format,
-        log_level=args.log_level,
-        metrics_port=getattr(args, "metrics_port", None),
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """The one way flags become ``Settings``: every option whose ``dest`` names a settings
+    field overrides it (validated; ``ConfigFileError`` names the field and the allowed range)."""
+    from handler.config import Settings, load_settings
+
+    flags = {
+        name: value
+        for name, value in vars(args).items()
+        if name in Settings.model_fields and value is not None
+    }
+    return load_settings(args.config, **flags)
+
+
+def _implementation(command: str) -> Callable[[argparse.Namespace, Any], int]:
+    module_name, _, function = COMMANDS[command].run.partition(":")
+    run: Callable[[argparse.Namespace, Any], int] = getattr(
+        importlib.import_module(module_name), function
     )
+    return run
 
 
 if __name__ == "__main__":

@@ -14,17 +14,6 @@ from handler.storage import LocalStorage, read_file
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("a", type=Path, help="image A")
-    parser.add_argument("b", type=Path, help="image B")
-    parser.add_argument(
-        "--output",
-        "-o",
-        type=Path,
-        help="also write the result JSON here (atomically; never over image A or B)",
-    )
-
-
 def _file_input(path: Path, max_bytes: int) -> ImageInput:
     return ImageInput(name=path.name, load=lambda: read_file(path, max_bytes))
 

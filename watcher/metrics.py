@@ -23,7 +23,7 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from handler.bucket_jobs import Delivery
+    from handler.bucket_jobs import Delivery, EventReport
     from handler.jobs import JobReport
     from handler.result import ComparisonResult
 
@@ -93,20 +93,31 @@ def record_result(
 
 def record_report(report: JobReport, source: str) -> None:
     """Count a job's pair if it compared one (a skipped or waiting pair is not a new result)."""
-    if report.outcome in ("written", "unwritable") and report.result is not None:
+    if report.action in ("written", "unwritable") and report.result is not None:
         record_result(report.result, source)
 
 
-def record_delivery(delivery: Delivery, source: str, events: int) -> None:
-    """Count one delivery's events by outcome (``failed`` for the records that need a retry)
-    and the pairs its jobs compared; ``events`` is how many events the delivery held."""
-    for handled in delivery.results:
-        EVENTS.labels(handled.event.source or source, handled.outcome).inc()
-        for report in handled.reports:
-            record_report(report, source)
-    failed = events - len(delivery.results)
-    if failed > 0:
-        EVENTS.labels(source, "failed").inc(failed)
+def record_delivery(delivery: Delivery, source: str) -> None:
+    """Count one delivery's events by outcome (``event_outcome``) and the pairs its jobs
+    compared."""
+    for handled in delivery.events:
+        record_event_report(handled, source)
+
+
+def record_event_report(handled: EventReport, source: str) -> None:
+    EVENTS.labels(handled.event.source or source, event_outcome(handled)).inc()
+    for report in handled.reports:
+        record_report(report, source)
+
+
+def event_outcome(handled: EventReport) -> str:
+    """``failed`` for a record that needs another delivery (a failure of the moment) or never
+    succeeds (rejected); else what its last job did (``written``, ``skipped``, ``waiting``...),
+    or ``ignored``."""
+    fate = handled.disposition
+    if fate.is_reject or (fate.is_retry and fate.at is None):
+        return "failed"
+    return handled.reports[-1].action if handled.reports else "ignored"
 
 
 def record_event(source: str, outcome: str, count: int = 1) -> None:

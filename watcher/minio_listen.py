@@ -25,34 +25,28 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
+import urllib3
 from minio import Minio
 from minio.credentials.credentials import Credentials
 from minio.credentials.providers import Provider
 
+from handler.aws_clients import CONNECT_TIMEOUT_S, MAX_ATTEMPTS, s3_endpoint
 from handler.bucket_jobs import BucketJobs
 from handler.config import Settings
-from handler.errors import PairError
+from handler.disposition import Disposition
 from handler.events import ObjectEvent, Parsed, parse_notification
 from handler.logs import get_logger
-from handler.s3_storage import s3_endpoint
-from watcher import metrics
-from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from watcher.bucket import (
-    RETRY_DELAYS,
-    BucketURL,
-    RetrySchedule,
-    add_endpoint_options,
-    build_jobs,
-    list_events,
-    parse_s3_url,
-    sleep_unless_stopped,
-)
-from watcher.shutdown import StopFlag, stop_on_signals
+from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
+from watcher.bucket import bucket_jobs, list_events, run_event
+from watcher.runner import ComparatorUnavailable, Runner, runner_for
+from watcher.shutdown import stop_on_signals
 
 EVENTS = ("s3:ObjectCreated:*",)
 #: A reconnection sooner than this after the previous one backs off (doubling, up to the max):
@@ -61,11 +55,9 @@ MIN_CONNECTION_GAP = 1.0
 MAX_BACKOFF = 30.0
 #: Events per queued batch when a listing is replayed after a (re)connect.
 LISTING_BATCH = 100
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("url", type=parse_s3_url, metavar="s3://BUCKET/PREFIX")
-    add_endpoint_options(parser)
+#: The notification stream is idle between events: its read timeout must outlast MinIO's
+#: keep-alive (it sends a blank line every few seconds), not one request's answer.
+STREAM_READ_TIMEOUT_S = 60.0
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -88,18 +80,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"pairwatch: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        jobs = build_jobs(settings, endpoint, region, prefix=url.prefix)
-    except PairError as exc:
-        log.error("comparator_unavailable", error_type=exc.type, error=exc.message)
-        return EXIT_FAILED
-    listener = Listener(client, jobs, url, queue_size=settings.queue_size)
-    log.info("watch_started", source="minio", endpoint=endpoint)
-    try:
+    with runner_for(settings) as runner:
+        jobs = bucket_jobs(settings, runner, endpoint, region, url.prefix)
+        listener = Listener(client, jobs, url, runner, queue_size=settings.queue_size)
+        log.info("watch_started", source="minio", endpoint=endpoint)
         with stop_on_signals() as stop:
-            listener.run(stop)
-    finally:
-        jobs.comparator.close()
+            try:
+                runner.run(stop, listener)
+            except ComparatorUnavailable:
+                return EXIT_FAILED
     log.info("watch_stopped", connections=listener.connections)
     return EXIT_OK
 
@@ -119,103 +108,126 @@ class _AwsChainCredentials(Provider):
 
 
 def minio_client(endpoint: str, region: str) -> Minio:
+    """A MinIO client with bounded connect/read timeouts and attempts (like the boto3 ones)."""
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         raise ValueError(f"endpoint {endpoint!r} must be http(s)://HOST[:PORT]")
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=STREAM_READ_TIMEOUT_S),
+        retries=urllib3.Retry(
+            total=MAX_ATTEMPTS - 1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+        ),
+    )
     return Minio(
         parts.netloc,
         credentials=_AwsChainCredentials(),
         secure=parts.scheme == "https",
         region=region,
+        http_client=http,
     )
 
 
 class Listener:
-    def __init__(self, client: Minio, jobs: BucketJobs, url: BucketURL, *, queue_size: int) -> None:
+    """MinIO's notification stream (plus a listing per (re)connect) as a source of object keys
+    (``(bucket, key)``) for a ``Runner``."""
+
+    def __init__(
+        self,
+        client: Minio,
+        jobs: BucketJobs,
+        url: BucketURL,
+        runner: Runner[tuple[str, str]],
+        *,
+        queue_size: int,
+    ) -> None:
         self.client = client
         self.jobs = jobs
         self.url = url
+        self.runner = runner
         self.inbox: queue.Queue[Parsed] = queue.Queue(maxsize=queue_size)
-        self.retries = RetrySchedule()
         self.connections = 0
+        self._waiting: deque[ObjectEvent] = deque()
         self._last_connect = 0.0
         self._backoff = 0.0
+        self._stopped = threading.Event()
         self.log = get_logger(bucket=url.bucket, prefix=url.prefix)
 
-    def run(self, stop: StopFlag) -> None:
-        reader = threading.Thread(target=self._read, args=(stop,), name="minio-listen", daemon=True)
-        reader.start()
-        while not stop.requested:
-            for parsed, attempt in self.retries.due():
-                self._handle(parsed, attempt)
-            try:
-                parsed = self.inbox.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            self._handle(parsed, 0)
+    def start(self) -> None:
+        threading.Thread(target=self._read, name="minio-listen", daemon=True).start()
 
-    def _handle(self, parsed: Parsed, attempt: int) -> None:
-        delivery = self.jobs.handle_parsed(parsed)
-        metrics.record_delivery(delivery, "minio", len(parsed.events))
-        # Retries are filed per object, so that one lone image is not a reason to handle a whole
-        # listing batch again, and a reconnect's listing replaces its pending retry.
-        for result in delivery.results:
-            if result.retry_in is not None:
-                # A lone image: look again when its partner is overdue (incomplete_pair then).
-                self._retry(result.event, result.retry_in, 0)
-        if not delivery.transient:
-            return
-        handled = {id(result.event) for result in delivery.results}
-        for event in parsed.events:
-            if id(event) in handled:
-                continue
-            if attempt < len(RETRY_DELAYS):
-                self._retry(event, RETRY_DELAYS[attempt], attempt + 1)
-            else:
-                self.log.error("retries_exhausted", key=event.key, attempts=attempt + 1)
+    def stop(self) -> None:
+        self._stopped.set()
 
-    def _retry(self, event: ObjectEvent, delay: float, attempt: int) -> None:
-        self.retries.add(Parsed(events=[event]), delay, attempt, key=(event.bucket, event.key))
+    def finished(self) -> bool:
+        return False
+
+    def next_wait(self) -> float | None:
+        return None
+
+    def pump(self) -> None:
+        """Offer what the stream delivered, while the runner's queue has room (the bounded inbox
+        then makes the stream reader wait: see the module's docstring)."""
+        while True:
+            if not self._waiting:
+                try:
+                    parsed = self.inbox.get_nowait()
+                except queue.Empty:
+                    return
+                for error in parsed.errors:
+                    self.log.error("event_malformed", error=str(error))
+                self._waiting.extend(parsed.events)
+                continue
+            event = self._waiting[0]
+            key = (event.bucket, event.key)
+            if not self.runner.offer(key, partial(self._work, event)):
+                return
+            self._waiting.popleft()
+
+    def _work(self, event: ObjectEvent, queued_ms: float) -> Disposition:
+        report = run_event(self.jobs, self.runner, event, queued_ms, "minio")
+        return report.disposition
 
     # --- the stream thread --------------------------------------------------------------------
 
-    def _read(self, stop: StopFlag) -> None:
-        while not stop.requested:
+    def _read(self) -> None:
+        while not self._stopped.is_set():
             stream = self.client.listen_bucket_notification(
                 self.url.bucket, prefix=self.url.prefix, events=EVENTS
             )
             # The SDK reconnects inside its iterator without telling anyone; wrapping its
             # connect function is the one place every (re)connection passes through.
-            stream._func = self._on_connect(stream._func, stop)
+            stream._func = self._on_connect(stream._func)
             try:
                 with stream:
                     for record in stream:
-                        self._put(parse_notification(record, raw_keys=True), stop)
+                        self._put(parse_notification(record, raw_keys=True))
+                        if self._stopped.is_set():
+                            return
             except Exception as exc:
                 # Connection refused/reset, HTTP errors (S3Error), read timeouts.
                 self.log.warning("stream_lost", error_type=type(exc).__name__, error=str(exc))
 
-    def _on_connect(self, connect: Callable[[], Any], stop: StopFlag) -> Callable[[], Any]:
+    def _on_connect(self, connect: Callable[[], Any]) -> Callable[[], Any]:
         def connected() -> Any:
-            self._pause_before_connect(stop)
+            self._pause_before_connect()
             self._last_connect = time.monotonic()
             response = connect()
             self.connections += 1
             self.log.info("stream_connected", connections=self.connections)
-            self._relist(stop)
+            self._relist()
             return response
 
         return connected
 
-    def _pause_before_connect(self, stop: StopFlag) -> None:
+    def _pause_before_connect(self) -> None:
         if time.monotonic() - self._last_connect >= MIN_CONNECTION_GAP:
             self._backoff = 0.0
             return
         self._backoff = min(max(self._backoff * 2, 0.5), MAX_BACKOFF)
         self.log.debug("reconnect_backoff", seconds=self._backoff)
-        sleep_unless_stopped(stop, self._backoff)
+        self._stopped.wait(self._backoff)
 
-    def _relist(self, stop: StopFlag) -> None:
+    def _relist(self) -> None:
         """Queue every object under the prefix: whatever the stream missed is caught up."""
         batch = Parsed()
         count = 0
@@ -224,20 +236,21 @@ class Listener:
                 batch.events.append(event)
                 count += 1
                 if len(batch.events) >= LISTING_BATCH:
-                    self._put(batch, stop)
+                    self._put(batch)
                     batch = Parsed()
         except Exception as exc:
             self.log.error("list_failed", error_type=type(exc).__name__, error=str(exc))
         if batch.events:
-            self._put(batch, stop)
+            self._put(batch)
         self.log.info("prefix_listed", objects=count)
 
-    def _put(self, parsed: Parsed, stop: StopFlag) -> None:
+    def _put(self, parsed: Parsed) -> None:
         if not parsed.events and not parsed.errors:
             return
-        while not stop.requested:
+        while not self._stopped.is_set():
             try:
                 self.inbox.put(parsed, timeout=0.5)
+                self.runner.wake()
                 return
             except queue.Full:
                 continue

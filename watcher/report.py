@@ -44,24 +44,6 @@ DEFAULT_OUTPUT = "report.html"
 KINDS = ("similar", "different", "error", "timeout", "unreadable")
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", type=Path, metavar="DIR", help="folder to search for results")
-    parser.add_argument(
-        "--output",
-        "-o",
-        type=Path,
-        help=f"HTML file to write (default: DIR/{DEFAULT_OUTPUT})",
-    )
-    parser.add_argument(
-        "--thumb-size",
-        type=int,
-        default=DEFAULT_EDGE,
-        metavar="PX",
-        help=f"edge of the embedded A/B previews in pixels, 0 for none (default {DEFAULT_EDGE})",
-    )
-    parser.add_argument("--title", help="page title (default: the folder's name)")
-
-
 def run(args: argparse.Namespace, settings: Settings) -> int:
     root: Path = args.dir
     if not root.is_dir():

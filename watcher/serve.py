@@ -9,8 +9,7 @@ import uvicorn
 
 from handler.config import Settings
 from handler.logs import get_logger
-from watcher.args import EXIT_FAILED, EXIT_OK, port_number
-from watcher.bucket import add_endpoint_options
+from watcher.args import EXIT_FAILED, EXIT_OK
 from watcher.serve_app import create_app
 
 #: Seconds past ``processing_timeout`` that a SIGTERM waits for in-flight requests.
@@ -31,12 +30,6 @@ class _Server(uvicorn.Server):
         if self.should_exit:
             self.force_exit = True
         self.should_exit = True
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="address to listen on (serve_host; default 127.0.0.1)")
-    parser.add_argument("--port", type=port_number, help="TCP port (serve_port; default 8080)")
-    add_endpoint_options(parser)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

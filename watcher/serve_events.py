@@ -14,8 +14,10 @@ from the configured S3 endpoint and write the results back. The answer waits for
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -23,14 +25,16 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
+from handler.aws_clients import s3_client
 from handler.bucket_jobs import BucketJobs, Delivery
 from handler.compare import Comparator
 from handler.config import Settings
-from handler.events import Parsed, parse_body
+from handler.disposition import backoff, retry
+from handler.events import ObjectEvent, Parsed, parse_body
 from handler.logs import get_logger
-from handler.s3_storage import normalise_prefix, s3_client
+from handler.pairs import normalise_prefix
 from watcher import metrics
-from watcher.bucket import RETRY_DELAYS, RetrySchedule
+from watcher.rechecks import Rechecks
 from watcher.serve_admission import Admission, Busy
 from watcher.serve_responses import error_response
 
@@ -54,7 +58,9 @@ class EventsEndpoint:
     jobs: BucketJobs
     admission: Admission
     limiter: anyio.CapacityLimiter
-    rechecks: RetrySchedule
+    #: Lone images to look at again when their partner is due, keyed by (bucket, key).
+    rechecks: Rechecks[tuple[str, str]] = field(default_factory=Rechecks)
+    waiting: dict[tuple[str, str], ObjectEvent] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -74,7 +80,7 @@ class EventsEndpoint:
             prefix=normalise_prefix(settings.input_prefix),
         )
         token = settings.events_token.get_secret_value().encode()
-        return cls(token, jobs, admission, limiter, RetrySchedule())
+        return cls(token, jobs, admission, limiter)
 
     def authorized(self, header: str | None) -> bool:
         """``Bearer <token>``, compared in constant time (no early exit on the first byte)."""
@@ -117,12 +123,13 @@ class EventsEndpoint:
             return error_response(
                 429, "busy", "too many pairs in flight", **{"Retry-After": str(exc.retry_after)}
             )
-        if delivery.transient:
+        fate = delivery.disposition
+        if fate.is_retry and fate.at is None:
             return error_response(
                 503,
                 "retry",
                 "some records could not be handled yet; deliver again",
-                **{"Retry-After": str(int(RETRY_DELAYS[0]))},
+                **{"Retry-After": str(int(backoff(1)))},
             )
         return JSONResponse(_summary(delivery, parsed))
 
@@ -131,26 +138,32 @@ class EventsEndpoint:
         filed for a look when their partner is due."""
         async with self.admission.admit() as ticket, ticket.compare():
             delivery: Delivery = await anyio.to_thread.run_sync(
-                self.jobs.handle_parsed, parsed, limiter=self.limiter
+                partial(self.jobs.handle_parsed, parsed, now=time.time()), limiter=self.limiter
             )
-        metrics.record_delivery(delivery, WEBHOOK_SOURCE, len(parsed.events))
-        for result in delivery.results:
-            if result.retry_in is not None:
-                event = result.event
-                self.rechecks.add(
-                    Parsed(events=[event]), result.retry_in, key=(event.bucket, event.key)
-                )
+        metrics.record_delivery(delivery, WEBHOOK_SOURCE)
+        for handled in delivery.events:
+            key = (handled.event.bucket, handled.event.key)
+            if handled.disposition.is_retry and handled.disposition.at is not None:
+                self.waiting[key] = handled.event
+                self.rechecks.schedule(key, handled.disposition)
+            elif not handled.disposition.is_retry:
+                self.rechecks.clear(key)
+                self.waiting.pop(key, None)
         return delivery
 
     async def recheck_loop(self) -> None:
         """Look again at lone images whose partner is due (``incomplete_pair`` otherwise)."""
         while True:
             await anyio.sleep(RECHECK_PERIOD)
-            for parsed, attempt in self.rechecks.due():
+            for key in self.rechecks.due():
+                event = self.waiting.pop(key, None)
+                if event is None:
+                    continue
                 try:
-                    await self.deliver(parsed)
+                    await self.deliver(Parsed(events=[event]))
                 except Busy:
-                    self.rechecks.add(parsed, RETRY_DELAYS[0], attempt + 1)
+                    self.waiting[key] = event
+                    self.rechecks.schedule(key, retry("busy", at=time.time() + backoff(1)))
 
 
 async def _read_capped(stream: AsyncIterator[bytes], limit: int) -> bytes:
@@ -163,12 +176,13 @@ async def _read_capped(stream: AsyncIterator[bytes], limit: int) -> bytes:
 
 
 def _summary(delivery: Delivery, parsed: Parsed) -> dict[str, Any]:
+    handled = [r for r in delivery.events if not r.disposition.is_reject]
     return {
         "events": len(parsed.events),
         "malformed": len(parsed.errors),
-        "refused": len(parsed.events) - len(delivery.results),
+        "refused": len(parsed.events) - len(handled),
         "outcomes": [
-            {"bucket": r.event.bucket, "key": r.event.key, "outcome": r.outcome}
-            for r in delivery.results
+            {"bucket": r.event.bucket, "key": r.event.key, "outcome": metrics.event_outcome(r)}
+            for r in handled
         ],
     }

@@ -1,13 +1,18 @@
 """Work an SQS queue of S3 notifications: results are written back to the bucket.
 
 ``pairwatch watch sqs QUEUE_URL`` long-polls the queue (S3 -> SQS, S3 -> SNS -> SQS with or
-without raw delivery, EventBridge -> SQS) and handles one message at a time. A message is deleted
-only once everything it names is done: result written, already up to date, or nothing to do
-(a test event, a delete, a non-image key, the first image of a pair). A failed message is left
-alone, so SQS redelivers it after the queue's visibility timeout and, after its
-``maxReceiveCount``, moves it to the dead-letter queue. While a pair runs, the message's
-visibility is extended every half visibility timeout, so a slow pair is not handed to another
-worker meanwhile.
+without raw delivery, EventBridge -> SQS). ``SqsSource`` is a small adapter for the runner:
+
+* it receives only once the comparator is ready and only as many messages as the runner can
+  start (up to ``min(10, free slots)``), so a worker still loading its model holds none;
+* the long poll runs on a thread of its own: SIGTERM is answered within a fraction of a second
+  even mid-poll (messages a poll returns after the stop are made visible again at once);
+* every message in hand is kept invisible by one heartbeat (a batch ``ChangeMessageVisibility``
+  every half visibility timeout) and settled on its own by its ``Disposition``: done -> deleted;
+  retry -> made visible again when due (a lone image: when its partner is due, at most SQS's 12
+  hours; a failure of the moment: the back-off for its ``ApproximateReceiveCount``), so the
+  queue's ``maxReceiveCount`` and dead-letter queue decide the end; reject -> left alone (it
+  returns after the visibility timeout and ends in the dead-letter queue).
 """
 
 from __future__ import annotations
@@ -16,56 +21,43 @@ import argparse
 import re
 import sys
 import threading
-from typing import TYPE_CHECKING
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from handler.aws_clients import sqs_client
 from handler.bucket_jobs import BucketJobs
 from handler.config import Settings
+from handler.disposition import SQS_MAX_VISIBILITY_S, Disposition, retry_delay
 from handler.errors import PairError
 from handler.events import QueueMessage, sqs_messages
 from handler.logs import get_logger
-from handler.s3_storage import normalise_prefix
+from handler.pairs import normalise_prefix
 from watcher import metrics
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from watcher.bucket import add_endpoint_options, build_jobs, sleep_unless_stopped
-from watcher.shutdown import StopFlag, stop_on_signals
+from watcher.bucket import bucket_jobs
+from watcher.runner import ComparatorUnavailable, Runner, runner_for
+from watcher.shutdown import stop_on_signals
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
 #: Seconds between two ReceiveMessage rounds that failed (credentials, network, a deleted queue).
 RECEIVE_RETRY_PAUSE = 5.0
+#: The longest a stop waits to hand back messages it received but never started.
+RELEASE_WAIT_S = 1.0
+#: SQS hands out at most this many messages per ReceiveMessage.
+MAX_RECEIVE = 10
 _REGION_IN_URL = re.compile(r"^https://sqs[.-]([a-z0-9-]+)\.amazonaws\.com(\.cn)?/")
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("queue_url", metavar="QUEUE_URL", help="the SQS queue's URL")
-    add_endpoint_options(parser)
-    parser.add_argument(
-        "--exit-when-idle",
-        action="store_true",
-        help="exit (status 0) as soon as one long poll comes back empty: for batch runs, "
-        "cron jobs and tests",
-    )
-    parser.add_argument(
-        "--input-prefix",
-        metavar="PREFIX",
-        help="only keys under PREFIX are pairs, and manifests cannot reach outside it "
-        "(default: PAIRWATCH_INPUT_PREFIX, else the whole bucket)",
-    )
-
-
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    log = get_logger(queue=args.queue_url)
     region = args.region or _region_from_url(args.queue_url)
-    # Checked before the comparator is built: loading a model first would waste minutes, and a
-    # bad prefix is a usage error, not an unavailable comparator.
-    raw_prefix = args.input_prefix if args.input_prefix is not None else settings.input_prefix
+    # Checked before the comparator is built: loading a model first would waste minutes.
     try:
-        prefix = normalise_prefix(raw_prefix)
+        prefix = normalise_prefix(settings.input_prefix)
     except PairError as exc:
         print(
             f"pairwatch: bad input prefix (--input-prefix or PAIRWATCH_INPUT_PREFIX): "
@@ -73,32 +65,26 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    try:
-        jobs = build_jobs(settings, args.endpoint_url, region, prefix=prefix)
-    except PairError as exc:
-        log.error("comparator_unavailable", error_type=exc.type, error=exc.message)
-        return EXIT_FAILED
-    sqs: SQSClient = boto3.client(
-        "sqs",
-        endpoint_url=args.endpoint_url,
-        region_name=region,
-        config=Config(retries={"mode": "standard", "max_attempts": 5}),
-    )
-    try:
-        visibility = _visibility_timeout(sqs, args.queue_url)
-    except (BotoCoreError, ClientError) as exc:
-        log.error("queue_unavailable", error=str(exc))
-        jobs.comparator.close()
-        return EXIT_FAILED
-    log.info("watch_started", source="sqs", visibility_timeout=visibility)
-    worker = _Worker(sqs, args.queue_url, jobs, visibility, settings.sqs_wait_seconds)
-    try:
+    sqs = sqs_client(args.endpoint_url, region, wait_seconds=settings.sqs_wait_seconds)
+    log = get_logger(queue=args.queue_url)
+    with runner_for(settings) as runner:
+        jobs = bucket_jobs(settings, runner, args.endpoint_url, region, prefix)
+        source = SqsSource(
+            sqs,
+            args.queue_url,
+            jobs,
+            runner,
+            wait_seconds=settings.sqs_wait_seconds,
+            exit_when_idle=args.exit_when_idle,
+        )
+        log.info("watch_started", source="sqs", concurrency=runner.concurrency)
         with stop_on_signals() as stop:
-            worker.run(stop, exit_when_idle=args.exit_when_idle)
-    finally:
-        jobs.comparator.close()
-    log.info("watch_stopped", handled=worker.handled, deleted=worker.deleted)
-    return EXIT_OK
+            try:
+                runner.run(stop, source)
+            except ComparatorUnavailable:
+                return EXIT_FAILED
+    log.info("watch_stopped", handled=source.handled, deleted=source.deleted)
+    return EXIT_FAILED if source.unavailable else EXIT_OK
 
 
 def _region_from_url(url: str) -> str | None:
@@ -107,76 +93,169 @@ def _region_from_url(url: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _visibility_timeout(sqs: SQSClient, queue_url: str) -> int:
-    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["VisibilityTimeout"])
-    return int(attributes.get("Attributes", {}).get("VisibilityTimeout", 30))
+class SqsSource:
+    """An SQS queue as a source of messages (keyed by message id) for a ``Runner``."""
 
-
-class _Worker:
     def __init__(
         self,
         sqs: SQSClient,
         queue_url: str,
         jobs: BucketJobs,
-        visibility: int,
+        runner: Runner[str],
+        *,
         wait_seconds: int,
+        exit_when_idle: bool = False,
     ) -> None:
         self.sqs = sqs
         self.queue_url = queue_url
         self.jobs = jobs
-        self.visibility = visibility
+        self.runner = runner
         self.wait_seconds = wait_seconds
+        self.exit_when_idle = exit_when_idle
+        self.visibility: int | None = None
         self.handled = 0
         self.deleted = 0
+        self._inbox: list[QueueMessage] = []
+        self._in_hand: dict[str, QueueMessage] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._idle = False
+        #: The queue could not be found or reached at start (the run then fails).
+        self.unavailable = False
         self.log = get_logger(queue=queue_url)
 
-    def run(self, stop: StopFlag, *, exit_when_idle: bool) -> None:
-        while not stop.requested:
+    # -- what the runner calls (main thread) --------------------------------------------------
+
+    def start(self) -> None:
+        threading.Thread(target=self._receive_loop, name="sqs-receive", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name="sqs-heartbeat", daemon=True).start()
+
+    def pump(self) -> None:
+        with self._lock:
+            arrived, self._inbox = self._inbox, []
+        for message in arrived:
+            self.runner.offer(
+                message.message_id,
+                partial(self._work, message),
+                on_done=partial(self._settle, message),
+                recheck=False,
+            )
+
+    def finished(self) -> bool:
+        with self._lock:
+            if self.unavailable:
+                return True
+            return self.exit_when_idle and self._idle and not self._inbox and not self._in_hand
+
+    def next_wait(self) -> float | None:
+        return None
+
+    def stop(self) -> None:
+        """Called once nothing is in flight: messages still in hand were received but never
+        started (a stop came first): make them visible to other workers at once, waiting at
+        most ``RELEASE_WAIT_S`` for the call so that a hung endpoint cannot delay the exit."""
+        self._stopped.set()
+        with self._lock:
+            left, self._in_hand = list(self._in_hand.values()), {}
+        if left:
+            release = threading.Thread(
+                target=self._change_visibility, args=(left, 0), name="sqs-release", daemon=True
+            )
+            release.start()
+            release.join(RELEASE_WAIT_S)
+
+    # -- receiving (its own thread) -----------------------------------------------------------
+
+    def _receive_loop(self) -> None:
+        try:
+            self.visibility = self._visibility_timeout()
+        except (BotoCoreError, ClientError) as exc:
+            # A wrong URL, missing permissions or no network (after the client's bounded
+            # attempts): a configuration to fix, not something to wait out.
+            self.log.error("queue_unavailable", error_type=type(exc).__name__, error=str(exc))
+            with self._lock:
+                self.unavailable = True
+            self.runner.wake()
+            return
+        while not self._stopped.is_set():
+            room = min(MAX_RECEIVE, self.runner.free_slots())
+            if room <= 0:
+                self._stopped.wait(0.05)  # not ready yet, or every slot taken
+                continue
             try:
                 response = self.sqs.receive_message(
                     QueueUrl=self.queue_url,
-                    MaxNumberOfMessages=1,
+                    MaxNumberOfMessages=room,
                     WaitTimeSeconds=self.wait_seconds,
                     MessageSystemAttributeNames=["ApproximateReceiveCount"],
                 )
             except (BotoCoreError, ClientError) as exc:
-                # botocore already retried with backoff; pause before the next round anyway.
-                self.log.error("receive_failed", error=str(exc))
-                sleep_unless_stopped(stop, RECEIVE_RETRY_PAUSE)
+                self.log.error("receive_failed", error_type=type(exc).__name__, error=str(exc))
+                self._stopped.wait(RECEIVE_RETRY_PAUSE)
                 continue
-            messages = response.get("Messages", [])
-            if not messages:
-                if exit_when_idle:
-                    self.log.info("queue_idle")
-                    return
-                continue
-            receive_counts = [m.get("Attributes", {}) for m in messages]
-            for message, attributes in zip(
-                sqs_messages(list(messages)), receive_counts, strict=True
-            ):
-                self._handle(message, attributes.get("ApproximateReceiveCount"))
+            self._arrived(sqs_messages(list(response.get("Messages", []))))
 
-    def _handle(self, message: QueueMessage, receive_count: str | None) -> None:
-        log = self.log.bind(message_id=message.message_id)
-        log.debug("message_received", receive_count=receive_count)
-        done = threading.Event()
-        heartbeat = threading.Thread(target=self._keep_invisible, args=(message, done), daemon=True)
-        heartbeat.start()
-        try:
-            parsed = message.parse()
-            delivery = self.jobs.handle_parsed(parsed, message_id=message.message_id)
-            metrics.record_delivery(delivery, "sqs", len(parsed.events))
-        finally:
-            done.set()
-            heartbeat.join()
-        self.handled += 1
-        if not delivery.ok:
-            log.warning(
-                "message_left_for_retry",
-                receive_count=receive_count,
-                retry_after_s=self.visibility,
-            )
+    def _visibility_timeout(self) -> int:
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=self.queue_url, AttributeNames=["VisibilityTimeout"]
+        )
+        return int(attributes.get("Attributes", {}).get("VisibilityTimeout", 30))
+
+    def _arrived(self, messages: list[QueueMessage]) -> None:
+        if self._stopped.is_set():
+            # Received by a poll that outlived the stop: hand them to another worker now.
+            self._change_visibility(messages, 0)
             return
+        if not messages and self.exit_when_idle and not self._idle:
+            self.log.info("queue_idle")
+        with self._lock:
+            self._idle = not messages
+            for message in messages:
+                self.log.debug(
+                    "message_received",
+                    message_id=message.message_id,
+                    receive_count=message.receive_count,
+                )
+                self._in_hand[message.message_id] = message
+                self._inbox.append(message)
+        self.runner.wake()
+
+    # -- one message (a runner worker thread) ---------------------------------------------------
+
+    def _work(self, message: QueueMessage, queued_ms: float) -> Disposition:
+        delivery = self.jobs.handle_parsed(
+            message.parse(),
+            now=time.time(),
+            readers=self.runner.manifests.readers,
+            queued_ms=queued_ms,
+            message_id=message.message_id,
+        )
+        for report in delivery.reports:
+            self.runner.manifests.learn(report)
+        metrics.record_delivery(delivery, "sqs")
+        return delivery.disposition
+
+    def _settle(self, message: QueueMessage, fate: Disposition) -> None:
+        log = self.log.bind(message_id=message.message_id)
+        with self._lock:
+            self._in_hand.pop(message.message_id, None)
+            self.handled += 1
+        if fate.is_done:
+            self._delete(message, log)
+        elif fate.is_retry:
+            delay = retry_delay(fate, time.time(), message.receive_count or 1)
+            delay = min(int(delay + 0.999), SQS_MAX_VISIBILITY_S)
+            log.info(
+                "message_left_for_retry",
+                receive_count=message.receive_count,
+                retry_after_s=delay,
+                reason=fate.reason,
+            )
+            self._change_visibility([message], delay)
+        else:
+            log.error("message_rejected", receive_count=message.receive_count, reason=fate.reason)
+
+    def _delete(self, message: QueueMessage, log: Any) -> None:
         try:
             self.sqs.delete_message(
                 QueueUrl=self.queue_url, ReceiptHandle=str(message.receipt_handle)
@@ -185,21 +264,41 @@ class _Worker:
             # The result is written; a redelivery finds it up to date and deletes then.
             log.warning("delete_failed", error=str(exc))
             return
-        self.deleted += 1
+        with self._lock:
+            self.deleted += 1
         log.debug("message_deleted")
 
-    def _keep_invisible(self, message: QueueMessage, done: threading.Event) -> None:
-        """Extend the message's visibility every half timeout until ``done``."""
-        interval = max(self.visibility / 2, 0.5)
-        while not done.wait(interval):
+    # -- visibility -------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        """Keep every message in hand invisible: one batch call per 10 every half timeout."""
+        while not self._stopped.wait(max((self.visibility or 1) / 2, 0.5)):
+            with self._lock:
+                in_hand = list(self._in_hand.values())
+            if in_hand and self.visibility:
+                self._change_visibility(in_hand, self.visibility)
+
+    def _change_visibility(self, messages: list[QueueMessage], seconds: int) -> None:
+        for start in range(0, len(messages), MAX_RECEIVE):
+            batch = messages[start : start + MAX_RECEIVE]
+            entries: Any = [
+                {
+                    "Id": str(index),
+                    "ReceiptHandle": str(message.receipt_handle),
+                    "VisibilityTimeout": seconds,
+                }
+                for index, message in enumerate(batch)
+            ]
             try:
-                self.sqs.change_message_visibility(
-                    QueueUrl=self.queue_url,
-                    ReceiptHandle=str(message.receipt_handle),
-                    VisibilityTimeout=self.visibility,
+                response = self.sqs.change_message_visibility_batch(
+                    QueueUrl=self.queue_url, Entries=entries
                 )
-                self.log.debug("visibility_extended", message_id=message.message_id)
             except (BotoCoreError, ClientError) as exc:
+                self.log.warning("visibility_change_failed", messages=len(batch), error=str(exc))
+                continue
+            for failed in response.get("Failed", []):
                 self.log.warning(
-                    "visibility_extend_failed", message_id=message.message_id, error=str(exc)
+                    "visibility_change_failed",
+                    message_id=batch[int(failed["Id"])].message_id,
+                    error=failed.get("Message", failed.get("Code")),
                 )

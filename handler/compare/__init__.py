@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from handler.compare.base import Comparator, Outcome
+from handler.compare.base import Comparator, Verdict
 from handler.config import Settings
 
 __all__ = [
     "Comparator",
-    "Outcome",
+    "Verdict",
     "create_comparator",
     "resolve_comparator_name",
     "resolve_concurrency",

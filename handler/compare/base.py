@@ -1,5 +1,5 @@
 """The comparator seam: two prepared images + a ComparisonConfig (+ the native-resolution
-detection, when the pipeline ran it) in, one typed Outcome out."""
+detection, when the pipeline ran it) in, one typed Verdict out."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from handler.result import ComparatorInfo, Difference, Region, VLDetails
 
 
 @dataclass
-class Outcome:
+class Verdict:
     """What a comparator concluded. Failures are raised as ``handler.errors.PairError``."""
 
     similarity: float
@@ -26,10 +26,18 @@ class Outcome:
 
 
 class Comparator(Protocol):
-    """Loaded once per process and reused for every pair; ``close`` frees models/workers."""
+    """Loaded once per process and reused for every pair; ``close`` frees models/workers.
+
+    ``compare`` may be called from several threads at once (the runner keeps ``concurrency``
+    pairs in flight). ``wait_ready`` blocks until pairs can be taken (a model loaded) and raises
+    ``handler.errors.ModelUnavailable`` when they never can: a queue consumer calls it before it
+    receives work, so that it holds no message while its model loads.
+    """
 
     @property
     def info(self) -> ComparatorInfo: ...
+
+    def wait_ready(self) -> None: ...
 
     def compare(
         self,
@@ -38,6 +46,6 @@ class Comparator(Protocol):
         config: ComparisonConfig,
         *,
         detection: Detection | None = None,
-    ) -> Outcome: ...
+    ) -> Verdict: ...
 
     def close(self) -> None: ...

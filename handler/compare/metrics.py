@@ -28,7 +28,7 @@ from scipy import ndimage
 from skimage.color import rgb2lab
 from skimage.metrics import structural_similarity
 
-from handler.compare.base import Outcome
+from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
 from handler.detect import Detection
 from handler.images import PreparedImage
@@ -66,6 +66,9 @@ class MetricsComparator:
     def close(self) -> None:
         """Nothing to free: no model, no worker."""
 
+    def wait_ready(self) -> None:
+        """Always ready: nothing to load."""
+
     def compare(
         self,
         a: PreparedImage,
@@ -73,7 +76,7 @@ class MetricsComparator:
         config: ComparisonConfig,
         *,
         detection: Detection | None = None,
-    ) -> Outcome:
+    ) -> Verdict:
         work_a, work_b = _common_size(a.image, b.image)
         grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
         rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
@@ -108,7 +111,7 @@ class MetricsComparator:
         if detection is not None and detection.identical:
             similarity = 1.0
         is_similar = similarity >= config.similarity_threshold and not regions
-        return Outcome(
+        return Verdict(
             similarity=similarity,
             is_similar=is_similar,
             summary=_summary(similarity, is_similar, regions, detection),

@@ -39,8 +39,9 @@ from PIL import Image
 
 from handler.compare import create_comparator
 from handler.config import Settings
-from handler.jobs import PairSpec, run_pair_job
+from handler.jobs import run_pair_job
 from handler.logs import configure_logging
+from handler.pairs import PairSpec
 from handler.storage import LocalStorage
 from tests.support import scenes
 
@@ -92,8 +93,9 @@ def bench_direct(root: Path, pairs: list[tuple[bytes, bytes]], settings: Setting
     storage = LocalStorage(root)
     start = time.perf_counter()
     for i in range(len(pairs)):
-        report = run_pair_job(storage, PairSpec("folder", f"p{i:04d}"), settings, comparator)
-        assert report.outcome == "written", report
+        spec = PairSpec("folder", f"p{i:04d}")
+        report = run_pair_job(storage, spec, settings, comparator, now=time.time())
+        assert report.action == "written", report
     elapsed = time.perf_counter() - start
     comparator.close()
     return len(pairs) / elapsed

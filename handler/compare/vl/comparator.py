@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from handler.compare.base import Outcome
+from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.compare.vl.prompt import AnswerInvalid, build_prompt, parse_answer
 from handler.compare.vl.protocol import (
@@ -104,12 +104,12 @@ class VLComparator:
         config: ComparisonConfig,
         *,
         detection: Detection | None = None,
-    ) -> Outcome:
+    ) -> Verdict:
         metrics = self._metrics.compare(a, b, config, detection=detection)
         skip_reason = _skip_reason(a, b, metrics.metrics)
         if skip_reason is not None:
             similarity = 1.0 if skip_reason == PIXEL_IDENTICAL else metrics.similarity
-            return Outcome(
+            return Verdict(
                 similarity=similarity,
                 is_similar=similarity >= config.similarity_threshold,
                 summary=f"The images are {skip_reason}; the VL model was not run.",
@@ -132,6 +132,11 @@ class VLComparator:
             exc.details.setdefault("metrics", metrics.metrics)
             raise
         return self._outcome(reply, metrics, config)
+
+    def wait_ready(self) -> None:
+        """Block until the worker has loaded the model (``ModelUnavailable`` if it cannot)."""
+        with self._lock:
+            self._ready_worker()
 
     def close(self) -> None:
         """Stop the worker (politely, then by force) and free its memory."""
@@ -223,7 +228,7 @@ class VLComparator:
 
     # -- answers -----------------------------------------------------------------------------
 
-    def _outcome(self, reply: Reply, metrics: Outcome, config: ComparisonConfig) -> Outcome:
+    def _outcome(self, reply: Reply, metrics: Verdict, config: ComparisonConfig) -> Verdict:
         details = _details(reply)
         self._log.info(
             "vl_generated",
@@ -252,7 +257,7 @@ class VLComparator:
             answer = parse_answer(reply.text)
         except AnswerInvalid as exc:
             raise ModelOutputInvalid(str(exc), details=context) from None
-        return Outcome(
+        return Verdict(
             similarity=answer.similarity,
             is_similar=answer.similarity >= config.similarity_threshold,
             summary=answer.summary,
