@@ -36,6 +36,17 @@ DEFAULT_SIMILARITY_THRESHOLD = 0.93
 DEFAULT_MAX_INPUT_PIXELS = 200_000_000
 
 
+class IgnoreRegion(BaseModel):
+    """A box in image A's native (EXIF-oriented) pixels that detection and metrics leave out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+
 class ComparisonConfig(BaseModel):
     """How one pair is compared. Overridable per pair (manifest ``config``) and per deployment."""
 
@@ -64,6 +75,12 @@ class ComparisonConfig(BaseModel):
     )
     processing_timeout: float = Field(
         120.0, gt=0, le=3600, description="Seconds one pair's comparison may take."
+    )
+    ignore_regions: list[IgnoreRegion] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Boxes {x, y, width, height} in image A's native pixels to leave out of "
+        "detection and metrics (masked in what the VL model sees).",
     )
 
     @field_validator("max_image_size")
@@ -115,6 +132,12 @@ class Settings(BaseSettings):
     output_prefix: str | None = Field(None, description="S3: write results under this prefix.")
     output_bucket: str | None = Field(None, description="S3: write results to this bucket.")
     comparison: ComparisonConfig = Field(default_factory=lambda: ComparisonConfig())
+    cache_mb: int = Field(
+        64,
+        ge=0,
+        description="Memory for prepared images kept per process (keyed by sha256 and the "
+        "preparation settings); 0 disables the cache.",
+    )
     vl_max_new_tokens: int = Field(
         512, gt=0, le=8192, description="VL: most tokens the model may answer with per pair."
     )

@@ -1,10 +1,13 @@
-"""Diff image: A and B side by side, the changed regions boxed on both, a legend underneath.
+"""Diff image: A and B side by side, the changed regions boxed on both, native-resolution crops
+of the largest regions (A | B) under them, a legend at the bottom.
 
-People judge a comparison faster by looking than by reading JSON. The picture is drawn from the
+People judge a comparison faster by looking than by reading JSON. The overview is drawn from the
 already-prepared (downsized) images, so it costs a resize and a PNG encode, never a second decode
 of the inputs, and its size is bounded by what the comparator saw: the longest edge is at most
 the prepared images' longest edge (or ``MIN_WIDTH``, so that a tiny pair still gets a legible
-legend).
+legend). A one-word change is invisible in an overview, hence the crops: at most
+``handler.detect.MAX_CROPS`` pairs of at most ``CROP_SIDE`` pixels, so the PNG stays bounded.
+Ignored boxes are hatched.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from functools import cache
 
 from PIL import Image, ImageDraw, ImageFont
 
+from handler.config import IgnoreRegion
+from handler.detect import RegionCrop
 from handler.images import PreparedImage
 from handler.result import ComparisonResult, Region
 
@@ -26,11 +31,22 @@ TEXT_COLOR = (20, 20, 20)
 SIMILAR_COLOR = (34, 139, 34)
 DIFFERENT_COLOR = (230, 120, 0)
 FAILED_COLOR = (150, 0, 90)
+#: Hatching over ignored boxes.
+HATCH_COLOR = (70, 70, 200)
 MIN_WIDTH = 256
 _GAP = 6
 _PAD = 6
 #: Drawing colours get fixed palette slots after the photo colours (see ``_to_palette``).
-_INKS = (BOX_COLOR, BACKGROUND, TEXT_COLOR, SIMILAR_COLOR, DIFFERENT_COLOR, FAILED_COLOR)
+_INKS = (
+    BOX_COLOR,
+    BACKGROUND,
+    TEXT_COLOR,
+    SIMILAR_COLOR,
+    DIFFERENT_COLOR,
+    FAILED_COLOR,
+    HATCH_COLOR,
+)
+_HATCH_STEP = 6
 _PHOTO_COLORS = 256 - len(_INKS)
 _INK = {color: _PHOTO_COLORS + index for index, color in enumerate(_INKS)}
 
@@ -51,8 +67,14 @@ class _Layout:
     b: _Panel
 
 
-def render_diff(a: PreparedImage, b: PreparedImage, result: ComparisonResult) -> bytes:
-    """A PNG of A | B (or A over B for wide images) with ``result.changed_regions`` boxed.
+def render_diff(
+    a: PreparedImage,
+    b: PreparedImage,
+    result: ComparisonResult,
+    crops: list[RegionCrop] | tuple[RegionCrop, ...] = (),
+) -> bytes:
+    """A PNG of A | B (or A over B for wide images) with ``result.changed_regions`` boxed,
+    ``crops`` (A | B per row) under the overview, and the legend.
 
     Regions are in A's original pixel coordinates; they are mapped proportionally onto both
     panels (B is shown at its own aspect ratio, so for a B of another shape the box on B marks
@@ -62,26 +84,69 @@ def render_diff(a: PreparedImage, b: PreparedImage, result: ComparisonResult) ->
     font_size = max(11, min(16, bound // 64))
     font = _font(font_size)
     line_height = font_size + 4
+    rows = [(crop.a, crop.b) for crop in crops]
+    crops_width = max((_GAP + left.width + right.width for left, right in rows), default=0)
+    crops_height = sum(_GAP + max(left.height, right.height) for left, right in rows)
+    verdict = _verdict(result)[1]
     legend_height = 2 * line_height + 2 * _PAD
-    layout = _layout(a.size, b.size, bound, legend_height)
-    photos = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
+    for _ in range(2):  # a narrower layout may need one more legend line: fit it once more
+        overview = _layout(a.size, b.size, bound, legend_height)
+        width = max(overview.width, crops_width)
+        verdict_lines = _wrap(verdict, font, width - 3 * _PAD - line_height)
+        needed = (len(verdict_lines) + 1) * line_height + 2 * _PAD
+        if needed == legend_height:
+            break
+        legend_height = needed
+    height = overview.height + crops_height
+    shift = (width - overview.width) // 2
+    layout = _Layout(width, height, _moved(overview.a, shift), _moved(overview.b, shift))
+    photos = Image.new("RGB", (width, height), BACKGROUND)
     for image, panel in ((a, layout.a), (b, layout.b)):
         photos.paste(_fit(image.image, panel), (panel.x, panel.y))
+    top = overview.height - legend_height
+    for left, right in rows:
+        top += _GAP
+        x = (width - left.width - _GAP - right.width) // 2
+        photos.paste(left, (x, top))
+        photos.paste(right, (x + left.width + _GAP, top))
+        top += max(left.height, right.height)
     canvas = _to_palette(photos)
     draw = ImageDraw.Draw(canvas)
     draw.fontmode = "1"  # anti-aliasing would blend palette indices, not colours
-    draw.rectangle(
-        (0, layout.height - legend_height, layout.width, layout.height), fill=_INK[BACKGROUND]
-    )
+    draw.rectangle((0, height - legend_height, width, height), fill=_INK[BACKGROUND])
     line = max(2, round(min(layout.a.width, layout.a.height) / 200))
-    for region in result.changed_regions:
-        for panel in (layout.a, layout.b):
-            box = _box(region, a.original_size, panel)
-            draw.rectangle(box, outline=_INK[BOX_COLOR], width=line)
-    _draw_legend(draw, result, layout, font, line_height, legend_height)
+    for panel in (layout.a, layout.b):
+        for box in result.config.ignore_regions:
+            _hatch(draw, _box(_as_region(box), a.original_size, panel))
+        for region in result.changed_regions:
+            draw.rectangle(
+                _box(region, a.original_size, panel), outline=_INK[BOX_COLOR], width=line
+            )
+    _draw_legend(draw, result, layout, font, line_height, legend_height, verdict_lines)
     out = io.BytesIO()
     canvas.save(out, "PNG", compress_level=6)
     return out.getvalue()
+
+
+def _moved(panel: _Panel, shift: int) -> _Panel:
+    return _Panel(panel.x + shift, panel.y, panel.width, panel.height)
+
+
+def _as_region(box: IgnoreRegion) -> Region:
+    return Region(x=box.x, y=box.y, width=box.width, height=box.height)
+
+
+def _hatch(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int]) -> None:
+    """Diagonal lines across ``box``, clipped to it, and its outline."""
+    x0, y0, x1, y1 = box
+    width, height = x1 - x0, y1 - y0
+    for k in range(-height, width + 1, _HATCH_STEP):
+        start, stop = max(0, -k), min(height, width - k)
+        if start <= stop:
+            draw.line(
+                (x0 + k + start, y0 + start, x0 + k + stop, y0 + stop), fill=_INK[HATCH_COLOR]
+            )
+    draw.rectangle(box, outline=_INK[HATCH_COLOR])
 
 
 def _to_palette(photos: Image.Image) -> Image.Image:
@@ -101,7 +166,8 @@ def _to_palette(photos: Image.Image) -> Image.Image:
 def _layout(
     size_a: tuple[int, int], size_b: tuple[int, int], bound: int, legend_height: int
 ) -> _Layout:
-    """Side by side (same height) or stacked (same width), whichever shows the images larger."""
+    """Side by side (same height) or stacked (same width), whichever shows the images larger,
+    with ``legend_height`` kept free under the panels within ``bound``."""
     ratio_a, ratio_b = size_a[0] / size_a[1], size_b[0] / size_b[1]
     room = max(bound - legend_height - _GAP, 8)
     # Side by side: height h, widths h*ratio; total width h*(ra+rb)+gap <= bound, h <= room.
@@ -154,17 +220,33 @@ def _draw_legend(
     font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
     line_height: int,
     legend_height: int,
+    verdict_lines: list[str],
 ) -> None:
+    """The verdict wraps onto as many lines as it needs; the names line is clipped."""
     top = layout.height - legend_height + _PAD
     swatch = line_height - 4
-    color, verdict = _verdict(result)
+    color, _ = _verdict(result)
     draw.rectangle((_PAD, top + 2, _PAD + swatch, top + 2 + swatch), fill=_INK[color])
     room = layout.width - 2 * _PAD
     text_x = _PAD + swatch + _PAD
     ink = _INK[TEXT_COLOR]
-    draw.text((text_x, top), _clip(verdict, font, room - swatch - _PAD), fill=ink, font=font)
+    for number, text in enumerate(verdict_lines):
+        draw.text((text_x, top + number * line_height), text, fill=ink, font=font)
     names = f"A: {_name(result, 0)}   B: {_name(result, 1)}"
-    draw.text((_PAD, top + line_height), _clip(names, font, room), fill=ink, font=font)
+    names_top = top + len(verdict_lines) * line_height
+    draw.text((_PAD, names_top), _clip(names, font, room), fill=ink, font=font)
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, room: int) -> list[str]:
+    """Greedy word wrap to ``room`` pixels (a word longer than a line is clipped)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(candidate) <= room:
+            lines[-1] = candidate
+        else:
+            lines.append(_clip(word, font, room))
+    return lines or [""]
 
 
 def _verdict(result: ComparisonResult) -> tuple[tuple[int, int, int], str]:

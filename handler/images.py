@@ -8,20 +8,24 @@ mode conversion happens after the shrink, on the small image.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+import pillow_heif
+from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
 
 from handler.config import DEFAULT_MAX_INPUT_PIXELS
 from handler.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
+from handler.vips import open_header, pyvips, thumbnail_rgb
 
 #: Formats we decode. Restricting ``Image.open`` to them keeps exotic decoders (EPS runs
 #: Ghostscript, for one) out of reach of untrusted input.
 #: (Multi-picture MPO files from cameras open through the JPEG plugin and report "MPO".)
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+#: AVIF is Pillow's own plugin; HEIC/HEIF (phone photos) comes from pillow-heif.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 
 # The pixel budget is enforced by ``prepare`` from the header before decoding; Pillow's own global
 # guard (which warns at 89 MP and fails at 179 MP) would otherwise override the configured limit.
@@ -29,8 +33,13 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # ``Image.open(formats=...)`` looks plugins up by name but only pre-registers the common ones.
 Image.init()
+pillow_heif.register_heif_opener()
 
 _WHITE = (255, 255, 255)
+#: Above this many pixels, non-JPEG images are shrunk by libvips (see ``_shrink_streamed``).
+STREAM_PIXELS = 4_000_000
+#: The fill of ignored boxes: the same in A and B, so they compare equal.
+NEUTRAL = (128, 128, 128)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +79,17 @@ def prepare(
         check_pixels(width, height, max_pixels)
         source_format = str(img.format)
         original_mode = img.mode
-        orientation = img.getexif().get(0x0112, 1)
-        # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap.
-        turned = orientation in (5, 6, 7, 8)
-        rgb = _shrink(img, (max_size[1], max_size[0]) if turned else max_size, orientation)
-    original_size = (height, width) if turned else (width, height)
+        streamed = _shrink_streamed(data, img, max_size)
+        if streamed is not None:
+            rgb, original_size = streamed
+        else:
+            # (A PNG's getexif() decodes the whole image: only here, never on the streamed path.)
+            orientation = img.getexif().get(0x0112, 1)
+            # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap.
+            turned = orientation in (5, 6, 7, 8)
+            box = (max_size[1], max_size[0]) if turned else max_size
+            rgb = _shrink(img, box, orientation)
+            original_size = (height, width) if turned else (width, height)
     buffer = io.BytesIO()
     # optimize=True only shrinks Huffman tables (lossless) and costs a second pass: skip it.
     rgb.save(buffer, "JPEG", quality=quality)
@@ -86,6 +101,23 @@ def prepare(
         format=source_format,
         original_mode=original_mode,
     )
+
+
+def mask_boxes(
+    image: PreparedImage, boxes: list[tuple[float, float, float, float]], quality: int
+) -> PreparedImage:
+    """A copy with each box (x0, y0, x1, y1 as fractions of the image) filled with NEUTRAL."""
+    masked = image.image.copy()
+    draw = ImageDraw.Draw(masked)
+    width, height = masked.size
+    for x0, y0, x1, y1 in boxes:
+        left, top = int(x0 * width), int(y0 * height)
+        right = max(left, int(np.ceil(x1 * width)) - 1)
+        bottom = max(top, int(np.ceil(y1 * height)) - 1)
+        draw.rectangle((left, top, right, bottom), fill=NEUTRAL)
+    buffer = io.BytesIO()
+    masked.save(buffer, "JPEG", quality=quality)
+    return dataclasses.replace(image, jpeg=buffer.getvalue(), image=masked)
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -141,6 +173,26 @@ def _identify_failure(data: bytes) -> InvalidImage:
             f"{found} images are not supported (supported: {', '.join(SUPPORTED_FORMATS)})"
         )
     return InvalidImage("not an image: the bytes match no supported image format")
+
+
+def _shrink_streamed(
+    data: bytes, img: Image.Image, box: tuple[int, int]
+) -> tuple[Image.Image, tuple[int, int]] | None:
+    """Large non-JPEG images through libvips, which shrinks while it decodes in strips (Pillow
+    would hold the whole decoded image): the RGB image and the display-oriented original size.
+    None where Pillow is as good (JPEG draft, small images) or libvips cannot decode it."""
+    width, height = img.size
+    if img.format in ("JPEG", "MPO") or width * height <= STREAM_PIXELS:
+        return None
+    header = open_header(data)
+    if header is None:
+        return None
+    orientation = int(header.get("orientation")) if header.get_typeof("orientation") else 1
+    original_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    try:
+        return thumbnail_rgb(data, box), original_size
+    except pyvips.Error as exc:
+        raise InvalidImage(f"cannot decode the image: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def _shrink(img: Image.Image, box: tuple[int, int], orientation: int) -> Image.Image:

@@ -233,6 +233,7 @@ def _run_locked(
         comparator,
         max_input_pixels=settings.max_input_pixels,
         diff_image=settings.diff_image,
+        cache_mb=settings.cache_mb,
     )
     return _write(storage, plan, compared.result, compared.diff_png, started, log, settings, now)
 

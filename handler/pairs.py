@@ -25,7 +25,9 @@ from pydantic import ValidationError
 from handler.config import ComparisonConfig, format_validation_error
 from handler.errors import InvalidManifest, PathOutsideRoot, UnsupportedName
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
+)
 RESULT_NAME = "result.json"
 DIFF_NAME = "diff.png"
 MANIFEST_SUFFIX = ".pair.json"

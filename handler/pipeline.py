@@ -1,4 +1,10 @@
-"""One pair, end to end: load each input, prepare it (one at a time), compare, build the result.
+"""One pair, end to end: fetch -> prepare -> detect -> compare -> result.
+
+Each input is fetched and prepared (downsized, Pillow) in turn; both inputs' bytes are then
+compared at native resolution (``handler.detect``, streamed), and the comparator sees the
+prepared images plus the detection. Decoding is the memory-hungry part, so only one thread of
+the process decodes at a time (``DECODE_LOCK``): peak RAM does not grow with the number of pairs
+in flight, only the small prepared images and the inputs' encoded bytes do.
 
 Every ``PairError`` becomes a result with ``status`` error/timeout. What still raises is not
 about the pair itself and is worth a retry: storage trouble from ``ImageInput.load`` (an object
@@ -8,6 +14,7 @@ replaced mid-read, the network) and programming errors.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,10 +22,15 @@ from typing import Any
 
 from handler.compare.base import Comparator
 from handler.config import ComparisonConfig
+from handler.detect import Detection, RegionCrop, cut_crops, detect
 from handler.errors import PairError
-from handler.images import PreparedImage, prepare
+from handler.images import PreparedImage, mask_boxes, prepare
 from handler.logs import elapsed_ms, get_logger
+from handler.prepared_cache import cache_key, process_cache
 from handler.result import ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo
+
+#: Held while a full image is decoded (prepare) or streamed (detect, crops): one at a time.
+DECODE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -47,26 +59,41 @@ def compare_pair(
     *,
     max_input_pixels: int,
     diff_image: bool = False,
+    cache_mb: int = 0,
 ) -> PairOutcome:
     """Compare ``a`` with ``b``; failures come back as error/timeout results, never raised.
 
     With ``diff_image`` the outcome carries a PNG (``handler.diff_image``) whenever both images
-    were prepared, failed comparisons included; the caller names and writes it.
+    were prepared, failed comparisons included; the caller names and writes it. ``cache_mb``
+    sizes the process's cache of prepared images (0: none).
     """
     log = get_logger(pair_id=pair_id)
     started = time.perf_counter()
     infos = [InputInfo(name=a.name, etag=a.etag), InputInfo(name=b.name, etag=b.etag)]
     timings: dict[str, float] = {}
     prepared: list[PreparedImage] = []
+    crops: list[RegionCrop] = []
+    failed: str | None = None
+    compare_start: float | None = None
     try:
+        encoded: list[bytes] = []
         for source, info in zip((a, b), infos, strict=True):
-            prepared.append(_prepare_one(source, info, config, max_input_pixels, timings, log))
+            failed = "a" if not prepared else "b"
+            data = source.load()
+            prepared.append(
+                _prepare_one(source, data, info, config, max_input_pixels, cache_mb, timings, log)
+            )
+            encoded.append(data)
+        failed = None
+        detection, crops = _detect(encoded, config, max_input_pixels, diff_image, timings, log)
+        del encoded
+        prepared = _masked(prepared, config, detection.size_a)
         compare_start = time.perf_counter()
-        outcome = comparator.compare(prepared[0], prepared[1], config)
+        outcome = comparator.compare(prepared[0], prepared[1], config, detection=detection)
         timings["compare"] = elapsed_ms(compare_start)
     except PairError as exc:
-        failed = "a" if len(prepared) == 0 else "b" if len(prepared) == 1 else None
-        if "compare" not in timings and len(prepared) == 2:
+        failed = exc.details.get("input", failed)
+        if compare_start is not None and "compare" not in timings:
             timings["compare"] = elapsed_ms(compare_start)
         timings["total"] = elapsed_ms(started)
         result = failure_result(
@@ -79,7 +106,7 @@ def compare_pair(
             input=failed,
             duration_ms=timings["total"],
         )
-        return _with_diff(result, prepared, diff_image)
+        return _with_diff(result, prepared, diff_image, crops)
     timings["total"] = elapsed_ms(started)
     log.info(
         "pair_compared",
@@ -105,18 +132,68 @@ def compare_pair(
         timings_ms=timings,
         vl=outcome.vl,
     )
-    return _with_diff(result, prepared, diff_image)
+    return _with_diff(result, prepared, diff_image, crops)
+
+
+def _detect(
+    encoded: list[bytes],
+    config: ComparisonConfig,
+    max_input_pixels: int,
+    want_crops: bool,
+    timings: dict[str, float],
+    log: Any,
+) -> tuple[Detection, list[RegionCrop]]:
+    """Native-resolution detection (and the diff image's crops) under the decode lock."""
+    start = time.perf_counter()
+    with DECODE_LOCK:
+        detection = detect(
+            encoded[0], encoded[1], max_pixels=max_input_pixels, ignore=config.ignore_regions
+        )
+        crops = (
+            cut_crops(encoded[0], encoded[1], detection, max_pixels=max_input_pixels)
+            if want_crops
+            else []
+        )
+    timings["detect"] = elapsed_ms(start)
+    log.info(
+        "changes_detected",
+        regions=len(detection.regions),
+        changed_pixels=detection.changed_pixels,
+        changed_percent=round(detection.changed_percent, 4),
+        work_size=detection.work_size,
+        crops=len(crops),
+        duration_ms=timings["detect"],
+    )
+    return detection, crops
+
+
+def _masked(
+    prepared: list[PreparedImage], config: ComparisonConfig, size_a: tuple[int, int]
+) -> list[PreparedImage]:
+    """Ignore regions get the same neutral fill in both prepared images (what comparators and
+    the VL model see), mapped proportionally from A's native pixels."""
+    if not config.ignore_regions:
+        return prepared
+    width, height = size_a
+    boxes = [
+        (r.x / width, r.y / height, (r.x + r.width) / width, (r.y + r.height) / height)
+        for r in config.ignore_regions
+    ]
+    return [mask_boxes(image, boxes, config.image_quality) for image in prepared]
 
 
 def _with_diff(
-    result: ComparisonResult, prepared: list[PreparedImage], wanted: bool
+    result: ComparisonResult,
+    prepared: list[PreparedImage],
+    wanted: bool,
+    crops: list[RegionCrop],
 ) -> PairOutcome:
     if not wanted or len(prepared) != 2:
         return PairOutcome(result)
     from handler.diff_image import render_diff
 
     try:
-        return PairOutcome(result, render_diff(prepared[0], prepared[1], result))
+        return PairOutcome(result, render_diff(prepared[0], prepared[1], result, crops))
     except Exception as exc:  # the diff is an illustration: never lose the result over it
         get_logger(pair_id=result.pair_id).error(
             "diff_failed", error_type=type(exc).__name__, error=str(exc)
@@ -126,19 +203,29 @@ def _with_diff(
 
 def _prepare_one(
     source: ImageInput,
+    data: bytes,
     info: InputInfo,
     config: ComparisonConfig,
     max_input_pixels: int,
+    cache_mb: int,
     timings: dict[str, float],
     log: Any,
 ) -> PreparedImage:
-    """Load, hash and prepare one input; its raw bytes are dropped before the next one loads."""
+    """Hash and prepare one input (from the process's cache when it was prepared before)."""
     start = time.perf_counter()
-    data = source.load()
     info.bytes = len(data)
     info.sha256 = hashlib.sha256(data).hexdigest()
-    image = prepare(data, config.max_image_size, config.image_quality, max_pixels=max_input_pixels)
-    del data
+    cache = process_cache(cache_mb)
+    key = cache_key(info.sha256, config.max_image_size, config.image_quality, max_input_pixels)
+    image = cache.get(key) if cache is not None else None
+    hit = image is not None
+    if image is None:
+        with DECODE_LOCK:
+            image = prepare(
+                data, config.max_image_size, config.image_quality, max_pixels=max_input_pixels
+            )
+        if cache is not None:
+            cache.put(key, image)
     info.format = image.format
     info.original_size = image.original_size
     info.processed_size = image.size
@@ -152,6 +239,7 @@ def _prepare_one(
         original_size=image.original_size,
         processed_size=image.size,
         jpeg_bytes=len(image.jpeg),
+        cache="off" if cache is None else "hit" if hit else "miss",
         duration_ms=elapsed,
     )
     return image

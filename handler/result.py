@@ -30,8 +30,9 @@ class Difference(BaseModel):
     aspect: str = ""
     element: str = ""
     description: str
-    #: Index into ``changed_regions`` this difference is about, when known.
-    region: int | None = None
+    region: int | None = Field(
+        None, ge=0, description="Index into changed_regions of the region this is about."
+    )
 
 
 class ComparatorInfo(BaseModel):

@@ -1,4 +1,7 @@
-"""The metrics comparator on real photographs: what must count as similar, and what must not."""
+"""The metrics comparator on real photographs: what must count as similar, and what must not.
+
+Each pair goes through the real native-resolution detection first, as in the pipeline.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,10 @@ from collections.abc import Callable
 import pytest
 from PIL import Image
 
+from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig
+from handler.detect import detect
 from handler.images import PreparedImage, prepare
 from handler.result import Region
 from tests.support import scenes
@@ -19,6 +24,11 @@ COMPARATOR = MetricsComparator()
 
 def _prepared(data: bytes) -> PreparedImage:
     return prepare(data, CONFIG.max_image_size, CONFIG.image_quality)
+
+
+def _compare(a: bytes, b: bytes, config: ComparisonConfig = CONFIG) -> Verdict:
+    detection = detect(a, b, max_pixels=50_000_000)
+    return COMPARATOR.compare(_prepared(a), _prepared(b), config, detection=detection)
 
 
 def _overlaps(region: Region, box: tuple[int, int, int, int]) -> bool:
@@ -35,9 +45,7 @@ def _overlaps(region: Region, box: tuple[int, int, int, int]) -> bool:
 @pytest.mark.parametrize("edit", sorted(scenes.SIMILAR_EDITS))
 def test_same_picture_is_similar(photo: str, edit: str) -> None:
     img = scenes.photo(photo)
-    outcome = COMPARATOR.compare(
-        _prepared(scenes.encode(img)), _prepared(scenes.SIMILAR_EDITS[edit](img)), CONFIG
-    )
+    outcome = _compare(scenes.encode(img), scenes.SIMILAR_EDITS[edit](img))
     assert outcome.is_similar, outcome.metrics
     assert outcome.similarity >= CONFIG.similarity_threshold
     assert outcome.changed_regions == []
@@ -47,9 +55,7 @@ def test_same_picture_is_similar(photo: str, edit: str) -> None:
 @pytest.mark.parametrize("edit", sorted(scenes.DIFFERENT_EDITS))
 def test_edited_picture_is_not_similar(photo: str, edit: str) -> None:
     img = scenes.photo(photo)
-    outcome = COMPARATOR.compare(
-        _prepared(scenes.encode(img)), _prepared(scenes.DIFFERENT_EDITS[edit](img)), CONFIG
-    )
+    outcome = _compare(scenes.encode(img), scenes.DIFFERENT_EDITS[edit](img))
     assert not outcome.is_similar, outcome.metrics
     assert outcome.changed_regions, "an edit must produce at least one changed region"
     assert "different" in outcome.summary
@@ -66,7 +72,7 @@ LOCAL_EDITS: dict[str, tuple[Callable[[Image.Image], bytes], Callable[..., tuple
 def test_changed_region_overlaps_the_edit(photo: str, edit: str) -> None:
     make, box_of = LOCAL_EDITS[edit]
     img = scenes.photo(photo).resize((1600, 1200))  # originals larger than the prepared size
-    outcome = COMPARATOR.compare(_prepared(scenes.encode(img)), _prepared(make(img)), CONFIG)
+    outcome = _compare(scenes.encode(img), make(img))
     box = box_of(img)
     assert any(_overlaps(region, box) for region in outcome.changed_regions), (
         box,
@@ -77,11 +83,7 @@ def test_changed_region_overlaps_the_edit(photo: str, edit: str) -> None:
 
 
 def test_different_scenes() -> None:
-    outcome = COMPARATOR.compare(
-        _prepared(scenes.encode(scenes.photo("coffee"))),
-        _prepared(scenes.encode(scenes.photo("rocket"))),
-        CONFIG,
-    )
+    outcome = _compare(scenes.encode(scenes.photo("coffee")), scenes.encode(scenes.photo("rocket")))
     assert not outcome.is_similar
     assert outcome.similarity < 0.5
     assert any(d.aspect == "structure" for d in outcome.differences)
@@ -89,7 +91,7 @@ def test_different_scenes() -> None:
 
 def test_identical_images() -> None:
     data = scenes.encode(scenes.photo("astronaut"))
-    outcome = COMPARATOR.compare(_prepared(data), _prepared(data), CONFIG)
+    outcome = _compare(data, data)
     assert outcome.similarity == pytest.approx(1.0)
     assert outcome.metrics["pixel_identical"] == 1.0
     assert outcome.differences == []
@@ -97,18 +99,26 @@ def test_identical_images() -> None:
 
 def test_threshold_decides_is_similar() -> None:
     img = scenes.photo("chelsea")
-    a, b = _prepared(scenes.encode(img)), _prepared(scenes.pasted_object(img))
-    strict = COMPARATOR.compare(a, b, CONFIG)
-    lenient = COMPARATOR.compare(a, b, CONFIG.model_copy(update={"similarity_threshold": 0.1}))
+    a, b = _prepared(scenes.encode(img)), _prepared(scenes.reencoded(img))
+    strict = COMPARATOR.compare(a, b, CONFIG.model_copy(update={"similarity_threshold": 0.9999}))
+    lenient = COMPARATOR.compare(a, b, CONFIG)
     assert strict.similarity == lenient.similarity
     assert not strict.is_similar and lenient.is_similar
 
 
+def test_a_confident_region_makes_the_pair_different_and_lowers_similarity() -> None:
+    img = scenes.photo("chelsea")
+    a, b = scenes.encode(img), scenes.pasted_object(img)
+    outcome = _compare(a, b, CONFIG.model_copy(update={"similarity_threshold": 0.1}))
+    assert outcome.changed_regions and not outcome.is_similar
+    changed = outcome.metrics["changed_percent"] / 100
+    assert outcome.metrics["detection_similarity"] == pytest.approx(0.9 - 4 * changed, abs=1e-3)
+    assert outcome.similarity <= outcome.metrics["detection_similarity"]
+
+
 def test_recolouring_is_reported_as_colour() -> None:
     img = scenes.photo("coffee")
-    outcome = COMPARATOR.compare(
-        _prepared(scenes.encode(img)), _prepared(scenes.recoloured(img)), CONFIG
-    )
+    outcome = _compare(scenes.encode(img), scenes.recoloured(img))
     assert any(d.aspect == "color" for d in outcome.differences)
 
 

@@ -7,6 +7,7 @@ import pytest
 from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig
+from handler.detect import Detection
 from handler.errors import ComparisonTimeout, InputNotFound
 from handler.images import PreparedImage
 from handler.pipeline import ImageInput, compare_pair
@@ -83,7 +84,14 @@ class _SlowComparator:
 
     info = ComparatorInfo(name="slow")
 
-    def compare(self, a: PreparedImage, b: PreparedImage, config: ComparisonConfig) -> Verdict:
+    def compare(
+        self,
+        a: PreparedImage,
+        b: PreparedImage,
+        config: ComparisonConfig,
+        *,
+        detection: Detection | None = None,
+    ) -> Verdict:
         raise ComparisonTimeout(f"no answer within {config.processing_timeout} s")
 
     def close(self) -> None:

@@ -92,7 +92,9 @@ def test_v1_config_overrides_and_bad_requests(
     answer = _v1(server, photos["a"], photos["pasted"], config=config)
     assert answer.status_code == 200
     body = answer.json()
-    assert body["is_similar"] is True and body["config"]["similarity_threshold"] == 0.5
+    assert body["config"]["similarity_threshold"] == 0.5
+    # A pasted object is a confident changed region: different whatever the threshold.
+    assert body["is_similar"] is False and body["changed_regions"]
     assert max(body["inputs"][0]["processed_size"]) == 256
 
     bad_value = _v1(server, photos["a"], photos["a"], config='{"image_quality": 500}')
@@ -116,7 +118,8 @@ def test_original_api_envelope(server: ServeProcess, photos: dict[str, bytes]) -
     assert answer.status_code == 200
     envelope = answer.json()
     assert set(envelope) == {"code", "msg", "data"} and envelope["code"] == 200
-    assert envelope["data"]["status"] == "ok" and envelope["data"]["is_similar"] is True
+    assert envelope["data"]["status"] == "ok" and envelope["data"]["is_similar"] is False
+    assert envelope["data"]["config"]["similarity_threshold"] == 0.6
     assert envelope["data"]["config"]["focus_elements"] == ["text", "logos"]
 
     for files in (two[:1], [*two, ("files", ("c.jpg", photos["a"]))]):

@@ -243,6 +243,7 @@ class PairRunner:
                 pair.config,
                 self.state.comparator,
                 max_input_pixels=settings.max_input_pixels,
+                cache_mb=settings.cache_mb,
             ).result
 
         result: ComparisonResult | None = None

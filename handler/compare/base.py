@@ -1,4 +1,5 @@
-"""The comparator seam: two prepared images + a ComparisonConfig in, one typed Verdict out."""
+"""The comparator seam: two prepared images + a ComparisonConfig (+ the native-resolution
+detection, when the pipeline ran it) in, one typed Verdict out."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from handler.config import ComparisonConfig
+from handler.detect import Detection
 from handler.images import PreparedImage
 from handler.result import ComparatorInfo, Difference, Region, VLDetails
 
@@ -37,6 +39,13 @@ class Comparator(Protocol):
 
     def wait_ready(self) -> None: ...
 
-    def compare(self, a: PreparedImage, b: PreparedImage, config: ComparisonConfig) -> Verdict: ...
+    def compare(
+        self,
+        a: PreparedImage,
+        b: PreparedImage,
+        config: ComparisonConfig,
+        *,
+        detection: Detection | None = None,
+    ) -> Verdict: ...
 
     def close(self) -> None: ...

@@ -10,6 +10,12 @@ rescaled, another format, EXIF-rotated) and each sensitive to one kind of real c
 - ``color_similarity``: colour-histogram intersection — recolouring keeps greyscale structure.
 
 Taking the minimum keeps the number explainable: the weakest aspect decides.
+
+``changed_regions`` come from the native-resolution detection (``handler.detect``), which sees
+what the working size cannot (one changed word on a long page). A confident region makes the
+pair different whatever the scores, and adds a fifth score so the number agrees:
+``detection_similarity`` = DETECTION_CEILING - DETECTION_WEIGHT x changed fraction (native),
+1.0 without regions. A pair with no differing pixel at native resolution scores exactly 1.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from skimage.metrics import structural_similarity
 
 from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
+from handler.detect import Detection
 from handler.images import PreparedImage
 from handler.result import ComparatorInfo, Difference, Region
 
@@ -37,11 +44,12 @@ MIN_WORK_EDGE = 16
 #: CHANGED_DELTA_E (CIE76) — values that JPEG quality 70 and rescaling stay clear of.
 CHANGED_SSIM = 0.5
 CHANGED_DELTA_E = 20.0
-#: Changed areas smaller than this fraction of the image are noise, not regions.
-MIN_REGION_FRACTION = 0.002
 #: changed_fraction 0.02 (2 % of the image) -> local_similarity 0.84.
 LOCAL_WEIGHT = 8.0
-MAX_REGIONS = 20
+#: A confident changed region caps similarity below the default threshold (0.93) ...
+DETECTION_CEILING = 0.9
+#: ... and each percent of A's pixels changed lowers it by 0.04 more.
+DETECTION_WEIGHT = 4.0
 _COLOR_BINS = 8
 
 
@@ -61,7 +69,14 @@ class MetricsComparator:
     def wait_ready(self) -> None:
         """Always ready: nothing to load."""
 
-    def compare(self, a: PreparedImage, b: PreparedImage, config: ComparisonConfig) -> Verdict:
+    def compare(
+        self,
+        a: PreparedImage,
+        b: PreparedImage,
+        config: ComparisonConfig,
+        *,
+        detection: Detection | None = None,
+    ) -> Verdict:
         work_a, work_b = _common_size(a.image, b.image)
         grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
         rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
@@ -69,8 +84,7 @@ class MetricsComparator:
             grey_a, grey_b, data_range=255.0, gaussian_weights=True, sigma=1.5, full=True
         )
         delta_e = np.linalg.norm(rgb2lab(rgb_a) - rgb2lab(rgb_b), axis=2)
-        mask = _changed_mask(ssim_map, delta_e)
-        changed_fraction = float(mask.mean())
+        changed_fraction = float(_changed_mask(ssim_map, delta_e).mean())
         hash_distance = int(imagehash.phash(work_a) - imagehash.phash(work_b))
         color = _histogram_intersection(rgb_a, rgb_b)
         metrics = {
@@ -83,22 +97,35 @@ class MetricsComparator:
             "mean_delta_e": round(float(delta_e.mean()), 3),
             "pixel_identical": float(_pixel_identical(a, b)),
         }
+        regions = list(detection.regions) if detection else []
+        if detection is not None:
+            metrics.update(detection.metrics())
+            metrics["detection_similarity"] = _detection_similarity(detection)
         similarity = min(
             metrics["ssim"],
             metrics["local_similarity"],
             metrics["hash_similarity"],
             metrics["color_similarity"],
+            metrics.get("detection_similarity", 1.0),
         )
-        regions = _regions(mask, scale=a.original_size[0] / mask.shape[1], limit=a.original_size)
-        is_similar = similarity >= config.similarity_threshold
+        if detection is not None and detection.identical:
+            similarity = 1.0
+        is_similar = similarity >= config.similarity_threshold and not regions
         return Verdict(
             similarity=similarity,
             is_similar=is_similar,
-            summary=_summary(similarity, is_similar, regions, changed_fraction),
-            differences=_differences(metrics, regions),
+            summary=_summary(similarity, is_similar, regions, detection),
+            differences=_differences(metrics, regions, detection),
             changed_regions=regions,
             metrics=metrics,
         )
+
+
+def _detection_similarity(detection: Detection) -> float:
+    if not detection.regions:
+        return 1.0
+    fraction = detection.changed_percent / 100.0
+    return round(max(0.0, DETECTION_CEILING - DETECTION_WEIGHT * fraction), 4)
 
 
 def _common_size(a: Image.Image, b: Image.Image) -> tuple[Image.Image, Image.Image]:
@@ -130,39 +157,26 @@ def _histogram_intersection(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float
     return float(np.minimum(hist_a / hist_a.sum(), hist_b / hist_b.sum()).sum())
 
 
-def _regions(mask: NDArray[np.bool_], scale: float, limit: tuple[int, int]) -> list[Region]:
-    """Bounding boxes of the changed areas, largest first, in A's original pixel coordinates."""
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return []
-    areas = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
-    min_area = MIN_REGION_FRACTION * mask.size
-    boxes = ndimage.find_objects(labels)
-    order = np.argsort(areas)[::-1]
-    regions: list[Region] = []
-    for index in order[:MAX_REGIONS]:
-        if areas[index] < min_area:
-            break
-        rows, cols = boxes[index]
-        x0, y0 = int(cols.start * scale), int(rows.start * scale)
-        x1 = min(limit[0], int(np.ceil(cols.stop * scale)))
-        y1 = min(limit[1], int(np.ceil(rows.stop * scale)))
-        regions.append(Region(x=x0, y=y0, width=max(1, x1 - x0), height=max(1, y1 - y0)))
-    return regions
-
-
-def _summary(similarity: float, similar: bool, regions: list[Region], fraction: float) -> str:
+def _summary(
+    similarity: float, similar: bool, regions: list[Region], detection: Detection | None
+) -> str:
     verdict = "similar" if similar else "different"
-    if not regions:
-        return f"The images are {verdict} (similarity {similarity:.2f}); no localised changes."
+    head = f"The images are {verdict} (similarity {similarity:.2f})"
+    if detection is not None and detection.identical:
+        return f"{head}; pixel-identical at native resolution."
+    if not regions or detection is None:
+        return f"{head}; no localised changes."
     plural = "s" if len(regions) > 1 else ""
+    what = "in transparency only" if detection.transparency_only else "changed"
     return (
-        f"The images are {verdict} (similarity {similarity:.2f}); {len(regions)} changed "
-        f"region{plural} covering {fraction:.1%} of the image."
+        f"{head}; {len(regions)} region{plural} {what}: {detection.changed_pixels} pixels, "
+        f"{detection.changed_percent:.3g}% of the image."
     )
 
 
-def _differences(metrics: dict[str, float], regions: list[Region]) -> list[Difference]:
+def _differences(
+    metrics: dict[str, float], regions: list[Region], detection: Detection | None
+) -> list[Difference]:
     found: list[Difference] = []
     if metrics["hash_similarity"] < 0.75:
         found.append(
@@ -180,15 +194,18 @@ def _differences(metrics: dict[str, float], regions: list[Region]) -> list[Diffe
                 description=f"The colour distributions differ (mean ΔE {metrics['mean_delta_e']}).",
             )
         )
-    for region in regions:
+    transparency = detection is not None and detection.transparency_only
+    for index, region in enumerate(regions):
+        pixels = detection.region_pixels[index] if detection else 0
         found.append(
             Difference(
-                aspect="content",
+                aspect="transparency" if transparency else "content",
                 element="region",
                 description=(
                     f"Changed area at x={region.x}, y={region.y}, "
-                    f"{region.width}x{region.height} px."
+                    f"{region.width}x{region.height} px ({pixels} changed pixels)."
                 ),
+                region=index,
             )
         )
     return found

@@ -10,8 +10,6 @@ the metrics' numbers stay in the result.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from handler.compare.base import Verdict
@@ -21,6 +19,7 @@ from handler.compare.vl.local_backend import KILL_GRACE_S, LocalBackend
 from handler.compare.vl.prompt import AnswerInvalid, answer_schema, build_prompt, parse_answer
 from handler.compare.vl.protocol import Backend, Fault, Reply, Request
 from handler.config import ComparisonConfig, Settings
+from handler.detect import Detection
 from handler.errors import ComparisonTimeout, ModelOutputInvalid, OutOfMemory, PairError
 from handler.images import PreparedImage
 from handler.logs import get_logger
@@ -86,9 +85,9 @@ class VLComparator:
         b: PreparedImage,
         config: ComparisonConfig,
         *,
-        detection: Any = None,
+        detection: Detection | None = None,
     ) -> Verdict:
-        metrics = self._metrics.compare(a, b, config)
+        metrics = self._metrics.compare(a, b, config, detection=detection)
         skip_reason = _skip_reason(a, b, metrics.metrics)
         if skip_reason is not None:
             similarity = 1.0 if skip_reason == PIXEL_IDENTICAL else metrics.similarity

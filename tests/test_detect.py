@@ -1,0 +1,380 @@
+"""Native-resolution change detection on rendered screenshots and real photos, through the real
+decoders and libvips; and the pipeline around it (ignore regions, formats, decode lock, cache)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pillow_heif
+import pytest
+import structlog
+from PIL import Image, ImageDraw
+
+from handler import images as images_module
+from handler.compare.metrics import MetricsComparator
+from handler.config import ComparisonConfig, IgnoreRegion
+from handler.detect import MAX_CROPS, REGION_PAD, Detection, cut_crops, detect
+from handler.errors import ImageTooLarge, InvalidImage, InvalidManifest
+from handler.pairs import is_image_name
+from handler.pipeline import ImageInput, PairOutcome, compare_pair
+from handler.result import Region
+from tests.support import scenes, screens
+
+COMPARATOR = MetricsComparator()
+BUDGET = 50_000_000
+
+
+def _inside(box: tuple[int, int, int, int], region: Region, slack: int = 0) -> bool:
+    x, y, width, height = box
+    return (
+        region.x - slack <= x
+        and region.y - slack <= y
+        and x + width <= region.x + region.width + slack
+        and y + height <= region.y + region.height + slack
+    )
+
+
+def _run(a: bytes, b: bytes, config: ComparisonConfig | None = None, **kw: object) -> PairOutcome:
+    return compare_pair(
+        "pair",
+        ImageInput("a.png", lambda: a),
+        ImageInput("b.png", lambda: b),
+        config or ComparisonConfig(),
+        COMPARATOR,
+        max_input_pixels=BUDGET,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="module")
+def long_page() -> tuple[screens.Page, screens.Page, int]:
+    """A 1400x5000 page of text, and the same page with one word replaced near the bottom."""
+    page = screens.text_page((1400, 5000))
+    index = len(page.words) * 4 // 5
+    return page, screens.text_page((1400, 5000), replace={index: "zephyr"}), index
+
+
+def test_one_changed_word_in_a_long_page(
+    long_page: tuple[screens.Page, screens.Page, int],
+) -> None:
+    page, edited, index = long_page
+    outcome = _run(screens.png(page.image), screens.png(edited.image))
+    result = outcome.result
+    assert result.status == "ok" and result.is_similar is False
+    assert len(result.changed_regions) == 1
+    word_box = edited.words[index][1]
+    assert _inside(word_box, result.changed_regions[0], slack=2), (word_box, result.changed_regions)
+    # Tight: the region is about one word, not a line or the page.
+    assert result.changed_regions[0].width < 3 * word_box[2]
+    assert result.changed_regions[0].height < 2 * word_box[3]
+    assert 0 < result.metrics["changed_pixels"] < 2000
+    assert result.metrics["changed_percent"] < 0.05
+    assert result.similarity is not None and result.similarity < 0.93
+    assert result.differences[-1].region == 0
+
+
+def test_rescaled_page_maps_the_region_back_to_a(
+    long_page: tuple[screens.Page, screens.Page, int],
+) -> None:
+    """B at half size: compared at B's resolution, the region still comes in A's pixels."""
+    page, edited, index = long_page
+    small = edited.image.resize((700, 2500), Image.Resampling.LANCZOS)
+    detection = detect(screens.png(page.image), screens.png(small), max_pixels=BUDGET)
+    assert detection.work_size == (700, 2500)
+    word_box = edited.words[index][1]
+    assert any(_inside(word_box, region, slack=4) for region in detection.regions)
+    for region in detection.regions:
+        assert region.x + region.width <= 1400 and region.y + region.height <= 5000
+
+
+def test_label_moved_by_a_few_pixels() -> None:
+    a = screens.label_card("Delivery address: 221B Baker Street")
+    b = screens.label_card("Delivery address: 221B Baker Street", offset=(3, 2))
+    outcome = _run(screens.png(a), screens.png(b))
+    assert outcome.result.is_similar is False
+    (region,) = outcome.result.changed_regions
+    assert region.y >= 110 and region.y + region.height <= 150  # the label's line, nothing else
+
+
+def _smoothed(text: str, resample: Image.Resampling) -> Image.Image:
+    """The label drawn at 4x without anti-aliasing, smoothed down by ``resample``."""
+    big = Image.new("RGB", (1920, 1280), (245, 246, 250))
+    draw = ImageDraw.Draw(big)
+    draw.fontmode = "1"
+    draw.text((160, 480), text, fill=(30, 30, 30), font=screens.font(64))
+    return big.resize((480, 320), resample)
+
+
+def test_anti_aliasing_only_rerender_is_similar() -> None:
+    text = "Delivery address: 221B Baker Street"
+    a = _smoothed(text, Image.Resampling.LANCZOS)
+    b = _smoothed(text, Image.Resampling.BOX)
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    outcome = _run(screens.png(a), screens.png(b))
+    assert outcome.result.changed_regions == []
+    assert outcome.result.is_similar is True
+    assert outcome.result.metrics["pixel_identical"] == 0.0
+    # ...while one changed letter in the same rendering is found.
+    changed = _run(
+        screens.png(a),
+        screens.png(_smoothed("Delivery address: 221B Baker Streat", Image.Resampling.LANCZOS)),
+    )
+    assert changed.result.is_similar is False and len(changed.result.changed_regions) == 1
+
+
+def _timestamped(stamp: str) -> Image.Image:
+    image = screens.label_card("Order 5521 shipped")
+    ImageDraw.Draw(image).text((300, 16), stamp, fill="white", font=screens.font(16))
+    return image
+
+
+def test_an_ignore_region_hides_a_changing_timestamp() -> None:
+    a, b = _timestamped("2026-12-01 09:14:03"), _timestamped("2026-12-02 17:55:41")
+    plain = _run(screens.png(a), screens.png(b))
+    assert plain.result.is_similar is False
+    (stamp,) = plain.result.changed_regions
+    ignore = IgnoreRegion(x=290, y=8, width=180, height=32)
+    assert _inside((stamp.x, stamp.y, stamp.width, stamp.height), Region(**ignore.model_dump()))
+    config = ComparisonConfig(ignore_regions=[ignore])
+    outcome = _run(screens.png(a), screens.png(b), config, diff_image=True)
+    assert outcome.result.is_similar is True and outcome.result.changed_regions == []
+    assert outcome.result.similarity == 1.0  # masked in both: nothing else differs
+    assert outcome.result.config.ignore_regions == [ignore]
+    # Drawn hatched in the diff image.
+    assert outcome.diff_png is not None
+    with Image.open(io.BytesIO(outcome.diff_png)) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    from handler.diff_image import HATCH_COLOR
+
+    assert np.all(pixels == HATCH_COLOR, axis=2).sum() > 100
+    # A change outside the ignored box is still found.
+    moved = _timestamped("2026-12-02 17:55:41")
+    ImageDraw.Draw(moved).rectangle((40, 200, 60, 220), fill=(200, 30, 30))
+    assert _run(screens.png(a), screens.png(moved), config).result.is_similar is False
+
+
+def test_ignore_regions_are_validated() -> None:
+    with pytest.raises(ValueError, match="ignore_regions"):
+        ComparisonConfig.model_validate(
+            {"ignore_regions": [{"x": -1, "y": 0, "width": 5, "height": 5}]}
+        )
+    with pytest.raises(ValueError, match="ignore_regions"):
+        ComparisonConfig.model_validate(
+            {"ignore_regions": [{"x": 1, "y": 0, "width": 0, "height": 5}]}
+        )
+    data = screens.png(screens.label_card("x"))
+    outside = ComparisonConfig(ignore_regions=[IgnoreRegion(x=400, y=0, width=200, height=10)])
+    with pytest.raises(InvalidManifest, match=r"ignore_regions\[0\]"):
+        detect(data, data, max_pixels=BUDGET, ignore=outside.ignore_regions)
+    result = _run(data, data, outside).result
+    assert result.status == "error" and result.error is not None
+    assert result.error.type == "invalid_manifest" and "ignore_regions[0]" in result.error.message
+
+
+def _heic(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    pillow_heif.from_pillow(img).save(buffer, quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["AVIF", "HEIF"])
+def test_avif_and_heic_inputs(fmt: str) -> None:
+    photo = scenes.photo("chelsea")
+    encoded = _heic(photo) if fmt == "HEIF" else scenes.encode(photo, "AVIF", quality=90)
+    same = _run(scenes.encode(photo), encoded).result
+    assert same.status == "ok", same.error
+    assert same.inputs[1].format == fmt and same.inputs[1].original_size == photo.size
+    assert same.is_similar is True and same.changed_regions == []
+    edited = Image.open(io.BytesIO(scenes.pasted_object(photo))).convert("RGB")
+    changed_bytes = _heic(edited) if fmt == "HEIF" else scenes.encode(edited, "AVIF", quality=90)
+    changed = _run(scenes.encode(photo), changed_bytes).result
+    assert changed.is_similar is False and changed.changed_regions
+    # Over the pixel budget: refused from the header, in preparation and in detection.
+    refused = compare_pair(
+        "pair",
+        ImageInput("a.jpg", lambda: encoded),
+        ImageInput("b.jpg", lambda: encoded),
+        ComparisonConfig(),
+        COMPARATOR,
+        max_input_pixels=100_000,
+    ).result
+    assert refused.error is not None and refused.error.type == "image_too_large"
+    with pytest.raises(ImageTooLarge):
+        detect(encoded, encoded, max_pixels=100_000)
+    assert is_image_name(f"photo.{'heic' if fmt == 'HEIF' else 'avif'}")
+
+
+def test_transparency_only_difference_is_reported_as_such() -> None:
+    a = Image.new("RGBA", (200, 120), (255, 255, 255, 255))
+    ImageDraw.Draw(a).text((20, 50), "Logo", fill=(0, 0, 0, 255), font=screens.font(20))
+    b = a.copy()
+    ImageDraw.Draw(b).rectangle((120, 20, 180, 100), fill=(255, 255, 255, 0))  # white -> clear
+    detection = detect(screens.png(a), screens.png(b), max_pixels=BUDGET)
+    assert not detection.identical
+    assert detection.transparency_only and detection.transparency_pixels == 61 * 81
+    (region,) = detection.regions
+    pad = REGION_PAD  # tight bounds of the changed pixels, plus the rim margin
+    assert (region.x, region.y, region.width, region.height) == (
+        120 - pad,
+        20 - pad,
+        61 + 2 * pad,
+        81 + 2 * pad,
+    )
+    result = _run(screens.png(a), screens.png(b)).result
+    assert result.is_similar is False and result.metrics["pixel_identical"] == 0.0
+    assert "transparency" in result.summary
+    assert result.differences[-1].aspect == "transparency"
+
+
+def test_identical_pairs_are_exact_and_re_encodes_are_not_identical() -> None:
+    data = scenes.encode(scenes.photo("coffee"), "PNG")
+    same = detect(data, data, max_pixels=BUDGET)
+    assert same.identical and same.differing_pixels == 0 and same.regions == ()
+    result = _run(data, data).result
+    assert result.similarity == 1.0 and result.metrics["pixel_identical"] == 1.0
+    other = detect(data, scenes.reencoded(scenes.photo("coffee")), max_pixels=BUDGET)
+    assert not other.identical and other.regions == ()
+
+
+def test_exif_rotated_input_is_compared_upright() -> None:
+    photo = scenes.photo("astronaut")
+    edited = Image.open(io.BytesIO(scenes.pasted_object(photo))).convert("RGB")
+    rotated = scenes.exif_rotated(edited)
+    detection = detect(scenes.encode(photo), rotated, max_pixels=BUDGET)
+    assert detection.size_b == photo.size
+    x, y, side, _ = scenes.pasted_box(photo)
+    (region,) = detection.regions
+    assert abs(region.x - x) <= 8 and abs(region.y - y) <= 8 and abs(region.width - side) <= 16
+
+
+def test_bad_inputs_are_clear_errors_before_decoding() -> None:
+    good = scenes.encode(scenes.photo("coffee"))
+    with pytest.raises(InvalidImage) as garbage:
+        detect(good, b"not an image at all", max_pixels=BUDGET)
+    assert garbage.value.details["input"] == "b"
+    with pytest.raises(ImageTooLarge):
+        detect(good, good, max_pixels=1000)
+    truncated = scenes.encode(scenes.photo("coffee"), "PNG")[:5000]
+    with pytest.raises(InvalidImage):
+        detect(good, truncated, max_pixels=BUDGET)
+
+
+def test_crops_show_the_region_at_native_resolution(
+    long_page: tuple[screens.Page, screens.Page, int],
+) -> None:
+    page, edited, index = long_page
+    a, b = screens.png(page.image), screens.png(edited.image)
+    detection = detect(a, b, max_pixels=BUDGET)
+    (crop,) = cut_crops(a, b, detection, max_pixels=BUDGET)
+    assert crop.a.size == crop.b.size == (448, 448)
+    x, y = crop.box_a.x, crop.box_a.y
+    expected = page.image.crop((x, y, x + 448, y + 448))
+    assert np.array_equal(np.asarray(crop.a), np.asarray(expected))  # native, not resampled
+    assert np.array_equal(
+        np.asarray(crop.b), np.asarray(edited.image.crop((x, y, x + 448, y + 448)))
+    )
+    assert _inside(edited.words[index][1], crop.box_a)
+
+
+def test_crops_are_bounded_for_large_regions() -> None:
+    photo = scenes.photo("coffee").resize((2400, 1600))
+    a, b = scenes.encode(photo), scenes.mirrored(photo)
+    detection = detect(a, b, max_pixels=BUDGET)
+    crops = cut_crops(a, b, detection, max_pixels=BUDGET)
+    assert 1 <= len(crops) <= MAX_CROPS
+    for crop in crops:
+        assert max(crop.a.size) <= 448 and max(crop.b.size) <= 448
+
+
+@pytest.fixture()
+def decode_intervals(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[float, float]]]:
+    """Records when the real ``prepare`` and ``detect`` run (they are wrapped, not replaced)."""
+    import handler.pipeline as pipeline
+
+    intervals: list[tuple[float, float]] = []
+
+    def timed(function):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                intervals.append((start, time.perf_counter()))
+
+        return wrapper
+
+    monkeypatch.setattr(pipeline, "prepare", timed(images_module.prepare))
+    monkeypatch.setattr(pipeline, "detect", timed(pipeline.detect))
+    yield intervals
+
+
+def test_decoding_is_never_concurrent(decode_intervals: list[tuple[float, float]]) -> None:
+    photo = scenes.photo("rocket").resize((1800, 1200))
+    a, b = scenes.encode(photo), scenes.pasted_object(photo)
+    results: list[bool | None] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(_run(a, b).result.is_similar))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == [False, False, False]
+    assert len(decode_intervals) == 9  # 3 pairs x (2 prepares + 1 detection)
+    ordered = sorted(decode_intervals)
+    for (_, end), (start, _) in itertools.pairwise(ordered):
+        assert start >= end, "two decodes overlapped"
+
+
+def test_prepared_images_are_cached_and_hits_logged() -> None:
+    reference = scenes.encode(scenes.photo("chelsea"))
+    other = scenes.pasted_object(scenes.photo("chelsea"))
+    with structlog.testing.capture_logs() as logs:
+        first = _run(reference, other, cache_mb=8).result
+        second = _run(reference, other, cache_mb=8).result
+        off = _run(reference, other, cache_mb=0).result
+    prepared = [entry["cache"] for entry in logs if entry["event"] == "image_prepared"]
+    assert prepared == ["miss", "miss", "hit", "hit", "off", "off"]
+    assert first.similarity == second.similarity == off.similarity
+    detected = [entry for entry in logs if entry["event"] == "changes_detected"]
+    assert len(detected) == 3 and all(entry["regions"] == 1 for entry in detected)
+
+
+def test_detection_result_is_frozen_and_self_describing() -> None:
+    data = screens.png(screens.label_card("x"))
+    detection = detect(data, data, max_pixels=BUDGET)
+    assert isinstance(detection, Detection)
+    assert detection.metrics() == {
+        "changed_pixels": 0.0,
+        "changed_percent": 0.0,
+        "transparency_pixels": 0.0,
+        "pixel_identical": 1.0,
+    }
+    with pytest.raises(AttributeError):
+        detection.changed_pixels = 3  # type: ignore[misc]
+
+
+def test_ignore_regions_and_cache_mb_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from handler.config import ConfigFileError, load_settings
+    from handler.pairs import Manifest
+
+    box = '[{"x": 10, "y": 20, "width": 30, "height": 40}]'
+    monkeypatch.setenv("PAIRWATCH_COMPARISON__IGNORE_REGIONS", box)
+    monkeypatch.setenv("PAIRWATCH_CACHE_MB", "0")
+    settings = load_settings()
+    assert settings.comparison.ignore_regions == [IgnoreRegion(x=10, y=20, width=30, height=40)]
+    assert settings.cache_mb == 0
+    monkeypatch.setenv("PAIRWATCH_CACHE_MB", "-1")
+    with pytest.raises(ConfigFileError, match="cache_mb"):
+        load_settings()
+    bad = Manifest(
+        "a.png", "b.png", {"ignore_regions": [{"x": 0, "y": -5, "width": 1, "height": 1}]}
+    )
+    with pytest.raises(InvalidManifest, match=r"ignore_regions\.0\.y"):
+        bad.config(ComparisonConfig())
