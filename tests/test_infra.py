@@ -78,16 +78,6 @@ CUDA_MIN_DRIVER = {"12.8": (570, 26), "12.9": (575, 51), "13.0": (580, 65)}
 PINNED_AMI_DRIVER = {"al2023-ami-ecs-gpu-hvm-2023.0.20261113-kernel-6.1-x86_64-ebs": (580, 178)}
 #: CUDA the pinned vLLM image is built on (vLLM's docker/Dockerfile, CUDA_VERSION).
 VLLM_IMAGE_CUDA = {"v0.33.0": "13.0"}
-#: Names fixed for every part of the project whose settings or command land from other branches
-#: (engine: vl_backend/vl_endpoint; runner/throughput: concurrency; serve: events_token and the
-#: `serve` command). Until they are in ``Settings``/the CLI the checks below skip just them.
-PENDING_SETTINGS = {
-    "PAIRWATCH_VL_BACKEND",
-    "PAIRWATCH_VL_ENDPOINT",
-    "PAIRWATCH_CONCURRENCY",
-    "PAIRWATCH_EVENTS_TOKEN",
-}
-PENDING_COMMANDS = {"serve"}
 
 
 @pytest.fixture(scope="module")
@@ -946,11 +936,7 @@ def test_every_container_command_exists_in_the_cli(
         "compose pairwatch": "serve",
     }
     assert set(expected) | {"gpu CMD", "cpu CMD"} == set(commands)
-    pending = []
     for where, argv in commands.items():
-        if expected.get(where) in PENDING_COMMANDS - set(COMMANDS):
-            pending.append(where)
-            continue
         parser = build_parser()
         try:
             args = parser.parse_args(_normalise_argv(argv))
@@ -959,8 +945,6 @@ def test_every_container_command_exists_in_the_cli(
             continue
         assert args.command == expected[where], where
         assert args.command in COMMANDS
-    if pending:
-        pytest.skip(f"{pending}: the command is not on this branch yet")
 
 
 def _compose_value(value: Any) -> str:
@@ -986,13 +970,10 @@ def _pairwatch_environment(template: dict[str, Any], compose: dict[str, Any]) ->
     }
 
 
-def _setting_path(name: str) -> list[str] | None:
-    """``PAIRWATCH_COMPARISON__PROCESSING_TIMEOUT`` -> ["comparison", "processing_timeout"];
-    None for a fixed name whose setting has not landed on this branch yet."""
+def _setting_path(name: str) -> list[str]:
+    """``PAIRWATCH_COMPARISON__PROCESSING_TIMEOUT`` -> ["comparison", "processing_timeout"]."""
     path = name.removeprefix("PAIRWATCH_").lower().split("__")
     fields: dict[str, Any] = Settings.model_fields
-    if name in PENDING_SETTINGS and path[0] not in fields:
-        return None
     for depth, part in enumerate(path):
         assert part in fields, f"{name} is not a setting"
         if depth < len(path) - 1:
@@ -1016,26 +997,20 @@ def test_every_pairwatch_variable_is_a_valid_setting(
 ) -> None:
     environments = _pairwatch_environment(template, compose)
     assert all(environments[deployment] for deployment in DEPLOYMENTS)
-    pending: set[str] = set()
     for where, env in environments.items():
         with monkeypatch.context() as patch:
             for name in [k for k in os.environ if k.startswith("PAIRWATCH_")]:
                 patch.delenv(name)
             # pydantic-settings ignores unknown variables, so a typo would pass silently.
             paths = {name: _setting_path(name) for name in env}
-            pending |= {name for name, path in paths.items() if path is None}
             for name, value in env.items():
                 patch.setenv(name, value)
             settings = Settings()  # raises on an invalid value
             for name, value in env.items():
                 got: Any = settings
-                for part in paths[name] or []:
+                for part in paths[name]:
                     got = getattr(got, part)
-                assert paths[name] is None or _same(got, value), (
-                    f"{where}: {name}={value} read as {got!r}"
-                )
-    if pending:
-        pytest.skip(f"settings not on this branch yet: {sorted(pending)} (the rest checked)")
+                assert _same(got, value), f"{where}: {name}={value} read as {got!r}"
 
 
 # ------------------------------------------------------------------ local MinIO
