@@ -34,13 +34,6 @@ BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def offline() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
-
-
-@pytest.fixture(scope="module")
 def random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_vlm.build(tmp_path_factory.mktemp("random-vlm"))
 

@@ -48,13 +48,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def offline() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        yield
-
-
-@pytest.fixture(scope="module")
 def comparator(model_dir: Path, offline: None) -> Iterator[VLComparator]:
     vl = VLComparator(Settings(model=str(model_dir), device="cpu"))
     yield vl
