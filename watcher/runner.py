@@ -247,13 +247,16 @@ class Runner(Generic[K]):
             self._cond.notify_all()
         if stop.requested and self.in_flight():
             self._log.info("finishing_in_flight", pairs=self.in_flight())
-        while True:
-            with self._cond:
-                if not self._in_flight:
-                    self._closed = True
-                    self._cond.notify_all()
-                    return
+        with self._cond:
+            while self._in_flight:
                 self._cond.wait(STOP_POLL_S)
+            self._closed = True
+            self._cond.notify_all()
+        # Idle workers are parked in a wait: let them see ``_closed`` and end, so that ``run``
+        # returning means no thread of this runner is left (tests and embedders check that).
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
 
     # -- workers ----------------------------------------------------------------------------
 
