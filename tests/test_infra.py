@@ -329,6 +329,8 @@ def test_iam_is_least_privilege(template: dict[str, Any], deployment: str) -> No
     if on_lambda:
         assert _principal(consumer) == "lambda.amazonaws.com"
         expected_logs = {"logs:CreateLogStream", "logs:PutLogEvents"}
+        # handler.app keeps a retried message invisible until it is due (retry policy).
+        queue_actions |= {"sqs:GetQueueUrl", "sqs:ChangeMessageVisibility"}
         # In the VPC only with the engine: Lambda's own policy for the function's ENIs.
         vpc_policy = ["AWSLambdaVPCAccessExecutionRole"] if "vllm" in deployment else []
         assert _managed(consumer) == vpc_policy
