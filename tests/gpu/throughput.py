@@ -8,7 +8,8 @@ weights, the offline tokenizer and Qwen image processor of ``tests/support/tiny_
 batch size (1, 4, 8, 16) ``concurrency = vl_batch_size`` threads push pairs of two 1024x1024
 JPEGs through ``compare_pair`` (metrics pre-gate, the worker process, schema-constrained
 generate); prints pairs/s, mean batch, tokens per answer, peak GPU memory (the worker's
-allocator) and GPU busy time (``nvidia-smi`` utilisation sampled every 100 ms x wall time).
+allocator) and GPU busy time (``nvidia-smi`` utilisation sampled every 100 ms x wall time), from
+the comparator's ``vl_generated`` log events.
 Target: >= 10 pairs/s at batch 16 on one H200.
 
     tests/gpu/throughput.sh [--batches 1,4,8,16] [--pairs-per-batch 3]
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from handler.logs import configure_logging
 from handler.result import ComparisonResult
 from tests.gpu.check import run_pair
 from tests.support import tiny_vlm
+from tests.support.logs import captured_logs
 
 #: Qwen2.5-VL-3B-Instruct's config.json (text and vision), as published.
 TEXT_3B: dict[str, Any] = {
@@ -203,12 +206,14 @@ def run_batch_size(
     count: int,
     pairs: list[tuple[bytes, bytes]],
     config: ComparisonConfig,
+    logs: list[MutableMapping[str, Any]],
 ) -> dict[str, Any]:
     comparator = VLComparator(Settings(model=str(model), device=device, vl_batch_size=batch))
     try:
         comparator.wait_ready()
         _one(comparator, pairs[0], config)  # warm-up: kernels, allocator, grammar compile
 
+        first = len(logs)
         with GpuBusy() as busy:
             started = time.perf_counter()
             with ThreadPoolExecutor(batch) as pool:
@@ -221,6 +226,9 @@ def run_batch_size(
         ok = [r for r in results if r.status == "ok" and r.vl is not None]
         share = busy.busy_share()
         peaks = [r.vl.peak_memory_mb for r in ok if r.vl.peak_memory_mb is not None]
+        answers = [e for e in logs[first:] if e["event"] == "vl_generated"]
+        tokens = sum(e["new_tokens"] for e in answers) / max(1, len(answers))
+        generate_s = sum(e["generate_ms"] for e in answers) / max(1, len(answers)) / 1e3
         return {
             "batch": batch,
             "pairs": count,
@@ -228,6 +236,9 @@ def run_batch_size(
             "pairs_per_s": round(count / wall, 2),
             "mean_batch": round(sum(r.vl.batch_size or 0 for r in ok) / max(1, len(ok)), 2),
             "visual_tokens": ok[0].vl.visual_tokens if ok else None,
+            "tokens_per_answer": round(tokens, 1),
+            # A row's generate time (its batch's prefill and its own decoding), per new token.
+            "ms_per_token": round(generate_s * 1e3 / max(tokens, 1.0), 1),
             "peak_gpu_mb": max(peaks) if peaks else None,
             "gpu_busy_s": round(share * wall, 2) if share is not None else None,
             "gpu_busy_share": round(share, 3) if share is not None else None,
@@ -253,24 +264,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=1024)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    configure_logging("json", "WARNING")
+    configure_logging("json", "INFO")
     size = args.image_size
     config = ComparisonConfig(max_image_size=(size, size), processing_timeout=600)
     # Square 1024x1024 JPEGs (1 MP), distinct per pair so no pair is skipped as identical.
     pairs = [square_pair(size, seed) for seed in range(16)]
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
+    # Log events are read (vl_generated), not printed; warnings and errors are shown at the end.
+    with tempfile.TemporaryDirectory() as folder, captured_logs() as logs:
         model = build_model(Path(folder) / "qwen2.5-vl-3b-random", args.tiny, args.device)
         for batch in [int(b) for b in args.batches.split(",")]:
             row = run_batch_size(
-                model, args.device, batch, batch * args.pairs_per_batch, pairs, config
+                model, args.device, batch, batch * args.pairs_per_batch, pairs, config, logs
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"{'batch':>5} {'pairs/s':>8} {'mean batch':>10} {'peak MB':>9} {'GPU busy s':>10}")
+    for event in logs:
+        if event.get("log_level") in ("warning", "error", "critical"):
+            print(json.dumps(event, default=str), file=sys.stderr)
+    print(
+        f"{'batch':>5} {'pairs/s':>8} {'mean batch':>10} {'tokens':>7} {'ms/token':>8} "
+        f"{'peak MB':>9} {'GPU busy s':>10}"
+    )
     for row in rows:
         print(
             f"{row['batch']:>5} {row['pairs_per_s']:>8} {row['mean_batch']:>10} "
+            f"{row['tokens_per_answer']:>7} {row['ms_per_token']:>8} "
             f"{row['peak_gpu_mb']!s:>9} {row['gpu_busy_s']!s:>10}"
         )
     best = max(rows, key=lambda r: r["batch"])
