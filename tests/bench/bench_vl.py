@@ -1,14 +1,15 @@
 """Benchmark: VL throughput unbatched vs batched, on the offline random-weight tiny model, CPU.
 
-The same 32 pairs go through the real pipeline (``compare_pair``: bounded decode, metrics
-pre-gate, the worker process, schema-constrained generate, answer parsing) twice, in one run:
+The same 32 pairs, written as pair folders, go through the real runner twice in one run, as
+``pairwatch watch DIR --once`` runs them (the folder source, the runner's pairs in flight, the
+job with its hashing and result writing, bounded decode, detection, the metrics pre-gate, the
+worker process, schema-constrained generate, answer parsing):
 
-1. yardstick: concurrency 1, ``vl_batch_size`` 1 — one pair at a time, as before batching;
-2. batched: concurrency 8 (threads calling ``compare_pair``, as the runner's are),
-   ``vl_batch_size`` 8.
+1. yardstick: ``concurrency`` 1, ``vl_batch_size`` 1 — one pair at a time, as before batching;
+2. batched: ``concurrency`` 8, ``vl_batch_size`` 8.
 
-Prints pairs/s of each (from the worker's Ready to the last result), the ratio (target >= 3x)
-and the share of answers that are complete, schema-valid JSON (target 100 %).
+Prints pairs/s of each (from the model being ready to the last result written), the ratio
+(target >= 3x) and the share of answers that are complete, schema-valid JSON (target 100 %).
 
     .venv/bin/python -m tests.bench.bench_vl [--pairs 32] [--batch 8]
 """
@@ -22,19 +23,19 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from handler.compare.vl import VLComparator
 from handler.compare.vl.prompt import ModelAnswer
 from handler.config import ComparisonConfig, Settings
 from handler.logs import configure_logging
 from handler.result import ComparisonResult
-from tests.gpu.check import run_pair
 from tests.support import tiny_vlm
+from watcher.folder_source import FolderSource
+from watcher.runner import runner_for
+from watcher.shutdown import StopFlag
 
 #: Small prepared images: the tiny model's prompt stays short, as the tests keep it.
 CONFIG = ComparisonConfig(max_image_size=(128, 128))
@@ -63,19 +64,31 @@ def _jpeg(image: Image.Image) -> bytes:
 def run(
     model: Path, work: list[tuple[bytes, bytes]], batch: int
 ) -> tuple[float, list[ComparisonResult]]:
-    comparator = VLComparator(Settings(model=str(model), device="cpu", vl_batch_size=batch))
-    try:
-        comparator.wait_ready()
-
-        def one(index: int) -> ComparisonResult:
-            return run_pair(comparator, *work[index], CONFIG, pair_id=f"pair-{index}")
-
-        started = time.perf_counter()
-        with ThreadPoolExecutor(batch) as pool:
-            results = list(pool.map(one, range(len(work))))
-        return len(work) / (time.perf_counter() - started), results
-    finally:
-        comparator.close()
+    """``watch DIR --once`` over the pairs with ``concurrency = vl_batch_size = batch``."""
+    settings = Settings(
+        model=str(model),
+        device="cpu",
+        vl_batch_size=batch,
+        concurrency=batch,
+        comparison=CONFIG,
+        diff_image=False,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        for index, (a, b) in enumerate(work):
+            (root / f"pair-{index:02d}").mkdir()
+            (root / f"pair-{index:02d}" / "a.jpg").write_bytes(a)
+            (root / f"pair-{index:02d}" / "b.jpg").write_bytes(b)
+        with runner_for(settings) as runner:
+            runner.comparator.wait_ready()  # the model's load is not what is measured
+            started = time.perf_counter()
+            FolderSource(root, settings, runner, once=True).run(StopFlag())
+            rate = len(work) / (time.perf_counter() - started)
+        results = [
+            ComparisonResult.model_validate_json(path.read_bytes())
+            for path in sorted(root.glob("pair-*/result.json"))
+        ]
+    return rate, results
 
 
 def schema_valid(result: ComparisonResult) -> bool:
@@ -102,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for label, batch in (("unbatched", 1), ("batched", args.batch)):
             rate, results = run(model, work, batch)
+            assert len(results) == len(work), f"{len(results)} results for {len(work)} pairs"
             valid = sum(schema_valid(r) for r in results)
             sizes = [r.vl.batch_size or 0 for r in results if r.vl is not None]
             rows[label] = {
