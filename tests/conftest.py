@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -21,3 +22,27 @@ def offline() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         yield
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    """Small real photographs: the same picture twice (``a``, and ``a_copy`` re-encoded), the
+    same as a PNG (``png``) and a different picture (``other``)."""
+    from tests.support import scenes  # scikit-image: only for the tests that use photos
+
+    astronaut = scenes.photo("astronaut").resize((192, 192))
+    return {
+        "a": scenes.encode(astronaut),
+        "a_copy": scenes.encode(astronaut, quality=80),
+        "other": scenes.encode(scenes.photo("coffee").resize((192, 128))),
+        "png": scenes.as_png(astronaut),
+    }
+
+
+@pytest.fixture
+def no_pairwatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``PAIRWATCH_*`` or AWS endpoint variable of the caller's shell reaches an in-process
+    CLI run: only the test's own arguments and settings count."""
+    for name in list(os.environ):
+        if name.startswith(("PAIRWATCH_", "AWS_ENDPOINT_URL")):
+            monkeypatch.delenv(name)

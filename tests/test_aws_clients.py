@@ -6,7 +6,6 @@ answers (a hung endpoint), and a port nobody listens on (connections refused).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -16,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import pytest
 
@@ -27,7 +25,9 @@ from handler.aws_clients import (
     s3_client,
     sqs_client,
 )
-from tests.support.s3_servers import ROOT, aws_env, free_port, wait_for
+from tests.support.logs import json_events
+from tests.support.s3_servers import ROOT, aws_env, free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,10 +70,6 @@ def pairwatch(*args: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def log_events(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-
-
 def stop_while_hung(proc: subprocess.Popen[str], accepted: list[socket.socket]) -> float:
     """SIGTERM once the process is stuck in a call to the silent server; seconds to exit."""
     wait_for(lambda: accepted, 30, 0.05, "a connection to the silent server")
@@ -91,7 +87,7 @@ def test_watch_poll_exits_within_2_s_of_sigterm_while_the_store_hangs() -> None:
         _, stderr = proc.communicate(timeout=10)
     assert elapsed < 2.0, stderr[-2000:]
     assert proc.returncode == 0
-    assert log_events(stderr)[-1]["event"] == "watch_stopped"
+    assert json_events(stderr)[-1]["event"] == "watch_stopped"
 
 
 def test_watch_sqs_exits_within_2_s_of_sigterm_while_the_queue_hangs() -> None:
@@ -109,7 +105,7 @@ def test_every_failed_attempt_is_logged_and_the_call_gives_up() -> None:
     started = time.monotonic()
     proc = pairwatch("watch", "poll", "s3://photos/in/", "--once", "--endpoint-url", url)
     _, stderr = proc.communicate(timeout=60)
-    events = log_events(stderr)
+    events = json_events(stderr)
     attempts = [e for e in events if e["event"] == "aws_call_failed"]
     assert [e["attempt"] for e in attempts] == list(range(1, MAX_ATTEMPTS + 1)), stderr[-2000:]
     assert all(e["operation"] == "ListObjectsV2" for e in attempts)

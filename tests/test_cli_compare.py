@@ -12,6 +12,7 @@ import pytest
 
 from handler.result import ComparisonResult
 from tests.support import scenes
+from tests.support.logs import json_events
 from watcher.cli import main
 
 PAIRWATCH = [sys.executable, "-m", "watcher.cli"]
@@ -35,10 +36,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return a, b
 
 
-def _log_events(stderr: str) -> list[dict[str, object]]:
-    return [json.loads(line) for line in stderr.splitlines() if line.strip()]
-
-
 def test_compare_prints_a_valid_result(pair: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     proc = _run("compare", str(pair[0]), str(pair[1]), "--output", str(out))
@@ -50,7 +47,7 @@ def test_compare_prints_a_valid_result(pair: tuple[Path, Path], tmp_path: Path) 
     assert result.inputs[0].sha256 != result.inputs[1].sha256
     assert {"prepare", "compare", "total"} <= set(result.timings_ms)
     assert ComparisonResult.model_validate_json(out.read_text()) == result
-    events = [e["event"] for e in _log_events(proc.stderr)]
+    events = [e["event"] for e in json_events(proc.stderr, strict=True)]
     assert events.count("image_prepared") == 2 and "pair_compared" in events
 
 
@@ -66,7 +63,7 @@ def test_a_bad_input_gives_an_error_result_and_exit_1(
     assert result.error is not None
     assert (result.error.type, result.error.input) == ("invalid_image", "b")
     assert result.inputs[0].format == "JPEG"
-    assert any(e["event"] == "pair_failed" for e in _log_events(proc.stderr))
+    assert any(e["event"] == "pair_failed" for e in json_events(proc.stderr, strict=True))
 
 
 def test_a_missing_input(pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -76,15 +73,21 @@ def test_a_missing_input(pair: tuple[Path, Path], tmp_path: Path) -> None:
     assert (error["type"], error["input"]) == ("input_not_found", "a")
 
 
-def test_usage_errors_exit_2(pair: tuple[Path, Path], tmp_path: Path) -> None:
-    assert _run("compare", str(pair[0])).returncode == 2
-    assert _run("compare", str(pair[0]), str(pair[1]), "--comparator", "gpu").returncode == 2
+@pytest.mark.usefixtures("no_pairwatch_env")
+def test_usage_errors_exit_2(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for args in ([str(pair[0])], [str(pair[0]), str(pair[1]), "--comparator", "gpu"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["compare", *args])
+        assert exit_.value.code == 2
     bad = tmp_path / "bad.toml"
     bad.write_text("[comparison]\nimage_quality = 0\n")
-    proc = _run("compare", str(pair[0]), str(pair[1]), "--config", str(bad))
-    assert proc.returncode == 2
-    assert "comparison.image_quality" in proc.stderr
-    assert proc.stdout == ""
+    capsys.readouterr()
+    assert main(["compare", str(pair[0]), str(pair[1]), "--config", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert "comparison.image_quality" in captured.err
+    assert captured.out == ""
 
 
 def test_config_file_reaches_the_comparison(pair: tuple[Path, Path], tmp_path: Path) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from PIL import Image
 from handler.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 from handler.images import prepare
 from tests.support import scenes
+from tests.support.png import png_header_only
 
 BOX = (1024, 1024)
 
@@ -148,24 +147,8 @@ def test_unsupported_format_is_named() -> None:
         prepare(scenes.encode(scenes.photo("chelsea"), "PCX"), BOX, 85)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims ``width`` x ``height`` but carries almost no data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body))
-            + kind
-            + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 def test_decompression_bomb_is_rejected_without_decoding() -> None:
-    bomb = _png_header_only(40000, 40000)
+    bomb = png_header_only(40000, 40000)
     start = time.perf_counter()
     with pytest.raises(ImageTooLarge, match=r"1600\.0 megapixels"):
         prepare(bomb, BOX, 85)

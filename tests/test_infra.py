@@ -38,7 +38,8 @@ from handler.pairs import IMAGE_SUFFIXES, MANIFEST_SUFFIX, is_output_name, is_re
 from handler.s3_storage import S3Storage
 from tests.support import scenes
 from tests.support.cfn import GetAtt, Ref, Stack, load_template
-from tests.support.s3_servers import aws_env, client, moto_server, unique, wait_for
+from tests.support.s3_servers import aws_env, client, moto_server, unique
+from tests.support.waiting import wait_for
 from watcher.cli import _normalise_argv, build_parser
 from watcher.commands import COMMANDS
 

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,22 +26,9 @@ from handler.jobs import MISSING_INPUT, JobReport, run_pair_job
 from handler.pairs import PairSpec, is_ignored_path, pairs_for_name
 from handler.result import ComparisonResult, ErrorInfo
 from handler.storage import LocalStorage, PairStorage
-from tests.support import scenes
+from tests.support.png import png_header_only
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def photos() -> dict[str, bytes]:
-    """Small real photographs: the same picture twice (re-encoded) and a different one."""
-    astronaut = scenes.photo("astronaut").resize((160, 160))
-    coffee = scenes.photo("coffee").resize((180, 120))
-    return {
-        "a": scenes.encode(astronaut),
-        "a_copy": scenes.encode(astronaut, quality=80),
-        "other": scenes.encode(coffee),
-        "png": scenes.as_png(astronaut),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -71,18 +57,6 @@ def _put(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG header announcing ``width`` x ``height`` pixels, with almost no data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body).to_bytes(4, "big")
-        return len(body).to_bytes(4, "big") + kind + body + crc
-
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    idat = zlib.compress(b"\0" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 # -- naming conventions --------------------------------------------------------------------------
@@ -237,7 +211,7 @@ def test_empty_folder_and_folder_with_manifests_are_not_pairs(
         (lambda p: b"", "invalid_image"),
         (lambda p: b"hello, not an image\n" * 10, "invalid_image"),
         (lambda p: p["a"][: len(p["a"]) // 2], "invalid_image"),
-        (lambda p: _png_header_only(40_000, 40_000), "image_too_large"),
+        (lambda p: png_header_only(40_000, 40_000), "image_too_large"),
     ],
     ids=["zero_bytes", "text", "truncated", "decompression_bomb"],
 )

@@ -25,8 +25,8 @@ from tests.support.s3_servers import (
     moto_server,
     notified_bucket,
     queue_depth,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 FIXTURES = Path(__file__).parent / "fixtures" / "events"

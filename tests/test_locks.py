@@ -18,6 +18,7 @@ import pytest
 from handler.locks import lock_name, pair_lock
 from handler.storage import LocalStorage
 from tests.support import scenes
+from tests.support.logs import json_events
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def test_two_watchers_on_one_folder_compare_each_pair_once(tmp_path: Path) -> No
     for proc in procs:
         _, stderr = proc.communicate(timeout=100)
         assert proc.returncode == 0, stderr[-3000:]
-        events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+        events = json_events(stderr)
         started += [e["pair_id"] for e in events if e["event"] == "pair_started"]
     assert sorted(started) == [f"p{i:02d}" for i in range(pairs)]  # each compared once
     for index in range(pairs):

@@ -35,10 +35,11 @@ from tests.support.s3_servers import (
     client,
     minio_listen_server,
     unique,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 from watcher.args import BucketURL
 from watcher.bucket import bucket_jobs, list_events
+from watcher.cli import main
 from watcher.minio_listen import Listener, minio_client
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
@@ -127,13 +128,10 @@ def test_listen_reconnect_and_catch_up(minio: tuple[str, MinioListenLayer]) -> N
     assert aws_env()["AWS_SECRET_ACCESS_KEY"] not in stderr
 
 
-def test_missing_endpoint_is_a_usage_error() -> None:
-    env = {k: v for k, v in {**os.environ, **aws_env()}.items() if not k.startswith("AWS_ENDPOINT")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "watcher.cli", "watch", "minio", "s3://bucket/in"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == 2 and "--endpoint-url" in proc.stderr
+@pytest.mark.usefixtures("no_pairwatch_env")
+def test_missing_endpoint_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["watch", "minio", "s3://bucket/in"]) == 2
+    assert "watch minio needs --endpoint-url" in capsys.readouterr().err
 
 
 def test_a_relisted_lone_image_is_retried_once(

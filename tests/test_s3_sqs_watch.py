@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+import watcher.sqs
 from handler.bucket_jobs import Delivery
 from handler.compare.metrics import MetricsComparator
 from handler.disposition import done
@@ -30,8 +31,9 @@ from tests.support.s3_servers import (
     moto_server,
     notified_bucket,
     queue_depth,
-    wait_for,
 )
+from tests.support.waiting import wait_for
+from watcher.cli import main
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
 from watcher.sqs import SqsSource, _region_from_url
@@ -185,12 +187,26 @@ def test_unreachable_queue_fails_cleanly(endpoint: str) -> None:
     assert any(e["event"] == "queue_unavailable" for e in json_events(stderr))
 
 
-def test_bad_input_prefix_is_a_usage_error(endpoint: str) -> None:
-    proc = watch_sqs(f"{endpoint}/123456789012/any", endpoint, "--input-prefix", "in/../other")
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 2, stderr[-3000:]
-    assert "bad input prefix" in stderr and "'..' segment" in stderr
-    assert "comparator_unavailable" not in stderr and "Traceback" not in stderr
+@pytest.mark.usefixtures("no_pairwatch_env")
+@pytest.mark.parametrize("flag", [True, False])
+def test_bad_input_prefix_is_a_usage_error_before_anything_is_built(
+    flag: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 2 naming the setting, from the flag or the environment, before a client or the
+    comparator is built (a model could take minutes to load first): no server is needed."""
+    built: list[str] = []
+    monkeypatch.setattr(watcher.sqs, "sqs_client", lambda *a, **k: built.append("sqs client"))
+    monkeypatch.setattr(watcher.sqs, "runner_for", lambda *a, **k: built.append("comparator"))
+    args = ["watch", "sqs", "http://127.0.0.1:9/123456789012/any"]
+    if flag:
+        args += ["--input-prefix", "in/../other"]
+    else:
+        monkeypatch.setenv("PAIRWATCH_INPUT_PREFIX", "in/../other")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "bad input prefix (--input-prefix or PAIRWATCH_INPUT_PREFIX)" in err
+    assert "'..' segment" in err
+    assert built == []
 
 
 def test_visibility_is_extended_while_a_pair_runs(endpoint: str) -> None:

@@ -71,16 +71,6 @@ def bucket(s3: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def images() -> dict[str, bytes]:
-    astronaut = scenes.photo("astronaut").resize((160, 160))
-    return {
-        "a": scenes.encode(astronaut),
-        "a2": scenes.encode(astronaut, quality=75),
-        "other": scenes.encode(scenes.photo("coffee").resize((180, 120))),
-    }
-
-
-@pytest.fixture(scope="module")
 def comparator() -> MetricsComparator:
     return MetricsComparator()
 
@@ -222,17 +212,17 @@ def actions(report: EventReport) -> list[str]:
 
 
 def test_pair_folder_end_to_end(
-    s3: Any, bucket: str, images: dict[str, bytes], comparator: MetricsComparator
+    s3: Any, bucket: str, photos: dict[str, bytes], comparator: MetricsComparator
 ) -> None:
     settings = Settings(diff_image=True, pair_timeout=60)
     jobs = BucketJobs(settings, comparator, s3, prefix="in")
     folder = "in/pair one+ü"
-    s3.put_object(Bucket=bucket, Key=f"{folder}/a.jpg", Body=images["a"])
+    s3.put_object(Bucket=bucket, Key=f"{folder}/a.jpg", Body=photos["a"])
     first = handle(jobs, created(bucket, f"{folder}/a.jpg"))
     assert actions(first) == ["waiting"]  # no work: looked at again when its partner is due
     assert first.disposition.kind == "retry" and first.disposition.at is not None
     assert first.disposition.at > time.time() + 50
-    s3.put_object(Bucket=bucket, Key=f"{folder}/b.jpg", Body=images["a2"])
+    s3.put_object(Bucket=bucket, Key=f"{folder}/b.jpg", Body=photos["a_copy"])
     second = handle(jobs, created(bucket, f"{folder}/b.jpg"))
     assert actions(second) == ["written"] and second.disposition.kind == "done"
 
@@ -253,18 +243,18 @@ def test_pair_folder_end_to_end(
     assert gets == 1  # the result itself
 
     # Replacing an input changes its ETag: compared again.
-    s3.put_object(Bucket=bucket, Key=f"{folder}/b.jpg", Body=images["other"])
+    s3.put_object(Bucket=bucket, Key=f"{folder}/b.jpg", Body=photos["other"])
     assert actions(handle(jobs, created(bucket, f"{folder}/b.jpg"))) == ["written"]
     assert get_json(s3, bucket, f"{folder}/result.json")["is_similar"] is False
 
 
 def test_manifest_output_prefix_and_guards(
-    s3: Any, bucket: str, images: dict[str, bytes], comparator: MetricsComparator
+    s3: Any, bucket: str, photos: dict[str, bytes], comparator: MetricsComparator
 ) -> None:
     settings = Settings(diff_image=False, output_prefix="results/", pair_timeout=60)
     jobs = BucketJobs(settings, comparator, s3)
-    s3.put_object(Bucket=bucket, Key="shots/x 1.jpg", Body=images["a"])
-    s3.put_object(Bucket=bucket, Key="shots/y+2.png", Body=images["other"])
+    s3.put_object(Bucket=bucket, Key="shots/x 1.jpg", Body=photos["a"])
+    s3.put_object(Bucket=bucket, Key="shots/y+2.png", Body=photos["other"])
     manifest = {"a": "x 1.jpg", "b": "y+2.png", "config": {"similarity_threshold": 0.5}}
     s3.put_object(Bucket=bucket, Key="shots/cmp.pair.json", Body=json.dumps(manifest).encode())
     assert actions(handle(jobs, created(bucket, "shots/cmp.pair.json"))) == ["written"]
@@ -289,11 +279,11 @@ def ignored(report: EventReport) -> bool:
 
 
 def test_replacing_an_image_reruns_the_manifests_beside_it(
-    s3: Any, bucket: str, images: dict[str, bytes], comparator: MetricsComparator
+    s3: Any, bucket: str, photos: dict[str, bytes], comparator: MetricsComparator
 ) -> None:
     jobs = BucketJobs(Settings(diff_image=False, pair_timeout=60), comparator, s3)
-    s3.put_object(Bucket=bucket, Key="m/x.jpg", Body=images["a"])
-    s3.put_object(Bucket=bucket, Key="m/y.jpg", Body=images["a2"])
+    s3.put_object(Bucket=bucket, Key="m/x.jpg", Body=photos["a"])
+    s3.put_object(Bucket=bucket, Key="m/y.jpg", Body=photos["a_copy"])
     manifest = json.dumps({"a": "x.jpg", "b": "y.jpg"}).encode()
     s3.put_object(Bucket=bucket, Key="m/cmp.pair.json", Body=manifest)
     assert actions(handle(jobs, created(bucket, "m/cmp.pair.json"))) == ["written"]
@@ -304,7 +294,7 @@ def test_replacing_an_image_reruns_the_manifests_beside_it(
     assert actions(handle(jobs, created(bucket, "m/y.jpg"))) == ["none", "skipped"]
     assert calls.count("ListObjectsV2") == 1  # the folder, listed once for both pair rules
 
-    s3.put_object(Bucket=bucket, Key="m/y.jpg", Body=images["other"])
+    s3.put_object(Bucket=bucket, Key="m/y.jpg", Body=photos["other"])
     assert actions(handle(jobs, created(bucket, "m/y.jpg"))) == ["none", "written"]
     assert get_json(s3, bucket, "m/cmp.result.json")["is_similar"] is False
 
@@ -321,7 +311,7 @@ def test_hostile_key_is_an_error_for_that_record(
 
 
 def test_manifest_before_its_images_asks_for_a_retry(
-    s3: Any, bucket: str, images: dict[str, bytes], comparator: MetricsComparator
+    s3: Any, bucket: str, photos: dict[str, bytes], comparator: MetricsComparator
 ) -> None:
     jobs = BucketJobs(Settings(diff_image=False, pair_timeout=60), comparator, s3)
     s3.put_object(Bucket=bucket, Key="m/early.pair.json", Body=b'{"a": "a.jpg", "b": "b.jpg"}')
@@ -333,18 +323,18 @@ def test_manifest_before_its_images_asks_for_a_retry(
     late = jobs.handle(created(bucket, "m/early.pair.json"), now=time.time() + 61)
     assert late.disposition.kind == "done"
     for name in ("a.jpg", "b.jpg"):
-        s3.put_object(Bucket=bucket, Key=f"m/{name}", Body=images["a"])
+        s3.put_object(Bucket=bucket, Key=f"m/{name}", Body=photos["a"])
     assert actions(handle(jobs, created(bucket, "m/early.pair.json"))) == ["written"]
     assert get_json(s3, bucket, "m/early.result.json")["status"] == "ok"
 
 
 def test_oversized_image_gets_an_error_result_without_download(
-    s3: Any, bucket: str, images: dict[str, bytes], comparator: MetricsComparator
+    s3: Any, bucket: str, photos: dict[str, bytes], comparator: MetricsComparator
 ) -> None:
-    settings = Settings(diff_image=False, max_input_bytes=len(images["a"]) + 10)
+    settings = Settings(diff_image=False, max_input_bytes=len(photos["a"]) + 10)
     jobs = BucketJobs(settings, comparator, s3)
-    s3.put_object(Bucket=bucket, Key="big/a.jpg", Body=images["a"])
-    s3.put_object(Bucket=bucket, Key="big/b.jpg", Body=images["a"] + b"\0" * 100)
+    s3.put_object(Bucket=bucket, Key="big/a.jpg", Body=photos["a"])
+    s3.put_object(Bucket=bucket, Key="big/b.jpg", Body=photos["a"] + b"\0" * 100)
     calls = Calls(s3)
     assert actions(handle(jobs, created(bucket, "big/b.jpg"))) == ["written"]
     assert calls.count("GetObject") == 2  # the old result (absent) and image a; never b
@@ -353,12 +343,12 @@ def test_oversized_image_gets_an_error_result_without_download(
 
 
 def test_workers_racing_on_one_pair_write_once(
-    endpoint: str, s3: Any, bucket: str, images: dict[str, bytes], comparator: MetricsComparator
+    endpoint: str, s3: Any, bucket: str, photos: dict[str, bytes], comparator: MetricsComparator
 ) -> None:
     """Worker B compares while worker A writes the result first: B's conditional PUT fails
     and B reports the pair as done by someone else, leaving A's result in place."""
-    s3.put_object(Bucket=bucket, Key="race/a.jpg", Body=images["a"])
-    s3.put_object(Bucket=bucket, Key="race/b.jpg", Body=images["other"])
+    s3.put_object(Bucket=bucket, Key="race/a.jpg", Body=photos["a"])
+    s3.put_object(Bucket=bucket, Key="race/b.jpg", Body=photos["other"])
     worker_b = client("s3", endpoint)
     winner = b'{"written_by": "worker A"}'
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import io
-import json
 import os
 import pty
 import queue
@@ -26,7 +25,7 @@ import pytest
 from PIL import Image
 
 from handler.result import ComparisonResult
-from tests.support import scenes
+from tests.support.logs import json_event, json_events
 from watcher.args import positive_seconds, seconds
 from watcher.cli import build_parser, main, settings_from_args
 
@@ -39,20 +38,6 @@ REPO = Path(__file__).resolve().parent.parent
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAIRWATCH_")}
     return {**env, "PAIRWATCH_LOG_FORMAT": "json", "PAIRWATCH_SETTLE_TIME": "0.2", **extra}
-
-
-def _events(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-
-
-@pytest.fixture(scope="module")
-def photos() -> dict[str, bytes]:
-    astronaut = scenes.photo("astronaut").resize((192, 192))
-    return {
-        "a": scenes.encode(astronaut),
-        "a_copy": scenes.encode(astronaut, quality=80),
-        "other": scenes.encode(scenes.photo("coffee").resize((192, 128))),
-    }
 
 
 def _pair(folder: Path, a: bytes, b: bytes) -> None:
@@ -86,7 +71,7 @@ def test_once_processes_everything_and_exits_0(tmp_path: Path, photos: dict[str,
     )
     assert same.is_similar and different.is_similar is False
     assert different.pair_id == "nested/different"
-    events = _events(proc.stderr)
+    events = json_events(proc.stderr)
     for name in ("pair_detected", "pair_started", "image_prepared", "pair_compared"):
         assert {e["pair_id"] for e in events if e["event"] == name} == {"same", "nested/different"}
     written = [e for e in events if e["event"] == "result_written"]
@@ -102,7 +87,7 @@ def test_once_processes_everything_and_exits_0(tmp_path: Path, photos: dict[str,
         timeout=60,
     )
     assert again.returncode == 0
-    assert not [e for e in _events(again.stderr) if e["event"] == "pair_started"]
+    assert not [e for e in json_events(again.stderr) if e["event"] == "pair_started"]
 
 
 def test_once_exits_1_when_a_pair_failed(tmp_path: Path, photos: dict[str, bytes]) -> None:
@@ -122,7 +107,7 @@ def test_once_exits_1_when_a_pair_failed(tmp_path: Path, photos: dict[str, bytes
     assert ComparisonResult.model_validate_json(
         (tmp_path / "good/result.json").read_text()
     ).is_similar
-    failed = [e for e in _events(proc.stderr) if e["event"] == "pair_failed"]
+    failed = [e for e in json_events(proc.stderr) if e["event"] == "pair_failed"]
     assert failed and failed[0]["pair_id"] == "broken" and "duration_ms" in failed[0]
 
 
@@ -156,15 +141,10 @@ def test_bundled_examples(tmp_path: Path) -> None:
     }
 
 
-def test_not_a_folder_is_a_usage_error(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [*PAIRWATCH, "watch", str(tmp_path / "missing")],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
-    assert proc.returncode == 2 and "is not a folder" in proc.stderr
+@pytest.mark.usefixtures("no_pairwatch_env")
+def test_not_a_folder_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["watch", str(tmp_path / "missing")]) == 2
+    assert f"{tmp_path / 'missing'} is not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -246,8 +226,8 @@ class _Running:
     def _read(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
-            if line.startswith("{"):
-                self._lines.put(json.loads(line))
+            if (event := json_event(line)) is not None:
+                self._lines.put(event)
         self._lines.put(None)
 
     def wait_event(self, name: str, timeout: float = 30) -> dict[str, Any]:

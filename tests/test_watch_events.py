@@ -23,8 +23,8 @@ from handler.compare import resolve_concurrency
 from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
 from handler.result import ComparisonResult
-from tests.support import scenes
 from tests.support.logs import captured_logs
+from tests.support.waiting import wait_for
 from watcher.folder_source import FolderSource
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
@@ -34,17 +34,6 @@ pytestmark = [
     # watchdog warns when it re-adds the watch of a folder created or moved in; harmless.
     pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning"),
 ]
-
-
-@pytest.fixture(scope="module")
-def photos() -> dict[str, bytes]:
-    astronaut = scenes.photo("astronaut").resize((192, 192))
-    coffee = scenes.photo("coffee").resize((192, 128))
-    return {
-        "a": scenes.encode(astronaut),
-        "a_copy": scenes.encode(astronaut, quality=80),
-        "other": scenes.encode(coffee),
-    }
 
 
 @contextmanager
@@ -70,19 +59,19 @@ def watching(root: Path, *, polling: bool = False, **overrides: Any) -> Iterator
         assert not thread.is_alive(), "the watcher did not stop"
 
 
-def wait_for(
+def wait_for_result(
     path: Path,
     where: Callable[[ComparisonResult], bool] = lambda r: True,
     timeout: float = 15.0,
 ) -> ComparisonResult:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            result = ComparisonResult.model_validate_json(path.read_bytes())
-            if where(result):
-                return result
-        time.sleep(0.02)
-    raise AssertionError(f"no matching {path} within {timeout} s")
+    def matching() -> ComparisonResult | None:
+        if not path.exists():
+            return None
+        result = ComparisonResult.model_validate_json(path.read_bytes())
+        return result if where(result) else None
+
+    result: ComparisonResult = wait_for(matching, timeout, 0.02, f"a matching {path}")
+    return result
 
 
 def rsync_put(path: Path, data: bytes) -> None:
@@ -108,12 +97,12 @@ def test_plain_copy(tmp_path: Path, photos: dict[str, bytes]) -> None:
         (root / "p1").mkdir()
         shutil.copy(source / "a.jpg", root / "p1" / "a.jpg")
         shutil.copy(source / "b.jpg", root / "p1" / "b.jpg")
-        result = wait_for(root / "p1" / "result.json")
+        result = wait_for_result(root / "p1" / "result.json")
         # A barrier: the next pair's result means any event the first result could have
         # caused (it must cause none) has been handled already.
         rsync_put(root / "p2" / "a.jpg", photos["a"])
         rsync_put(root / "p2" / "b.jpg", photos["other"])
-        wait_for(root / "p2" / "result.json")
+        wait_for_result(root / "p2" / "result.json")
     assert result.status == "ok" and result.is_similar
     assert started(logs, "p1") == 1, "the pair ran more than once (own outputs or coalescing)"
     events = {e["event"] for e in logs if e.get("pair_id") == "p1"}
@@ -127,7 +116,7 @@ def test_rsync_temp_then_rename_coalesces_into_one_job(
     with captured_logs() as logs, watching(tmp_path):
         rsync_put(tmp_path / "r" / "a.jpg", photos["a"])
         rsync_put(tmp_path / "r" / "b.jpg", photos["other"])
-        result = wait_for(tmp_path / "r" / "result.json")
+        result = wait_for_result(tmp_path / "r" / "result.json")
     assert result.status == "ok" and result.is_similar is False
     assert started(logs, "r") == 1
     assert sorted(os.listdir(tmp_path / "r")) == ["a.jpg", "b.jpg", "diff.png", "result.json"]
@@ -159,7 +148,7 @@ def test_slow_writer_is_read_only_once_complete(
             time.sleep(0.1)
         handle.close()
         finished = time.time()
-        result = wait_for(tmp_path / "slow" / "result.json")
+        result = wait_for_result(tmp_path / "slow" / "result.json")
     assert result.status == "ok", result.error
     assert result.inputs[1].bytes == len(data)
     assert started(logs, "slow") == 1
@@ -179,8 +168,8 @@ def test_mv_from_outside(tmp_path: Path, photos: dict[str, bytes]) -> None:
         (root / "files" / "a.jpg").write_bytes(photos["a"])
         os.rename(outside / "pair", root / "moved-folder")  # a whole pair folder at once
         os.rename(outside / "single.jpg", root / "files" / "b.jpg")  # one file into a folder
-        folder = wait_for(root / "moved-folder" / "result.json")
-        files = wait_for(root / "files" / "result.json")
+        folder = wait_for_result(root / "moved-folder" / "result.json")
+        files = wait_for_result(root / "files" / "result.json")
     assert folder.status == "ok" and folder.is_similar
     assert files.status == "ok" and files.is_similar is False
 
@@ -191,9 +180,9 @@ def test_catch_up_after_downtime_and_idempotency(tmp_path: Path, photos: dict[st
         (tmp_path / pair / "a.jpg").write_bytes(photos["a"])
         (tmp_path / pair / "b.jpg").write_bytes(photos[b])
     with watching(tmp_path):
-        done = wait_for(tmp_path / "done" / "result.json")
-        wait_for(tmp_path / "new1" / "result.json")
-        wait_for(tmp_path / "new2" / "result.json")
+        done = wait_for_result(tmp_path / "done" / "result.json")
+        wait_for_result(tmp_path / "new1" / "result.json")
+        wait_for_result(tmp_path / "new2" / "result.json")
     stamp = (tmp_path / "done" / "result.json").stat().st_mtime_ns
     # Down: pairs arrive, and one input of a finished pair is replaced.
     (tmp_path / "new1" / "result.json").unlink()
@@ -203,9 +192,9 @@ def test_catch_up_after_downtime_and_idempotency(tmp_path: Path, photos: dict[st
     os.utime(tmp_path / "late" / "b.jpg", (time.time() - 60, time.time() - 60))
     rsync_put(tmp_path / "new2" / "b.jpg", photos["other"])
     with captured_logs() as logs, watching(tmp_path):
-        wait_for(tmp_path / "late" / "result.json")
-        wait_for(tmp_path / "new1" / "result.json")
-        replaced = wait_for(tmp_path / "new2" / "result.json", lambda r: not r.is_similar)
+        wait_for_result(tmp_path / "late" / "result.json")
+        wait_for_result(tmp_path / "new1" / "result.json")
+        replaced = wait_for_result(tmp_path / "new2" / "result.json", lambda r: not r.is_similar)
     assert done.is_similar and replaced.is_similar is False
     assert (tmp_path / "done" / "result.json").stat().st_mtime_ns == stamp  # not redone
     assert started(logs, "done") == 0
@@ -216,9 +205,9 @@ def test_replacing_an_input_compares_again(tmp_path: Path, photos: dict[str, byt
     with watching(tmp_path):
         rsync_put(tmp_path / "p" / "a.jpg", photos["a"])
         rsync_put(tmp_path / "p" / "b.jpg", photos["a_copy"])
-        first = wait_for(tmp_path / "p" / "result.json")
+        first = wait_for_result(tmp_path / "p" / "result.json")
         (tmp_path / "p" / "b.jpg").write_bytes(photos["other"])  # overwritten in place
-        second = wait_for(tmp_path / "p" / "result.json", lambda r: r != first)
+        second = wait_for_result(tmp_path / "p" / "result.json", lambda r: r != first)
     assert first.is_similar and second.is_similar is False
     assert second.inputs[0].sha256 == first.inputs[0].sha256
     assert second.inputs[1].sha256 != first.inputs[1].sha256
@@ -228,10 +217,10 @@ def test_incomplete_then_completed_pair(tmp_path: Path, photos: dict[str, bytes]
     with watching(tmp_path, pair_timeout=1.0):
         rsync_put(tmp_path / "lone" / "a.jpg", photos["a"])
         t0 = time.monotonic()
-        incomplete = wait_for(tmp_path / "lone" / "result.json")
+        incomplete = wait_for_result(tmp_path / "lone" / "result.json")
         waited = time.monotonic() - t0
         rsync_put(tmp_path / "lone" / "b.jpg", photos["a_copy"])
-        complete = wait_for(tmp_path / "lone" / "result.json", lambda r: r.status == "ok")
+        complete = wait_for_result(tmp_path / "lone" / "result.json", lambda r: r.status == "ok")
     assert incomplete.error is not None and incomplete.error.type == "incomplete_pair"
     assert 0.7 <= waited < 5
     assert complete.is_similar
@@ -244,9 +233,9 @@ def test_ambiguous_pair_resolves_when_an_image_is_removed(
     for name, key in (("a.jpg", "a"), ("b.jpg", "a_copy"), ("c.jpg", "other")):
         (tmp_path / "amb" / name).write_bytes(photos[key])
     with watching(tmp_path):
-        ambiguous = wait_for(tmp_path / "amb" / "result.json")
+        ambiguous = wait_for_result(tmp_path / "amb" / "result.json")
         (tmp_path / "amb" / "c.jpg").unlink()
-        resolved = wait_for(tmp_path / "amb" / "result.json", lambda r: r.status == "ok")
+        resolved = wait_for_result(tmp_path / "amb" / "result.json", lambda r: r.status == "ok")
     assert ambiguous.error is not None and ambiguous.error.type == "ambiguous_pair"
     assert "a.jpg, b.jpg, c.jpg" in ambiguous.error.message
     assert resolved.is_similar
@@ -262,9 +251,9 @@ def test_manifest_is_rerun_when_a_referenced_image_changes(
             tmp_path / "check.pair.json",
             b'{"a": "library/x/one.jpg", "b": "library/y/two.jpg"}',
         )
-        first = wait_for(tmp_path / "check.result.json")
+        first = wait_for_result(tmp_path / "check.result.json")
         rsync_put(tmp_path / "library" / "y" / "two.jpg", photos["other"])
-        second = wait_for(tmp_path / "check.result.json", lambda r: r != first)
+        second = wait_for_result(tmp_path / "check.result.json", lambda r: r != first)
     assert first.is_similar and second.is_similar is False
 
 
@@ -283,10 +272,10 @@ def test_escaping_manifest_and_hostile_images_do_not_stop_the_watcher(
         rsync_put(root / "empty" / "b.jpg", b"")
         rsync_put(root / "good" / "a.jpg", photos["a"])
         rsync_put(root / "good" / "b.jpg", photos["a_copy"])
-        escape = wait_for(root / "escape.result.json")
-        bad = wait_for(root / "bad" / "result.json")
-        empty = wait_for(root / "empty" / "result.json")
-        good = wait_for(root / "good" / "result.json")
+        escape = wait_for_result(root / "escape.result.json")
+        bad = wait_for_result(root / "bad" / "result.json")
+        empty = wait_for_result(root / "empty" / "result.json")
+        good = wait_for_result(root / "good" / "result.json")
     assert escape.error is not None and escape.error.type == "path_outside_root"
     assert bad.error is not None and bad.error.type == "invalid_image"
     assert empty.error is not None and empty.error.type == "invalid_image"
@@ -300,7 +289,7 @@ def test_full_queue_falls_back_to_a_rescan(tmp_path: Path, photos: dict[str, byt
             rsync_put(tmp_path / name / "a.jpg", photos["a"])
             rsync_put(tmp_path / name / "b.jpg", photos["a_copy"])
         for name in names:
-            wait_for(tmp_path / name / "result.json")
+            wait_for_result(tmp_path / name / "result.json")
     assert any(e["event"] == "queue_full" for e in logs)
     assert all(started(logs, name) == 1 for name in names)
 
@@ -310,7 +299,7 @@ def test_polling_observer(tmp_path: Path, photos: dict[str, bytes]) -> None:
         (tmp_path / "p").mkdir()
         (tmp_path / "p" / "a.jpg").write_bytes(photos["a"])
         (tmp_path / "p" / "b.jpg").write_bytes(photos["a_copy"])
-        assert wait_for(tmp_path / "p" / "result.json").is_similar
+        assert wait_for_result(tmp_path / "p" / "result.json").is_similar
 
 
 def test_no_threads_are_left_behind(tmp_path: Path, photos: dict[str, bytes]) -> None:
@@ -321,5 +310,5 @@ def test_no_threads_are_left_behind(tmp_path: Path, photos: dict[str, bytes]) ->
         with watching(root, polling=polling):
             rsync_put(root / "p" / "a.jpg", photos["a"])
             rsync_put(root / "p" / "b.jpg", photos["other"])
-            wait_for(root / "p" / "result.json")
+            wait_for_result(root / "p" / "result.json")
     assert set(threading.enumerate()) - before == set()

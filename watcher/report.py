@@ -74,7 +74,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 @dataclass(frozen=True)
-class Report:
+class HtmlReport:
+    """The page ``build_report`` wrote: where, how many pairs, how many of each kind, its size.
+
+    Not a pair job's outcome (``handler.jobs.JobReport``) nor a bucket event's
+    (``handler.bucket_jobs.EventReport``)."""
+
     path: Path
     pairs: int
     counts: dict[str, int]
@@ -154,7 +159,7 @@ def build_report(
     thumb_size: int = DEFAULT_EDGE,
     max_input_bytes: int,
     max_input_pixels: int,
-) -> Report:
+) -> HtmlReport:
     """Write the report for every result under ``root`` to ``output`` (atomically)."""
     started = time.perf_counter()
     log = get_logger()
@@ -187,7 +192,7 @@ def build_report(
         duration_ms=elapsed_ms(started),
         **{kind: counts.get(kind, 0) for kind in KINDS},
     )
-    return Report(output, len(entries), {k: counts.get(k, 0) for k in KINDS}, len(data))
+    return HtmlReport(output, len(entries), {k: counts.get(k, 0) for k in KINDS}, len(data))
 
 
 def _load_entry(storage: LocalStorage, path: Path, out_dir: Path) -> Entry:

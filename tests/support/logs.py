@@ -12,9 +12,17 @@ import structlog
 from structlog.testing import LogCapture
 
 
-def json_events(stderr: str) -> list[dict[str, Any]]:
-    """The JSON log events among ``stderr``'s lines, in order (tracebacks and the like skipped)."""
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+def json_event(line: str) -> dict[str, Any] | None:
+    """One line of a JSON log (read as it comes) as its event; None for any other line."""
+    return json.loads(line) if line.startswith("{") else None
+
+
+def json_events(stderr: str, *, strict: bool = False) -> list[dict[str, Any]]:
+    """The JSON log events among ``stderr``'s lines, in order (tracebacks and the like skipped;
+    with ``strict``, every non-blank line must be a JSON event)."""
+    if strict:
+        return [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    return [event for line in stderr.splitlines() if (event := json_event(line)) is not None]
 
 
 @contextmanager

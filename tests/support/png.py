@@ -18,3 +18,9 @@ def png_claiming(width: int, height: int, idat: bytes = b"", *, end: bool = Fals
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     chunks = png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
     return b"\x89PNG\r\n\x1a\n" + chunks + (png_chunk(b"IEND", b"") if end else b"")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A complete, valid PNG announcing ``width`` x ``height`` whose one data chunk holds only
+    a few pixels' worth: a decompression bomb's header, rejected (or not) before decoding."""
+    return png_claiming(width, height, zlib.compress(b"\0" * 64), end=True)

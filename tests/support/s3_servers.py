@@ -31,6 +31,9 @@ from urllib.parse import parse_qs
 import boto3
 from botocore.config import Config
 
+# Re-exported: the serve tests import it from here.
+from tests.support.waiting import wait_for as wait_for
+
 ACCESS_KEY = "pairwatch-test"
 SECRET_KEY = "pairwatch-test-secret"
 REGION = "us-east-1"
@@ -90,18 +93,6 @@ def _is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def wait_for(predicate: Any, timeout: float, interval: float = 0.05, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy (returned) or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 # --- moto ----------------------------------------------------------------------------------------

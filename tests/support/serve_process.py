@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 
-from tests.support.s3_servers import ROOT, free_port, wait_for
+from tests.support.s3_servers import ROOT, free_port
+from tests.support.waiting import wait_for
 
 
 @dataclass
