@@ -28,7 +28,8 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
@@ -88,6 +89,9 @@ class JobReport:
     result: ComparisonResult | None = None
     #: Files the pair reads (relative to the root): when one changes, the pair is due again.
     inputs: tuple[str, ...] = ()
+    #: Seconds spent in the stages the result does not time: ``fetch`` (reading both inputs
+    #: from the store) and ``write`` (storing the diff image and the result), where they ran.
+    stages: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:
@@ -213,15 +217,18 @@ def _run_locked(
             input=plan.failed_input,
             duration_ms=elapsed_ms(started),
         )
-        return _write(storage, plan, result, None, started, log, settings, now)
+        return _write(storage, plan, result, None, started, log, settings, now, {})
 
     if existing is not None and _answers(existing, plan, comparator, storage, settings):
         log.debug("pair_skipped", reason="result_up_to_date", status=existing.status)
         return _report(plan, "skipped", existing, settings, now)
     log.info("pair_started", kind=spec.kind, inputs=list(plan.inputs), queued_ms=queued_ms)
+    fetched: list[float] = []
     a, b = (
         ImageInput(
-            name, partial(storage.read, path, settings.max_input_bytes), _etag(storage, path)
+            name,
+            _timed(partial(storage.read, path, settings.max_input_bytes), fetched),
+            _etag(storage, path),
         )
         for name, path in zip(plan.names, plan.inputs, strict=True)
     )
@@ -235,13 +242,35 @@ def _run_locked(
         diff_image=settings.diff_image,
         cache_mb=settings.cache_mb,
     )
-    return _write(storage, plan, compared.result, compared.diff_png, started, log, settings, now)
+    stages = {"fetch": sum(fetched)} if fetched else {}
+    return _write(
+        storage, plan, compared.result, compared.diff_png, started, log, settings, now, stages
+    )
+
+
+def _timed(read: Callable[[], bytes], spent: list[float]) -> Callable[[], bytes]:
+    """``read``, adding the seconds each call takes to ``spent``."""
+
+    def load() -> bytes:
+        start = time.perf_counter()
+        try:
+            return read()
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    return load
 
 
 def _report(
-    plan: Plan, action: Action, result: ComparisonResult, settings: Settings, now: float
+    plan: Plan,
+    action: Action,
+    result: ComparisonResult,
+    settings: Settings,
+    now: float,
+    stages: Mapping[str, float] | None = None,
 ) -> JobReport:
-    return JobReport(plan.spec, action, _fate(plan, result, settings, now), result, plan.inputs)
+    fate = _fate(plan, result, settings, now)
+    return JobReport(plan.spec, action, fate, result, plan.inputs, dict(stages or {}))
 
 
 def _fate(plan: Plan, result: ComparisonResult, settings: Settings, now: float) -> Disposition:
@@ -404,8 +433,10 @@ def _write(
     log: Any,
     settings: Settings,
     now: float,
+    stages: dict[str, float],
 ) -> JobReport:
-    """Diff image first, then the result that names it: a result never points at nothing."""
+    """Diff image first, then the result that names it: a result never points at nothing.
+    ``stages`` (seconds) gains ``write`` and goes into the report."""
     spec = plan.spec
     write_start = time.perf_counter()
     try:
@@ -424,14 +455,15 @@ def _write(
             duration_ms=elapsed_ms(started),
         )
         retry = disposition.retry(f"result unwritable: {exc}")
-        return JobReport(spec, "unwritable", retry, result, plan.inputs)
+        return JobReport(spec, "unwritable", retry, result, plan.inputs, stages)
+    stages["write"] = time.perf_counter() - write_start
     log.info(
         "result_written",
         status=result.status,
         path=spec.result_path,
         bytes=len(text),
         diff_image=result.diff_image,
-        write_ms=elapsed_ms(write_start),
+        write_ms=round(stages["write"] * 1000, 2),
         duration_ms=elapsed_ms(started),
     )
-    return _report(plan, "written", result, settings, now)
+    return _report(plan, "written", result, settings, now, stages)

@@ -399,6 +399,13 @@ def test_workers_call_the_engine_which_only_they_can_reach(
     assert env["PAIRWATCH_VL_BACKEND"] == "openai"
     assert env["PAIRWATCH_VL_ENDPOINT"] == "http://<EngineLoadBalancer.DNSName>/v1"
     assert env["PAIRWATCH_DEVICE"] == "cpu"
+    if deployment.startswith("lambda"):
+        # A cold start waits for the engine well within the function's own timeout.
+        timeout = float(stack.resolve(r["Function"]["Timeout"]))
+        assert 0 < float(env["PAIRWATCH_VL_LOAD_TIMEOUT"]) <= timeout / 4
+    else:
+        # Fargate workers wait for a cold engine as long as it takes to start (no receives).
+        assert "PAIRWATCH_VL_LOAD_TIMEOUT" not in env
     vllm = _ecs_container(r, "EngineTaskDefinition")
     flags = _vllm_flags(vllm["Command"])
     assert env["PAIRWATCH_MODEL"] == flags["--served-model-name"] == "pairwatch-vl"

@@ -7,20 +7,26 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 
+from handler import disposition
+from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig
+from handler.disposition import Disposition
 from handler.errors import InvalidImage
 from handler.pipeline import failure_result
 from handler.result import ComparatorInfo, ComparisonResult, InputInfo, VLDetails
 from tests.support import scenes
 from tests.support.s3_servers import ROOT, free_port, wait_for
 from watcher import metrics
+from watcher.runner import Runner
 from watcher.serve_admission import Admission, Busy
+from watcher.shutdown import StopFlag
 
 
 def _value(name: str, **labels: str) -> float:
@@ -136,7 +142,59 @@ def test_watch_metrics_port_serves_the_same_names(tmp_path: Path) -> None:
         (tmp_path / "p" / "b.jpg").write_bytes(scenes.pasted_object(img))
         wanted = 'pairwatch_pairs_total{comparator="metrics",source="folder",status="ok"} 1.0'
         text = wait_for(lambda: (t := scrape()) and wanted in t and t, 30, 0.2, wanted)
-        assert 'pairwatch_stage_seconds_count{stage="compare"} 1.0' in text
+        for stage in ("fetch", "prepare", "compare", "write"):  # fetch and write: the job's
+            assert f'pairwatch_stage_seconds_count{{stage="{stage}"}} 1.0' in text, stage
+        # The runner moves the gauges (see the in-process test) and puts them back once idle.
+        idle = "\npairwatch_in_flight 0.0"
+        text = wait_for(lambda: (t := scrape()) and idle in t and t, 10, 0.1, "no work running")
+        assert "\npairwatch_queue_depth 0.0" in text
     finally:
         process.terminate()
         assert process.wait(30) == 0
+
+
+class _Offered:
+    """A source that has offered everything already: the runner ends once it is idle."""
+
+    def start(self) -> None:
+        pass
+
+    def pump(self) -> None:
+        pass
+
+    def finished(self) -> bool:
+        return True
+
+    def next_wait(self) -> float | None:
+        return None
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_runner_moves_queue_depth_and_in_flight() -> None:
+    """Every watcher's runner keeps ``pairwatch_queue_depth`` (keys waiting, including one
+    offered again while it runs) and ``pairwatch_in_flight`` (work running) up to date."""
+    depth, running = _value("pairwatch_queue_depth"), _value("pairwatch_in_flight")
+    release = threading.Event()
+
+    def work(_: float) -> Disposition:
+        release.wait(20)
+        return disposition.done()
+
+    runner: Runner[str] = Runner(MetricsComparator(), concurrency=2, queue_size=10)
+    for key in "abcde":
+        runner.offer(key, work, recheck=False)
+    assert _value("pairwatch_queue_depth") == depth + 5
+    thread = threading.Thread(target=runner.run, args=(StopFlag(), _Offered()))
+    thread.start()
+    try:
+        wait_for(lambda: _value("pairwatch_in_flight") == running + 2, 10, 0.01, "2 running")
+        assert _value("pairwatch_queue_depth") == depth + 3
+        runner.offer("a", work, recheck=False)  # in flight: runs again after, so it waits
+        assert _value("pairwatch_queue_depth") == depth + 4
+    finally:
+        release.set()
+        thread.join(20)
+    assert not thread.is_alive()
+    assert _value("pairwatch_queue_depth") == depth and _value("pairwatch_in_flight") == running

@@ -200,3 +200,40 @@ def test_a_client_gone_mid_compare_stops_its_pair_at_the_next_stage(tmp_path: Pa
             timeout=60,
         )
         assert answer.status_code == 200
+
+
+def test_a_client_gone_while_queued_frees_its_place_at_once(tmp_path: Path) -> None:
+    """Concurrency 1: one slow pair compares (~7 s here); a client waiting for the slot with
+    its body read, and one still waiting for permission to upload (its body unread), hang up:
+    each gives its queue place back at once, long before the slot would have been theirs."""
+    big = scenes.photo("astronaut").resize((4000, 4000))
+    slow = _multipart(scenes.encode(big), scenes.pasted_object(big, 0.1), pair_id="slow")
+    img = scenes.photo("coffee")
+    small = _multipart(scenes.encode(img), scenes.pasted_object(img))
+    env = {
+        "PAIRWATCH_CONCURRENCY": "1",
+        "PAIRWATCH_QUEUE_SIZE": "3",
+        "PAIRWATCH_COMPARISON__MAX_IMAGE_SIZE": "[8192, 8192]",
+    }
+    with serve_process(tmp_path, env) as server:
+        holder = SlowUpload(server.port, slow, len(slow))
+        wait_for(lambda: _in_flight(server) == (1, 0), 30, 0.02, what="the slow pair to compare")
+        # Bodies in memory: 2 x concurrency. The holder has one, this one takes the other and
+        # waits for the slot with its body read...
+        for_slot = SlowUpload(server.port, small, len(small))
+        wait_for(lambda: _in_flight(server) == (1, 1), 10, 0.02, what="a wait for the slot")
+        # ...and this one waits for permission to upload, its body unread.
+        for_upload = SlowUpload(server.port, small, 0)
+        wait_for(lambda: _in_flight(server) == (1, 2), 10, 0.02, what="a wait to upload")
+
+        for_upload.abandon()
+        wait_for(lambda: _in_flight(server) == (1, 1), 3, 0.02, what="the upload place back")
+        for_slot.abandon()
+        wait_for(lambda: _in_flight(server) == (1, 0), 3, 0.02, what="the slot place back")
+        assert not [e for e in server.events("pair_compared") if e.get("pair_id") == "slow"]
+        gone = server.events("client_disconnected")
+        assert [event["stage"] for event in gone] == ["queue", "queue"]
+
+        status, answer = holder.finish()
+        assert status == 200 and b'"status":"ok"' in answer
+        assert _in_flight(server) == (0, 0)

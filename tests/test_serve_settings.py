@@ -11,6 +11,8 @@ import pytest
 from handler.compare import resolve_concurrency
 from handler.config import ConfigFileError, load_settings
 from tests.support.s3_servers import ROOT
+from watcher import serve
+from watcher.cli import build_parser, main, settings_from_args
 
 
 def test_events_token_comes_from_a_file_and_never_prints(
@@ -74,3 +76,41 @@ def test_serve_refuses_bad_options_with_status_2(
     )
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_serve_host_and_port_flags_become_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--host``/``--port`` go through the one flags->Settings path: over the config file,
+    validated with it, and what ``serve`` binds."""
+    config = tmp_path / "pairwatch.toml"
+    config.write_text('serve_host = "127.0.0.2"\nserve_port = 9001\n')
+    args = build_parser().parse_args(
+        ["serve", "--config", str(config), "--host", "0.0.0.0", "--port", "9000"]
+    )
+    settings = settings_from_args(args)
+    assert (settings.serve_host, settings.serve_port) == ("0.0.0.0", 9000)
+    plain = settings_from_args(build_parser().parse_args(["serve", "--config", str(config)]))
+    assert (plain.serve_host, plain.serve_port) == ("127.0.0.2", 9001)
+
+    bound: dict[str, object] = {}
+    monkeypatch.setattr(
+        serve._Server,
+        "run",
+        lambda self: bound.update(host=self.config.host, port=self.config.port),
+    )
+    serve.run(args, settings)
+    assert bound == {"host": "0.0.0.0", "port": 9000}
+
+
+def test_a_bad_serve_port_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as usage:
+        main(["serve", "--port", "70000"])
+    assert usage.value.code == 2
+    assert "--port: 70000 is not a port number" in capsys.readouterr().err
+    config = tmp_path / "pairwatch.toml"
+    config.write_text("serve_port = 70000\n")
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "serve_port" in capsys.readouterr().err

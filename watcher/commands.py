@@ -83,8 +83,20 @@ def _watch(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="address to listen on (serve_host; default 127.0.0.1)")
-    parser.add_argument("--port", type=port_number, help="TCP port (serve_port; default 8080)")
+    # dest = the settings field: the flags become Settings like every other option's.
+    parser.add_argument(
+        "--host",
+        dest="serve_host",
+        metavar="HOST",
+        help="address to listen on (serve_host; default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--port",
+        dest="serve_port",
+        type=port_number,
+        metavar="PORT",
+        help="TCP port (serve_port; default 8080)",
+    )
     _endpoint_options(parser)
 
 

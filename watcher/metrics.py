@@ -44,8 +44,13 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
-QUEUE_DEPTH = Gauge("pairwatch_queue_depth", "Pairs waiting for a comparison slot.")
-IN_FLIGHT = Gauge("pairwatch_in_flight", "Pairs being compared right now.")
+QUEUE_DEPTH = Gauge(
+    "pairwatch_queue_depth",
+    "Pairs waiting for a comparison slot (serve: admitted requests; watchers: queued keys).",
+)
+IN_FLIGHT = Gauge(
+    "pairwatch_in_flight", "Pairs being compared right now (watchers: units of work running)."
+)
 VL_VISUAL_TOKENS = Histogram(
     "pairwatch_vl_visual_tokens",
     "Visual tokens the VL model saw per pair (both images).",
@@ -92,9 +97,10 @@ def record_result(
 
 
 def record_report(report: JobReport, source: str) -> None:
-    """Count a job's pair if it compared one (a skipped or waiting pair is not a new result)."""
+    """Count a job's pair if it compared one (a skipped or waiting pair is not a new result),
+    with the ``fetch`` and ``write`` stages the job timed."""
     if report.action in ("written", "unwritable") and report.result is not None:
-        record_result(report.result, source)
+        record_result(report.result, source, stages=report.stages)
 
 
 def record_delivery(delivery: Delivery, source: str) -> None:

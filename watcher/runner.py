@@ -13,6 +13,8 @@ message, change its visibility). The runner decides everything about time and co
   offered while in flight runs again once the running one is finished, with the newest work.
 * **Rechecks.** A ``retry`` of work offered with ``recheck=True`` is looked at again as the one
   policy says (``watcher.rechecks``); done and reject forget the key.
+* **Metrics.** ``pairwatch_queue_depth`` follows the keys waiting to run (queued, or offered
+  again while in flight) and ``pairwatch_in_flight`` the units of work running, as they change.
 * **Shutdown.** Once ``stop`` is set nothing new is taken; what is in flight finishes (bounded by
   its own timeouts), then ``run`` returns. The main loop never blocks for more than
   ``STOP_POLL_S``: sources make their blocking calls (a long poll, a listing) on threads of
@@ -35,6 +37,7 @@ from handler.config import Settings
 from handler.disposition import Disposition
 from handler.errors import PairError
 from handler.logs import get_logger
+from watcher import metrics
 from watcher.jobqueue import CoalescingQueue
 from watcher.manifests import ManifestIndex
 from watcher.rechecks import Rechecks
@@ -140,6 +143,8 @@ class Runner(Generic[K]):
         self._wake = threading.Event()
         self._taking = True
         self._closed = False
+        #: This runner's share of the ``pairwatch_queue_depth`` gauge.
+        self._depth = 0
         self._threads: list[threading.Thread] = []
         self._log = get_logger()
 
@@ -251,6 +256,7 @@ class Runner(Generic[K]):
             while self._in_flight:
                 self._cond.wait(STOP_POLL_S)
             self._closed = True
+            self._track_depth()  # what is left is never run: nothing waits any more
             self._cond.notify_all()
         # Idle workers are parked in a wait: let them see ``_closed`` and end, so that ``run``
         # returning means no thread of this runner is left (tests and embedders check that).
@@ -265,14 +271,24 @@ class Runner(Generic[K]):
             if key in self._in_flight:
                 waiting = self._next.get(key)
                 self._next[key] = waiting.merge(entry) if waiting else entry
+                self._track_depth()
                 return True
             queued = self.queue.get(key)
             if queued is not None:
                 entry = queued.merge(entry)
             if not self.queue.put(key, entry):
                 return False
+            self._track_depth()
             self._cond.notify()
         return True
+
+    def _track_depth(self) -> None:
+        """Move ``pairwatch_queue_depth`` by the change in this runner's waiting keys (called
+        with ``_cond`` held; a closed runner has none)."""
+        depth = 0 if self._closed else len(self.queue) + len(self._next)
+        if depth != self._depth:
+            metrics.QUEUE_DEPTH.inc(depth - self._depth)
+            self._depth = depth
 
     def _work_loop(self) -> None:
         while True:
@@ -287,7 +303,9 @@ class Runner(Generic[K]):
                         self._cond.wait(STOP_POLL_S)
                 key, entry, waited = item
                 self._in_flight.add(key)
-            fate = self._run(key, entry, waited)
+                self._track_depth()
+            with metrics.in_flight():
+                fate = self._run(key, entry, waited)
             self._finish(key, entry, fate)
 
     def _run(self, key: K, entry: _Entry, waited: float) -> Disposition:
@@ -321,6 +339,7 @@ class Runner(Generic[K]):
             if following is not None:
                 # Accepted while this one ran: it may exceed the bound by the few in flight.
                 self.queue.put(key, following, force=True)
+            self._track_depth()
             self._cond.notify_all()
         self.wake()
 

@@ -34,8 +34,7 @@ class _Server(uvicorn.Server):
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run until SIGTERM/SIGINT: then stop accepting, finish in-flight requests, exit 0."""
-    host = args.host or settings.serve_host
-    port = settings.serve_port if args.port is None else args.port
+    host, port = settings.serve_host, settings.serve_port  # --host/--port are in settings
     app = create_app(settings, endpoint_url=args.endpoint_url, region=args.region)
     config = uvicorn.Config(
         app,

@@ -2,11 +2,12 @@
 ``queue_size`` more wait, and anything beyond is refused at once (429 with ``Retry-After``).
 
 A request takes its place *before* its body is read. Of the admitted requests, at most
-``2 x concurrency`` hold a body in memory — the ones comparing and as many reading their upload
-meanwhile, so the next pair is in memory when a slot frees up — which bounds upload memory by
-``4 x concurrency x max_input_bytes`` whatever the number of clients. The others wait with
-their bodies unread in the socket. Leaving a block (answered, failed, the client gone) frees
-what it held.
+``2 x concurrency`` hold a body in memory (``Ticket.read_body``) — the ones comparing and as
+many reading their upload meanwhile, so the next pair is in memory when a slot frees up — which
+bounds upload memory by ``4 x concurrency x max_input_bytes`` whatever the number of clients.
+The others wait with their bodies unread in the socket. Leaving a block (answered, failed, the
+client gone: ``watcher.serve_connection`` cancels the waits of a client that left) frees what it
+held.
 
 This is serve's own small component because the HTTP layer needs a non-blocking "is there
 room?" answer; the pair jobs themselves stay the runner's and the pipeline's.
@@ -37,10 +38,17 @@ class Busy(Exception):
 
 
 class Ticket:
-    """An admitted request: it may read its body, then ``compare()`` waits for a slot."""
+    """An admitted request: ``read_body()`` waits until it may read its body (a request whose
+    body is read already skips it), then ``compare()`` waits for a slot."""
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
+        self._body = False
+
+    async def read_body(self) -> None:
+        """Wait for permission to hold a body in memory, until the admitted block ends."""
+        await self._admission._bodies.acquire()
+        self._body = True
 
     @asynccontextmanager
     async def compare(self) -> AsyncIterator[None]:
@@ -82,10 +90,12 @@ class Admission:
             raise Busy(self.retry_after())
         self.admitted += 1
         metrics.QUEUE_DEPTH.inc()
+        ticket = Ticket(self)
         try:
-            async with self._bodies:
-                yield Ticket(self)
+            yield ticket
         finally:
+            if ticket._body:
+                self._bodies.release()
             self.admitted -= 1
             metrics.QUEUE_DEPTH.dec()
 

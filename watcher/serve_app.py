@@ -37,7 +37,9 @@ from watcher.serve_compat import (
     compat_envelope,
     compat_status,
 )
+from watcher.serve_connection import Connection
 from watcher.serve_events import EventsEndpoint
+from watcher.serve_readiness import EngineCheck, Readiness
 from watcher.serve_responses import error_response
 from watcher.serve_uploads import (
     MalformedUpload,
@@ -89,25 +91,8 @@ class ServeState:
     comparator: Comparator
     admission: Admission
     limiter: anyio.CapacityLimiter
+    readiness: Readiness
     events: EventsEndpoint | None = None
-    ready: bool = False
-    not_ready_reason: str = "the comparator is starting"
-
-    def watch_readiness(self) -> None:
-        """Wait for the comparator (a model loading, an endpoint answering) on a thread."""
-        wait_ready: Callable[[], None] | None = getattr(self.comparator, "wait_ready", None)
-
-        def wait() -> None:
-            try:
-                if wait_ready is not None:
-                    wait_ready()
-            except PairError as exc:
-                self.not_ready_reason = f"{exc.type}: {exc.message}"
-                get_logger().error("serve_not_ready", error_type=exc.type, error=exc.message)
-                return
-            self.ready = True
-
-        threading.Thread(target=wait, name="readiness", daemon=True).start()
 
 
 def v1_status(result: ComparisonResult) -> int:
@@ -186,12 +171,16 @@ class PairRunner:
     ) -> ComparisonResult | Refusal | None:
         """The result, a ``Refusal`` (busy, too large, malformed; ``two_files`` is the message
         for a form with more than two files), or None when the client is gone."""
+        connection = Connection(request.receive)
         try:
             async with self.state.admission.admit() as ticket:
+                if not await connection.wait_unless_gone(ticket.read_body):
+                    get_logger().warning("client_disconnected", stage="queue")
+                    return None
                 started = time.perf_counter()
                 upload = await read_upload(
                     request.headers.get("content-type", ""),
-                    request.stream(),
+                    connection.stream(),
                     max_file_bytes=self.state.settings.max_input_bytes,
                     max_files=2,
                     max_pixels=self.state.settings.max_input_pixels,
@@ -199,7 +188,7 @@ class PairRunner:
                 fetch_seconds = time.perf_counter() - started
                 pair = select(upload, self.state.settings.comparison)
                 request.state.pair_id = pair.pair_id
-                return await self.run(request, ticket, pair, fetch_seconds)
+                return await self.run(connection, ticket, pair, fetch_seconds)
         except Busy as exc:
             message = "too many pairs in flight; retry later"
             return Refusal(429, "busy", message, {"Retry-After": str(exc.retry_after)})
@@ -220,13 +209,14 @@ class PairRunner:
 
     async def run(
         self,
-        request: Request,
+        connection: Connection,
         ticket: Ticket,
         pair: PairRequest,
         fetch_seconds: float,
     ) -> ComparisonResult | None:
         """The pair's result once a compare slot is free, or None when the client went away
-        before it was done (while waiting, the pair is never started)."""
+        before it was done: while waiting, its place is given back at once and the pair never
+        starts; once started, the pair stops at its next stage."""
         settings = self.state.settings
         pair_id = pair.pair_id
         gone = threading.Event()
@@ -248,13 +238,17 @@ class PairRunner:
 
         result: ComparisonResult | None = None
         async with anyio.create_task_group() as group:
-            group.start_soon(_watch_disconnect, request.receive, gone)
+            waiting = group.cancel_scope  # cancelled by a disconnect: leaves the slot queue
+            group.start_soon(_watch_disconnect, connection, gone, waiting)
             async with ticket.compare():
                 if not gone.is_set():
-                    result = await anyio.to_thread.run_sync(work, limiter=self.state.limiter)
-            group.cancel_scope.cancel()
+                    # Started, the pair's thread runs on; its loader stops it (``gone``).
+                    with anyio.CancelScope(shield=True):
+                        result = await anyio.to_thread.run_sync(work, limiter=self.state.limiter)
+            waiting.cancel()
         if result is None or gone.is_set():
-            get_logger(pair_id=pair_id).warning("client_disconnected", stage="compare")
+            stage = "queue" if result is None else "compare"  # gone before its slot, or after
+            get_logger(pair_id=pair_id).warning("client_disconnected", stage=stage)
             metrics.PAIRS.labels("http", self.state.comparator.info.name, "abandoned").inc()
             return None
         metrics.record_result(result, "http", stages={"fetch": fetch_seconds})
@@ -274,13 +268,14 @@ def _loader(part: UploadedFile, gone: threading.Event) -> Callable[[], bytes]:
     return load
 
 
-async def _watch_disconnect(receive: Receive, gone: threading.Event) -> None:
-    """Once the body is read, the only message left is the disconnect (or the response end)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            return
+async def _watch_disconnect(
+    connection: Connection, gone: threading.Event, waiting: anyio.CancelScope
+) -> None:
+    """Once the body is read, the only message left is the disconnect (or the response end):
+    it stops a running pair at its next stage (``gone``) and a waiting one at once."""
+    await connection.wait_for_disconnect()
+    gone.set()
+    waiting.cancel()
 
 
 class AccessLog:
@@ -362,18 +357,23 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         concurrency = resolve_concurrency(settings)
+        chosen = comparator or create_comparator(settings)
+        engine = None
+        if chosen.info.backend == "openai" and settings.vl_endpoint:
+            engine = EngineCheck(settings.vl_endpoint, settings.vl_api_key)
         state = ServeState(
             settings,
-            comparator or create_comparator(settings),
+            chosen,
             Admission(concurrency, settings.queue_size),
             anyio.CapacityLimiter(concurrency),
+            Readiness(chosen, engine),
         )
         if settings.events_token is not None:
             state.events = EventsEndpoint.build(
                 settings, state.comparator, state.admission, state.limiter, endpoint_url, region
             )
         holder["state"] = state
-        state.watch_readiness()
+        state.readiness.start()
         log = get_logger()
         log.info(
             "serve_started",
@@ -389,6 +389,7 @@ def create_app(
                 yield
                 group.cancel_scope.cancel()
         finally:
+            state.readiness.stop()
             if comparator is None:
                 state.comparator.close()
             log.info("serve_stopped")
@@ -450,12 +451,13 @@ def create_app(
 
     @app.get("/readyz", summary="The comparator can take pairs")
     async def readyz() -> Response:
+        """200 once the comparator is ready (a model loaded; an engine behind ``vl_endpoint``
+        answered its probe) and, for an engine, while it still answers; 503 otherwise."""
         current = state()
-        if current.ready:
+        problem = await current.readiness.problem()
+        if problem is None:
             return JSONResponse({"status": "ready", "comparator": current.comparator.info.name})
-        return JSONResponse(
-            {"status": "not_ready", "reason": current.not_ready_reason}, status_code=503
-        )
+        return JSONResponse({"status": "not_ready", "reason": problem}, status_code=503)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:

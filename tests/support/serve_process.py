@@ -45,9 +45,10 @@ def serve_process(
     env: dict[str, str] | None = None,
     args: tuple[str, ...] = (),
     port: int | None = None,
+    ready: bool = True,
 ) -> Iterator[ServeProcess]:
-    """Start ``python -m watcher.cli serve`` (on a free port unless given); wait for /readyz;
-    stop it after."""
+    """Start ``python -m watcher.cli serve`` (on a free port unless given); wait for /readyz
+    (for /healthz only when not ``ready``: a test of readiness itself); stop it after."""
     port = port or free_port()
     log_path = log_dir / f"serve-{port}.log"
     full_env = {
@@ -66,16 +67,17 @@ def serve_process(
         )
     server = ServeProcess(f"http://127.0.0.1:{port}", port, process, log_path)
 
-    def ready() -> bool:
+    def up() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"serve exited: {log_path.read_text()[-3000:]}")
         try:
-            return httpx.get(server.url + "/readyz", timeout=1).status_code == 200
+            probe = "/readyz" if ready else "/healthz"
+            return httpx.get(server.url + probe, timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
     try:
-        wait_for(ready, 60, 0.1, "pairwatch serve to be ready")
+        wait_for(up, 60, 0.1, "pairwatch serve to be ready")
         yield server
     finally:
         if process.poll() is None:
