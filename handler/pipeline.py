@@ -2,7 +2,9 @@
 
 Each input is fetched and prepared (downsized, Pillow) in turn; both inputs' bytes are then
 compared at native resolution (``handler.detect``, streamed), and the comparator sees the
-prepared images plus the detection. Decoding is the memory-hungry part, so only one thread of
+prepared images plus the detection — and, when it wants them (the VL comparator) or a diff
+image is drawn, native-resolution crops of the largest changed regions, with ignored boxes
+filled as in the prepared images. Decoding is the memory-hungry part, so only one thread of
 the process decodes at a time (``DECODE_LOCK``): peak RAM does not grow with the number of pairs
 in flight, only the small prepared images and the inputs' encoded bytes do.
 
@@ -13,21 +15,25 @@ replaced mid-read, the network) and programming errors.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from PIL import Image, ImageDraw
 
 from handler.compare.base import Comparator
 from handler.config import ComparisonConfig
 from handler.detect import Detection, RegionCrop, cut_crops, detect
 from handler.errors import PairError
-from handler.images import PreparedImage, mask_boxes, prepare
+from handler.images import NEUTRAL, PreparedImage, mask_boxes, prepare
 from handler.logs import elapsed_ms, get_logger
 from handler.prepared_cache import cache_key, process_cache
-from handler.result import ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo
+from handler.result import ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo, Region
 
 #: Held while a full image is decoded (prepare) or streamed (detect, crops): one at a time.
 DECODE_LOCK = threading.Lock()
@@ -85,11 +91,15 @@ def compare_pair(
             )
             encoded.append(data)
         failed = None
-        detection, crops = _detect(encoded, config, max_input_pixels, diff_image, timings, log)
+        want_crops = diff_image or comparator.wants_crops
+        detection, crops = _detect(encoded, config, max_input_pixels, want_crops, timings, log)
         del encoded
         prepared = _masked(prepared, config, detection.size_a)
+        crops = _masked_crops(crops, config, detection)
         compare_start = time.perf_counter()
-        outcome = comparator.compare(prepared[0], prepared[1], config, detection=detection)
+        outcome = comparator.compare(
+            prepared[0], prepared[1], config, detection=detection, crops=crops
+        )
         timings["compare"] = elapsed_ms(compare_start)
     except PairError as exc:
         failed = exc.details.get("input", failed)
@@ -143,7 +153,8 @@ def _detect(
     timings: dict[str, float],
     log: Any,
 ) -> tuple[Detection, list[RegionCrop]]:
-    """Native-resolution detection (and the diff image's crops) under the decode lock."""
+    """Native-resolution detection (and the crops, for the diff image or the comparator)
+    under the decode lock."""
     start = time.perf_counter()
     with DECODE_LOCK:
         detection = detect(
@@ -180,6 +191,58 @@ def _masked(
         for r in config.ignore_regions
     ]
     return [mask_boxes(image, boxes, config.image_quality) for image in prepared]
+
+
+def _masked_crops(
+    crops: list[RegionCrop], config: ComparisonConfig, detection: Detection
+) -> list[RegionCrop]:
+    """Ignore regions filled with the same NEUTRAL grey in both crops of each region, as
+    ``_masked`` fills them in the prepared images: each box (A's native pixels) is mapped into
+    A's cut box, and proportionally into B's native pixels (as ``_masked`` maps it) and from
+    there into B's cut box; the fill is scaled with a crop that was scaled down to fit."""
+    if not config.ignore_regions or not crops:
+        return crops
+    (width_a, height_a), (width_b, height_b) = detection.size_a, detection.size_b
+    to_b = (width_b / width_a, height_b / height_a)
+    boxes_a = [(r.x, r.y, r.x + r.width, r.y + r.height) for r in config.ignore_regions]
+    boxes_b = [
+        (x0 * to_b[0], y0 * to_b[1], x1 * to_b[0], y1 * to_b[1]) for x0, y0, x1, y1 in boxes_a
+    ]
+    return [
+        dataclasses.replace(
+            crop,
+            a=_fill(crop.a, crop.box_a, boxes_a),
+            b=_fill(crop.b, crop.box_b, boxes_b),
+        )
+        for crop in crops
+    ]
+
+
+def _fill(
+    image: Image.Image, cut: Region, boxes: Sequence[tuple[float, float, float, float]]
+) -> Image.Image:
+    """A copy of ``image`` (which shows ``cut``) with the part of each box inside it filled."""
+    scale_x, scale_y = image.width / cut.width, image.height / cut.height
+    filled = image
+    for x0, y0, x1, y1 in boxes:
+        left, top = max(x0, cut.x) - cut.x, max(y0, cut.y) - cut.y
+        right = min(x1, cut.x + cut.width) - cut.x
+        bottom = min(y1, cut.y + cut.height) - cut.y
+        if right <= left or bottom <= top:
+            continue
+        if filled is image:
+            filled = image.copy()
+        # Rounded outwards, as ``images.mask_boxes`` does: never a sliver of the box left.
+        ImageDraw.Draw(filled).rectangle(
+            (
+                int(left * scale_x),
+                int(top * scale_y),
+                max(int(left * scale_x), math.ceil(right * scale_x) - 1),
+                max(int(top * scale_y), math.ceil(bottom * scale_y) - 1),
+            ),
+            fill=NEUTRAL,
+        )
+    return filled
 
 
 def _with_diff(

@@ -9,6 +9,8 @@ every other answer, 4xx included, is the real server's.
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import os
 import signal
@@ -23,9 +25,11 @@ from typing import Any
 
 import psutil
 import pytest
+from PIL import Image
 from pydantic import SecretStr
 
 from handler import config
+from handler.compare.vl import VLComparator
 from handler.compare.vl.openai_backend import (
     MAX_BUSY_WAITS,
     PROBE_WORD,
@@ -35,9 +39,12 @@ from handler.compare.vl.openai_backend import (
     public_endpoint,
 )
 from handler.compare.vl.prompt import answer_schema
-from handler.compare.vl.protocol import Request
-from handler.config import ConfigFileError, load_settings
+from handler.compare.vl.protocol import LabelledImage, Request
+from handler.config import ComparisonConfig, ConfigFileError, load_settings
+from handler.detect import CROP_SIDE
 from handler.errors import ComparisonTimeout, ModelCrashed, ModelUnavailable
+from handler.images import prepare
+from handler.pipeline import ImageInput, compare_pair
 from handler.result import ComparisonResult
 from tests.support import scenes, tiny_vlm
 from tests.support.engine_server import FaultProxy, TransformersServe, fault_proxy, free_port
@@ -132,6 +139,42 @@ def test_a_pair_is_answered_by_the_real_server(
     be.close()
 
 
+def test_a_pair_with_a_changed_region_sends_its_crops(
+    engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
+) -> None:
+    """Through the pipeline and the VL comparator: the overviews, then the crop of the one
+    changed region in A and in B, each an ``image_url`` part after its label, then the prompt
+    naming the region; the real server reads all four pictures."""
+    settings = load_settings(
+        comparator="vl", model=engine.model, vl_backend="openai", vl_endpoint=proxy.url
+    )
+    vl = VLComparator(settings)
+    small = ComparisonConfig(max_image_size=(256, 256), processing_timeout=60)
+    try:
+        (a_name, a), (b_name, b) = images
+        result = compare_pair(
+            "p", ImageInput(a_name, lambda: a), ImageInput(b_name, lambda: b), small, vl,
+            max_input_pixels=10**8,
+        ).result  # fmt: skip
+    finally:
+        vl.close()
+    assert result.status == "ok", result.error
+    assert result.vl is not None and result.vl.raw_text == ANSWER
+    (region,) = result.changed_regions
+    (message,) = proxy.bodies[-1]["messages"]
+    parts = message["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url"] * 4 + ["text"]
+    labels = [p["text"] for p in parts[0:8:2]]
+    assert labels == ["Image A:", "Image B:", "Region 0 in image A:", "Region 0 in image B:"]
+    pictures = [base64.b64decode(p["image_url"]["url"].partition(",")[2]) for p in parts[1:8:2]]
+    assert pictures[0] == prepare(a, small.max_image_size, small.image_quality).jpeg
+    crop_a, crop_b = (Image.open(io.BytesIO(jpeg)) for jpeg in pictures[2:])
+    assert crop_a.format == crop_b.format == "JPEG" and crop_a.size == crop_b.size
+    assert max(crop_a.size) <= CROP_SIDE
+    box = f"region 0, changed box x={region.x} y={region.y} {region.width}x{region.height}"
+    assert box in parts[8]["text"]
+
+
 def test_concurrent_pairs_run_at_once_up_to_the_limit(
     engine: TransformersServe, proxy: FaultProxy, images: list[tuple[str, bytes]]
 ) -> None:
@@ -210,12 +253,16 @@ def test_persistent_500_gives_model_unavailable_without_the_key(
 
 
 def test_a_server_that_is_down_gives_model_unavailable(images: list[tuple[str, bytes]]) -> None:
+    """A pair asked without ``wait_ready`` (``pairwatch compare``) probes first; for
+    ``wait_ready`` itself see tests/test_engine_readiness.py."""
     sleeps = Sleeps()
     be = backend(f"http://127.0.0.1:{free_port()}/v1", "m", sleep=sleeps)
-    be.wait_ready()  # logs, does not raise: a watcher starts while its server is down
     with pytest.raises(ModelUnavailable, match="Connection refused"):
         ask(be, images)
-    assert sleeps == list(RETRY_DELAYS_S) * 2  # the probe is tried again for the pair
+    assert sleeps == list(RETRY_DELAYS_S)
+    with pytest.raises(ModelUnavailable, match="Connection refused"):
+        ask(be, images)
+    assert sleeps == list(RETRY_DELAYS_S) * 2  # the probe is tried again for the next pair
 
 
 def test_a_pair_waits_for_a_hanging_probe_only_until_its_deadline(
@@ -226,7 +273,12 @@ def test_a_pair_waits_for_a_hanging_probe_only_until_its_deadline(
     with socket.create_server(("127.0.0.1", 0)) as hung:
         url = f"http://127.0.0.1:{hung.getsockname()[1]}/v1"
         be = backend(url, "m", probe_timeout_s=30.0)
-        probing = threading.Thread(target=be.wait_ready, daemon=True)
+
+        def probe() -> None:
+            with contextlib.suppress(ModelUnavailable):  # it gives up once closed (below)
+                be.wait_ready()
+
+        probing = threading.Thread(target=probe, daemon=True)
         probing.start()
         time.sleep(0.3)  # the probe holds the lock now
         started = time.monotonic()
@@ -432,8 +484,8 @@ def test_a_server_that_passes_the_probe_gets_the_answer_schema(
         with fault_proxy(server.url) as proxy:
             be = backend(proxy.url, server.model)
             reply = be.generate(
-                Request(jpegs=(images[0][1], images[1][1]), prompt="Compare.", max_pixels=1,
-                        timeout_s=30, schema=answer_schema())
+                Request(images=tuple(LabelledImage(*image) for image in images),
+                        prompt="Compare.", max_pixels=1, timeout_s=30, schema=answer_schema())
             )  # fmt: skip
             assert reply.constrained is True and reply.kind == "ok"
             assert reply.details().constrained is True

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
-from handler.config import ComparisonConfig
-from handler.detect import Detection
+from handler.config import ComparisonConfig, IgnoreRegion
+from handler.detect import Detection, RegionCrop
 from handler.errors import ComparisonTimeout, InputNotFound
-from handler.images import PreparedImage
+from handler.images import NEUTRAL, PreparedImage
 from handler.pipeline import ImageInput, compare_pair
 from handler.result import ComparatorInfo, ComparisonResult
 from tests.support import scenes
@@ -83,6 +87,7 @@ class _SlowComparator:
     """A comparator that gives up like the VL comparator does when its worker is killed."""
 
     info = ComparatorInfo(name="slow")
+    wants_crops = False
 
     def compare(
         self,
@@ -91,6 +96,7 @@ class _SlowComparator:
         config: ComparisonConfig,
         *,
         detection: Detection | None = None,
+        crops: Sequence[RegionCrop] = (),
     ) -> Verdict:
         raise ComparisonTimeout(f"no answer within {config.processing_timeout} s")
 
@@ -132,3 +138,98 @@ def test_a_diff_image_that_cannot_be_drawn_does_not_cost_the_result(
         diff_image=True,
     )
     assert outcome.result.status == "ok" and outcome.diff_png is None
+
+
+class _CropsWanted(MetricsComparator):
+    """The metrics comparator, asking for crops as the VL comparator does, and keeping them."""
+
+    wants_crops = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crops: list[RegionCrop] = []
+
+    def compare(
+        self,
+        a: PreparedImage,
+        b: PreparedImage,
+        config: ComparisonConfig,
+        *,
+        detection: Detection | None = None,
+        crops: Sequence[RegionCrop] = (),
+    ) -> Verdict:
+        self.crops = list(crops)
+        return super().compare(a, b, config, detection=detection)
+
+
+def _page(text: str, size: tuple[int, int] = (800, 600)) -> Image.Image:
+    page = Image.new("RGB", size, (250, 250, 245))
+    draw = ImageDraw.Draw(page)
+    for row in range(0, size[1], 40):
+        draw.line((0, row, size[0], row), fill=(90, 110, 200), width=3)
+    draw.text((380, 300), text, fill=(20, 20, 20))
+    return page
+
+
+def test_crops_are_cut_for_a_comparator_that_wants_them_and_only_then(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = scenes.as_png(_page("total 42")), scenes.as_png(_page("total 47"))
+    wanting = _CropsWanted()
+    outcome = compare_pair(
+        "p6",
+        _input("a.png", a, []),
+        _input("b.png", b, []),
+        CONFIG,
+        wanting,
+        max_input_pixels=10**8,
+    )
+    assert outcome.result.status == "ok" and outcome.diff_png is None
+    (crop,) = wanting.crops
+    assert crop.region == 0 and crop.a.size == crop.b.size == (448, 448)
+
+    def no_crops(*_: object, **__: object) -> list[RegionCrop]:
+        raise AssertionError("crops cut for a comparator that does not want them")
+
+    monkeypatch.setattr("handler.pipeline.cut_crops", no_crops)
+    plain = compare_pair(
+        "p7",
+        _input("a.png", a, []),
+        _input("b.png", b, []),
+        CONFIG,
+        MetricsComparator(),
+        max_input_pixels=10**8,
+    )
+    assert plain.result.status == "ok" and plain.result.changed_regions
+
+
+def test_crops_are_masked_like_the_prepared_images_in_a_and_in_a_rescaled_b() -> None:
+    """The ignore box is in A's native pixels; B is the same page at 1.5x: its crop gets the
+    box mapped proportionally, as the prepared images do."""
+    ignore = IgnoreRegion(x=300, y=200, width=120, height=50)  # above the changed word
+    a = scenes.as_png(_page("total 42"))
+    b = scenes.as_png(_page("total 47").resize((1200, 900), Image.Resampling.LANCZOS))
+    wanting = _CropsWanted()
+    config = ComparisonConfig(ignore_regions=[ignore])
+    outcome = compare_pair(
+        "p8",
+        _input("a.png", a, []),
+        _input("b.png", b, []),
+        config,
+        wanting,
+        max_input_pixels=10**8,
+    )
+    assert outcome.result.status == "ok", outcome.result.error
+    (crop,) = wanting.crops
+    for image, cut, scale in ((crop.a, crop.box_a, 1.0), (crop.b, crop.box_b, 1.5)):
+        factor = image.width / cut.width
+        x0 = (ignore.x * scale - cut.x) * factor
+        y0 = (ignore.y * scale - cut.y) * factor
+        x1 = ((ignore.x + ignore.width) * scale - cut.x) * factor
+        y1 = ((ignore.y + ignore.height) * scale - cut.y) * factor
+        pixels = np.asarray(image)
+        inside = pixels[int(np.ceil(y0)) : int(y1), int(np.ceil(x0)) : int(x1)]
+        assert inside.size and (inside == NEUTRAL).all()
+        # Only the box: the rows right below it are the page (its blue lines included).
+        below = pixels[int(y1) + 2 : int(y1) + 40, int(np.ceil(x0)) : int(x1)]
+        assert (below != NEUTRAL).any(axis=2).all()

@@ -51,10 +51,13 @@ def test_compare_with_a_random_model_gives_a_valid_constrained_answer(tmp_path: 
     assert result.vl is not None and result.vl.raw_text and not result.vl.skipped
     assert result.vl.constrained and result.comparator.backend == "local"
     assert json.loads(result.vl.raw_text, strict=False)["similarity"] == result.similarity
-    assert result.vl.visual_tokens == 2 * 9 * 6 and result.vl.attempts == 1
+    # Two 256x170 overviews (9 x 6 tokens each) and the pasted patch's region cut at native
+    # resolution, fitted to the pair's budget: 181x121 -> 168x112 on the grid, 6 x 4 tokens.
+    assert result.vl.visual_tokens == 2 * 9 * 6 + 2 * 6 * 4 and result.vl.attempts == 1
     assert result.metrics["ssim"] < 1.0
     events = json_events(proc.stderr)
     names = [event["event"] for event in events]
     assert {"vl_worker_started", "vl_worker_ready", "vl_generated", "pair_compared"} <= set(names)
     generated = next(event for event in events if event["event"] == "vl_generated")
     assert generated["constrained"] is True and 0 < generated["new_tokens"] < 512
+    assert generated["pictures"] == 4

@@ -1,13 +1,15 @@
 """The comparator seam: two prepared images + a ComparisonConfig (+ the native-resolution
-detection, when the pipeline ran it) in, one typed Verdict out."""
+detection, when the pipeline ran it, and crops of its largest regions, when the comparator
+wants them) in, one typed Verdict out."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from handler.config import ComparisonConfig
-from handler.detect import Detection
+from handler.detect import Detection, RegionCrop
 from handler.images import PreparedImage
 from handler.result import ComparatorInfo, Difference, Region, VLDetails
 
@@ -32,10 +34,18 @@ class Comparator(Protocol):
     pairs in flight). ``wait_ready`` blocks until pairs can be taken (a model loaded) and raises
     ``handler.errors.ModelUnavailable`` when they never can: a queue consumer calls it before it
     receives work, so that it holds no message while its model loads.
+
+    ``wants_crops``: the pipeline cuts native-resolution crops of the largest changed regions
+    (``handler.detect.cut_crops``, one more streamed pass over both inputs) for this comparator
+    and passes them as ``crops``; otherwise they are cut only for a diff image, and ``crops``
+    may still hold those.
     """
 
     @property
     def info(self) -> ComparatorInfo: ...
+
+    @property
+    def wants_crops(self) -> bool: ...
 
     def wait_ready(self) -> None: ...
 
@@ -46,6 +56,7 @@ class Comparator(Protocol):
         config: ComparisonConfig,
         *,
         detection: Detection | None = None,
+        crops: Sequence[RegionCrop] = (),
     ) -> Verdict: ...
 
     def close(self) -> None: ...

@@ -20,6 +20,8 @@ pair different whatever the scores, and adds a fifth score so the number agrees:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import imagehash
 import numpy as np
 from numpy.typing import NDArray
@@ -30,7 +32,7 @@ from skimage.metrics import structural_similarity
 
 from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
-from handler.detect import Detection
+from handler.detect import Detection, RegionCrop
 from handler.images import PreparedImage
 from handler.result import ComparatorInfo, Difference, Region
 
@@ -56,6 +58,10 @@ _COLOR_BINS = 8
 class MetricsComparator:
     """Structural, perceptual-hash and colour metrics on a common working size."""
 
+    #: Crops are not looked at: the pipeline cuts none for this comparator unless a diff
+    #: image wants them.
+    wants_crops = False
+
     def __init__(self) -> None:
         self._info = ComparatorInfo(name="metrics", model=None, device="cpu")
 
@@ -76,6 +82,7 @@ class MetricsComparator:
         config: ComparisonConfig,
         *,
         detection: Detection | None = None,
+        crops: Sequence[RegionCrop] = (),
     ) -> Verdict:
         work_a, work_b = _common_size(a.image, b.image)
         grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))

@@ -1,43 +1,130 @@
 """The VL comparator: metrics first, then the model through one ``Backend``.
 
-Per pair: the CPU metrics run in the calling thread (milliseconds); a pixel-identical or
-near-identical pair stops there. Otherwise the two prepared JPEGs, the prompt and the answer's
-JSON Schema go to the backend (the local worker process by default, see ``local_backend``),
-which answers within ``processing_timeout`` or raises. ``compare`` may be called from several
-threads at once: concurrent pairs are what fill the local worker's batches. Whatever happens,
-the metrics' numbers stay in the result.
+Per pair: the CPU metrics run in the calling thread (milliseconds); a pair with no change at
+native resolution (the pipeline's detection found no region) stops there, and so does a
+pixel-identical one, or without a detection a near-identical one. Otherwise the pictures — the
+two prepared overviews, then a native-resolution crop of A and of B for each of the largest
+changed regions (``handler.detect.cut_crops``), all within the pair's pixel budget (see
+``plan_pictures``) — the prompt naming the region each crop pair shows, and the answer's JSON
+Schema go to the backend (the local worker process by default, see ``local_backend``), which
+answers within ``processing_timeout`` or raises. ``compare`` may be called from several threads
+at once: concurrent pairs are what fill the local worker's batches. Whatever happens, the
+metrics' numbers stay in the result.
 """
 
 from __future__ import annotations
 
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
+from PIL import Image
 
 from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.compare.vl.backends import create_backend
 from handler.compare.vl.local_backend import KILL_GRACE_S, LocalBackend
-from handler.compare.vl.prompt import AnswerInvalid, answer_schema, build_prompt, parse_answer
-from handler.compare.vl.protocol import Backend, Fault, Reply, Request
+from handler.compare.vl.prompt import (
+    AnswerInvalid,
+    CropView,
+    answer_schema,
+    build_prompt,
+    parse_answer,
+)
+from handler.compare.vl.protocol import Backend, Fault, LabelledImage, Reply, Request
 from handler.config import ComparisonConfig, Settings
-from handler.detect import Detection
+from handler.detect import Detection, RegionCrop
 from handler.errors import ComparisonTimeout, ModelOutputInvalid, OutOfMemory, PairError
 from handler.images import PreparedImage
 from handler.logs import get_logger
-from handler.result import ComparatorInfo, VLDetails
+from handler.result import ComparatorInfo, Difference, Region, VLDetails
 
-__all__ = ["KILL_GRACE_S", "VLComparator", "pixel_budget"]
+__all__ = ["KILL_GRACE_S", "VLComparator", "pixel_budget", "plan_pictures"]
 
 #: Near-identical bound: same size and no channel of any pixel differs by more than this
 #: (of 255) — decoder and colour-conversion rounding. Deliberately not an SSIM bound: a small
 #: text edit ("42" drawn on a photo) scores SSIM 0.9999, above a plain JPEG re-encode (0.98).
 NEAR_IDENTICAL_MAX_DELTA = 2
 PIXEL_IDENTICAL = "pixel-identical"
+NO_CHANGE = "no change at native resolution"
+#: Crops get at least this share of a pair's pixel budget, the overviews held to the rest.
+MIN_CROP_SHARE = 0.25
+#: A crop given fewer pixels than this (16 Qwen2-VL tokens) would say too little for its
+#: tokens: the smallest regions' crop pairs are dropped until the others get at least this.
+MIN_CROP_PIXELS = 112 * 112
 
 
 def pixel_budget(max_image_size: tuple[int, int]) -> int:
     """Pixels per image the model may see: the area of the ``max_image_size`` box. For Qwen2-VL
     (one visual token per 28x28 pixels) 1024x1024 means at most 1,337 tokens per image."""
     return max_image_size[0] * max_image_size[1]
+
+
+@dataclass(frozen=True)
+class PicturePlan:
+    """What one pair sends: the overviews' pixel cap and the crop pairs (A, B) that fit."""
+
+    #: Cap on every picture (the request's ``max_pixels``): ``pixel_budget`` unless the crops'
+    #: minimum share needs room from the overviews.
+    max_pixels: int
+    crops: tuple[tuple[RegionCrop, Image.Image, Image.Image], ...] = ()
+
+    @property
+    def crop_pixels(self) -> int:
+        return sum(a.width * a.height + b.width * b.height for _, a, b in self.crops)
+
+
+def plan_pictures(
+    size_a: tuple[int, int],
+    size_b: tuple[int, int],
+    crops: Sequence[RegionCrop],
+    max_image_size: tuple[int, int],
+) -> PicturePlan:
+    """Fit the crops and the overviews into one pair's pixel budget.
+
+    The pair's budget is 2 x ``pixel_budget(max_image_size)`` (what two overviews may use).
+    The crops share what the two prepared overviews leave of it, but at least MIN_CROP_SHARE
+    of it, evenly: every crop (A's and B's of each region, largest regions first) gets at most
+    ``share / (2 x crop pairs)`` pixels and is downscaled to fit (never upscaled; crops are
+    already at most ``CROP_SIDE`` square). When that is below MIN_CROP_PIXELS the smallest
+    region's crop pair is dropped and the rest share again. Only when overviews and crops
+    together would exceed the budget are the overviews held to what the crops leave
+    (``max_pixels``, at least 3/8 of the budget each). So the pixels reaching the model are
+    at most the budget — up to the model processor's rounding to its patch grid — whatever
+    the inputs' size, and GPU memory per pair stays bounded as before.
+    """
+    per_image = pixel_budget(max_image_size)
+    budget = 2 * per_image
+    overviews = size_a[0] * size_a[1] + size_b[0] * size_b[1]
+    share = max(budget - overviews, int(budget * MIN_CROP_SHARE))
+    shown = list(crops)
+    while shown and share // (2 * len(shown)) < MIN_CROP_PIXELS:
+        shown.pop()
+    if not shown:
+        return PicturePlan(max_pixels=per_image)
+    each = share // (2 * len(shown))
+    fitted = tuple((crop, _shrunk(crop.a, each), _shrunk(crop.b, each)) for crop in shown)
+    plan = PicturePlan(max_pixels=per_image, crops=fitted)
+    if overviews + plan.crop_pixels > budget:
+        plan = PicturePlan(max_pixels=(budget - plan.crop_pixels) // 2, crops=fitted)
+    return plan
+
+
+def _shrunk(image: Image.Image, max_pixels: int) -> Image.Image:
+    area = image.width * image.height
+    if area <= max_pixels:
+        return image
+    factor = math.sqrt(max_pixels / area)
+    size = (max(1, int(image.width * factor)), max(1, int(image.height * factor)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 class VLComparator:
@@ -47,6 +134,9 @@ class VLComparator:
     is built, so loading overlaps whatever the caller does before the first pair. ``fault`` is
     a test-only hook (``protocol.Fault``) sent with every request while set.
     """
+
+    #: The pipeline cuts native-resolution crops of the changed regions for this comparator.
+    wants_crops = True
 
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         if not settings.model:
@@ -86,34 +176,60 @@ class VLComparator:
         config: ComparisonConfig,
         *,
         detection: Detection | None = None,
+        crops: Sequence[RegionCrop] = (),
     ) -> Verdict:
         metrics = self._metrics.compare(a, b, config, detection=detection)
-        skip_reason = _skip_reason(a, b, metrics.metrics)
+        skip_reason = _skip_reason(a, b, metrics.metrics, detection)
         if skip_reason is not None:
             similarity = 1.0 if skip_reason == PIXEL_IDENTICAL else metrics.similarity
             return Verdict(
                 similarity=similarity,
                 is_similar=similarity >= config.similarity_threshold,
-                summary=f"The images are {skip_reason}; the VL model was not run.",
+                summary=f"{_skip_summary(skip_reason)}; the VL model was not run.",
                 differences=[],
                 changed_regions=metrics.changed_regions,
                 metrics=metrics.metrics,
                 vl=VLDetails(skipped=True, skip_reason=skip_reason),
             )
-        request = Request(
-            jpegs=(a.jpeg, b.jpeg),
-            prompt=build_prompt(config),
-            max_pixels=pixel_budget(config.max_image_size),
-            timeout_s=config.processing_timeout,
-            schema=self._schema,
-            fault=self.fault,
-        )
+        request = self._request(a, b, config, metrics.changed_regions, crops)
         try:
             reply = self._backend.generate(request)
         except PairError as exc:
             exc.details.setdefault("metrics", metrics.metrics)
             raise
-        return self._outcome(reply, metrics, config)
+        return self._outcome(reply, metrics, config, pictures=len(request.images))
+
+    def _request(
+        self,
+        a: PreparedImage,
+        b: PreparedImage,
+        config: ComparisonConfig,
+        regions: list[Region],
+        crops: Sequence[RegionCrop],
+    ) -> Request:
+        """The overviews as prepared, then each crop pair that fits (``plan_pictures``),
+        encoded once here as JPEG at ``image_quality``; the prompt says what each crop shows."""
+        known = [crop for crop in crops if 0 <= crop.region < len(regions)]
+        plan = plan_pictures(a.size, b.size, known, config.max_image_size)
+        images = [LabelledImage("Image A:", a.jpeg), LabelledImage("Image B:", b.jpeg)]
+        views = []
+        for crop, crop_a, crop_b in plan.crops:
+            number = crop.region
+            images.append(
+                LabelledImage(f"Region {number} in image A:", _jpeg(crop_a, config.image_quality))
+            )
+            images.append(
+                LabelledImage(f"Region {number} in image B:", _jpeg(crop_b, config.image_quality))
+            )
+            views.append(CropView(region=number, box=regions[number], shown=crop.box_a))
+        return Request(
+            images=tuple(images),
+            prompt=build_prompt(config, views),
+            max_pixels=plan.max_pixels,
+            timeout_s=config.processing_timeout,
+            schema=self._schema,
+            fault=self.fault,
+        )
 
     def close(self) -> None:
         """Stop the backend (the local worker, politely then by force) and free its memory."""
@@ -121,12 +237,15 @@ class VLComparator:
 
     # -- answers -----------------------------------------------------------------------------
 
-    def _outcome(self, reply: Reply, metrics: Verdict, config: ComparisonConfig) -> Verdict:
+    def _outcome(
+        self, reply: Reply, metrics: Verdict, config: ComparisonConfig, *, pictures: int
+    ) -> Verdict:
         details = reply.details()
         self._log.info(
             "vl_generated",
             attempts=reply.attempts,
             batch_size=reply.batch_size,
+            pictures=pictures,
             constrained=reply.constrained,
             max_pixels=reply.max_pixels,
             visual_tokens=reply.visual_tokens,
@@ -156,17 +275,39 @@ class VLComparator:
             similarity=answer.similarity,
             is_similar=answer.similarity >= config.similarity_threshold,
             summary=answer.summary,
-            differences=answer.differences,
+            differences=known_regions(answer.differences, len(metrics.changed_regions)),
             changed_regions=metrics.changed_regions,
             metrics=metrics.metrics,
             vl=details,
         )
 
 
-def _skip_reason(a: PreparedImage, b: PreparedImage, metrics: dict[str, float]) -> str | None:
-    """Why the model need not look at this pair, or None. See ``NEAR_IDENTICAL_MAX_DELTA``."""
+def known_regions(differences: list[Difference], regions: int) -> list[Difference]:
+    """``differences`` with a ``region`` outside ``changed_regions`` (``regions`` of them) set
+    to null: a result only ever points at regions it has."""
+    return [
+        d if d.region is None or d.region < regions else d.model_copy(update={"region": None})
+        for d in differences
+    ]
+
+
+def _skip_summary(reason: str) -> str:
+    return "No change at native resolution" if reason == NO_CHANGE else f"The images are {reason}"
+
+
+def _skip_reason(
+    a: PreparedImage, b: PreparedImage, metrics: dict[str, float], detection: Detection | None
+) -> str | None:
+    """Why the model need not look at this pair, or None: pixel-identical; else, with the
+    native-resolution detection, no confident change there (no region, no transparency-only
+    change) — exact, where comparing the prepared images could miss a one-word change or be
+    fooled by re-encoding noise; else, without one, near-identical prepared images (see
+    ``NEAR_IDENTICAL_MAX_DELTA``)."""
     if metrics.get("pixel_identical") == 1.0:
         return PIXEL_IDENTICAL
+    if detection is not None:
+        changed = bool(detection.regions) or detection.transparency_only
+        return None if changed else NO_CHANGE
     if a.size != b.size:
         return None
     delta = np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16))

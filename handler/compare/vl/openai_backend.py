@@ -26,7 +26,6 @@ a lock across a request; at most ``max_in_flight`` requests are open at any mome
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import threading
 import time
@@ -49,6 +48,9 @@ from handler.result import VLDetails
 #: Pauses between attempts after a connection failure or a 5xx: a restarting server gets ~3.5 s
 #: to come back before the pair is given up as ``model_unavailable`` (and retried later).
 RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+#: ``wait_ready``'s pauses between probes of a server that cannot answer yet (a cold engine still
+#: loading its model); the last one repeats until ``vl_load_timeout`` has passed.
+READY_RETRY_DELAYS_S = (1.0, 2.0, 5.0)
 #: A 429 is waited out per ``Retry-After`` at most this many times, each wait at most
 #: ``MAX_RETRY_AFTER_S`` and never past the pair's deadline.
 MAX_BUSY_WAITS = 5
@@ -150,9 +152,10 @@ class OpenAIBackend:
     # -- the seam (protocol.Backend) ---------------------------------------------------------
 
     def generate(self, request: Request) -> Reply:
-        """One pair's model call, labelled as the local worker labels it."""
+        """One pair's model call: every picture (overviews, then crops) as an ``image_url``
+        part after its label, as the local worker labels them, then the prompt."""
         answer = self.ask(
-            [("Image A:", request.jpegs[0]), ("Image B:", request.jpegs[1])],
+            [(image.label, image.jpeg) for image in request.images],
             request.prompt,
             schema=request.schema,
             max_tokens=self._max_tokens,
@@ -169,12 +172,43 @@ class OpenAIBackend:
         )
 
     def wait_ready(self) -> None:
-        """Probe the server (reachable, serves the model, constrains or not) before the first
-        pair. A server that cannot answer yet is logged, not raised: unlike a missing local
-        model it may come back, so the watchers start anyway and every pair probes again
-        (and fails as ``model_unavailable``, retryable) until one succeeds."""
-        with contextlib.suppress(ModelUnavailable):  # logged as vl_engine_unavailable
-            self._schema_support()
+        """Block until the server has answered the readiness probe once (reachable, serves the
+        model; whether it constrains answers is found out on the way), so that a queue consumer
+        takes no work while a cold engine starts.
+
+        A server that cannot answer yet (unreachable, 5xx: each probe already retries per
+        ``RETRY_DELAYS_S``) is probed again after ``READY_RETRY_DELAYS_S``, each failed try
+        logged as ``vl_engine_not_ready``, until ``vl_load_timeout``: then ``ModelUnavailable``,
+        as for a local model that cannot load. A refused probe (a 4xx: wrong model name, bad
+        key) raises at once. Once ready, a server that goes away fails pairs one by one as
+        ``model_unavailable`` (retryable) until it is back.
+        """
+        deadline = time.monotonic() + self._probe_timeout_s
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                self._schema_support(deadline)
+                return
+            except _ProbeRefused:
+                raise
+            except ModelUnavailable as exc:
+                error = exc.message
+            except RuntimeError:  # httpx: "the client has been closed", by close() meanwhile
+                if not self._client.is_closed():
+                    raise
+            if self._client.is_closed():
+                raise ModelUnavailable("the VL backend was closed while waiting for its server")
+            delay = READY_RETRY_DELAYS_S[min(tries, len(READY_RETRY_DELAYS_S)) - 1]
+            if time.monotonic() + delay >= deadline:
+                message = (
+                    f"the model server at {self.endpoint} did not answer within "
+                    f"vl_load_timeout ({self._probe_timeout_s:g} s): {error}"
+                )
+                self._log.error("vl_engine_unavailable", tries=tries, error=message)
+                raise ModelUnavailable(message)
+            self._log.warning("vl_engine_not_ready", attempt=tries, retry_in_s=delay, error=error)
+            self._sleep(delay)
 
     def ask(
         self,
@@ -252,19 +286,20 @@ class OpenAIBackend:
                 constrained = False
         except _Rejected as exc:
             message = f"the model server refuses requests for {self._model!r}: {exc}"
-            raise self._unavailable(message) from None
+            raise self._unavailable(message, _ProbeRefused) from None
         except ComparisonTimeout:
             message = "the model server did not answer the readiness probe in time"
             raise self._unavailable(message) from None
-        except ModelUnavailable as exc:
-            self._log.error("vl_engine_unavailable", error=exc.message)
-            raise
+        # An unreachable server (ModelUnavailable from _send) is logged by whoever asked:
+        # wait_ready per try, a pair as its pair_failed.
         self._log.info("vl_engine_ready", constrained=constrained, probe_ms=elapsed_ms(started))
         return constrained
 
-    def _unavailable(self, message: str) -> ModelUnavailable:
+    def _unavailable(
+        self, message: str, kind: type[ModelUnavailable] = ModelUnavailable
+    ) -> ModelUnavailable:
         self._log.error("vl_engine_unavailable", error=message)
-        return ModelUnavailable(message)
+        return kind(message)
 
     # -- one request, with bounded retries ---------------------------------------------------
 
@@ -368,6 +403,11 @@ class _Rejected(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class _ProbeRefused(ModelUnavailable):
+    """The server answered the readiness probe with a 4xx (wrong model name, bad key): probing
+    again will not help, so ``wait_ready`` raises at once."""
 
 
 def _content(images: Sequence[tuple[str, bytes]], prompt: str) -> list[dict[str, Any]]:

@@ -6,13 +6,15 @@ only runs the model, and the answer is parsed back in the service process.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import json_repair
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from handler.config import ComparisonConfig
-from handler.result import Difference
+from handler.result import Difference, Region
 
 #: The answer shape the prompt shows the model, verbatim.
 _ANSWER_SHAPE = (
@@ -76,12 +78,24 @@ def answer_schema() -> dict[str, Any]:
     }
 
 
-def build_prompt(config: ComparisonConfig) -> str:
-    """The instruction that follows the two images (image A first, image B second)."""
+@dataclass(frozen=True)
+class CropView:
+    """What one crop pair shows: changed region ``region`` (its index in ``changed_regions``)
+    with box ``box``, seen through the cut ``shown``; both in image A's native pixels."""
+
+    region: int
+    box: Region
+    shown: Region
+
+
+def build_prompt(config: ComparisonConfig, crops: Sequence[CropView] = ()) -> str:
+    """The instruction that follows the pictures: image A, image B, then for each of ``crops``
+    a close-up of A and one of B (pictures 3 and 4 for the first, and so on)."""
     focus = ", ".join(config.focus_elements) or "anything visible"
     aspects = ", ".join(config.comparison_aspects) or "any"
     return (
         "The first picture is image A, the second is image B. Compare them carefully.\n"
+        f"{_crop_lines(crops)}"
         f"Pay attention to: {focus}.\n"
         f"Report differences in these aspects: {aspects}.\n"
         "Answer with one JSON object and nothing else, in exactly this shape:\n"
@@ -89,6 +103,29 @@ def build_prompt(config: ComparisonConfig) -> str:
         'If the images show no differences, answer with "differences": [] and a similarity '
         "of 1.0."
     )
+
+
+def _crop_lines(crops: Sequence[CropView]) -> str:
+    if not crops:
+        return ""
+    lines = [
+        "A pixel comparison found regions where A and B differ. The next pictures are "
+        "close-ups of them at full resolution, each shown in image A and then in image B "
+        "(boxes in image A's pixels):"
+    ]
+    for number, crop in enumerate(crops):
+        first = 3 + 2 * number
+        box, shown = crop.box, crop.shown
+        lines.append(
+            f"- pictures {first} and {first + 1}: region {crop.region}, changed box "
+            f"x={box.x} y={box.y} {box.width}x{box.height}, close-up of "
+            f"x={shown.x} y={shown.y} {shown.width}x{shown.height}"
+        )
+    lines.append(
+        'Set "region" of a difference to the number of the region it lies in, or to null if it '
+        "lies in none of them."
+    )
+    return "\n".join(lines) + "\n"
 
 
 class ModelAnswer(BaseModel):

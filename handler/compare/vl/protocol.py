@@ -51,15 +51,27 @@ class Backend(Protocol):
 
 
 @dataclass(frozen=True)
-class Request:
-    """One pair: the two prepared JPEGs (A first), the prompt and the bounds to respect.
+class LabelledImage:
+    """One picture of a request and the text that introduces it (``Image A:``)."""
 
+    label: str
+    jpeg: bytes
+
+
+@dataclass(frozen=True)
+class Request:
+    """One pair: its pictures in order (the two prepared overviews, A first, then a crop of A
+    and one of B per changed region shown), the prompt and the bounds to respect.
+
+    ``max_pixels`` caps every picture: the overviews' cap. Crops arrive smaller, sized by the
+    comparator so that all pictures together stay within the pair's pixel budget (see
+    ``comparator.plan_pictures``); an out-of-memory retry halves every picture's pixels.
     ``schema`` is the answer's JSON Schema (``prompt.answer_schema()``): the local worker
     constrains decoding to it with xgrammar, an OpenAI-compatible backend sends it as
     ``response_format``. ``fault`` is the local worker's test-only hook; others ignore it.
     """
 
-    jpegs: tuple[bytes, bytes]
+    images: tuple[LabelledImage, ...]
     prompt: str
     max_pixels: int
     timeout_s: float

@@ -16,7 +16,7 @@ import io
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -108,7 +108,8 @@ class _Pair:
 
     index: int
     request: Request
-    images: list[Image.Image]
+    #: (label, decoded picture), in the request's order.
+    images: list[tuple[str, Image.Image]]
     deadline: float
     budget: int
     used: int = 0
@@ -167,7 +168,13 @@ class Engine:
         as soon as that pair is finished."""
         now = time.monotonic()
         pairs = [
-            _Pair(i, r, [_decode(j) for j in r.jpegs], now + r.timeout_s, r.max_pixels)
+            _Pair(
+                i,
+                r,
+                [(image.label, _decode(image.jpeg)) for image in r.images],
+                now + r.timeout_s,
+                r.max_pixels,
+            )
             for i, r in enumerate(batch)
         ]
         delay = max(p.fault.delay_s for p in pairs)
@@ -181,7 +188,8 @@ class Engine:
 
     def _attempt(self, pairs: list[_Pair], send: Send) -> None:
         """Generate for ``pairs``; out of memory, split the batch in halves and try each, and
-        retry a lone pair once at half its pixels (a pair's ``attempts`` counts its tries)."""
+        retry a lone pair once at half its pixels — every picture of it, overviews and crops
+        alike (a pair's ``attempts`` counts its tries)."""
         sent: set[int] = set()
 
         def deliver(index: int, reply: Reply) -> None:
@@ -247,7 +255,12 @@ class Engine:
         encoded = []
         for pair in pairs:
             inputs, pair.used = encode_pair(
-                self.processor, self.sizing, pair.images, pair.request.prompt, pair.budget
+                self.processor,
+                self.sizing,
+                pair.images,
+                pair.request.prompt,
+                pair.budget,
+                scale=0.5 if pair.halved else 1.0,
             )
             encoded.append(inputs)
         inputs = collate(encoded, self.pad_id).to(self.device, dtype=self.dtype)
@@ -373,26 +386,28 @@ def pixel_area_sizing(image_processor: Any) -> int | None:
 
 
 def encode_pair(
-    processor: Any, sizing: int | None, images: list[Image.Image], prompt: str, max_pixels: int
+    processor: Any,
+    sizing: int | None,
+    images: Sequence[tuple[str, Image.Image]],
+    prompt: str,
+    max_pixels: int,
+    *,
+    scale: float = 1.0,
 ) -> tuple[Any, int]:
-    """Chat-template the pair (``Image A:``, image, ``Image B:``, image, prompt) and run the
-    processor with every image held to ``max_pixels``: downscaled here if larger, and for
-    pixel-area processors also capped explicitly, since checkpoints ship caps of 16,384 visual
-    tokens per image. Returns the processor's inputs and the largest image's pixel count as the
-    vision tower sees it (what an out-of-memory retry halves)."""
-    fitted = [_fit(image, max_pixels) for image in images]
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "Image A:"},
-                {"type": "image"},
-                {"type": "text", "text": "Image B:"},
-                {"type": "image"},
-                {"type": "text", "text": prompt},
-            ],
-        }
-    ]
+    """Chat-template the pair (each picture after its label — ``Image A:``, image A, ``Image
+    B:``, image B, then any crops — and the prompt last) and run the processor with every
+    picture held to ``max_pixels``: downscaled here if larger, and for pixel-area processors
+    also capped explicitly, since checkpoints ship caps of 16,384 visual tokens per image.
+    ``scale`` (0.5 on an out-of-memory retry) also shrinks each picture to that share of its
+    own pixels, so a retry halves the pair's pixels, not only the largest picture's. Returns
+    the processor's inputs and the largest picture's pixel count as the vision tower sees it
+    (what an out-of-memory retry halves)."""
+    fitted = [_fit(image, max_pixels, scale) for _, image in images]
+    content: list[dict[str, Any]] = []
+    for label, _ in images:
+        content += [{"type": "text", "text": label}, {"type": "image"}]
+    content.append({"type": "text", "text": prompt})
+    messages = [{"role": "user", "content": content}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     kwargs: dict[str, Any] = {}
     if sizing is not None:
@@ -439,11 +454,14 @@ def _decode(jpeg: bytes) -> Image.Image:
     return image.convert("RGB")
 
 
-def _fit(image: Image.Image, max_pixels: int) -> Image.Image:
+def _fit(image: Image.Image, max_pixels: int, scale: float = 1.0) -> Image.Image:
+    """``image`` downscaled to at most ``max_pixels`` and to ``scale`` of its own pixels (never
+    below MIN_RETRY_PIXELS for that), never upscaled."""
     area = image.width * image.height
-    if area <= max_pixels:
+    target = min(max_pixels, max(MIN_RETRY_PIXELS, int(area * scale)))
+    if area <= target:
         return image
-    factor = math.sqrt(max_pixels / area)
+    factor = math.sqrt(target / area)
     size = (max(1, int(image.width * factor)), max(1, int(image.height * factor)))
     return image.resize(size, Image.Resampling.BICUBIC)
 
