@@ -45,8 +45,7 @@ from handler.events import ObjectEvent, Parsed, parse_notification
 from handler.logs import get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
 from watcher.bucket import bucket_jobs, list_events, run_event
-from watcher.runner import ComparatorUnavailable, Runner, runner_for
-from watcher.shutdown import stop_on_signals
+from watcher.runner import Runner, run_until_stopped, runner_for
 
 EVENTS = ("s3:ObjectCreated:*",)
 #: A reconnection sooner than this after the previous one backs off (doubling, up to the max):
@@ -84,11 +83,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         jobs = bucket_jobs(settings, runner, endpoint, region, url.prefix)
         listener = Listener(client, jobs, url, runner, queue_size=settings.queue_size)
         log.info("watch_started", source="minio", endpoint=endpoint)
-        with stop_on_signals() as stop:
-            try:
-                runner.run(stop, listener)
-            except ComparatorUnavailable:
-                return EXIT_FAILED
+        if run_until_stopped(runner, listener) is None:
+            return EXIT_FAILED
     log.info("watch_stopped", connections=listener.connections)
     return EXIT_OK
 

@@ -24,8 +24,7 @@ from handler.events import ObjectEvent
 from handler.logs import elapsed_ms, get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, BucketURL
 from watcher.bucket import bucket_jobs, list_events, run_event
-from watcher.runner import ComparatorUnavailable, Runner, runner_for
-from watcher.shutdown import stop_on_signals
+from watcher.runner import Runner, run_until_stopped, runner_for
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -35,11 +34,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         jobs = bucket_jobs(settings, runner, args.endpoint_url, args.region, url.prefix)
         poller = PollSource(jobs, url, runner, interval=settings.poll_interval, once=args.once)
         log.info("watch_started", source="poll", interval_s=settings.poll_interval)
-        with stop_on_signals() as stop:
-            try:
-                runner.run(stop, poller)
-            except ComparatorUnavailable:
-                return EXIT_FAILED
+        stop = run_until_stopped(runner, poller)
+        if stop is None:
+            return EXIT_FAILED
     log.info("watch_stopped")
     if args.once and not stop.requested and poller.failed:
         return EXIT_FAILED

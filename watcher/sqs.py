@@ -38,8 +38,7 @@ from handler.pairs import normalise_prefix
 from watcher import metrics
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from watcher.bucket import bucket_jobs
-from watcher.runner import ComparatorUnavailable, Runner, runner_for
-from watcher.shutdown import stop_on_signals
+from watcher.runner import Runner, run_until_stopped, runner_for
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -78,11 +77,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             exit_when_idle=args.exit_when_idle,
         )
         log.info("watch_started", source="sqs", concurrency=runner.concurrency)
-        with stop_on_signals() as stop:
-            try:
-                runner.run(stop, source)
-            except ComparatorUnavailable:
-                return EXIT_FAILED
+        if run_until_stopped(runner, source) is None:
+            return EXIT_FAILED
     log.info("watch_stopped", handled=source.handled, deleted=source.deleted)
     return EXIT_FAILED if source.unavailable else EXIT_OK
 
