@@ -39,7 +39,7 @@ from scipy import ndimage
 from handler.config import IgnoreRegion
 from handler.errors import ImageTooLarge, InvalidImage, InvalidManifest
 from handler.result import Region
-from handler.vips import open_header, pyvips
+from handler.vips import open_header, pyvips, release_freed_memory
 
 #: pixelmatch's default: 0.1 on its 0..1 scale of the YIQ distance (35215 = the largest one).
 COLOR_THRESHOLD = 0.1
@@ -70,6 +70,8 @@ CROP_MARGIN = 24
 _STRIP_PIXELS = 1 << 16
 #: Differing pixels classified at once (bounds the temporary arrays to a few MB).
 _CHUNK = 16384
+#: Decoded bytes (A and B) after which libvips' freed strip buffers are handed back.
+_TRIM_EVERY_BYTES = 8 << 20
 _YIQ = np.array(
     [
         [0.29889531, 0.59597799, 0.21147017],
@@ -395,6 +397,7 @@ def _scan(image_a: pyvips.Image, image_b: pyvips.Image, ignore: list[tuple[int, 
     region_a, region_b = pyvips.Region.new(image_a), pyvips.Region.new(image_b)
     # Each decoder is single-threaded and libvips releases the GIL: B's strip is decoded on a
     # second thread while A's is decoded here.
+    decoded = 0
     with ThreadPoolExecutor(1, thread_name_prefix="detect") as helper:
         for top in range(0, height, rows):
             # One row of context above and below for the 3x3 anti-aliasing test.
@@ -403,6 +406,10 @@ def _scan(image_a: pyvips.Image, image_b: pyvips.Image, ignore: list[tuple[int, 
             strip_a = _fetch(region_a, first, last, width)
             strip_b = pending_b.result()
             _scan_strip(strip_a, strip_b, top - first, min(rows, height - top), top, ignore, cells)
+            decoded += strip_a.nbytes + strip_b.nbytes
+            if decoded >= _TRIM_EVERY_BYTES:
+                release_freed_memory()
+                decoded = 0
     return cells
 
 

@@ -7,7 +7,9 @@ it would keep whole decoded images alive (measured: ~590 MB instead of ~50 MB on
 
 from __future__ import annotations
 
+import ctypes
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,9 +20,34 @@ os.environ.setdefault("VIPS_DISC_THRESHOLD", "32m")
 import pyvips  # (after the environment it reads)
 from PIL import Image
 
-__all__ = ["LOADERS", "open_header", "pyvips", "thumbnail_rgb"]
+__all__ = ["LOADERS", "open_header", "pyvips", "release_freed_memory", "thumbnail_rgb"]
 
 pyvips.cache_set_max(0)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+        return trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to release
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the memory libvips has freed back to the system (glibc's ``malloc_trim``).
+
+    libvips allocates and frees its strip buffers on its own threads; glibc keeps what they
+    free in those threads' heaps, so a streamed image's footprint keeps growing with its width
+    (measured: a 100 MP JPEG streamed in strips peaked ~80 MB above the interpreter, ~40 MB
+    when this runs every few MB of decoded pixels; ``handler.detect`` does so every 8 MB,
+    which cost no measurable time there, where every 2 MB slowed a 48 MP pair by half).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 #: libvips loaders reachable from untrusted input (the formats ``handler.images`` opens).
 LOADERS = frozenset(
