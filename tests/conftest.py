@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
+from tests.support.clock import Clock
+
 
 @pytest.fixture(autouse=True)
 def _default_logging() -> None:
@@ -46,3 +48,9 @@ def no_pairwatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(("PAIRWATCH_", "AWS_ENDPOINT_URL")):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A hand-moved clock (``clock.now``), for components with an injectable clock."""
+    return Clock()

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from handler.disposition import BACKOFF_S, retry
+from tests.support.clock import Clock
 from watcher.rechecks import Rechecks
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Iterator[Clock]:
-    yield Clock()
 
 
 def test_partner_due_comes_back_at_its_time(clock: Clock) -> None:

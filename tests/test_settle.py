@@ -9,28 +9,15 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.clock import Clock
 from watcher import settle
 from watcher.settle import CLOSE_WAIT_LIMIT, Settler
 
 SETTLE = 2.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Iterator[Clock]:
-    yield Clock()
 
 
 def _write(path: Path, size: int) -> Path:
