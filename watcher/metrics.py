@@ -53,7 +53,7 @@ IN_FLIGHT = Gauge(
 )
 VL_VISUAL_TOKENS = Histogram(
     "pairwatch_vl_visual_tokens",
-    "Visual tokens the VL model saw per pair (both images).",
+    "Visual tokens the VL model saw per pair (all its pictures: overviews and crops).",
     buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768),
 )
 VL_PEAK_MEMORY = Histogram(

@@ -15,7 +15,6 @@ metrics' numbers stay in the result.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from handler.compare.vl.prompt import (
     parse_answer,
 )
 from handler.compare.vl.protocol import Backend, Fault, LabelledImage, Reply, Request
+from handler.compare.vl.worker import fit_pixels
 from handler.config import ComparisonConfig, Settings
 from handler.detect import Detection, RegionCrop
 from handler.errors import ComparisonTimeout, ModelOutputInvalid, OutOfMemory, PairError
@@ -105,20 +105,15 @@ def plan_pictures(
     if not shown:
         return PicturePlan(max_pixels=per_image)
     each = share // (2 * len(shown))
-    fitted = tuple((crop, _shrunk(crop.a, each), _shrunk(crop.b, each)) for crop in shown)
+    fitted = tuple((crop, _fit_crop(crop.a, each), _fit_crop(crop.b, each)) for crop in shown)
     plan = PicturePlan(max_pixels=per_image, crops=fitted)
     if overviews + plan.crop_pixels > budget:
         plan = PicturePlan(max_pixels=(budget - plan.crop_pixels) // 2, crops=fitted)
     return plan
 
 
-def _shrunk(image: Image.Image, max_pixels: int) -> Image.Image:
-    area = image.width * image.height
-    if area <= max_pixels:
-        return image
-    factor = math.sqrt(max_pixels / area)
-    size = (max(1, int(image.width * factor)), max(1, int(image.height * factor)))
-    return image.resize(size, Image.Resampling.LANCZOS)
+def _fit_crop(image: Image.Image, max_pixels: int) -> Image.Image:
+    return fit_pixels(image, max_pixels, resample=Image.Resampling.LANCZOS)
 
 
 def _jpeg(image: Image.Image, quality: int) -> bytes:

@@ -402,7 +402,7 @@ def encode_pair(
     own pixels, so a retry halves the pair's pixels, not only the largest picture's. Returns
     the processor's inputs and the largest picture's pixel count as the vision tower sees it
     (what an out-of-memory retry halves)."""
-    fitted = [_fit(image, max_pixels, scale) for _, image in images]
+    fitted = [fit_pixels(image, max_pixels, scale) for _, image in images]
     content: list[dict[str, Any]] = []
     for label, _ in images:
         content += [{"type": "text", "text": label}, {"type": "image"}]
@@ -454,16 +454,22 @@ def _decode(jpeg: bytes) -> Image.Image:
     return image.convert("RGB")
 
 
-def _fit(image: Image.Image, max_pixels: int, scale: float = 1.0) -> Image.Image:
+def fit_pixels(
+    image: Image.Image,
+    max_pixels: int,
+    scale: float = 1.0,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+) -> Image.Image:
     """``image`` downscaled to at most ``max_pixels`` and to ``scale`` of its own pixels (never
-    below MIN_RETRY_PIXELS for that), never upscaled."""
+    below MIN_RETRY_PIXELS for that), never upscaled. The worker fits every picture with it,
+    the comparator its crops into their share of a pair's budget (with LANCZOS)."""
     area = image.width * image.height
     target = min(max_pixels, max(MIN_RETRY_PIXELS, int(area * scale)))
     if area <= target:
         return image
     factor = math.sqrt(target / area)
     size = (max(1, int(image.width * factor)), max(1, int(image.height * factor)))
-    return image.resize(size, Image.Resampling.BICUBIC)
+    return image.resize(size, resample)
 
 
 def _size_value(size: Any, key: str) -> int | None:
