@@ -34,6 +34,7 @@ from handler.images import NEUTRAL, PreparedImage, mask_boxes, prepare
 from handler.logs import elapsed_ms, get_logger
 from handler.prepared_cache import cache_key, process_cache
 from handler.result import ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo, Region
+from handler.vips import release_freed_memory
 
 #: Held while a full image is decoded (prepare) or streamed (detect, crops): one at a time.
 DECODE_LOCK = threading.Lock()
@@ -85,11 +86,12 @@ def compare_pair(
         encoded: list[bytes] = []
         for source, info in zip((a, b), infos, strict=True):
             failed = "a" if not prepared else "b"
-            data = source.load()
+            encoded.append(source.load())
             prepared.append(
-                _prepare_one(source, data, info, config, max_input_pixels, cache_mb, timings, log)
+                _prepare_one(
+                    source, encoded[-1], info, config, max_input_pixels, cache_mb, timings, log
+                )
             )
-            encoded.append(data)
         failed = None
         want_crops = diff_image or comparator.wants_crops
         detection, crops = _detect(encoded, config, max_input_pixels, want_crops, timings, log)
@@ -287,6 +289,8 @@ def _prepare_one(
             image = prepare(
                 data, config.max_image_size, config.image_quality, max_pixels=max_input_pixels
             )
+            # The decoder's buffers are free now, but glibc would keep them for this process.
+            release_freed_memory()
         if cache is not None:
             cache.put(key, image)
     info.format = image.format

@@ -16,19 +16,19 @@ what the working size cannot (one changed word on a long page). A confident regi
 pair different whatever the scores, and adds a fifth score so the number agrees:
 ``detection_similarity`` = DETECTION_CEILING - DETECTION_WEIGHT x changed fraction (native),
 1.0 without regions. A pair with no differing pixel at native resolution scores exactly 1.
+
+scikit-image, imagehash and scipy are imported on the first comparison, not with this module:
+they cost ~25 MB and ~0.3 s, and the detection stage that runs before (a large pair's memory
+peak) does without them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import imagehash
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
-from scipy import ndimage
-from skimage.color import rgb2lab
-from skimage.metrics import structural_similarity
 
 from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
@@ -84,6 +84,10 @@ class MetricsComparator:
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
     ) -> Verdict:
+        import imagehash
+        from skimage.color import rgb2lab
+        from skimage.metrics import structural_similarity
+
         work_a, work_b = _common_size(a.image, b.image)
         grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
         rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
@@ -150,6 +154,8 @@ def _pixel_identical(a: PreparedImage, b: PreparedImage) -> bool:
 
 def _changed_mask(ssim_map: NDArray[np.float64], delta_e: NDArray[np.float64]) -> NDArray[np.bool_]:
     """Changed pixels, opened to drop isolated specks and closed to join one edit's pieces."""
+    from scipy import ndimage
+
     mask = (ssim_map < CHANGED_SSIM) | (ndimage.uniform_filter(delta_e, 5) > CHANGED_DELTA_E)
     mask = ndimage.binary_opening(mask, iterations=1)
     return np.asarray(ndimage.binary_closing(mask, iterations=2), dtype=bool)
