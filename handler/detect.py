@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -70,6 +70,10 @@ CROP_MARGIN = 24
 _STRIP_PIXELS = 1 << 16
 #: Differing pixels classified at once (bounds the temporary arrays to a few MB).
 _CHUNK = 16384
+#: Largest shrink factor of ``Detection.shrunk`` (libvips keeps a few hundred recent rows).
+_MAX_SHRINK = 64
+#: Source rows shrunk at once: each fetch from libvips costs more than the rows it shrinks.
+_SHRINK_ROWS = 128
 #: Decoded bytes (A and B) after which libvips' freed strip buffers are handed back.
 _TRIM_EVERY_BYTES = 8 << 20
 _YIQ = np.array(
@@ -106,6 +110,10 @@ class Detection:
     transparency_pixels: int = 0
     #: Pixels that differ at all (even below the colour threshold), outside ignored boxes.
     differing_pixels: int = 0
+    #: The inputs shrunk on the way, where ``detect`` was asked for them (``shrunk_sizes``).
+    shrunk: tuple[Image.Image | None, Image.Image | None] = field(
+        default=(None, None), compare=False, repr=False
+    )
 
     @property
     def changed_percent(self) -> float:
@@ -142,8 +150,13 @@ def detect(
     *,
     max_pixels: int,
     ignore: tuple[IgnoreRegion, ...] | list[IgnoreRegion] = (),
+    shrunk_sizes: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None),
 ) -> Detection:
     """Compare two encoded images at native resolution (see the module docstring).
+
+    ``shrunk_sizes[i]`` asks for a copy of input i shrunk by an integer factor to no less than
+    that size, made while the input streams past (``Detection.shrunk``): the prepared image's
+    source, so the input is decoded once. Only an input compared at its own size gets one.
 
     Raises ``InvalidImage`` (``details["input"]`` = "a"/"b") for undecodable inputs and
     ``InvalidManifest`` for an ignore box outside image A.
@@ -155,16 +168,82 @@ def detect(
     to_work = (work[0] / size_a[0], work[1] / size_a[1])
     boxes = [_scale_box((r.x, r.y, r.width, r.height), to_work) for r in ignore]
     try:
-        cells = _scan(
+        images = (
             _normalised(data_a, work, size_a, max_pixels),
             _normalised(data_b, work, size_b, max_pixels),
-            boxes,
         )
+        streams = [
+            _Stream(which, image, _shrink_factor(work, wanted) if wanted and size == work else None)
+            for which, image, size, wanted in zip(
+                "ab", images, (size_a, size_b), shrunk_sizes, strict=True
+            )
+        ]
+        del images
+        cells = _scan(streams[0], streams[1], boxes)
+        shrunk = (streams[0].shrunk(), streams[1].shrunk())
+        del streams
     except pyvips.Error as exc:
         raise InvalidImage(f"cannot decode the image: {_first_line(exc)}") from exc
     finally:
         release_freed_memory()  # the decoders are gone: what comes next starts lower
-    return _detection(cells, size_a, size_b, work)
+    return replace(_detection(cells, size_a, size_b, work), shrunk=shrunk)
+
+
+class _Stream:
+    """One input streaming past in strips, shrunk on the way when a copy was asked for."""
+
+    def __init__(self, which: str, image: pyvips.Image, shrink: int | None) -> None:
+        self.which = which
+        self.width, self.height = image.width, image.height
+        # Held: a region does not keep alive the memory of an image made from an array.
+        self._image = image
+        self._region = pyvips.Region.new(image)
+        self._shrink = shrink
+        if shrink is not None:
+            small = image.shrink(shrink, shrink)
+            self._small = pyvips.Region.new(small[0:3])
+            self._small_size = (small.width, small.height)
+            self._small_rows: list[NDArray[np.uint8]] = []
+            self._small_done = 0
+
+    def strip(self, first: int, last: int) -> NDArray[np.uint8]:
+        """Rows ``first:last`` (RGB on white + opacity); a decoding failure names the input.
+        Rows are asked for top to bottom (a row or two of overlap is fine)."""
+        try:
+            pixels = _fetch(self._region, first, last, self.width)
+            self._shrink_above(last, final=False)
+        except pyvips.Error as exc:
+            raise InvalidImage(
+                f"cannot decode the image: {_first_line(exc)}", details={"input": self.which}
+            ) from exc
+        return pixels
+
+    def shrunk(self) -> Image.Image | None:
+        """The copy shrunk by an integer factor (box filter), once every strip was read."""
+        if self._shrink is None:
+            return None
+        self._shrink_above(self.height, final=True)
+        return Image.fromarray(np.concatenate(self._small_rows), "RGB")
+
+    def _shrink_above(self, decoded: int, *, final: bool) -> None:
+        """Shrink the blocks of rows above ``decoded`` (still in libvips' cache of recent rows),
+        in batches: each fetch costs more than the few rows it shrinks."""
+        if self._shrink is None:
+            return
+        width, height = self._small_size
+        ready = height if final else min(height, decoded // self._shrink)
+        if ready - self._small_done >= max(1, _SHRINK_ROWS // self._shrink) or (
+            final and ready > self._small_done
+        ):
+            self._small_rows.append(_fetch(self._small, self._small_done, ready, width, bands=3))
+            self._small_done = ready
+
+
+def _shrink_factor(work: tuple[int, int], wanted: tuple[int, int]) -> int:
+    """The integer shrink that leaves at least twice ``wanted`` for the final LANCZOS step, as
+    Pillow's and libvips' thumbnails do (a box filter all the way blurs text); capped, as a
+    block's rows must still be in libvips' cache of recent rows when it is shrunk."""
+    return max(1, min(_MAX_SHRINK, work[0] // (2 * wanted[0]), work[1] // (2 * wanted[1])))
 
 
 @dataclass(frozen=True)
@@ -400,11 +479,10 @@ class _Cells:
         )
 
 
-def _scan(image_a: pyvips.Image, image_b: pyvips.Image, ignore: list[tuple[int, ...]]) -> _Cells:
-    width, height = image_a.width, image_a.height
+def _scan(stream_a: _Stream, stream_b: _Stream, ignore: list[tuple[int, ...]]) -> _Cells:
+    width, height = stream_a.width, stream_a.height
     rows = max(BLOCK, (_STRIP_PIXELS // width) // BLOCK * BLOCK)
     cells = _Cells.empty((-(-height // BLOCK), -(-width // BLOCK)))
-    region_a, region_b = pyvips.Region.new(image_a), pyvips.Region.new(image_b)
     # Each decoder is single-threaded and libvips releases the GIL: B's strip is decoded on a
     # second thread while A's is decoded here.
     decoded = 0
@@ -412,8 +490,8 @@ def _scan(image_a: pyvips.Image, image_b: pyvips.Image, ignore: list[tuple[int, 
         for top in range(0, height, rows):
             # One row of context above and below for the 3x3 anti-aliasing test.
             first, last = max(0, top - 1), min(height, top + rows + 1)
-            pending_b = helper.submit(_fetch, region_b, first, last, width)
-            strip_a = _fetch(region_a, first, last, width)
+            pending_b = helper.submit(stream_b.strip, first, last)
+            strip_a = stream_a.strip(first, last)
             strip_b = pending_b.result()
             _scan_strip(strip_a, strip_b, top - first, min(rows, height - top), top, ignore, cells)
             decoded += strip_a.nbytes + strip_b.nbytes
@@ -423,9 +501,11 @@ def _scan(image_a: pyvips.Image, image_b: pyvips.Image, ignore: list[tuple[int, 
     return cells
 
 
-def _fetch(region: pyvips.Region, first: int, last: int, width: int) -> NDArray[np.uint8]:
+def _fetch(
+    region: pyvips.Region, first: int, last: int, width: int, bands: int = 4
+) -> NDArray[np.uint8]:
     raw = region.fetch(0, first, width, last - first)
-    return np.frombuffer(raw, dtype=np.uint8).reshape(last - first, width, 4)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(last - first, width, bands)
 
 
 def _scan_strip(

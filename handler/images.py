@@ -36,7 +36,7 @@ Image.init()
 pillow_heif.register_heif_opener()
 
 _WHITE = (255, 255, 255)
-#: Above this many pixels, non-JPEG images are shrunk by libvips (see ``_shrink_streamed``).
+#: Above this many pixels, non-JPEG images are shrunk by libvips (see ``_streamed``).
 STREAM_PIXELS = 4_000_000
 #: The fill of ignored boxes: the same in A and B, so they compare equal.
 NEUTRAL = (128, 128, 128)
@@ -60,6 +60,16 @@ class PreparedImage:
         return self.original_size[0] / self.size[0]
 
 
+@dataclass(frozen=True, slots=True)
+class InputHeader:
+    """What an input's header tells ``prepare`` before any pixel is decoded."""
+
+    format: str
+    mode: str
+    #: Display-oriented (EXIF applied).
+    size: tuple[int, int]
+
+
 def prepare(
     data: bytes,
     max_size: tuple[int, int],
@@ -72,24 +82,54 @@ def prepare(
     Raises ``InvalidImage`` (or its subclasses ``UnsupportedFormat``/``ImageTooLarge``) for
     anything that is not a decodable image within the pixel budget.
     """
-    if not data:
-        raise InvalidImage("the file is empty (0 bytes)")
-    with _open(data) as img:
-        width, height = img.size
-        check_pixels(width, height, max_pixels)
-        source_format = str(img.format)
-        original_mode = img.mode
-        streamed = _shrink_streamed(data, img, max_size)
+    with _checked_open(data, max_pixels) as img:
+        streamed = _streamed(data, img)
         if streamed is not None:
-            rgb, original_size = streamed
-        else:
-            # (A PNG's getexif() decodes the whole image: only here, never on the streamed path.)
-            orientation = img.getexif().get(0x0112, 1)
-            # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap.
-            turned = orientation in (5, 6, 7, 8)
-            box = (max_size[1], max_size[0]) if turned else max_size
-            rgb = _shrink(img, box, orientation)
-            original_size = (height, width) if turned else (width, height)
+            return _encoded(_thumbnail(data, max_size), streamed, quality)
+        # (A PNG's getexif() decodes the whole image: only here, never on the streamed path.)
+        orientation = img.getexif().get(0x0112, 1)
+        # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap.
+        turned = orientation in (5, 6, 7, 8)
+        width, height = img.size
+        header = InputHeader(
+            format=str(img.format),
+            mode=img.mode,
+            size=(height, width) if turned else (width, height),
+        )
+        box = (max_size[1], max_size[0]) if turned else max_size
+        return _encoded(_shrink(img, box, orientation), header, quality)
+
+
+def streamed_header(data: bytes, max_pixels: int) -> InputHeader | None:
+    """The header of an input ``prepare`` would shrink in strips (a large non-JPEG), checked as
+    ``prepare`` checks it (same errors); None for every other input. Nothing is decoded.
+
+    Native-resolution detection decodes such an input anyway and can shrink it on the way
+    (``handler.detect``); ``prepare_shrunk`` finishes that copy, so a pair of large screenshots
+    is decoded once per comparison instead of twice.
+    """
+    with _checked_open(data, max_pixels) as img:
+        return _streamed(data, img)
+
+
+def prepare_shrunk(
+    header: InputHeader, shrunk: Image.Image, max_size: tuple[int, int], quality: int
+) -> PreparedImage:
+    """``prepare``'s result for a streamed input (``streamed_header``), from a display-oriented
+    RGB copy already shrunk to no less than the prepared size (detection's by-product)."""
+    rgb = shrunk.resize(fitted_size(header.size, max_size), Image.Resampling.LANCZOS)
+    return _encoded(rgb, header, quality)
+
+
+def fitted_size(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """``size`` shrunk (never enlarged) to fit ``box``, aspect kept, rounded as Pillow and
+    libvips round their thumbnails."""
+    width, height = size
+    scale = min(box[0] / width, box[1] / height, 1.0)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _encoded(rgb: Image.Image, header: InputHeader, quality: int) -> PreparedImage:
     buffer = io.BytesIO()
     # optimize=True only shrinks Huffman tables (lossless) and costs a second pass: skip it.
     rgb.save(buffer, "JPEG", quality=quality)
@@ -97,9 +137,9 @@ def prepare(
         jpeg=buffer.getvalue(),
         image=rgb,
         size=rgb.size,
-        original_size=original_size,
-        format=source_format,
-        original_mode=original_mode,
+        original_size=header.size,
+        format=header.format,
+        original_mode=header.mode,
     )
 
 
@@ -145,6 +185,19 @@ def header_dimensions(head: bytes) -> tuple[int, int] | None:
     return (width, height)
 
 
+def _checked_open(data: bytes, max_pixels: int) -> Image.Image:
+    """``_open`` with the pixel budget checked from the header."""
+    if not data:
+        raise InvalidImage("the file is empty (0 bytes)")
+    img = _open(data)
+    try:
+        check_pixels(*img.size, max_pixels)
+    except ImageTooLarge:
+        img.close()
+        raise
+    return img
+
+
 def _open(data: bytes) -> Image.Image:
     """Open lazily (header only), restricted to supported formats, with clear errors."""
     try:
@@ -175,12 +228,10 @@ def _identify_failure(data: bytes) -> InvalidImage:
     return InvalidImage("not an image: the bytes match no supported image format")
 
 
-def _shrink_streamed(
-    data: bytes, img: Image.Image, box: tuple[int, int]
-) -> tuple[Image.Image, tuple[int, int]] | None:
-    """Large non-JPEG images through libvips, which shrinks while it decodes in strips (Pillow
-    would hold the whole decoded image): the RGB image and the display-oriented original size.
-    None where Pillow is as good (JPEG draft, small images) or libvips cannot decode it."""
+def _streamed(data: bytes, img: Image.Image) -> InputHeader | None:
+    """Large non-JPEG images go through libvips, which shrinks while it decodes in strips
+    (Pillow would hold the whole decoded image). None where Pillow is as good (JPEG draft,
+    small images) or libvips cannot decode it."""
     width, height = img.size
     if img.format in ("JPEG", "MPO") or width * height <= STREAM_PIXELS:
         return None
@@ -188,9 +239,15 @@ def _shrink_streamed(
     if header is None:
         return None
     orientation = int(header.get("orientation")) if header.get_typeof("orientation") else 1
-    original_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    turned = orientation in (5, 6, 7, 8)
+    return InputHeader(
+        format=str(img.format), mode=img.mode, size=(height, width) if turned else (width, height)
+    )
+
+
+def _thumbnail(data: bytes, box: tuple[int, int]) -> Image.Image:
     try:
-        return thumbnail_rgb(data, box), original_size
+        return thumbnail_rgb(data, box)
     except pyvips.Error as exc:
         raise InvalidImage(f"cannot decode the image: {str(exc).strip().splitlines()[0]}") from exc
 

@@ -1,7 +1,9 @@
 """One pair, end to end: fetch -> prepare -> detect -> compare -> result.
 
-Each input is fetched and prepared (downsized, Pillow) in turn; both inputs' bytes are then
-compared at native resolution (``handler.detect``, streamed), and the comparator sees the
+Each input is fetched and prepared (downsized) in turn; both inputs' bytes are then compared at
+native resolution (``handler.detect``, streamed). A large non-JPEG input (a screenshot) is
+prepared from the shrunk copy detection makes while it streams past, so it is decoded once,
+not twice. The comparator sees the
 prepared images plus the detection — and, when it wants them (the VL comparator) or a diff
 image is drawn, native-resolution crops of the largest changed regions, with ignored boxes
 filled as in the prepared images. Decoding is the memory-hungry part, so only one thread of
@@ -30,9 +32,18 @@ from handler.compare.base import Comparator
 from handler.config import ComparisonConfig
 from handler.detect import Detection, RegionCrop, cut_crops, detect
 from handler.errors import PairError
-from handler.images import NEUTRAL, PreparedImage, mask_boxes, prepare
+from handler.images import (
+    NEUTRAL,
+    InputHeader,
+    PreparedImage,
+    fitted_size,
+    mask_boxes,
+    prepare,
+    prepare_shrunk,
+    streamed_header,
+)
 from handler.logs import elapsed_ms, get_logger
-from handler.prepared_cache import cache_key, process_cache
+from handler.prepared_cache import CacheKey, PreparedCache, cache_key, process_cache
 from handler.result import ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo, Region
 from handler.vips import release_freed_memory
 
@@ -82,19 +93,32 @@ def compare_pair(
     crops: list[RegionCrop] = []
     failed: str | None = None
     compare_start: float | None = None
+    preparation = _Preparation(config, max_input_pixels, process_cache(cache_mb), timings, log)
     try:
         encoded: list[bytes] = []
+        started_inputs: list[PreparedImage | InputHeader] = []
         for source, info in zip((a, b), infos, strict=True):
-            failed = "a" if not prepared else "b"
+            failed = "a" if not encoded else "b"
             encoded.append(source.load())
-            prepared.append(
-                _prepare_one(
-                    source, encoded[-1], info, config, max_input_pixels, cache_mb, timings, log
-                )
-            )
+            started_inputs.append(preparation.start(source.name, encoded[-1], info))
         failed = None
+        prepared = [item for item in started_inputs if isinstance(item, PreparedImage)]
         want_crops = diff_image or comparator.wants_crops
-        detection, crops = _detect(encoded, config, max_input_pixels, want_crops, timings, log)
+        shrunk_sizes = [
+            fitted_size(item.size, config.max_image_size) if isinstance(item, InputHeader) else None
+            for item in started_inputs
+        ]
+        detection, crops = _detect(
+            encoded, config, max_input_pixels, shrunk_sizes, want_crops, timings, log
+        )
+        prepared = [
+            item
+            if isinstance(item, PreparedImage)
+            else preparation.finish(source.name, data, info, item, shrunk)
+            for item, source, data, info, shrunk in zip(
+                started_inputs, (a, b), encoded, infos, detection.shrunk, strict=True
+            )
+        ]
         del encoded
         prepared = _masked(prepared, config, detection.size_a)
         crops = _masked_crops(crops, config, detection)
@@ -151,6 +175,7 @@ def _detect(
     encoded: list[bytes],
     config: ComparisonConfig,
     max_input_pixels: int,
+    shrunk_sizes: list[tuple[int, int] | None],
     want_crops: bool,
     timings: dict[str, float],
     log: Any,
@@ -160,7 +185,11 @@ def _detect(
     start = time.perf_counter()
     with DECODE_LOCK:
         detection = detect(
-            encoded[0], encoded[1], max_pixels=max_input_pixels, ignore=config.ignore_regions
+            encoded[0],
+            encoded[1],
+            max_pixels=max_input_pixels,
+            ignore=config.ignore_regions,
+            shrunk_sizes=(shrunk_sizes[0], shrunk_sizes[1]),
         )
         crops = (
             cut_crops(encoded[0], encoded[1], detection, max_pixels=max_input_pixels)
@@ -266,50 +295,99 @@ def _with_diff(
         return PairOutcome(result)
 
 
-def _prepare_one(
-    source: ImageInput,
-    data: bytes,
-    info: InputInfo,
-    config: ComparisonConfig,
-    max_input_pixels: int,
-    cache_mb: int,
-    timings: dict[str, float],
-    log: Any,
-) -> PreparedImage:
-    """Hash and prepare one input (from the process's cache when it was prepared before)."""
-    start = time.perf_counter()
-    info.bytes = len(data)
-    info.sha256 = hashlib.sha256(data).hexdigest()
-    cache = process_cache(cache_mb)
-    key = cache_key(info.sha256, config.max_image_size, config.image_quality, max_input_pixels)
-    image = cache.get(key) if cache is not None else None
-    hit = image is not None
-    if image is None:
+@dataclass(frozen=True)
+class _Preparation:
+    """Preparing one pair's inputs: from the process's cache when an input was prepared before,
+    else decoded under the decode lock, or (large non-JPEG inputs) finished from the shrunk
+    copy detection makes. One ``image_prepared`` event per input either way."""
+
+    config: ComparisonConfig
+    max_input_pixels: int
+    cache: PreparedCache | None
+    timings: dict[str, float]
+    log: Any
+
+    def start(self, name: str, data: bytes, info: InputInfo) -> PreparedImage | InputHeader:
+        """The prepared image, or the checked header of an input left to ``finish``."""
+        started = time.perf_counter()
+        info.bytes = len(data)
+        info.sha256 = hashlib.sha256(data).hexdigest()
+        image = self.cache.get(self._key(info.sha256)) if self.cache is not None else None
+        if image is not None:
+            return self._record(name, info, image, "hit", started)
+        header = streamed_header(data, self.max_input_pixels)
+        if header is not None:
+            self._add_time(started)
+            return header
+        return self._record(name, info, self._decoded(data), "miss", started)
+
+    def finish(
+        self,
+        name: str,
+        data: bytes,
+        info: InputInfo,
+        header: InputHeader,
+        shrunk: Image.Image | None,
+    ) -> PreparedImage:
+        """A started input, from detection's shrunk copy (or decoded, where it made none)."""
+        started = time.perf_counter()
+        quality = self.config.image_quality
+        image = (
+            prepare_shrunk(header, shrunk, self.config.max_image_size, quality)
+            if shrunk is not None
+            else self._decoded(data)
+        )
+        return self._record(name, info, image, "miss", started, from_detection=shrunk is not None)
+
+    def _decoded(self, data: bytes) -> PreparedImage:
         with DECODE_LOCK:
             image = prepare(
-                data, config.max_image_size, config.image_quality, max_pixels=max_input_pixels
+                data,
+                self.config.max_image_size,
+                self.config.image_quality,
+                max_pixels=self.max_input_pixels,
             )
             # The decoder's buffers are free now, but glibc would keep them for this process.
             release_freed_memory()
-        if cache is not None:
-            cache.put(key, image)
-    info.format = image.format
-    info.original_size = image.original_size
-    info.processed_size = image.size
-    elapsed = elapsed_ms(start)
-    timings["prepare"] = round(timings.get("prepare", 0.0) + elapsed, 2)
-    log.info(
-        "image_prepared",
-        input=source.name,
-        bytes=info.bytes,
-        format=image.format,
-        original_size=image.original_size,
-        processed_size=image.size,
-        jpeg_bytes=len(image.jpeg),
-        cache="off" if cache is None else "hit" if hit else "miss",
-        duration_ms=elapsed,
-    )
-    return image
+        return image
+
+    def _key(self, sha256: str) -> CacheKey:
+        config = self.config
+        return cache_key(sha256, config.max_image_size, config.image_quality, self.max_input_pixels)
+
+    def _add_time(self, started: float) -> float:
+        elapsed = elapsed_ms(started)
+        self.timings["prepare"] = round(self.timings.get("prepare", 0.0) + elapsed, 2)
+        return elapsed
+
+    def _record(
+        self,
+        name: str,
+        info: InputInfo,
+        image: PreparedImage,
+        cached: str,
+        started: float,
+        *,
+        from_detection: bool = False,
+    ) -> PreparedImage:
+        if cached == "miss" and self.cache is not None and info.sha256:
+            self.cache.put(self._key(info.sha256), image)
+        info.format = image.format
+        info.original_size = image.original_size
+        info.processed_size = image.size
+        self.log.info(
+            "image_prepared",
+            input=name,
+            bytes=info.bytes,
+            format=image.format,
+            original_size=image.original_size,
+            processed_size=image.size,
+            jpeg_bytes=len(image.jpeg),
+            cache="off" if self.cache is None else cached,
+            from_detection=from_detection,
+            duration_ms=self._add_time(started),
+        )
+        return image
 
 
 def failure_result(

@@ -346,6 +346,80 @@ def test_prepared_images_are_cached_and_hits_logged() -> None:
     assert len(detected) == 3 and all(entry["regions"] == 1 for entry in detected)
 
 
+def test_a_large_screenshot_is_decoded_once(
+    long_page: tuple[screens.Page, screens.Page, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large PNG's prepared image comes from the copy detection shrinks on the way: no second
+    decode (``prepare`` is never called), the same size as ``prepare`` gives it."""
+    from handler import pipeline
+
+    page, edited, _ = long_page
+    a, b = screens.png(page.image), screens.png(edited.image)
+    config = ComparisonConfig()
+    expected = images_module.prepare(a, config.max_image_size, config.image_quality)
+
+    def second_decode(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a streamed input was decoded a second time")
+
+    monkeypatch.setattr(pipeline, "prepare", second_decode)
+    with structlog.testing.capture_logs() as logs:
+        result = _run(a, b, config, diff_image=True).result
+    assert result.status == "ok" and len(result.changed_regions) == 1
+    prepared = [entry for entry in logs if entry["event"] == "image_prepared"]
+    assert [entry["from_detection"] for entry in prepared] == [True, True]
+    assert result.inputs[0].processed_size == result.inputs[1].processed_size == expected.size
+    assert result.inputs[0].original_size == page.image.size
+
+
+def test_the_shrunk_copy_looks_like_the_prepared_image(
+    long_page: tuple[screens.Page, screens.Page, int],
+) -> None:
+    page, edited, _ = long_page
+    a = screens.png(page.image)
+    config = ComparisonConfig()
+    decoded = images_module.prepare(a, config.max_image_size, config.image_quality)
+    wanted = images_module.fitted_size(page.image.size, config.max_image_size)
+    detection = detect(a, screens.png(edited.image), max_pixels=BUDGET, shrunk_sizes=(wanted, None))
+    shrunk, none = detection.shrunk
+    assert none is None and shrunk is not None
+    assert shrunk.width >= wanted[0] and shrunk.height >= wanted[1]
+    header = images_module.streamed_header(a, BUDGET)
+    assert header is not None
+    finished = images_module.prepare_shrunk(
+        header, shrunk, config.max_image_size, config.image_quality
+    )
+    assert finished.size == decoded.size and finished.original_size == decoded.original_size
+    gap = np.abs(np.asarray(finished.image, np.int16) - np.asarray(decoded.image, np.int16))
+    assert gap.mean() < 2.0, gap.mean()
+
+
+def test_a_rescaled_copy_is_prepared_from_its_own_pixels(
+    long_page: tuple[screens.Page, screens.Page, int],
+) -> None:
+    """Detection compares at the smaller size: only that input's copy is shrunk on the way; the
+    larger one is decoded for its prepared image, at its own resolution."""
+    page, _, _ = long_page
+    double = page.image.resize((2800, 10000), Image.Resampling.BICUBIC)
+    with structlog.testing.capture_logs() as logs:
+        result = _run(screens.png(page.image), screens.png(double)).result
+    assert result.status == "ok", result.error
+    prepared = [entry for entry in logs if entry["event"] == "image_prepared"]
+    assert [entry["from_detection"] for entry in prepared] == [True, False]
+    assert result.inputs[1].original_size == (2800, 10000)
+    assert result.inputs[1].processed_size == result.inputs[0].processed_size == (287, 1024)
+
+
+def test_a_truncated_large_png_is_an_error_of_that_input(
+    long_page: tuple[screens.Page, screens.Page, int],
+) -> None:
+    page, _, _ = long_page
+    whole = screens.png(page.image)
+    result = _run(whole, whole[: len(whole) * 2 // 3]).result
+    assert result.status == "error" and result.error is not None
+    assert (result.error.type, result.error.input) == ("invalid_image", "b")
+    assert "decode" in result.error.message
+
+
 def test_detection_result_is_frozen_and_self_describing() -> None:
     data = screens.png(screens.label_card("x"))
     detection = detect(data, data, max_pixels=BUDGET)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -108,5 +109,17 @@ def _implementation(command: str) -> Callable[[argparse.Namespace, Any], int]:
     return run
 
 
+def run_command() -> None:
+    """The ``pairwatch`` executable: ``main``, then exit with its code.
+
+    The objects every imported module made (numpy, scipy, scikit-image: ~70,000) are frozen
+    first, so the interpreter's last garbage collection does not walk them on the way out:
+    ~0.1 s of a one-shot ``pairwatch compare``. (Not in ``main``: tests call it in-process.)
+    """
+    code = main()
+    gc.freeze()
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command()
