@@ -173,7 +173,9 @@ def detect(
             _normalised(data_b, work, size_b, max_pixels),
         )
         streams = [
-            _Stream(which, image, _shrink_factor(work, wanted) if wanted and size == work else None)
+            _Stream(
+                which, *image, _shrink_factor(work, wanted) if wanted and size == work else None
+            )
             for which, image, size, wanted in zip(
                 "ab", images, (size_a, size_b), shrunk_sizes, strict=True
             )
@@ -192,7 +194,10 @@ def detect(
 class _Stream:
     """One input streaming past in strips, shrunk on the way when a copy was asked for."""
 
-    def __init__(self, which: str, image: pyvips.Image, shrink: int | None) -> None:
+    def __init__(
+        self, which: str, image: pyvips.Image, colour: pyvips.Image, shrink: int | None
+    ) -> None:
+        """``image``: RGB on white + opacity, what is compared; ``colour``: its RGB bands."""
         self.which = which
         self.width, self.height = image.width, image.height
         # Held: a region does not keep alive the memory of an image made from an array.
@@ -200,8 +205,8 @@ class _Stream:
         self._region = pyvips.Region.new(image)
         self._shrink = shrink
         if shrink is not None:
-            small = image.shrink(shrink, shrink)
-            self._small = pyvips.Region.new(small[0:3])
+            small = colour.shrink(shrink, shrink)
+            self._small = pyvips.Region.new(small)
             self._small_size = (small.width, small.height)
             self._small_rows: list[NDArray[np.uint8]] = []
             self._small_done = 0
@@ -304,7 +309,7 @@ def _cut(
 ) -> list[Image.Image]:
     """Fill every box from one top-to-bottom pass; rows and columns of a box much larger than
     the crop are skipped while reading (to at most 2 x ``side``), then it is resized."""
-    image = _normalised(data, size, size, max_pixels)
+    image, _ = _normalised(data, size, size, max_pixels)
     steps = [
         max(1, min(box.width, box.height) // (2 * side), max(box.width, box.height) // (4 * side))
         for box in boxes
@@ -421,8 +426,9 @@ def _orientation(image: pyvips.Image) -> int:
 
 def _normalised(
     data: bytes, work: tuple[int, int], size: tuple[int, int], max_pixels: int
-) -> pyvips.Image:
-    """8-bit sRGB, EXIF-oriented, at ``work`` size: 3 bands flattened on white + opacity.
+) -> tuple[pyvips.Image, pyvips.Image]:
+    """8-bit sRGB, EXIF-oriented, at ``work`` size: 3 bands flattened on white + opacity, and
+    those 3 bands alone (cheaper to shrink than taken apart again).
 
     An image already at ``work`` size and upright is decoded as it is (the fast path, pixel for
     pixel); otherwise ``thumbnail_buffer`` does orientation and (for the larger image of a
@@ -445,9 +451,10 @@ def _normalised(
         image = image.cast("uchar")
     if not image.hasalpha():
         # (extract_band on a 3-band image would cost a copy and, measured, much more memory)
-        return (image if image.bands == 3 else image[0:3]).bandjoin(255)
+        colour = image if image.bands == 3 else image[0:3]
+        return colour.bandjoin(255), colour
     colour = image.flatten(background=[255, 255, 255]).cast("uchar")
-    return colour.bandjoin(image[image.bands - 1])
+    return colour.bandjoin(image[image.bands - 1]), colour
 
 
 @dataclass
