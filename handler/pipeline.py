@@ -3,12 +3,12 @@
 Each input is fetched and prepared (downsized) in turn; both inputs' bytes are then compared at
 native resolution (``handler.detect``, streamed). A large non-JPEG input (a screenshot) is
 prepared from the shrunk copy detection makes while it streams past, so it is decoded once,
-not twice. The comparator sees the
-prepared images plus the detection — and, when it wants them (the VL comparator) or a diff
-image is drawn, native-resolution crops of the largest changed regions, with ignored boxes
-filled as in the prepared images. Decoding is the memory-hungry part, so only one thread of
-the process decodes at a time (``DECODE_LOCK``): peak RAM does not grow with the number of pairs
-in flight, only the small prepared images and the inputs' encoded bytes do.
+not twice. The comparator sees the prepared images plus the detection — and, when it wants
+them (the VL comparator) or a diff image is drawn, native-resolution crops of the largest
+changed regions, with ignored boxes filled as in the prepared images. Decoding is the
+memory-hungry part, so only one thread of the process decodes at a time (``DECODE_LOCK``): peak
+RAM does not grow with the number of pairs in flight, only the small prepared images and the
+inputs' encoded bytes do.
 
 Every ``PairError`` becomes a result with ``status`` error/timeout. What still raises is not
 about the pair itself and is worth a retry: storage trouble from ``ImageInput.load`` (an object
@@ -102,6 +102,7 @@ def compare_pair(
             encoded.append(source.load())
             started_inputs.append(preparation.start(source.name, encoded[-1], info))
         failed = None
+        # (What a failure's diff image can show until detection has finished the rest.)
         prepared = [item for item in started_inputs if isinstance(item, PreparedImage)]
         want_crops = diff_image or comparator.wants_crops
         shrunk_sizes = [
@@ -317,6 +318,7 @@ class _Preparation:
             return self._record(name, info, image, "hit", started)
         header = streamed_header(data, self.max_input_pixels)
         if header is not None:
+            info.format, info.original_size = header.format, header.size
             self._add_time(started)
             return header
         return self._record(name, info, self._decoded(data), "miss", started)

@@ -418,6 +418,7 @@ def test_a_truncated_large_png_is_an_error_of_that_input(
     assert result.status == "error" and result.error is not None
     assert (result.error.type, result.error.input) == ("invalid_image", "b")
     assert "decode" in result.error.message
+    assert result.inputs[1].format == "PNG" and result.inputs[1].original_size == (1400, 5000)
 
 
 def test_detection_result_is_frozen_and_self_describing() -> None:
