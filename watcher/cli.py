@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from watcher.args import EXIT_OK, EXIT_USAGE
 from watcher.commands import COMMANDS
@@ -109,7 +109,7 @@ def _implementation(command: str) -> Callable[[argparse.Namespace, Any], int]:
     return run
 
 
-def run_command() -> None:
+def run_command() -> NoReturn:
     """The ``pairwatch`` executable: ``main``, then exit with its code.
 
     The objects every imported module made (numpy, scipy, scikit-image: ~70,000) are frozen
