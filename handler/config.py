@@ -34,6 +34,8 @@ from pydantic_settings import (
 #: mirroring) score below it; see ``handler.compare.metrics`` and tests/test_metrics.py.
 DEFAULT_SIMILARITY_THRESHOLD = 0.93
 DEFAULT_MAX_INPUT_PIXELS = 200_000_000
+#: Enough for several 1 MP pairs at once; a pair of 100 MP inputs runs alone.
+DEFAULT_DECODE_BUDGET_MP = 24
 
 
 class IgnoreRegion(BaseModel):
@@ -132,6 +134,13 @@ class Settings(BaseSettings):
     output_prefix: str | None = Field(None, description="S3: write results under this prefix.")
     output_bucket: str | None = Field(None, description="S3: write results to this bucket.")
     comparison: ComparisonConfig = Field(default_factory=lambda: ComparisonConfig())
+    decode_budget_mp: int = Field(
+        DEFAULT_DECODE_BUDGET_MP,
+        gt=0,
+        le=100_000,
+        description="Megapixels of input one process decodes at once, shared by the pairs in "
+        "flight (a pair takes its two inputs' megapixels); a pair larger than this runs alone.",
+    )
     cache_mb: int = Field(
         64,
         ge=0,
@@ -179,7 +188,8 @@ class Settings(BaseSettings):
         None,
         gt=0,
         le=1024,
-        description="Pairs compared at once; unset: 8 for the vl comparator, 1 for metrics.",
+        description="Pairs compared at once; unset: 8 for the vl comparator, the usable CPU "
+        "cores for metrics.",
     )
     serve_host: str = Field("127.0.0.1", description="pairwatch serve: address to listen on.")
     serve_port: int = Field(8080, ge=0, le=65535, description="pairwatch serve: TCP port.")

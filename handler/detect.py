@@ -28,6 +28,7 @@ noise (re-encoding leaves weak specks). Confident clusters become regions in A's
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -70,10 +71,11 @@ CROP_MARGIN = 24
 _STRIP_PIXELS = 1 << 16
 #: Differing pixels classified at once (bounds the temporary arrays to a few MB).
 _CHUNK = 16384
-#: Largest shrink factor of ``Detection.shrunk`` (libvips keeps a few hundred recent rows).
-_MAX_SHRINK = 64
 #: Source rows shrunk at once: each fetch from libvips costs more than the rows it shrinks.
 _SHRINK_ROWS = 128
+#: Source rows per shrunk row beyond which the copy is not made on the way: the resize kernel
+#: reaches ~3 of them up and down, and libvips keeps only a few hundred recent rows.
+_MAX_SHRINK = 32
 #: Decoded bytes (A and B) after which libvips' freed strip buffers are handed back.
 _TRIM_EVERY_BYTES = 8 << 20
 _YIQ = np.array(
@@ -110,7 +112,7 @@ class Detection:
     transparency_pixels: int = 0
     #: Pixels that differ at all (even below the colour threshold), outside ignored boxes.
     differing_pixels: int = 0
-    #: The inputs shrunk on the way, where ``detect`` was asked for them (``shrunk_sizes``).
+    #: The inputs resized on the way to ``shrunk_sizes``, where ``detect`` was asked for them.
     shrunk: tuple[Image.Image | None, Image.Image | None] = field(
         default=(None, None), compare=False, repr=False
     )
@@ -154,9 +156,9 @@ def detect(
 ) -> Detection:
     """Compare two encoded images at native resolution (see the module docstring).
 
-    ``shrunk_sizes[i]`` asks for a copy of input i shrunk by an integer factor to no less than
-    that size, made while the input streams past (``Detection.shrunk``): the prepared image's
-    source, so the input is decoded once. Only an input compared at its own size gets one.
+    ``shrunk_sizes[i]`` asks for a copy of input i resized to that size (display-oriented RGB
+    flattened on white), made while the input streams past (``Detection.shrunk``): the prepared
+    image, so the input is decoded once. Only an input compared at its own size gets one.
 
     Raises ``InvalidImage`` (``details["input"]`` = "a"/"b") for undecodable inputs and
     ``InvalidManifest`` for an ignore box outside image A.
@@ -173,9 +175,7 @@ def detect(
             _normalised(data_b, work, size_b, max_pixels),
         )
         streams = [
-            _Stream(
-                which, *image, _shrink_factor(work, wanted) if wanted and size == work else None
-            )
+            _Stream(which, *image, wanted if wanted and size == work else None)
             for which, image, size, wanted in zip(
                 "ab", images, (size_a, size_b), shrunk_sizes, strict=True
             )
@@ -192,10 +192,14 @@ def detect(
 
 
 class _Stream:
-    """One input streaming past in strips, shrunk on the way when a copy was asked for."""
+    """One input streaming past in strips, resized on the way when a copy was asked for."""
 
     def __init__(
-        self, which: str, image: pyvips.Image, colour: pyvips.Image, shrink: int | None
+        self,
+        which: str,
+        image: pyvips.Image,
+        colour: pyvips.Image,
+        wanted: tuple[int, int] | None,
     ) -> None:
         """``image``: RGB on white + opacity, what is compared; ``colour``: its RGB bands."""
         self.which = which
@@ -203,13 +207,16 @@ class _Stream:
         # Held: a region does not keep alive the memory of an image made from an array.
         self._image = image
         self._region = pyvips.Region.new(image)
-        self._shrink = shrink
-        if shrink is not None:
-            small = colour.shrink(shrink, shrink)
+        self._small: pyvips.Region | None = None
+        if wanted is not None and self.height / wanted[1] <= _MAX_SHRINK:
+            small = _resized(colour, wanted)
             self._small = pyvips.Region.new(small)
             self._small_size = (small.width, small.height)
             self._small_rows: list[NDArray[np.uint8]] = []
             self._small_done = 0
+            # Source rows per resized row, and how far past its own rows the kernel reaches.
+            self._step = self.height / small.height
+            self._reach = 4 * math.ceil(self._step) + 2
 
     def strip(self, first: int, last: int) -> NDArray[np.uint8]:
         """Rows ``first:last`` (RGB on white + opacity); a decoding failure names the input.
@@ -224,31 +231,36 @@ class _Stream:
         return pixels
 
     def shrunk(self) -> Image.Image | None:
-        """The copy shrunk by an integer factor (box filter), once every strip was read."""
-        if self._shrink is None:
+        """The resized copy, once every strip was read (None where none was made)."""
+        if self._small is None:
             return None
         self._shrink_above(self.height, final=True)
         return Image.fromarray(np.concatenate(self._small_rows), "RGB")
 
     def _shrink_above(self, decoded: int, *, final: bool) -> None:
-        """Shrink the blocks of rows above ``decoded`` (still in libvips' cache of recent rows),
-        in batches: each fetch costs more than the few rows it shrinks."""
-        if self._shrink is None:
+        """Resize the rows whose sources lie above ``decoded`` (still in libvips' cache of
+        recent rows), in batches: each fetch costs more than the few rows it makes."""
+        if self._small is None:
             return
         width, height = self._small_size
-        ready = height if final else min(height, decoded // self._shrink)
-        if ready - self._small_done >= max(1, _SHRINK_ROWS // self._shrink) or (
+        ready = height if final else min(height, int((decoded - self._reach) / self._step))
+        if ready - self._small_done >= max(1, int(_SHRINK_ROWS / self._step)) or (
             final and ready > self._small_done
         ):
             self._small_rows.append(_fetch(self._small, self._small_done, ready, width, bands=3))
             self._small_done = ready
 
 
-def _shrink_factor(work: tuple[int, int], wanted: tuple[int, int]) -> int:
-    """The integer shrink that leaves at least twice ``wanted`` for the final LANCZOS step, as
-    Pillow's and libvips' thumbnails do (a box filter all the way blurs text); capped, as a
-    block's rows must still be in libvips' cache of recent rows when it is shrunk."""
-    return max(1, min(_MAX_SHRINK, work[0] // (2 * wanted[0]), work[1] // (2 * wanted[1])))
+def _resized(colour: pyvips.Image, wanted: tuple[int, int]) -> pyvips.Image:
+    """``colour`` at ``wanted`` size, as thumbnails shrink: a box filter by an integer factor
+    that leaves at least twice the size (libvips' resize ``gap`` 2.0, Pillow's
+    ``reducing_gap``), then LANCZOS; a box filter all the way blurs text."""
+    if (colour.width, colour.height) == wanted:
+        return colour
+    across = max(1, colour.width // (2 * wanted[0]))
+    down = max(1, colour.height // (2 * wanted[1]))
+    boxed = colour.shrink(across, down) if across > 1 or down > 1 else colour
+    return boxed.reduce(boxed.width / wanted[0], boxed.height / wanted[1], kernel="lanczos3")
 
 
 @dataclass(frozen=True)

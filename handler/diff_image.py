@@ -279,3 +279,25 @@ def _clip(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, room: i
 @cache
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
+
+
+def render_legend(result: ComparisonResult) -> bytes:
+    """The legend alone, for byte-identical inputs: nothing was decoded to show, and a
+    legend-only PNG of a few hundred bytes replaces whatever diff image an earlier comparison
+    of the pair left beside the result."""
+    font_size = 13
+    font = _font(font_size)
+    line_height = font_size + 4
+    width = 2 * MIN_WIDTH
+    text = f"{_verdict(result)[1]} - byte-identical files (not decoded)"
+    verdict_lines = _wrap(text, font, width - 3 * _PAD - line_height)
+    height = (len(verdict_lines) + 1) * line_height + 2 * _PAD
+    nowhere = _Panel(0, 0, 0, 0)
+    canvas = _to_palette(Image.new("RGB", (width, height), BACKGROUND))
+    draw = ImageDraw.Draw(canvas)
+    draw.fontmode = "1"
+    layout = _Layout(width, height, nowhere, nowhere)
+    _draw_legend(draw, result, layout, font, line_height, height, verdict_lines)
+    out = io.BytesIO()
+    canvas.save(out, "PNG", compress_level=6)
+    return out.getvalue()

@@ -100,24 +100,48 @@ def prepare(
         return _encoded(_shrink(img, box, orientation), header, quality)
 
 
-def streamed_header(data: bytes, max_pixels: int) -> InputHeader | None:
-    """The header of an input ``prepare`` would shrink in strips (a large non-JPEG), checked as
-    ``prepare`` checks it (same errors); None for every other input. Nothing is decoded.
+def read_header(data: bytes, max_pixels: int) -> InputHeader:
+    """An input's format, mode and display-oriented size, checked against the pixel budget as
+    ``prepare`` checks it (same errors). Nothing is decoded.
 
-    Native-resolution detection decodes such an input anyway and can shrink it on the way
-    (``handler.detect``); ``prepare_shrunk`` finishes that copy, so a pair of large screenshots
-    is decoded once per comparison instead of twice.
+    Native-resolution detection decodes every input anyway and resizes it on the way
+    (``handler.detect``); ``prepare_shrunk`` finishes that copy, so each input of a pair is
+    decoded once per comparison instead of twice. The EXIF orientation comes from libvips'
+    header where libvips reads the file (detection orients it so; Pillow would decode a whole
+    PNG to find its eXIf chunk), else from Pillow's.
     """
     with _checked_open(data, max_pixels) as img:
-        return _streamed(data, img)
+        width, height = img.size
+        header = open_header(data)
+        orientation = _orientation(header) if header else img.getexif().get(0x0112, 1)
+        turned = orientation in (5, 6, 7, 8)
+        return InputHeader(
+            format=str(img.format),
+            mode=img.mode,
+            size=(height, width) if turned else (width, height),
+        )
+
+
+def verify(data: bytes) -> None:
+    """``InvalidImage`` when the file is visibly broken, without decoding its pixels: Pillow's
+    ``verify`` (a PNG's chunks are read to the end and their checksums checked: a truncated
+    or corrupted PNG fails; other formats get at most a header check)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as img:
+                img.verify()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImage(f"the image file is broken: {exc}") from exc
 
 
 def prepare_shrunk(
     header: InputHeader, shrunk: Image.Image, max_size: tuple[int, int], quality: int
 ) -> PreparedImage:
-    """``prepare``'s result for a streamed input (``streamed_header``), from a display-oriented
-    RGB copy already shrunk to no less than the prepared size (detection's by-product)."""
-    rgb = shrunk.resize(fitted_size(header.size, max_size), Image.Resampling.LANCZOS)
+    """``prepare``'s result from a display-oriented RGB copy detection made on the way, at
+    the prepared size (resized with LANCZOS where it is not)."""
+    size = fitted_size(header.size, max_size)
+    rgb = shrunk if shrunk.size == size else shrunk.resize(size, Image.Resampling.LANCZOS)
     return _encoded(rgb, header, quality)
 
 
@@ -238,11 +262,14 @@ def _streamed(data: bytes, img: Image.Image) -> InputHeader | None:
     header = open_header(data)
     if header is None:
         return None
-    orientation = int(header.get("orientation")) if header.get_typeof("orientation") else 1
-    turned = orientation in (5, 6, 7, 8)
+    turned = _orientation(header) in (5, 6, 7, 8)
     return InputHeader(
         format=str(img.format), mode=img.mode, size=(height, width) if turned else (width, height)
     )
+
+
+def _orientation(header: pyvips.Image) -> int:
+    return int(header.get("orientation")) if header.get_typeof("orientation") else 1
 
 
 def _thumbnail(data: bytes, box: tuple[int, int]) -> Image.Image:

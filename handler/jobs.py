@@ -241,6 +241,7 @@ def _run_locked(
         max_input_pixels=settings.max_input_pixels,
         diff_image=settings.diff_image,
         cache_mb=settings.cache_mb,
+        decode_budget_mp=settings.decode_budget_mp,
     )
     stages = {"fetch": sum(fetched)} if fetched else {}
     return _write(

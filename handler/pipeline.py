@@ -1,14 +1,19 @@
 """One pair, end to end: fetch -> prepare -> detect -> compare -> result.
 
-Each input is fetched and prepared (downsized) in turn; both inputs' bytes are then compared at
-native resolution (``handler.detect``, streamed). A large non-JPEG input (a screenshot) is
-prepared from the shrunk copy detection makes while it streams past, so it is decoded once,
-not twice. The comparator sees the prepared images plus the detection — and, when it wants
-them (the VL comparator) or a diff image is drawn, native-resolution crops of the largest
-changed regions, with ignored boxes filled as in the prepared images. Decoding is the
-memory-hungry part, so only one thread of the process decodes at a time (``DECODE_LOCK``): peak
-RAM does not grow with the number of pairs in flight, only the small prepared images and the
-inputs' encoded bytes do.
+Each input is fetched, hashed and its header checked in turn (format, size, pixel budget:
+nothing decoded). Byte-identical inputs (same sha256, same size) are answered at once: the
+comparator's verdict for identical images, neither decoded (a PNG's chunks are verified, the
+file is not trusted blindly). Otherwise both inputs are compared at native resolution
+(``handler.detect``, streamed), which resizes each to its prepared size on the way: every
+input is decoded once, not once for detection and again for its prepared image. The
+comparator sees the prepared images plus the detection — and, when it wants them (the VL
+comparator) or a diff image is drawn, native-resolution crops of the largest changed regions,
+with ignored boxes filled as in the prepared images.
+
+Decoding is the memory-hungry part: it takes the pair's megapixels from the process's decode
+budget (``handler.budget``, ``decode_budget_mp``) and gives them back once the prepared images
+exist, so small pairs decode side by side while a pair as large as the budget runs alone; peak
+RAM follows the budget, not the number of pairs in flight.
 
 Every ``PairError`` becomes a result with ``status`` error/timeout. What still raises is not
 about the pair itself and is worth a retry: storage trouble from ``ImageInput.load`` (an object
@@ -20,17 +25,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image, ImageDraw
 
-from handler.compare.base import Comparator
+from handler.budget import DEFAULT_DECODE_BUDGET_MP, DecodeBudget, process_budget
+from handler.compare.base import Comparator, Verdict
 from handler.config import ComparisonConfig
-from handler.detect import Detection, RegionCrop, cut_crops, detect
+from handler.detect import Detection, RegionCrop, check_ignore_regions, cut_crops, detect
 from handler.errors import PairError
 from handler.images import (
     NEUTRAL,
@@ -40,24 +46,26 @@ from handler.images import (
     mask_boxes,
     prepare,
     prepare_shrunk,
-    streamed_header,
+    read_header,
+    verify,
 )
 from handler.logs import elapsed_ms, get_logger
 from handler.prepared_cache import CacheKey, PreparedCache, cache_key, process_cache
 from handler.result import ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo, Region
 from handler.vips import release_freed_memory
 
-#: Held while a full image is decoded (prepare) or streamed (detect, crops): one at a time.
-DECODE_LOCK = threading.Lock()
-
 
 @dataclass(frozen=True)
 class ImageInput:
-    """A named input whose bytes are fetched only when the pipeline gets to it."""
+    """A named input whose bytes are fetched only when the pipeline gets to it.
+
+    ``digest``, where the source has one, gives the sha256 of what ``load`` returned, computed
+    while the bytes streamed in (a bucket's body, an upload), so they are not hashed again."""
 
     name: str
     load: Callable[[], bytes]
     etag: str | None = None
+    digest: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,12 +86,14 @@ def compare_pair(
     max_input_pixels: int,
     diff_image: bool = False,
     cache_mb: int = 0,
+    decode_budget_mp: float = DEFAULT_DECODE_BUDGET_MP,
 ) -> PairOutcome:
     """Compare ``a`` with ``b``; failures come back as error/timeout results, never raised.
 
     With ``diff_image`` the outcome carries a PNG (``handler.diff_image``) whenever both images
-    were prepared, failed comparisons included; the caller names and writes it. ``cache_mb``
-    sizes the process's cache of prepared images (0: none).
+    were prepared, failed comparisons included (byte-identical inputs: the legend alone); the
+    caller names and writes it. ``cache_mb`` sizes the process's cache of prepared images (0:
+    none), ``decode_budget_mp`` its decode budget.
     """
     log = get_logger(pair_id=pair_id)
     started = time.perf_counter()
@@ -93,6 +103,7 @@ def compare_pair(
     crops: list[RegionCrop] = []
     failed: str | None = None
     compare_start: float | None = None
+    identical = False
     preparation = _Preparation(config, max_input_pixels, process_cache(cache_mb), timings, log)
     try:
         encoded: list[bytes] = []
@@ -100,33 +111,34 @@ def compare_pair(
         for source, info in zip((a, b), infos, strict=True):
             failed = "a" if not encoded else "b"
             encoded.append(source.load())
-            started_inputs.append(preparation.start(source.name, encoded[-1], info))
+            started_inputs.append(preparation.start(source, encoded[-1], info))
         failed = None
         # (What a failure's diff image can show until detection has finished the rest.)
         prepared = [item for item in started_inputs if isinstance(item, PreparedImage)]
-        want_crops = diff_image or comparator.wants_crops
-        shrunk_sizes = [
-            fitted_size(item.size, config.max_image_size) if isinstance(item, InputHeader) else None
-            for item in started_inputs
-        ]
-        detection, crops = _detect(
-            encoded, config, max_input_pixels, shrunk_sizes, want_crops, timings, log
-        )
-        prepared = [
-            item
-            if isinstance(item, PreparedImage)
-            else preparation.finish(source.name, data, info, item, shrunk)
-            for item, source, data, info, shrunk in zip(
-                started_inputs, (a, b), encoded, infos, detection.shrunk, strict=True
+        identical = infos[0].sha256 == infos[1].sha256 and infos[0].bytes == infos[1].bytes
+        if identical:
+            compare_start = time.perf_counter()
+            outcome = _identical(encoded[0], started_inputs[0], infos, config, comparator)
+        else:
+            budget = process_budget(decode_budget_mp)
+            with _decoding(budget, _megapixels(started_inputs), log):
+                detection, crops = _detect(
+                    encoded,
+                    config,
+                    max_input_pixels,
+                    [preparation.wanted(item) for item in started_inputs],
+                    diff_image or comparator.wants_crops,
+                    timings,
+                    log,
+                )
+                prepared = preparation.finished(started_inputs, (a, b), encoded, infos, detection)
+            del encoded
+            prepared = _masked(prepared, config, detection.size_a)
+            crops = _masked_crops(crops, config, detection)
+            compare_start = time.perf_counter()
+            outcome = comparator.compare(
+                prepared[0], prepared[1], config, detection=detection, crops=crops
             )
-        ]
-        del encoded
-        prepared = _masked(prepared, config, detection.size_a)
-        crops = _masked_crops(crops, config, detection)
-        compare_start = time.perf_counter()
-        outcome = comparator.compare(
-            prepared[0], prepared[1], config, detection=detection, crops=crops
-        )
         timings["compare"] = elapsed_ms(compare_start)
     except PairError as exc:
         failed = exc.details.get("input", failed)
@@ -151,6 +163,7 @@ def compare_pair(
         similarity=round(outcome.similarity, 4),
         is_similar=outcome.is_similar,
         regions=len(outcome.changed_regions),
+        identical_bytes=identical,
         compare_ms=timings["compare"],
         duration_ms=timings["total"],
     )
@@ -169,7 +182,59 @@ def compare_pair(
         timings_ms=timings,
         vl=outcome.vl,
     )
+    if identical:
+        return _with_legend(result, diff_image)
     return _with_diff(result, prepared, diff_image, crops)
+
+
+def _identical(
+    data: bytes,
+    item: PreparedImage | InputHeader,
+    infos: list[InputInfo],
+    config: ComparisonConfig,
+    comparator: Comparator,
+) -> Verdict:
+    """Byte-identical inputs: the comparator's verdict for identical images, neither decoded.
+    The file is verified without decoding (a broken PNG is still an ``invalid_image``), the
+    ignore boxes checked against its header's size."""
+    size = _size(item)
+    try:
+        verify(data)
+    except PairError as exc:
+        exc.details.setdefault("input", "a")
+        raise
+    check_ignore_regions(config.ignore_regions, size)
+    for info in infos:
+        info.processed_size = fitted_size(size, config.max_image_size)
+    return comparator.identical(config, Detection(size_a=size, size_b=size, work_size=size))
+
+
+def _size(item: PreparedImage | InputHeader) -> tuple[int, int]:
+    return item.original_size if isinstance(item, PreparedImage) else item.size
+
+
+def _megapixels(items: Sequence[PreparedImage | InputHeader]) -> float:
+    return sum(width * height for width, height in map(_size, items)) / 1e6
+
+
+@contextmanager
+def _decoding(budget: DecodeBudget, megapixels: float, log: Any) -> Iterator[None]:
+    """The pair's decoding stage (detection, crops, prepared images) holding its megapixels of
+    the process's decode budget; logged when it starts (how long it waited for room) and
+    when it gives them back."""
+    asked = time.perf_counter()
+    with budget.held(megapixels) as granted:
+        start = time.perf_counter()
+        log.info(
+            "decode_started",
+            megapixels=round(megapixels, 2),
+            waited_ms=round((start - asked) * 1000, 2),
+            budget_in_use_mp=round(budget.in_use, 2),
+        )
+        try:
+            yield
+        finally:
+            log.info("decode_finished", megapixels=round(granted, 2), held_ms=elapsed_ms(start))
 
 
 def _detect(
@@ -181,22 +246,20 @@ def _detect(
     timings: dict[str, float],
     log: Any,
 ) -> tuple[Detection, list[RegionCrop]]:
-    """Native-resolution detection (and the crops, for the diff image or the comparator)
-    under the decode lock."""
+    """Native-resolution detection (and the crops, for the diff image or the comparator)."""
     start = time.perf_counter()
-    with DECODE_LOCK:
-        detection = detect(
-            encoded[0],
-            encoded[1],
-            max_pixels=max_input_pixels,
-            ignore=config.ignore_regions,
-            shrunk_sizes=(shrunk_sizes[0], shrunk_sizes[1]),
-        )
-        crops = (
-            cut_crops(encoded[0], encoded[1], detection, max_pixels=max_input_pixels)
-            if want_crops
-            else []
-        )
+    detection = detect(
+        encoded[0],
+        encoded[1],
+        max_pixels=max_input_pixels,
+        ignore=config.ignore_regions,
+        shrunk_sizes=(shrunk_sizes[0], shrunk_sizes[1]),
+    )
+    crops = (
+        cut_crops(encoded[0], encoded[1], detection, max_pixels=max_input_pixels)
+        if want_crops
+        else []
+    )
     timings["detect"] = elapsed_ms(start)
     log.info(
         "changes_detected",
@@ -296,11 +359,21 @@ def _with_diff(
         return PairOutcome(result)
 
 
+def _with_legend(result: ComparisonResult, wanted: bool) -> PairOutcome:
+    """Byte-identical inputs: a diff image of the legend alone (no pixels were decoded to
+    show), so that an older diff image beside the result is replaced, never left stale."""
+    if not wanted:
+        return PairOutcome(result)
+    from handler.diff_image import render_legend
+
+    return PairOutcome(result, render_legend(result))
+
+
 @dataclass(frozen=True)
 class _Preparation:
     """Preparing one pair's inputs: from the process's cache when an input was prepared before,
-    else decoded under the decode lock, or (large non-JPEG inputs) finished from the shrunk
-    copy detection makes. One ``image_prepared`` event per input either way."""
+    else from the copy detection resizes on the way (or, where it makes none, decoded on its
+    own). One ``image_prepared`` event per prepared input."""
 
     config: ComparisonConfig
     max_input_pixels: int
@@ -308,22 +381,48 @@ class _Preparation:
     timings: dict[str, float]
     log: Any
 
-    def start(self, name: str, data: bytes, info: InputInfo) -> PreparedImage | InputHeader:
-        """The prepared image, or the checked header of an input left to ``finish``."""
+    def start(
+        self, source: ImageInput, data: bytes, info: InputInfo
+    ) -> PreparedImage | InputHeader:
+        """The cached prepared image, or the checked header of an input left to ``finished``."""
         started = time.perf_counter()
         info.bytes = len(data)
-        info.sha256 = hashlib.sha256(data).hexdigest()
+        info.sha256 = (source.digest and source.digest()) or hashlib.sha256(data).hexdigest()
         image = self.cache.get(self._key(info.sha256)) if self.cache is not None else None
         if image is not None:
-            return self._record(name, info, image, "hit", started)
-        header = streamed_header(data, self.max_input_pixels)
-        if header is not None:
-            info.format, info.original_size = header.format, header.size
-            self._add_time(started)
-            return header
-        return self._record(name, info, self._decoded(data), "miss", started)
+            return self._record(source.name, info, image, "hit", started)
+        header = read_header(data, self.max_input_pixels)
+        info.format, info.original_size = header.format, header.size
+        self._add_time(started)
+        return header
 
-    def finish(
+    def wanted(self, item: PreparedImage | InputHeader) -> tuple[int, int] | None:
+        """The size of the copy detection should make of a started input: its prepared size;
+        None for a cached one, and for CMYK (libvips converts it through an ICC profile, the
+        prepared image has always been Pillow's plain conversion: it is decoded on its own)."""
+        if isinstance(item, PreparedImage) or item.mode == "CMYK":
+            return None
+        return fitted_size(item.size, self.config.max_image_size)
+
+    def finished(
+        self,
+        items: list[PreparedImage | InputHeader],
+        sources: tuple[ImageInput, ImageInput],
+        encoded: list[bytes],
+        infos: list[InputInfo],
+        detection: Detection,
+    ) -> list[PreparedImage]:
+        """Every input's prepared image, those only started finished from detection's copies."""
+        return [
+            item
+            if isinstance(item, PreparedImage)
+            else self._finish(source.name, data, info, item, shrunk)
+            for item, source, data, info, shrunk in zip(
+                items, sources, encoded, infos, detection.shrunk, strict=True
+            )
+        ]
+
+    def _finish(
         self,
         name: str,
         data: bytes,
@@ -331,27 +430,17 @@ class _Preparation:
         header: InputHeader,
         shrunk: Image.Image | None,
     ) -> PreparedImage:
-        """A started input, from detection's shrunk copy (or decoded, where it made none)."""
         started = time.perf_counter()
-        quality = self.config.image_quality
-        image = (
-            prepare_shrunk(header, shrunk, self.config.max_image_size, quality)
-            if shrunk is not None
-            else self._decoded(data)
-        )
-        return self._record(name, info, image, "miss", started, from_detection=shrunk is not None)
-
-    def _decoded(self, data: bytes) -> PreparedImage:
-        with DECODE_LOCK:
+        config = self.config
+        if shrunk is not None:
+            image = prepare_shrunk(header, shrunk, config.max_image_size, config.image_quality)
+        else:
             image = prepare(
-                data,
-                self.config.max_image_size,
-                self.config.image_quality,
-                max_pixels=self.max_input_pixels,
+                data, config.max_image_size, config.image_quality, max_pixels=self.max_input_pixels
             )
             # The decoder's buffers are free now, but glibc would keep them for this process.
             release_freed_memory()
-        return image
+        return self._record(name, info, image, "miss", started, from_detection=shrunk is not None)
 
     def _key(self, sha256: str) -> CacheKey:
         config = self.config

@@ -4,10 +4,8 @@ decoders and libvips; and the pipeline around it (ignore regions, formats, decod
 from __future__ import annotations
 
 import io
-import itertools
 import threading
-import time
-from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pillow_heif
@@ -24,6 +22,7 @@ from handler.pairs import is_image_name
 from handler.pipeline import ImageInput, PairOutcome, compare_pair
 from handler.result import Region
 from tests.support import scenes, screens
+from tests.support.logs import captured_logs
 
 COMPARATOR = MetricsComparator()
 BUDGET = 50_000_000
@@ -291,45 +290,62 @@ def test_crops_are_bounded_for_large_regions() -> None:
         assert max(crop.a.size) <= 448 and max(crop.b.size) <= 448
 
 
-@pytest.fixture()
-def decode_intervals(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[float, float]]]:
-    """Records when the real ``prepare`` and ``detect`` run (they are wrapped, not replaced)."""
+def _held(logs: list[Any], pair_id: str) -> tuple[float, float]:
+    """When ``pair_id`` held the decode budget: its decode_started and decode_finished times."""
+    (start,) = [e["at"] for e in logs if e["event"] == "decode_started" and e["pair_id"] == pair_id]
+    (end,) = [e["at"] for e in logs if e["event"] == "decode_finished" and e["pair_id"] == pair_id]
+    return start, end
+
+
+def test_small_pairs_decode_side_by_side_and_a_large_pair_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Budget 6 MP: two pairs of 0.5 MP inputs (1 MP each) decode at the same time, a pair of
+    4 MP inputs (8 MP: more than the whole budget) runs alone, before or after them."""
     import handler.pipeline as pipeline
 
-    intervals: list[tuple[float, float]] = []
+    page = screens.text_page((1000, 500)).image
+    small = screens.png(page), screens.png(screens.replace_words(screens.text_page(
+        (1000, 500)), {3: "zephyr"}).image)  # fmt: skip
+    photo = scenes.photo("astronaut").resize((2000, 2000))
+    large = scenes.encode(photo), scenes.pasted_object(photo)
+    # Both small pairs must be inside detection at once, or this barrier breaks (a timeout).
+    both_small = threading.Barrier(2, timeout=30)
 
-    def timed(function):  # type: ignore[no-untyped-def]
-        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                intervals.append((start, time.perf_counter()))
+    def detect_meeting(data_a: bytes, *args: Any, **kwargs: Any) -> Detection:
+        if data_a == small[0]:
+            both_small.wait()
+        return detect(data_a, *args, **kwargs)
 
-        return wrapper
+    monkeypatch.setattr(pipeline, "detect", detect_meeting)
 
-    monkeypatch.setattr(pipeline, "prepare", timed(images_module.prepare))
-    monkeypatch.setattr(pipeline, "detect", timed(pipeline.detect))
-    yield intervals
+    def run(pair_id: str, pair: tuple[bytes, bytes]) -> None:
+        outcome = compare_pair(
+            pair_id,
+            ImageInput("a", lambda: pair[0]),
+            ImageInput("b", lambda: pair[1]),
+            ComparisonConfig(),
+            COMPARATOR,
+            max_input_pixels=BUDGET,
+            decode_budget_mp=6,
+        )
+        results[pair_id] = outcome.result.is_similar
 
-
-def test_decoding_is_never_concurrent(decode_intervals: list[tuple[float, float]]) -> None:
-    photo = scenes.photo("rocket").resize((1800, 1200))
-    a, b = scenes.encode(photo), scenes.pasted_object(photo)
-    results: list[bool | None] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(_run(a, b).result.is_similar))
-        for _ in range(3)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert results == [False, False, False]
-    assert len(decode_intervals) == 9  # 3 pairs x (2 prepares + 1 detection)
-    ordered = sorted(decode_intervals)
-    for (_, end), (start, _) in itertools.pairwise(ordered):
-        assert start >= end, "two decodes overlapped"
+    results: dict[str, bool | None] = {}
+    jobs = {"small-1": small, "large": large, "small-2": small}
+    with captured_logs() as logs:
+        threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert results == {"small-1": False, "small-2": False, "large": False}
+    first, second, alone = _held(logs, "small-1"), _held(logs, "small-2"), _held(logs, "large")
+    assert max(first[0], second[0]) < min(first[1], second[1]), "the small pairs did not overlap"
+    for other in (first, second):
+        assert alone[1] <= other[0] or other[1] <= alone[0], "the large pair did not run alone"
+    (large_start,) = [e for e in logs if e["event"] == "decode_started" and e["pair_id"] == "large"]
+    assert large_start["megapixels"] == 8.0 and large_start["budget_in_use_mp"] == 6.0
 
 
 def test_prepared_images_are_cached_and_hits_logged() -> None:
@@ -381,10 +397,8 @@ def test_the_shrunk_copy_looks_like_the_prepared_image(
     wanted = images_module.fitted_size(page.image.size, config.max_image_size)
     detection = detect(a, screens.png(edited.image), max_pixels=BUDGET, shrunk_sizes=(wanted, None))
     shrunk, none = detection.shrunk
-    assert none is None and shrunk is not None
-    assert shrunk.width >= wanted[0] and shrunk.height >= wanted[1]
-    header = images_module.streamed_header(a, BUDGET)
-    assert header is not None
+    assert none is None and shrunk is not None and shrunk.size == wanted
+    header = images_module.read_header(a, BUDGET)
     finished = images_module.prepare_shrunk(
         header, shrunk, config.max_image_size, config.image_quality
     )

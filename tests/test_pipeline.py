@@ -105,11 +105,11 @@ class _SlowComparator:
 
 
 def test_a_comparator_timeout_becomes_a_timeout_result() -> None:
-    data = scenes.encode(scenes.photo("coffee"))
+    photo = scenes.photo("coffee")
     outcome = compare_pair(
         "p4",
-        _input("a.jpg", data, []),
-        _input("b.jpg", data, []),
+        _input("a.jpg", scenes.encode(photo), []),
+        _input("b.jpg", scenes.reencoded(photo), []),
         CONFIG,
         _SlowComparator(),
         max_input_pixels=10**8,
@@ -127,11 +127,11 @@ def test_a_diff_image_that_cannot_be_drawn_does_not_cost_the_result(
         raise MemoryError("no room for the drawing")
 
     monkeypatch.setattr("handler.diff_image.render_diff", broken)
-    data = scenes.encode(scenes.photo("coffee"))
+    photo = scenes.photo("coffee")
     outcome = compare_pair(
         "p5",
-        _input("a.jpg", data, []),
-        _input("b.jpg", data, []),
+        _input("a.jpg", scenes.encode(photo), []),
+        _input("b.jpg", scenes.reencoded(photo), []),
         CONFIG,
         MetricsComparator(),
         max_input_pixels=10**8,

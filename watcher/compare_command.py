@@ -52,6 +52,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             settings.comparison,
             comparator,
             max_input_pixels=settings.max_input_pixels,
+            decode_budget_mp=settings.decode_budget_mp,
         ).result
     finally:
         comparator.close()

@@ -234,6 +234,7 @@ class PairRunner:
                 self.state.comparator,
                 max_input_pixels=settings.max_input_pixels,
                 cache_mb=settings.cache_mb,
+                decode_budget_mp=settings.decode_budget_mp,
             ).result
 
         result: ComparisonResult | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from handler.compare.base import Comparator, Verdict
 from handler.config import Settings
 
@@ -13,9 +15,19 @@ __all__ = [
     "resolve_concurrency",
 ]
 
-#: Pairs in flight when ``concurrency`` is unset: the VL comparator batches concurrent pairs
-#: into its worker, the CPU metrics comparator gains nothing from more than one at a time.
-DEFAULT_CONCURRENCY = {"vl": 8, "metrics": 1}
+#: Pairs in flight when ``concurrency`` is unset for the VL comparator, which batches
+#: concurrent pairs into its worker. The CPU metrics comparator runs one pair per usable core
+#: (``usable_cores``): decoding and detection release the GIL, and the decode budget, not the
+#: number of pairs, bounds their memory.
+VL_CONCURRENCY = 8
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def resolve_comparator_name(settings: Settings) -> str:
@@ -28,7 +40,7 @@ def resolve_concurrency(settings: Settings) -> int:
     """How many pairs may compare at once (``concurrency``, else the comparator's default)."""
     if settings.concurrency is not None:
         return settings.concurrency
-    return DEFAULT_CONCURRENCY[resolve_comparator_name(settings)]
+    return VL_CONCURRENCY if resolve_comparator_name(settings) == "vl" else usable_cores()
 
 
 def create_comparator(settings: Settings) -> Comparator:

@@ -59,4 +59,9 @@ class Comparator(Protocol):
         crops: Sequence[RegionCrop] = (),
     ) -> Verdict: ...
 
+    def identical(self, config: ComparisonConfig, detection: Detection) -> Verdict:
+        """What ``compare`` concludes for byte-identical inputs, without their pixels: the
+        pipeline decodes neither (``detection`` is the identical one, sized from the header)."""
+        ...
+
     def close(self) -> None: ...

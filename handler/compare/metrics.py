@@ -17,14 +17,24 @@ pair different whatever the scores, and adds a fifth score so the number agrees:
 ``detection_similarity`` = DETECTION_CEILING - DETECTION_WEIGHT x changed fraction (native),
 1.0 without regions. A pair with no differing pixel at native resolution scores exactly 1.
 
-scikit-image, imagehash and scipy are imported on the first comparison, not with this module:
-they cost ~25 MB and ~0.3 s, and the detection stage that runs before (a large pair's memory
-peak) does without them.
+The work scales with what there is to see: two pixel-identical prepared images (the same
+picture, however it was encoded) have the scores of identical images — SSIM 1, no changed
+fraction, hash distance 0, colour overlap 1, ΔE 0 — which are set, not computed; byte-identical
+inputs are never decoded at all (``identical``). Only a pair whose prepared images differ pays
+for SSIM, Lab colours, hashes and histograms.
+
+scikit-image, imagehash and scipy are imported by the first pair that needs them, not with this
+module: they cost ~25 MB and ~0.3 s, and the detection stage that runs before (a large pair's
+memory peak) does without them. A long-running process (``wait_ready``) imports them on a
+thread of their own meanwhile, so that no pair waits for them.
 """
 
 from __future__ import annotations
 
+import importlib
+import threading
 from collections.abc import Sequence
+from functools import cache
 
 import numpy as np
 from numpy.typing import NDArray
@@ -73,7 +83,10 @@ class MetricsComparator:
         """Nothing to free: no model, no worker."""
 
     def wait_ready(self) -> None:
-        """Always ready: nothing to load."""
+        """Ready at once; the libraries the first differing pair needs are imported on a
+        thread of their own meanwhile (a long-running process holds them after its first
+        pair anyway), so no pair pays for the imports."""
+        _import_in_background()
 
     def compare(
         self,
@@ -84,52 +97,99 @@ class MetricsComparator:
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
     ) -> Verdict:
-        import imagehash
-        from skimage.color import rgb2lab
-        from skimage.metrics import structural_similarity
+        same = _pixel_identical(a, b)
+        metrics = IDENTICAL_SCORES if same else _scores(a.image, b.image)
+        return _verdict({**metrics, "pixel_identical": float(same)}, config, detection)
 
-        work_a, work_b = _common_size(a.image, b.image)
-        grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
-        rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
-        ssim, ssim_map = structural_similarity(  # type: ignore[no-untyped-call]
-            grey_a, grey_b, data_range=255.0, gaussian_weights=True, sigma=1.5, full=True
-        )
-        delta_e = np.linalg.norm(rgb2lab(rgb_a) - rgb2lab(rgb_b), axis=2)
-        changed_fraction = float(_changed_mask(ssim_map, delta_e).mean())
-        hash_distance = int(imagehash.phash(work_a) - imagehash.phash(work_b))
-        color = _histogram_intersection(rgb_a, rgb_b)
-        metrics = {
-            "ssim": round(float(np.clip(ssim, 0.0, 1.0)), 4),
-            "changed_fraction": round(changed_fraction, 4),
-            "local_similarity": round(max(0.0, 1.0 - LOCAL_WEIGHT * changed_fraction), 4),
-            "phash_distance": float(hash_distance),
-            "hash_similarity": round(1.0 - hash_distance / 64.0, 4),
-            "color_similarity": round(color, 4),
-            "mean_delta_e": round(float(delta_e.mean()), 3),
-            "pixel_identical": float(_pixel_identical(a, b)),
-        }
-        regions = list(detection.regions) if detection else []
-        if detection is not None:
-            metrics.update(detection.metrics())
-            metrics["detection_similarity"] = _detection_similarity(detection)
-        similarity = min(
-            metrics["ssim"],
-            metrics["local_similarity"],
-            metrics["hash_similarity"],
-            metrics["color_similarity"],
-            metrics.get("detection_similarity", 1.0),
-        )
-        if detection is not None and detection.identical:
-            similarity = 1.0
-        is_similar = similarity >= config.similarity_threshold and not regions
-        return Verdict(
-            similarity=similarity,
-            is_similar=is_similar,
-            summary=_summary(similarity, is_similar, regions, detection),
-            differences=_differences(metrics, regions, detection),
-            changed_regions=regions,
-            metrics=metrics,
-        )
+    def identical(self, config: ComparisonConfig, detection: Detection) -> Verdict:
+        """The verdict for byte-identical inputs, which are not decoded: ``compare``'s for two
+        identical images (``detection`` says so, sized from their header)."""
+        return _verdict({**IDENTICAL_SCORES, "pixel_identical": 1.0}, config, detection)
+
+
+#: The scores of two identical working images (what ``_scores`` computes for them).
+IDENTICAL_SCORES: dict[str, float] = {
+    "ssim": 1.0,
+    "changed_fraction": 0.0,
+    "local_similarity": 1.0,
+    "phash_distance": 0.0,
+    "hash_similarity": 1.0,
+    "color_similarity": 1.0,
+    "mean_delta_e": 0.0,
+}
+
+
+_IMPORTING = threading.Lock()
+#: What ``_scores`` imports, in its order.
+_LIBRARIES = ("imagehash", "skimage.color", "skimage.metrics", "scipy.ndimage")
+
+
+def _import_libraries() -> None:
+    """One thread at a time: two threads importing these packages in another order could
+    deadlock on Python's per-module import locks."""
+    with _IMPORTING:
+        for module in _LIBRARIES:
+            importlib.import_module(module)
+
+
+@cache
+def _import_in_background() -> None:
+    threading.Thread(target=_import_libraries, name="metrics-imports", daemon=True).start()
+
+
+def _scores(a: Image.Image, b: Image.Image) -> dict[str, float]:
+    """SSIM, changed fraction, perceptual hash and colour scores on the common working size."""
+    _import_libraries()
+    import imagehash
+    from skimage.color import rgb2lab
+    from skimage.metrics import structural_similarity
+
+    work_a, work_b = _common_size(a, b)
+    grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
+    rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
+    ssim, ssim_map = structural_similarity(  # type: ignore[no-untyped-call]
+        grey_a, grey_b, data_range=255.0, gaussian_weights=True, sigma=1.5, full=True
+    )
+    delta_e = np.linalg.norm(rgb2lab(rgb_a) - rgb2lab(rgb_b), axis=2)
+    changed_fraction = float(_changed_mask(ssim_map, delta_e).mean())
+    hash_distance = int(imagehash.phash(work_a) - imagehash.phash(work_b))
+    return {
+        "ssim": round(float(np.clip(ssim, 0.0, 1.0)), 4),
+        "changed_fraction": round(changed_fraction, 4),
+        "local_similarity": round(max(0.0, 1.0 - LOCAL_WEIGHT * changed_fraction), 4),
+        "phash_distance": float(hash_distance),
+        "hash_similarity": round(1.0 - hash_distance / 64.0, 4),
+        "color_similarity": round(_histogram_intersection(rgb_a, rgb_b), 4),
+        "mean_delta_e": round(float(delta_e.mean()), 3),
+    }
+
+
+def _verdict(
+    metrics: dict[str, float], config: ComparisonConfig, detection: Detection | None
+) -> Verdict:
+    """The verdict from the scores (and the detection, which adds its own and the regions)."""
+    regions = list(detection.regions) if detection else []
+    if detection is not None:
+        metrics.update(detection.metrics())
+        metrics["detection_similarity"] = _detection_similarity(detection)
+    similarity = min(
+        metrics["ssim"],
+        metrics["local_similarity"],
+        metrics["hash_similarity"],
+        metrics["color_similarity"],
+        metrics.get("detection_similarity", 1.0),
+    )
+    if detection is not None and detection.identical:
+        similarity = 1.0
+    is_similar = similarity >= config.similarity_threshold and not regions
+    return Verdict(
+        similarity=similarity,
+        is_similar=is_similar,
+        summary=_summary(similarity, is_similar, regions, detection),
+        differences=_differences(metrics, regions, detection),
+        changed_regions=regions,
+        metrics=metrics,
+    )
 
 
 def _detection_similarity(detection: Detection) -> float:

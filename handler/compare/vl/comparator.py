@@ -176,16 +176,7 @@ class VLComparator:
         metrics = self._metrics.compare(a, b, config, detection=detection)
         skip_reason = _skip_reason(a, b, metrics.metrics, detection)
         if skip_reason is not None:
-            similarity = 1.0 if skip_reason == PIXEL_IDENTICAL else metrics.similarity
-            return Verdict(
-                similarity=similarity,
-                is_similar=similarity >= config.similarity_threshold,
-                summary=f"{_skip_summary(skip_reason)}; the VL model was not run.",
-                differences=[],
-                changed_regions=metrics.changed_regions,
-                metrics=metrics.metrics,
-                vl=VLDetails(skipped=True, skip_reason=skip_reason),
-            )
+            return _skipped(metrics, skip_reason, config)
         request = self._request(a, b, config, metrics.changed_regions, crops)
         try:
             reply = self._backend.generate(request)
@@ -193,6 +184,10 @@ class VLComparator:
             exc.details.setdefault("metrics", metrics.metrics)
             raise
         return self._outcome(reply, metrics, config, pictures=len(request.images))
+
+    def identical(self, config: ComparisonConfig, detection: Detection) -> Verdict:
+        """Byte-identical inputs: the metrics' verdict, the model not run (pixel-identical)."""
+        return _skipped(self._metrics.identical(config, detection), PIXEL_IDENTICAL, config)
 
     def _request(
         self,
@@ -284,6 +279,20 @@ def known_regions(differences: list[Difference], regions: int) -> list[Differenc
         d if d.region is None or d.region < regions else d.model_copy(update={"region": None})
         for d in differences
     ]
+
+
+def _skipped(metrics: Verdict, reason: str, config: ComparisonConfig) -> Verdict:
+    """The metrics' verdict for a pair the model need not look at (``_skip_reason``)."""
+    similarity = 1.0 if reason == PIXEL_IDENTICAL else metrics.similarity
+    return Verdict(
+        similarity=similarity,
+        is_similar=similarity >= config.similarity_threshold,
+        summary=f"{_skip_summary(reason)}; the VL model was not run.",
+        differences=[],
+        changed_regions=metrics.changed_regions,
+        metrics=metrics.metrics,
+        vl=VLDetails(skipped=True, skip_reason=reason),
+    )
 
 
 def _skip_summary(reason: str) -> str:
