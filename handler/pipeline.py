@@ -373,7 +373,7 @@ def _with_legend(result: ComparisonResult, wanted: bool) -> PairOutcome:
 class _Preparation:
     """Preparing one pair's inputs: from the process's cache when an input was prepared before,
     else from the copy detection resizes on the way (or, where it makes none, decoded on its
-    own). One ``image_prepared`` event per prepared input."""
+    own, and then kept in the cache). One ``image_prepared`` event per prepared input."""
 
     config: ComparisonConfig
     max_input_pixels: int
@@ -461,7 +461,8 @@ class _Preparation:
         *,
         from_detection: bool = False,
     ) -> PreparedImage:
-        if cached == "miss" and self.cache is not None and info.sha256:
+        # A copy detection made on the way cost no decode of its own: not worth its memory.
+        if cached == "miss" and not from_detection and self.cache is not None and info.sha256:
             self.cache.put(self._key(info.sha256), image)
         info.format = image.format
         info.original_size = image.original_size

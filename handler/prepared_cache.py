@@ -1,8 +1,14 @@
-"""A bounded in-memory LRU of prepared images, so a reference image compared with many others is
-decoded once per process.
+"""A bounded in-memory LRU of prepared images that cost a decode of their own, so such an input
+compared with many others is decoded once per process for its prepared image.
 
-Keyed by the input's sha256 and every setting that shapes the prepared image; sized by an
-estimate of what an entry holds (its JPEG plus its RGB pixels), evicting the least recently used.
+Most prepared images cost none: detection decodes every input anyway and resizes it to its
+prepared size on the way (``handler.pipeline``); those are not kept. What is kept are the
+inputs detection makes no copy of: the larger image of a rescaled pair (compared at the smaller
+one's size), CMYK images (prepared by Pillow), pages more than 32 times taller than their
+prepared height.
+
+Keyed by the input's sha256 and every setting that shapes the prepared image; sized by what
+an entry holds (its JPEG plus its RGB pixels), evicting the least recently used.
 """
 
 from __future__ import annotations
@@ -55,8 +61,9 @@ class PreparedCache:
 
 
 def _cost(image: PreparedImage) -> int:
+    """Its JPEG plus its pixels, as Pillow holds them: 4 bytes a pixel (RGB is stored as RGBX)."""
     width, height = image.size
-    return len(image.jpeg) + 3 * width * height
+    return len(image.jpeg) + 4 * width * height
 
 
 @cache

@@ -349,14 +349,29 @@ def test_small_pairs_decode_side_by_side_and_a_large_pair_alone(
 
 
 def test_prepared_images_are_cached_and_hits_logged() -> None:
-    reference = scenes.encode(scenes.photo("chelsea"))
-    other = scenes.pasted_object(scenes.photo("chelsea"))
+    """A reference at twice B's size is compared at B's size: detection makes no copy of it,
+    so it is decoded on its own for its prepared image, and that is what the cache keeps.
+    B's prepared image comes from detection's copy (no decode of its own): never kept."""
+    photo = scenes.photo("chelsea")
+    reference = scenes.encode(photo.resize((photo.width * 2, photo.height * 2)))
+    other = scenes.pasted_object(photo)
     with structlog.testing.capture_logs() as logs:
         first = _run(reference, other, cache_mb=8).result
         second = _run(reference, other, cache_mb=8).result
         off = _run(reference, other, cache_mb=0).result
-    prepared = [entry["cache"] for entry in logs if entry["event"] == "image_prepared"]
-    assert prepared == ["miss", "miss", "hit", "hit", "off", "off"]
+    prepared = [
+        (entry["cache"], entry["from_detection"])
+        for entry in logs
+        if entry["event"] == "image_prepared"
+    ]
+    assert prepared == [
+        ("miss", False),
+        ("miss", True),
+        ("hit", False),
+        ("miss", True),
+        ("off", False),
+        ("off", True),
+    ]
     assert first.similarity == second.similarity == off.similarity
     detected = [entry for entry in logs if entry["event"] == "changes_detected"]
     assert len(detected) == 3 and all(entry["regions"] == 1 for entry in detected)
