@@ -76,6 +76,9 @@ _SHRINK_ROWS = 128
 #: Source rows per shrunk row beyond which the copy is not made on the way: the resize kernel
 #: reaches ~3 of them up and down, and libvips keeps only a few hundred recent rows.
 _MAX_SHRINK = 32
+#: Inputs up to this many pixels keep their native pixels for ``cut_crops`` where asked
+#: (``keep_pixels``): 3 bytes a pixel held instead of a second decode.
+KEEP_PIXELS = 4_000_000
 #: Decoded bytes (A and B) after which libvips' freed strip buffers are handed back.
 _TRIM_EVERY_BYTES = 8 << 20
 _YIQ = np.array(
@@ -116,6 +119,10 @@ class Detection:
     shrunk: tuple[Image.Image | None, Image.Image | None] = field(
         default=(None, None), compare=False, repr=False
     )
+    #: The inputs' native pixels (RGB on white), where ``detect`` kept them (``keep_pixels``).
+    pixels: tuple[NDArray[np.uint8] | None, NDArray[np.uint8] | None] = field(
+        default=(None, None), compare=False, repr=False
+    )
 
     @property
     def changed_percent(self) -> float:
@@ -153,12 +160,15 @@ def detect(
     max_pixels: int,
     ignore: tuple[IgnoreRegion, ...] | list[IgnoreRegion] = (),
     shrunk_sizes: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None),
+    keep_pixels: bool = False,
 ) -> Detection:
     """Compare two encoded images at native resolution (see the module docstring).
 
     ``shrunk_sizes[i]`` asks for a copy of input i resized to that size (display-oriented RGB
     flattened on white), made while the input streams past (``Detection.shrunk``): the prepared
     image, so the input is decoded once. Only an input compared at its own size gets one.
+    ``keep_pixels`` keeps such inputs' native pixels, up to ``KEEP_PIXELS`` each
+    (``Detection.pixels``): ``cut_crops`` then cuts from them instead of decoding again.
 
     Raises ``InvalidImage`` (``details["input"]`` = "a"/"b") for undecodable inputs and
     ``InvalidManifest`` for an ignore box outside image A.
@@ -175,7 +185,12 @@ def detect(
             _normalised(data_b, work, size_b, max_pixels),
         )
         streams = [
-            _Stream(which, *image, wanted if wanted and size == work else None)
+            _Stream(
+                which,
+                *image,
+                wanted if wanted and size == work else None,
+                keep=keep_pixels and size == work and size[0] * size[1] <= KEEP_PIXELS,
+            )
             for which, image, size, wanted in zip(
                 "ab", images, (size_a, size_b), shrunk_sizes, strict=True
             )
@@ -183,16 +198,18 @@ def detect(
         del images
         cells = _scan(streams[0], streams[1], boxes)
         shrunk = (streams[0].shrunk(), streams[1].shrunk())
+        kept = (streams[0].kept, streams[1].kept)
         del streams
     except pyvips.Error as exc:
         raise InvalidImage(f"cannot decode the image: {_first_line(exc)}") from exc
     finally:
         release_freed_memory()  # the decoders are gone: what comes next starts lower
-    return replace(_detection(cells, size_a, size_b, work), shrunk=shrunk)
+    return replace(_detection(cells, size_a, size_b, work), shrunk=shrunk, pixels=kept)
 
 
 class _Stream:
-    """One input streaming past in strips, resized on the way when a copy was asked for."""
+    """One input streaming past in strips, resized on the way when a copy was asked for (and
+    its pixels kept, where asked)."""
 
     def __init__(
         self,
@@ -200,10 +217,13 @@ class _Stream:
         image: pyvips.Image,
         colour: pyvips.Image,
         wanted: tuple[int, int] | None,
+        *,
+        keep: bool = False,
     ) -> None:
         """``image``: RGB on white + opacity, what is compared; ``colour``: its RGB bands."""
         self.which = which
         self.width, self.height = image.width, image.height
+        self.kept = np.empty((self.height, self.width, 3), np.uint8) if keep else None
         # Held: a region does not keep alive the memory of an image made from an array.
         self._image = image
         self._region = pyvips.Region.new(image)
@@ -223,6 +243,8 @@ class _Stream:
         Rows are asked for top to bottom (a row or two of overlap is fine)."""
         try:
             pixels = _fetch(self._region, first, last, self.width)
+            if self.kept is not None:
+                self.kept[first:last] = pixels[..., :3]
             self._shrink_above(last, final=False)
         except pyvips.Error as exc:
             raise InvalidImage(
@@ -289,7 +311,8 @@ def cut_crops(
 ) -> list[RegionCrop]:
     """Crops of the ``count`` largest regions, each at most ``side`` x ``side`` pixels.
 
-    One more streamed pass over each input, stopping below the lowest crop.
+    Cut from the pixels detection kept (``Detection.pixels``), else in one more streamed pass
+    over the input, stopping below the lowest crop.
     """
     indexes = range(min(count, len(detection.regions)))
     if not indexes:
@@ -297,8 +320,8 @@ def cut_crops(
     boxes_a = [_context(detection.regions[i], detection.size_a, side) for i in indexes]
     boxes_b = [_context(detection.boxes_b[i], detection.size_b, side) for i in indexes]
     try:
-        crops_a = _cut(data_a, detection.size_a, boxes_a, side, max_pixels)
-        crops_b = _cut(data_b, detection.size_b, boxes_b, side, max_pixels)
+        crops_a = _cut(data_a, detection.size_a, boxes_a, side, max_pixels, detection.pixels[0])
+        crops_b = _cut(data_b, detection.size_b, boxes_b, side, max_pixels, detection.pixels[1])
     except pyvips.Error as exc:
         raise InvalidImage(f"cannot decode the image: {_first_line(exc)}") from exc
     return [
@@ -317,15 +340,41 @@ def _context(region: Region, size: tuple[int, int], side: int) -> Region:
 
 
 def _cut(
-    data: bytes, size: tuple[int, int], boxes: list[Region], side: int, max_pixels: int
+    data: bytes,
+    size: tuple[int, int],
+    boxes: list[Region],
+    side: int,
+    max_pixels: int,
+    kept: NDArray[np.uint8] | None = None,
 ) -> list[Image.Image]:
-    """Fill every box from one top-to-bottom pass; rows and columns of a box much larger than
-    the crop are skipped while reading (to at most 2 x ``side``), then it is resized."""
-    image, _ = _normalised(data, size, size, max_pixels)
+    """Fill every box from ``kept`` or one top-to-bottom pass; rows and columns of a box much
+    larger than the crop are skipped while reading (to at most 2 x ``side``), then it is
+    resized."""
     steps = [
         max(1, min(box.width, box.height) // (2 * side), max(box.width, box.height) // (4 * side))
         for box in boxes
     ]
+    if kept is not None:
+        parts = [
+            [kept[box.y : box.y + box.height : step, box.x : box.x + box.width : step]]
+            for box, step in zip(boxes, steps, strict=True)
+        ]
+    else:
+        parts = _cut_streamed(data, size, boxes, steps, max_pixels)
+    crops = []
+    for pieces in parts:
+        crop = Image.fromarray(np.concatenate(pieces, axis=0), "RGB")
+        if max(crop.size) > side:
+            crop.thumbnail((side, side), Image.Resampling.LANCZOS)
+        crops.append(crop)
+    return crops
+
+
+def _cut_streamed(
+    data: bytes, size: tuple[int, int], boxes: list[Region], steps: list[int], max_pixels: int
+) -> list[list[NDArray[np.uint8]]]:
+    """Each box's rows (on its own grid of ``steps``) from one top-to-bottom streamed pass."""
+    image, _ = _normalised(data, size, size, max_pixels)
     parts: list[list[NDArray[np.uint8]]] = [[] for _ in boxes]
     bottom = max(box.y + box.height for box in boxes)
     region = pyvips.Region.new(image)
@@ -347,13 +396,7 @@ def _cut(
                         first - top : end - top : step, box.x : box.x + box.width : step, :3
                     ].copy()
                 )
-    crops = []
-    for pieces in parts:
-        crop = Image.fromarray(np.concatenate(pieces, axis=0), "RGB")
-        if max(crop.size) > side:
-            crop.thumbnail((side, side), Image.Resampling.LANCZOS)
-        crops.append(crop)
-    return crops
+    return parts
 
 
 def check_ignore_regions(

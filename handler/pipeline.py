@@ -246,7 +246,8 @@ def _detect(
     timings: dict[str, float],
     log: Any,
 ) -> tuple[Detection, list[RegionCrop]]:
-    """Native-resolution detection (and the crops, for the diff image or the comparator)."""
+    """Native-resolution detection (and the crops, for the diff image or the comparator, cut
+    from the pixels detection kept where the inputs are small)."""
     start = time.perf_counter()
     detection = detect(
         encoded[0],
@@ -254,12 +255,14 @@ def _detect(
         max_pixels=max_input_pixels,
         ignore=config.ignore_regions,
         shrunk_sizes=(shrunk_sizes[0], shrunk_sizes[1]),
+        keep_pixels=want_crops,
     )
     crops = (
         cut_crops(encoded[0], encoded[1], detection, max_pixels=max_input_pixels)
         if want_crops
         else []
     )
+    detection = dataclasses.replace(detection, pixels=(None, None))  # (memory: crops are cut)
     timings["detect"] = elapsed_ms(start)
     log.info(
         "changes_detected",

@@ -23,6 +23,7 @@ from handler.pipeline import ImageInput, PairOutcome, compare_pair
 from handler.result import Region
 from tests.support import scenes, screens
 from tests.support.logs import captured_logs
+from tests.support.waiting import wait_for
 
 COMPARATOR = MetricsComparator()
 BUDGET = 50_000_000
@@ -297,19 +298,25 @@ def _held(logs: list[Any], pair_id: str) -> tuple[float, float]:
     return start, end
 
 
+def _started(logs: list[Any], *pair_ids: str) -> bool:
+    started = {e["pair_id"] for e in list(logs) if e["event"] == "decode_started"}
+    return started >= set(pair_ids)
+
+
 def test_small_pairs_decode_side_by_side_and_a_large_pair_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Budget 6 MP: two pairs of 0.5 MP inputs (1 MP each) decode at the same time, a pair of
-    4 MP inputs (8 MP: more than the whole budget) runs alone, before or after them."""
+    """Budget 6 MP: two pairs of 0.5 MP inputs (1 MP each) decode at the same time; a pair of
+    4 MP inputs (8 MP: more than the whole budget) runs alone, whether it comes after them or
+    before them."""
     import handler.pipeline as pipeline
 
-    page = screens.text_page((1000, 500)).image
-    small = screens.png(page), screens.png(screens.replace_words(screens.text_page(
-        (1000, 500)), {3: "zephyr"}).image)  # fmt: skip
+    page = screens.text_page((1000, 500))
+    small = screens.png(page.image), screens.png(screens.replace_words(page, {3: "zephyr"}).image)
     photo = scenes.photo("astronaut").resize((2000, 2000))
     large = scenes.encode(photo), scenes.pasted_object(photo)
-    # Both small pairs must be inside detection at once, or this barrier breaks (a timeout).
+    # The two small pairs of a round must be inside detection at once, or this barrier breaks
+    # (after its timeout) and their pairs fail.
     both_small = threading.Barrier(2, timeout=30)
 
     def detect_meeting(data_a: bytes, *args: Any, **kwargs: Any) -> Detection:
@@ -318,34 +325,53 @@ def test_small_pairs_decode_side_by_side_and_a_large_pair_alone(
         return detect(data_a, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "detect", detect_meeting)
-
-    def run(pair_id: str, pair: tuple[bytes, bytes]) -> None:
-        outcome = compare_pair(
-            pair_id,
-            ImageInput("a", lambda: pair[0]),
-            ImageInput("b", lambda: pair[1]),
-            ComparisonConfig(),
-            COMPARATOR,
-            max_input_pixels=BUDGET,
-            decode_budget_mp=6,
-        )
-        results[pair_id] = outcome.result.is_similar
-
     results: dict[str, bool | None] = {}
-    jobs = {"small-1": small, "large": large, "small-2": small}
+
+    def start(pair_id: str) -> threading.Thread:
+        pair = large if pair_id.startswith("large") else small
+
+        def run() -> None:
+            outcome = compare_pair(
+                pair_id,
+                ImageInput("a", lambda: pair[0]),
+                ImageInput("b", lambda: pair[1]),
+                ComparisonConfig(),
+                COMPARATOR,
+                max_input_pixels=BUDGET,
+                decode_budget_mp=6,
+            )
+            results[pair_id] = outcome.result.is_similar
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
     with captured_logs() as logs:
-        threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
-        for thread in threads:
-            thread.start()
+        # After two small pairs decoding side by side...
+        threads = [start("small-1"), start("small-2")]
+        wait_for(lambda: _started(logs, "small-1", "small-2"), 60)
+        threads.append(start("large-1"))
         for thread in threads:
             thread.join(timeout=120)
-    assert results == {"small-1": False, "small-2": False, "large": False}
-    first, second, alone = _held(logs, "small-1"), _held(logs, "small-2"), _held(logs, "large")
-    assert max(first[0], second[0]) < min(first[1], second[1]), "the small pairs did not overlap"
-    for other in (first, second):
-        assert alone[1] <= other[0] or other[1] <= alone[0], "the large pair did not run alone"
-    (large_start,) = [e for e in logs if e["event"] == "decode_started" and e["pair_id"] == "large"]
-    assert large_start["megapixels"] == 8.0 and large_start["budget_in_use_mp"] == 6.0
+        # ... and before two others.
+        threads = [start("large-2")]
+        wait_for(lambda: _started(logs, "large-2"), 60)
+        threads += [start("small-3"), start("small-4")]
+        for thread in threads:
+            thread.join(timeout=120)
+    assert results == {name: False for name in ("small-1", "small-2", "small-3", "small-4",
+                                                "large-1", "large-2")}  # fmt: skip
+    for first, second, large in (
+        ("small-1", "small-2", "large-1"),
+        ("small-3", "small-4", "large-2"),
+    ):
+        one, other, alone = _held(logs, first), _held(logs, second), _held(logs, large)
+        assert max(one[0], other[0]) < min(one[1], other[1]), "the small pairs did not overlap"
+        for held in (one, other):
+            assert alone[1] <= held[0] or held[1] <= alone[0], "the large pair did not run alone"
+    waited = {e["pair_id"]: e for e in logs if e["event"] == "decode_started"}
+    assert waited["large-1"]["megapixels"] == 8.0 and waited["large-1"]["budget_in_use_mp"] == 6.0
+    assert waited["small-3"]["waited_ms"] > 0 and waited["large-2"]["waited_ms"] < 100
 
 
 def test_prepared_images_are_cached_and_hits_logged() -> None:
