@@ -76,8 +76,9 @@ _SHRINK_ROWS = 128
 #: Source rows per shrunk row beyond which the copy is not made on the way: the resize kernel
 #: reaches ~3 of them up and down, and libvips keeps only a few hundred recent rows.
 _MAX_SHRINK = 32
-#: Inputs up to this many pixels keep their native pixels for ``cut_crops`` where asked
-#: (``keep_pixels``): 3 bytes a pixel held instead of a second decode.
+#: Inputs up to this many pixels keep their native pixels as they pass (3 bytes a pixel):
+#: their resized copy is made from them, and ``cut_crops`` cuts from them where asked
+#: (``keep_pixels``) instead of decoding again.
 KEEP_PIXELS = 4_000_000
 #: Decoded bytes (A and B) after which libvips' freed strip buffers are handed back.
 _TRIM_EVERY_BYTES = 8 << 20
@@ -189,7 +190,7 @@ def detect(
                 which,
                 *image,
                 wanted if wanted and size == work else None,
-                keep=keep_pixels and size == work and size[0] * size[1] <= KEEP_PIXELS,
+                keep=keep_pixels and size == work,
             )
             for which, image, size, wanted in zip(
                 "ab", images, (size_a, size_b), shrunk_sizes, strict=True
@@ -198,7 +199,7 @@ def detect(
         del images
         cells = _scan(streams[0], streams[1], boxes)
         shrunk = (streams[0].shrunk(), streams[1].shrunk())
-        kept = (streams[0].kept, streams[1].kept)
+        kept = (streams[0].pixels, streams[1].pixels)
         del streams
     except pyvips.Error as exc:
         raise InvalidImage(f"cannot decode the image: {_first_line(exc)}") from exc
@@ -208,8 +209,9 @@ def detect(
 
 
 class _Stream:
-    """One input streaming past in strips, resized on the way when a copy was asked for (and
-    its pixels kept, where asked)."""
+    """One input streaming past in strips, resized on the way when a copy was asked for: a
+    small input (up to ``KEEP_PIXELS``) from its pixels kept as they pass (a third of the time
+    of resizing in the stream), a larger one in the stream itself (bounded memory)."""
 
     def __init__(
         self,
@@ -220,15 +222,23 @@ class _Stream:
         *,
         keep: bool = False,
     ) -> None:
-        """``image``: RGB on white + opacity, what is compared; ``colour``: its RGB bands."""
+        """``image``: RGB on white + opacity, what is compared; ``colour``: its RGB bands.
+        ``keep``: hold the native pixels for ``pixels`` (small inputs only)."""
         self.which = which
         self.width, self.height = image.width, image.height
-        self.kept = np.empty((self.height, self.width, 3), np.uint8) if keep else None
+        small_input = self.width * self.height <= KEEP_PIXELS
+        self._keep = keep and small_input
+        self._wanted = wanted
+        self._kept = (
+            np.empty((self.height, self.width, 3), np.uint8)
+            if small_input and (keep or wanted is not None)
+            else None
+        )
         # Held: a region does not keep alive the memory of an image made from an array.
         self._image = image
         self._region = pyvips.Region.new(image)
         self._small: pyvips.Region | None = None
-        if wanted is not None and self.height / wanted[1] <= _MAX_SHRINK:
+        if wanted is not None and not small_input and self.height / wanted[1] <= _MAX_SHRINK:
             small = _resized(colour, wanted)
             self._small = pyvips.Region.new(small)
             self._small_size = (small.width, small.height)
@@ -238,13 +248,18 @@ class _Stream:
             self._step = self.height / small.height
             self._reach = 4 * math.ceil(self._step) + 2
 
+    @property
+    def pixels(self) -> NDArray[np.uint8] | None:
+        """The native pixels (RGB on white), where kept for the caller (``keep``)."""
+        return self._kept if self._keep else None
+
     def strip(self, first: int, last: int) -> NDArray[np.uint8]:
         """Rows ``first:last`` (RGB on white + opacity); a decoding failure names the input.
         Rows are asked for top to bottom (a row or two of overlap is fine)."""
         try:
             pixels = _fetch(self._region, first, last, self.width)
-            if self.kept is not None:
-                self.kept[first:last] = pixels[..., :3]
+            if self._kept is not None:
+                self._kept[first:last] = pixels[..., :3]
             self._shrink_above(last, final=False)
         except pyvips.Error as exc:
             raise InvalidImage(
@@ -254,6 +269,14 @@ class _Stream:
 
     def shrunk(self) -> Image.Image | None:
         """The resized copy, once every strip was read (None where none was made)."""
+        if self._wanted is not None and self._kept is not None:
+            kept = self._kept
+            native = pyvips.Image.new_from_memory(kept.data, self.width, self.height, 3, "uchar")
+            small = _resized(native, self._wanted)
+            rows = np.ndarray(
+                buffer=small.write_to_memory(), dtype=np.uint8, shape=(small.height, small.width, 3)
+            )
+            return Image.fromarray(rows, "RGB")
         if self._small is None:
             return None
         self._shrink_above(self.height, final=True)

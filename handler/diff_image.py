@@ -34,6 +34,8 @@ FAILED_COLOR = (150, 0, 90)
 #: Hatching over ignored boxes.
 HATCH_COLOR = (70, 70, 200)
 MIN_WIDTH = 256
+#: zlib level of the PNG: 3 encodes in less than half the time of 6, ~10 % larger.
+PNG_LEVEL = 3
 _GAP = 6
 _PAD = 6
 #: Drawing colours get fixed palette slots after the photo colours (see ``_to_palette``).
@@ -124,7 +126,7 @@ def render_diff(
             )
     _draw_legend(draw, result, layout, font, line_height, legend_height, verdict_lines)
     out = io.BytesIO()
-    canvas.save(out, "PNG", compress_level=6)
+    canvas.save(out, "PNG", compress_level=PNG_LEVEL)
     return out.getvalue()
 
 
@@ -200,7 +202,9 @@ def _layout(
 def _fit(image: Image.Image, panel: _Panel) -> Image.Image:
     if image.size == (panel.width, panel.height):
         return image
-    return image.resize((panel.width, panel.height), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    # An overview: a box filter down to the nearest integer factor, then bilinear (a third of
+    # the time of bilinear all the way, the same to the eye).
+    return image.resize((panel.width, panel.height), Image.Resampling.BILINEAR, reducing_gap=1.0)
 
 
 def _box(region: Region, original: tuple[int, int], panel: _Panel) -> tuple[int, int, int, int]:
@@ -299,5 +303,5 @@ def render_legend(result: ComparisonResult) -> bytes:
     layout = _Layout(width, height, nowhere, nowhere)
     _draw_legend(draw, result, layout, font, line_height, height, verdict_lines)
     out = io.BytesIO()
-    canvas.save(out, "PNG", compress_level=6)
+    canvas.save(out, "PNG", compress_level=PNG_LEVEL)
     return out.getvalue()
