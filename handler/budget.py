@@ -43,6 +43,12 @@ class DecodeBudget:
         with self._cond:
             return self._used
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for room."""
+        with self._cond:
+            return len(self._queue)
+
     def acquire(self, megapixels: float, timeout: float | None = None) -> float | None:
         """Take ``megapixels`` (at most the whole budget); the amount taken, to be given back
         with ``release``, or None when ``timeout`` seconds passed first (nothing taken)."""

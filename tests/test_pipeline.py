@@ -1,11 +1,14 @@
-"""handler.pipeline.compare_pair: one image at a time, every failure a result, never a raise."""
+"""handler.pipeline.compare_pair: identical bytes answered without decoding, every input decoded
+once, every failure a result, never a raise."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
 import pytest
+import structlog
 from PIL import Image, ImageDraw
 
 from handler.compare.base import Verdict
@@ -16,7 +19,7 @@ from handler.errors import ComparisonTimeout, InputNotFound
 from handler.images import NEUTRAL, PreparedImage
 from handler.pipeline import ImageInput, compare_pair
 from handler.result import ComparatorInfo, ComparisonResult
-from tests.support import scenes
+from tests.support import scenes, screens
 
 CONFIG = ComparisonConfig()
 
@@ -233,3 +236,150 @@ def test_crops_are_masked_like_the_prepared_images_in_a_and_in_a_rescaled_b() ->
         # Only the box: the rows right below it are the page (its blue lines included).
         below = pixels[int(y1) + 2 : int(y1) + 40, int(np.ceil(x0)) : int(x1)]
         assert (below != NEUTRAL).any(axis=2).all()
+
+
+def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every decoder the pipeline reaches fails: libvips' native-resolution detection (and its
+    crops), ``prepare`` (Pillow, libvips thumbnails) and Pillow's pixel loading."""
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("an input was decoded")
+
+    monkeypatch.setattr("handler.pipeline.detect", refuse)
+    monkeypatch.setattr("handler.pipeline.cut_crops", refuse)
+    monkeypatch.setattr("handler.pipeline.prepare", refuse)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", refuse)
+
+
+def _screen(text: str) -> Image.Image:
+    return _page(text, (1280, 800))
+
+
+@pytest.mark.parametrize("comparator", [MetricsComparator(), _CropsWanted()])
+def test_byte_identical_inputs_are_not_decoded_and_keep_every_field(
+    monkeypatch: pytest.MonkeyPatch, comparator: MetricsComparator
+) -> None:
+    """The same file twice: answered from the header and the hashes alone (a failing decoder
+    stub proves it), with every field the decoded path gives the same pixels (B re-encoded:
+    other bytes, same pixels), apart from what says how it was done."""
+    image = _screen("total 42")
+    data, other_bytes = scenes.as_png(image), screens.png(image, compress_level=1)
+    assert data != other_bytes
+    decoded = compare_pair(
+        "p9", _input("a.png", data, []), _input("b.png", other_bytes, []), CONFIG, comparator,
+        max_input_pixels=10**8, diff_image=True,
+    )  # fmt: skip
+    _no_decoding(monkeypatch)
+    with structlog.testing.capture_logs() as logs:
+        outcome = compare_pair(
+            "p9", _input("a.png", data, []), _input("b.png", data, []), CONFIG, comparator,
+            max_input_pixels=10**8, diff_image=True,
+        )  # fmt: skip
+    result, before = outcome.result, decoded.result
+    assert result.status == "ok" and result.metrics["pixel_identical"] == 1.0
+    assert result.metrics == before.metrics and set(result.metrics) >= {
+        "ssim", "changed_fraction", "local_similarity", "phash_distance", "hash_similarity",
+        "color_similarity", "mean_delta_e", "changed_pixels", "changed_percent",
+        "transparency_pixels", "detection_similarity",
+    }  # fmt: skip
+    for field in ("similarity", "is_similar", "summary", "differences", "changed_regions", "vl"):
+        assert getattr(result, field) == getattr(before, field), field
+    for now, then in zip(result.inputs, before.inputs, strict=True):
+        assert (now.format, now.original_size, now.processed_size) == (
+            then.format, then.original_size, then.processed_size,
+        ) == ("PNG", (1280, 800), (1024, 640))  # fmt: skip
+    assert result.inputs[0].sha256 == result.inputs[1].sha256 == before.inputs[0].sha256
+    assert "detect" not in result.timings_ms and result.timings_ms["total"] > 0
+    (compared,) = [e for e in logs if e["event"] == "pair_compared"]
+    assert compared["identical_bytes"] is True
+    assert not [e for e in logs if e["event"] in ("image_prepared", "decode_started")]
+    # The diff image is the legend alone: small, and it says why.
+    assert outcome.diff_png is not None and len(outcome.diff_png) < 5000
+    with Image.open(io.BytesIO(outcome.diff_png)) as legend:
+        assert legend.width == 512 and legend.height < 80
+
+
+def test_byte_identical_inputs_still_meet_the_input_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No decoding, but the same refusals: over the pixel budget, a broken PNG (its chunks are
+    verified), an ignore box outside the image, not an image at all."""
+    data = scenes.as_png(_screen("total 42"))
+    _no_decoding(monkeypatch)
+
+    def error(a: bytes, config: ComparisonConfig = CONFIG, pixels: int = 10**8) -> tuple[str, str]:
+        result = compare_pair(
+            "p10", _input("a.png", a, []), _input("b.png", a, []), config, MetricsComparator(),
+            max_input_pixels=pixels,
+        ).result  # fmt: skip
+        assert result.status == "error" and result.error is not None
+        return result.error.type, result.error.message
+
+    assert error(data, pixels=1_000_000)[0] == "image_too_large"
+    broken = bytearray(data)
+    broken[len(data) // 2] ^= 0xFF
+    assert error(bytes(broken)) == ("invalid_image", "the image file is broken: broken PNG "
+                                    "file (bad header checksum in b'IDAT')")  # fmt: skip
+    assert error(data[: len(data) // 2])[0] == "invalid_image"
+    outside = ComparisonConfig(ignore_regions=[IgnoreRegion(x=1200, y=0, width=100, height=10)])
+    assert error(data, outside)[0] == "invalid_manifest"
+    assert error(b"not an image at all")[0] == "invalid_image"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_1mp_pair_is_decoded_once(monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """Each input's pixels are decoded once: detection decodes both (libvips, streamed) and
+    its copies are the prepared images (``prepare``, the separate decode, is never called) and
+    the crops (no second pass); the prepared images are as close to ``prepare``'s own as a
+    re-encode would be."""
+    import handler.detect as detect_module
+    from handler import images
+
+    a, b = (scenes.encode(_screen(text), fmt) for text in ("total 42", "TOTAL 4711 EUR"))
+    expected = [
+        images.prepare(data, CONFIG.max_image_size, CONFIG.image_quality) for data in (a, b)
+    ]
+    decoded: list[bytes] = []
+    real_normalised = detect_module._normalised
+
+    def counted(data: bytes, *args: object) -> object:
+        decoded.append(data)
+        return real_normalised(data, *args)  # type: ignore[arg-type]
+
+    def second_decode(*_: object, **__: object) -> None:
+        raise AssertionError("an input was decoded a second time for its prepared image")
+
+    monkeypatch.setattr(detect_module, "_normalised", counted)
+    monkeypatch.setattr("handler.pipeline.prepare", second_decode)
+    wanting = _Keeping()
+    with structlog.testing.capture_logs() as logs:
+        outcome = compare_pair(
+            "p11", _input("a", a, []), _input("b", b, []), CONFIG, wanting,
+            max_input_pixels=10**8, diff_image=True,
+        )  # fmt: skip
+    result = outcome.result
+    assert result.status == "ok" and result.is_similar is False and len(wanting.crops) == 1
+    assert decoded == [a, b]
+    prepared = [e for e in logs if e["event"] == "image_prepared"]
+    assert [e["from_detection"] for e in prepared] == [True, True]
+    for image, reference in zip(wanting.prepared, expected, strict=True):
+        assert image.size == reference.size == (1024, 640)
+        gap = np.abs(np.asarray(image.image, np.int16) - np.asarray(reference.image, np.int16))
+        # (LANCZOS as libvips and as Pillow round it: a level or two, more on a few text edges)
+        assert gap.mean() < 0.5 and np.percentile(gap, 99.9) <= 4, (gap.mean(), gap.max())
+
+
+class _Keeping(_CropsWanted):
+    """Keeps the prepared images it was given, too."""
+
+    prepared: list[PreparedImage]
+
+    def compare(
+        self,
+        a: PreparedImage,
+        b: PreparedImage,
+        config: ComparisonConfig,
+        *,
+        detection: Detection | None = None,
+        crops: Sequence[RegionCrop] = (),
+    ) -> Verdict:
+        self.prepared = [a, b]
+        return super().compare(a, b, config, detection=detection, crops=crops)

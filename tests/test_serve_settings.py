@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def test_a_missing_or_empty_token_file_is_a_configuration_error(
 
 
 def test_concurrency_defaults_by_comparator() -> None:
-    assert resolve_concurrency(load_settings(comparator="metrics")) == 1
+    # The metrics comparator: one pair per core this process may use (its affinity mask).
+    assert resolve_concurrency(load_settings(comparator="metrics")) == len(os.sched_getaffinity(0))
     assert resolve_concurrency(load_settings(comparator="vl", model="/m")) == 8
     assert resolve_concurrency(load_settings(comparator="vl", model="/m", concurrency=3)) == 3
     with pytest.raises(ConfigFileError, match="concurrency"):
