@@ -60,7 +60,7 @@ from handler.pairs import (
 )
 from handler.pipeline import ImageInput, compare_pair, failure_result
 from handler.result import ComparisonResult, InputInfo
-from handler.storage import PairStorage, VersionedStorage
+from handler.storage import HashingStorage, PairStorage, VersionedStorage
 
 #: Manifests are a few hundred bytes; anything much bigger is not one.
 MAX_MANIFEST_BYTES = 1024 * 1024
@@ -229,6 +229,7 @@ def _run_locked(
             name,
             _timed(partial(storage.read, path, settings.max_input_bytes), fetched),
             _etag(storage, path),
+            partial(storage.digest, path) if isinstance(storage, HashingStorage) else None,
         )
         for name, path in zip(plan.names, plan.inputs, strict=True)
     )

@@ -6,7 +6,8 @@ What differs from a folder, and is handled here:
 * Inputs are HEADed first: the ``ContentLength`` is checked against the byte limit before a
   single byte is downloaded, and the GET carries ``If-Match`` on the HEAD's ETag, so what is
   compared is exactly the version whose ETag the result records. Bodies are streamed into
-  memory in chunks (never into temp files) and cut off at the limit whatever the server claims.
+  memory in chunks (never into temp files), hashed (sha256) as they arrive (``digest``), and
+  cut off at the limit whatever the server claims.
 * Results are written with a conditional PUT: ``If-None-Match: *`` where no result was seen,
   ``If-Match`` on the seen result's ETag otherwise. Two workers racing on one pair therefore
   cannot both write; the loser gets ``ResultConflict`` and treats the pair as done.
@@ -21,6 +22,7 @@ What differs from a folder, and is handled here:
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from dataclasses import dataclass
 from datetime import datetime
@@ -113,6 +115,8 @@ class S3Storage:
         self._listings: dict[str, list[str]] = {}
         #: Result key -> ETag seen when read (None: seen absent). Drives conditional writes.
         self._seen_results: dict[str, str | None] = {}
+        #: Input key -> sha256 of the body last read.
+        self._digests: dict[str, str] = {}
 
     # --- addressing ------------------------------------------------------------------------
 
@@ -167,6 +171,9 @@ class S3Storage:
     def etag(self, relative: str) -> str | None:
         return self.head(relative).etag
 
+    def digest(self, relative: str) -> str | None:
+        return self._digests.get(self.key(relative))
+
     def landed_at(self, relative: str) -> float:
         modified = self.head(relative).last_modified
         if modified is None:
@@ -197,7 +204,10 @@ class S3Storage:
             raise self._error(exc, relative) from None
         except BotoCoreError as exc:
             raise _unreachable(exc, relative) from None
-        return _drain(response, relative, max_bytes)
+        hasher = hashlib.sha256()
+        data = _drain(response, relative, max_bytes, hasher)
+        self._digests[info.key] = hasher.hexdigest()
+        return data
 
     def _check_header(self, info: ObjectInfo, relative: str, max_pixels: int) -> None:
         """Read the first ``PROBE_BYTES`` and refuse an image whose header dimensions are over
@@ -296,8 +306,9 @@ def _unreachable(exc: BotoCoreError, relative: str) -> StorageUnavailable:
     return StorageUnavailable(f"{relative}: {type(exc).__name__}: {exc}")
 
 
-def _drain(response: Any, relative: str, max_bytes: int) -> bytes:
-    """Read a GET body in chunks, refusing more than ``max_bytes`` whatever the headers said."""
+def _drain(response: Any, relative: str, max_bytes: int, hasher: Any = None) -> bytes:
+    """Read a GET body in chunks, refusing more than ``max_bytes`` whatever the headers said;
+    ``hasher`` (a ``hashlib`` object) is fed each chunk as it arrives."""
     declared = int(response.get("ContentLength", 0) or 0)
     body = response["Body"]
     try:
@@ -310,6 +321,8 @@ def _drain(response: Any, relative: str, max_bytes: int) -> bytes:
             if total > max_bytes:
                 raise ImageTooLarge(f"{relative} is over the limit of {max_bytes} bytes")
             chunks.append(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
         return b"".join(chunks)
     except BotoCoreError as exc:  # the body stalled or the connection dropped mid-read
         raise _unreachable(exc, relative) from None

@@ -258,3 +258,13 @@ class VersionedStorage(Protocol):
     """A storage whose files carry a version tag (S3's ETag), recorded in results."""
 
     def etag(self, relative: str) -> str | None: ...
+
+
+@runtime_checkable
+class HashingStorage(Protocol):
+    """A storage that hashes what it reads as it streams in (a bucket's body, chunk by chunk),
+    so the pipeline need not hash the bytes again."""
+
+    def digest(self, relative: str) -> str | None:
+        """The sha256 of what the last ``read`` of ``relative`` returned (None: not read)."""
+        ...

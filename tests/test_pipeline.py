@@ -3,6 +3,7 @@ once, every failure a result, never a raise."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Sequence
 
@@ -383,3 +384,21 @@ class _Keeping(_CropsWanted):
     ) -> Verdict:
         self.prepared = [a, b]
         return super().compare(a, b, config, detection=detection, crops=crops)
+
+
+def test_a_digest_taken_while_reading_is_used() -> None:
+    """A source that hashed the bytes as they streamed in (a bucket, an upload) hands its
+    digest over: the pipeline records it instead of hashing again."""
+    photo = scenes.photo("coffee")
+    a, b = scenes.encode(photo), scenes.reencoded(photo)
+    streamed = "ab" * 32
+    result = compare_pair(
+        "p12",
+        ImageInput("a.jpg", lambda: a, digest=lambda: streamed),
+        ImageInput("b.jpg", lambda: b, digest=lambda: None),  # none taken: hashed here
+        CONFIG,
+        MetricsComparator(),
+        max_input_pixels=10**8,
+    ).result
+    assert result.status == "ok"
+    assert [i.sha256 for i in result.inputs] == [streamed, hashlib.sha256(b).hexdigest()]

@@ -7,6 +7,7 @@ on the real client (nothing is stubbed) to prove what is *not* downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from handler.errors import ImageTooLarge, InputNotFound, PathOutsideRoot
 from handler.events import ObjectEvent
 from handler.result import ComparisonResult
 from handler.s3_storage import (
+    CHUNK_BYTES,
     PROBE_BYTES,
     PROBE_MIN_BYTES,
     ObjectChanged,
@@ -138,6 +140,16 @@ def test_pixel_budget_is_checked_from_a_ranged_read_before_download(s3: Any, buc
     assert downloaded[1:] == [PROBE_BYTES, len(real)]
 
 
+def test_bodies_are_hashed_as_they_stream_in(s3: Any, bucket: str) -> None:
+    """Chunk by chunk (3 MB of noise: several chunks), the digest that of the whole body."""
+    body = np.random.default_rng(5).bytes(3 * CHUNK_BYTES + 123)
+    s3.put_object(Bucket=bucket, Key="in/p/a.png", Body=body)
+    storage = S3Storage(s3, bucket, "in")
+    assert storage.digest("p/a.png") is None  # not read yet
+    assert storage.read("p/a.png", max_bytes=len(body)) == body
+    assert storage.digest("p/a.png") == hashlib.sha256(body).hexdigest()
+
+
 def test_missing_input_and_listing(s3: Any, bucket: str) -> None:
     for key in ("in/p q+r/ä b.jpg", "in/p q+r/b.png", "in/p q+r/sub/c.jpg", "in/other.jpg"):
         s3.put_object(Bucket=bucket, Key=key, Body=b"1")
@@ -228,6 +240,9 @@ def test_pair_folder_end_to_end(
 
     result = ComparisonResult.model_validate(get_json(s3, bucket, f"{folder}/result.json"))
     assert result.status == "ok" and result.is_similar
+    assert [i.sha256 for i in result.inputs] == [
+        hashlib.sha256(photos[name]).hexdigest() for name in ("a", "a_copy")
+    ]
     assert result.diff_image == "diff.png"
     heads = [s3.head_object(Bucket=bucket, Key=f"{folder}/{n}") for n in ("a.jpg", "b.jpg")]
     assert [i.etag for i in result.inputs] == [h["ETag"].strip('"') for h in heads]

@@ -5,6 +5,7 @@ cap, probes, docs, metrics and the access log."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import struct
@@ -79,10 +80,17 @@ def test_v1_compare_tells_an_edit_from_a_reencode(
     assert (result.pair_id, result.status, result.is_similar) == ("shop-front", "ok", False)
     assert result.changed_regions and [i.name for i in result.inputs] == ["a.jpg", "b.jpg"]
     assert result.inputs[1].bytes == len(photos["pasted"])
+    # Hashed as the upload streamed in: the digest of the whole file.
+    assert result.inputs[1].sha256 == hashlib.sha256(photos["pasted"]).hexdigest()
 
     same = _v1(server, photos["a"], photos["reencoded"])
     assert same.status_code == 200 and same.json()["is_similar"] is True
     assert same.json()["pair_id"].startswith("http-")
+
+    # The same file twice: answered without decoding it, as pixel-identical.
+    twice = _v1(server, photos["a"], photos["a"]).json()
+    assert twice["status"] == "ok" and twice["metrics"]["pixel_identical"] == 1.0
+    assert twice["similarity"] == 1.0 and "detect" not in twice["timings_ms"]
 
 
 def test_v1_config_overrides_and_bad_requests(

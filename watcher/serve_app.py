@@ -221,7 +221,7 @@ class PairRunner:
         pair_id = pair.pair_id
         gone = threading.Event()
         a, b = (
-            ImageInput(safe_filename(f.filename, slot), _loader(f, gone))
+            ImageInput(safe_filename(f.filename, slot), _loader(f, gone), digest=_digest(f))
             for f, slot in zip(pair.files, ("a", "b"), strict=True)
         )
 
@@ -267,6 +267,11 @@ def _loader(part: UploadedFile, gone: threading.Event) -> Callable[[], bytes]:
         return data
 
     return load
+
+
+def _digest(part: UploadedFile) -> Callable[[], str | None]:
+    """The upload's sha256, hashed as it streamed in (None for one refused from its header)."""
+    return lambda: part.sha256 if part.error is None else None
 
 
 async def _watch_disconnect(

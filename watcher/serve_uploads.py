@@ -4,14 +4,17 @@ Starlette's own form parser spools files over 1 MB to temporary files and reads 
 before the endpoint sees it. This one feeds the body to ``python-multipart`` chunk by chunk as it
 arrives and stops at the first byte past ``max_file_bytes`` (``UploadTooLarge``), so the rest of
 an oversized upload is never read. Once a file's first ``HEADER_BYTES`` are in, its header
-dimensions are checked against the pixel budget: a decompression bomb's body is not kept.
+dimensions are checked against the pixel budget: a decompression bomb's body is not kept. Each
+file is hashed (sha256) as it streams in, so the pipeline need not hash it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -59,6 +62,12 @@ class UploadedFile:
     data: bytearray = field(default_factory=bytearray)
     size: int = 0
     error: PairError | None = None
+    #: Fed with every byte kept in ``data``, as it arrives.
+    hasher: Any = field(default_factory=hashlib.sha256)
+
+    @property
+    def sha256(self) -> str:
+        return str(self.hasher.hexdigest())
 
 
 @dataclass
@@ -143,6 +152,7 @@ class _FormReader:
             return  # refused from its header: the rest is counted, not kept
         before = len(part.data)
         part.data.extend(chunk)
+        part.hasher.update(chunk)
         if before < HEADER_BYTES <= len(part.data):
             self._check_header(part)
 
