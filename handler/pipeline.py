@@ -40,6 +40,7 @@ from handler.detect import Detection, RegionCrop, check_ignore_regions, cut_crop
 from handler.errors import PairError
 from handler.images import (
     NEUTRAL,
+    STREAM_PIXELS,
     InputHeader,
     PreparedImage,
     fitted_size,
@@ -400,10 +401,18 @@ class _Preparation:
         return header
 
     def wanted(self, item: PreparedImage | InputHeader) -> tuple[int, int] | None:
-        """The size of the copy detection should make of a started input: its prepared size;
-        None for a cached one, and for CMYK (libvips converts it through an ICC profile, the
-        prepared image has always been Pillow's plain conversion: it is decoded on its own)."""
+        """The size of the copy detection should make of a started input: its prepared size.
+
+        None (prepared on its own) for a cached input; for CMYK (libvips converts it through
+        an ICC profile, the prepared image has always been Pillow's plain conversion); and for
+        a JPEG over ``STREAM_PIXELS``: Pillow decodes it in the DCT domain at 1/2 to 1/8 scale
+        for a fraction of a full decode, where resizing it in detection's stream cost more
+        (measured on a 100 MP pair: ~50 MB more peak memory, and no faster).
+        """
         if isinstance(item, PreparedImage) or item.mode == "CMYK":
+            return None
+        width, height = item.size
+        if item.format in ("JPEG", "MPO") and width * height > STREAM_PIXELS:
             return None
         return fitted_size(item.size, self.config.max_image_size)
 
