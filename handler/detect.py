@@ -76,7 +76,7 @@ _SHRINK_ROWS = 128
 #: Source rows per shrunk row beyond which the copy is not made on the way: the resize kernel
 #: reaches ~3 of them up and down, and libvips keeps only a few hundred recent rows.
 _MAX_SHRINK = 32
-#: Inputs up to this many pixels keep their native pixels as they pass (3 bytes a pixel):
+#: Inputs up to this many pixels keep their native pixels as they pass (4 bytes a pixel):
 #: their resized copy is made from them, and ``cut_crops`` cuts from them where asked
 #: (``keep_pixels``) instead of decoding again.
 KEEP_PIXELS = 4_000_000
@@ -120,7 +120,8 @@ class Detection:
     shrunk: tuple[Image.Image | None, Image.Image | None] = field(
         default=(None, None), compare=False, repr=False
     )
-    #: The inputs' native pixels (RGB on white), where ``detect`` kept them (``keep_pixels``).
+    #: The inputs' native pixels (RGB on white + opacity), where ``detect`` kept them
+    #: (``keep_pixels``).
     pixels: tuple[NDArray[np.uint8] | None, NDArray[np.uint8] | None] = field(
         default=(None, None), compare=False, repr=False
     )
@@ -229,11 +230,11 @@ class _Stream:
         small_input = self.width * self.height <= KEEP_PIXELS
         self._keep = keep and small_input
         self._wanted = wanted
-        self._kept = (
-            np.empty((self.height, self.width, 3), np.uint8)
-            if small_input and (keep or wanted is not None)
-            else None
-        )
+        # The strips as fetched, each from the first row not kept before (no copies).
+        self._keeping = small_input and (keep or wanted is not None)
+        self._strips: list[NDArray[np.uint8]] = []
+        self._kept_rows = 0
+        self._kept: NDArray[np.uint8] | None = None
         # Held: a region does not keep alive the memory of an image made from an array.
         self._image = image
         self._region = pyvips.Region.new(image)
@@ -250,16 +251,23 @@ class _Stream:
 
     @property
     def pixels(self) -> NDArray[np.uint8] | None:
-        """The native pixels (RGB on white), where kept for the caller (``keep``)."""
-        return self._kept if self._keep else None
+        """The native pixels (RGB on white + opacity), where kept for the caller (``keep``)."""
+        return self._joined() if self._keep else None
+
+    def _joined(self) -> NDArray[np.uint8]:
+        if self._kept is None:
+            self._kept = np.concatenate(self._strips)
+            self._strips = []
+        return self._kept
 
     def strip(self, first: int, last: int) -> NDArray[np.uint8]:
         """Rows ``first:last`` (RGB on white + opacity); a decoding failure names the input.
         Rows are asked for top to bottom (a row or two of overlap is fine)."""
         try:
             pixels = _fetch(self._region, first, last, self.width)
-            if self._kept is not None:
-                self._kept[first:last] = pixels[..., :3]
+            if self._keeping and last > self._kept_rows:
+                self._strips.append(pixels[self._kept_rows - first :])
+                self._kept_rows = last
             self._shrink_above(last, final=False)
         except pyvips.Error as exc:
             raise InvalidImage(
@@ -269,10 +277,10 @@ class _Stream:
 
     def shrunk(self) -> Image.Image | None:
         """The resized copy, once every strip was read (None where none was made)."""
-        if self._wanted is not None and self._kept is not None:
-            kept = self._kept
-            native = pyvips.Image.new_from_memory(kept.data, self.width, self.height, 3, "uchar")
-            small = _resized(native, self._wanted)
+        if self._wanted is not None and self._keeping:
+            kept = self._joined()
+            native = pyvips.Image.new_from_memory(kept.data, self.width, self.height, 4, "uchar")
+            small = _resized(native[0:3], self._wanted)
             rows = np.ndarray(
                 buffer=small.write_to_memory(), dtype=np.uint8, shape=(small.height, small.width, 3)
             )
@@ -379,7 +387,7 @@ def _cut(
     ]
     if kept is not None:
         parts = [
-            [kept[box.y : box.y + box.height : step, box.x : box.x + box.width : step]]
+            [kept[box.y : box.y + box.height : step, box.x : box.x + box.width : step, :3]]
             for box, step in zip(boxes, steps, strict=True)
         ]
     else:

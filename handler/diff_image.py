@@ -297,7 +297,9 @@ def render_legend(result: ComparisonResult) -> bytes:
     verdict_lines = _wrap(text, font, width - 3 * _PAD - line_height)
     height = (len(verdict_lines) + 1) * line_height + 2 * _PAD
     nowhere = _Panel(0, 0, 0, 0)
-    canvas = _to_palette(Image.new("RGB", (width, height), BACKGROUND))
+    # No photo to quantise: the inks' palette alone.
+    canvas = Image.new("P", (width, height), _INK[BACKGROUND])
+    canvas.putpalette([0, 0, 0] * _PHOTO_COLORS + [channel for ink in _INKS for channel in ink])
     draw = ImageDraw.Draw(canvas)
     draw.fontmode = "1"
     layout = _Layout(width, height, nowhere, nowhere)
