@@ -40,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from handler.config import IgnoreRegion
 from handler.errors import ImageTooLarge, InvalidImage, InvalidManifest
 from handler.result import Region
-from handler.vips import open_header, pyvips, release_freed_memory
+from handler.vips import open_header, pyvips, release_after, release_freed_memory
 
 #: pixelmatch's default: 0.1 on its 0..1 scale of the YIQ distance (35215 = the largest one).
 COLOR_THRESHOLD = 0.1
@@ -205,7 +205,8 @@ def detect(
     except pyvips.Error as exc:
         raise InvalidImage(f"cannot decode the image: {_first_line(exc)}") from exc
     finally:
-        release_freed_memory()  # the decoders are gone: what comes next starts lower
+        # The decoders are gone: what comes next starts lower (small pairs share a trim).
+        release_after(8 * work[0] * work[1])
     return replace(_detection(cells, size_a, size_b, work), shrunk=shrunk, pixels=kept)
 
 
@@ -579,6 +580,8 @@ def _scan(stream_a: _Stream, stream_b: _Stream, ignore: list[tuple[int, ...]]) -
     # Each decoder is single-threaded and libvips releases the GIL: B's strip is decoded on a
     # second thread while A's is decoded here.
     decoded = 0
+    # (Small inputs: their strips are kept or soon gone; ``detect`` trims once at the end.)
+    trim_every = _TRIM_EVERY_BYTES if width * height > KEEP_PIXELS else None
     with ThreadPoolExecutor(1, thread_name_prefix="detect") as helper:
         for top in range(0, height, rows):
             # One row of context above and below for the 3x3 anti-aliasing test.
@@ -588,7 +591,7 @@ def _scan(stream_a: _Stream, stream_b: _Stream, ignore: list[tuple[int, ...]]) -
             strip_b = pending_b.result()
             _scan_strip(strip_a, strip_b, top - first, min(rows, height - top), top, ignore, cells)
             decoded += strip_a.nbytes + strip_b.nbytes
-            if decoded >= _TRIM_EVERY_BYTES:
+            if trim_every is not None and decoded >= trim_every:
                 release_freed_memory()
                 decoded = 0
     return cells

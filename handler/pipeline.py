@@ -53,7 +53,7 @@ from handler.images import (
 from handler.logs import elapsed_ms, get_logger
 from handler.prepared_cache import CacheKey, PreparedCache, cache_key, process_cache
 from handler.result import ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo, Region
-from handler.vips import release_freed_memory
+from handler.vips import release_after
 
 
 @dataclass(frozen=True)
@@ -451,7 +451,7 @@ class _Preparation:
                 data, config.max_image_size, config.image_quality, max_pixels=self.max_input_pixels
             )
             # The decoder's buffers are free now, but glibc would keep them for this process.
-            release_freed_memory()
+            release_after(4 * header.size[0] * header.size[1])
         return self._record(name, info, image, "miss", started, from_detection=shrunk is not None)
 
     def _key(self, sha256: str) -> CacheKey:
