@@ -17,7 +17,12 @@ least as fast). Every run's verdicts are checked against reg-cli's (``failedItem
 ``is_similar: false``), and the per-pair cost of byte-identical pairs is read from the results
 (``timings_ms.total``) and the ``result_written`` log lines (the whole job, writes included).
 
+With ``--memory`` it then measures what the decode budget does to memory: the re-encoded
+workload at ``--concurrency 8`` under several ``decode_budget_mp`` values, beside the default
+concurrency, peak RSS and wall time of each (median of ``--repeat``).
+
     .venv/bin/python -m tests.bench.bench_folder [--repeat 3] [--reg-cli PATH] [--pairs 100]
+                                                 [--memory]
 """
 
 from __future__ import annotations
@@ -182,15 +187,21 @@ def run_reg_cli(reg_cli: Path, workload: Workload) -> set[str]:
     return failed
 
 
-def run_pairwatch(workload: Workload, folder: Path) -> set[str]:
-    """Times one ``pairwatch watch --once``; the pairs it found different."""
+def watch_once(folder: Path, **settings: str) -> Run:
+    """``pairwatch watch FOLDER --once`` with ``PAIRWATCH_*`` ``settings``, timed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAIRWATCH_")}
     env["PAIRWATCH_LOG_FORMAT"] = "json"
+    env.update({f"PAIRWATCH_{name.upper()}": value for name, value in settings.items()})
     # Files settled long ago (the watcher would otherwise wait settle_time for fresh ones).
     old = time.time() - 60
     for path in folder.rglob("*.png"):
         os.utime(path, (old, old))
-    run = timed([sys.executable, "-m", "watcher.cli", "watch", str(folder), "--once"], env)
+    return timed([sys.executable, "-m", "watcher.cli", "watch", str(folder), "--once"], env)
+
+
+def run_pairwatch(workload: Workload, folder: Path) -> set[str]:
+    """Times one ``pairwatch watch --once``; the pairs it found different."""
+    run = watch_once(folder)
     workload.runs["pairwatch"].append(run)
     different = set()
     for pair in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -241,12 +252,29 @@ def report(workload: Workload, pairs: int) -> None:
     print(f"  other pairs, timings_ms medians: {medians}")
 
 
+def memory(workload: Workload, base: Path, repeat: int) -> None:
+    """Peak RSS under the decode budget: concurrency 8 at several budgets, and the default."""
+    print(f"\nmemory, {workload.name} workload: peak RSS (and wall time), medians of {repeat}")
+    cases: list[tuple[str, dict[str, str]]] = [("default concurrency, budget 24 MP", {})]
+    for budget in ("4", "8", "24"):
+        settings = {"concurrency": "8", "decode_budget_mp": budget}
+        cases.append((f"concurrency 8, budget {budget} MP", settings))
+    for label, settings in cases:
+        runs = []
+        for _ in range(repeat):
+            runs.append(watch_once(pair_folder(workload, base / "memory"), **settings))
+        rss = statistics.median(r.rss_mb for r in runs)
+        seconds = statistics.median(r.seconds for r in runs)
+        print(f"  {label:36s} {rss:5.0f} MB   {seconds:6.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=100)
     parser.add_argument("--reg-cli", type=Path, help="a reg-cli executable (default: npm)")
     parser.add_argument("--only", choices=("identical", "reencoded"))
+    parser.add_argument("--memory", action="store_true", help="also the decode budget's memory")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-folder-") as tmp:
         base = Path(tmp)
@@ -279,6 +307,9 @@ def main() -> None:
                           f"    pairwatch different {sorted(verdicts['pw'])}")  # fmt: skip
         for workload in workloads:
             report(workload, args.pairs)
+        if args.memory:
+            reencoded = [w for w in workloads if w.name == "reencoded"]
+            memory(reencoded[0] if reencoded else workloads[0], base, args.repeat)
 
 
 if __name__ == "__main__":
