@@ -88,14 +88,18 @@ def compare_pair(
     diff_image: bool = False,
     cache_mb: int = 0,
     decode_budget_mp: float = DEFAULT_DECODE_BUDGET_MP,
+    checkpoint: Callable[[], None] | None = None,
 ) -> PairOutcome:
     """Compare ``a`` with ``b``; failures come back as error/timeout results, never raised.
 
     With ``diff_image`` the outcome carries a PNG (``handler.diff_image``) whenever both images
     were prepared, failed comparisons included (byte-identical inputs: the legend alone); the
     caller names and writes it. ``cache_mb`` sizes the process's cache of prepared images (0:
-    none), ``decode_budget_mp`` its decode budget.
+    none), ``decode_budget_mp`` its decode budget. ``checkpoint`` is called between stages
+    (before decoding, once the budget is granted, after detection, before comparing) and
+    stops the pair there by raising a ``PairError`` (``serve``: its client went away).
     """
+    check = checkpoint or _carry_on
     log = get_logger(pair_id=pair_id)
     started = time.perf_counter()
     infos = [InputInfo(name=a.name, etag=a.etag), InputInfo(name=b.name, etag=b.etag)]
@@ -121,8 +125,10 @@ def compare_pair(
             compare_start = time.perf_counter()
             outcome = _identical(encoded[0], started_inputs[0], infos, config, comparator)
         else:
+            check()
             budget = process_budget(decode_budget_mp)
             with _decoding(budget, _megapixels(started_inputs), log):
+                check()
                 detection, crops = _detect(
                     encoded,
                     config,
@@ -132,10 +138,12 @@ def compare_pair(
                     timings,
                     log,
                 )
+                check()
                 prepared = preparation.finished(started_inputs, (a, b), encoded, infos, detection)
             del encoded
             prepared = _masked(prepared, config, detection.size_a)
             crops = _masked_crops(crops, config, detection)
+            check()
             compare_start = time.perf_counter()
             outcome = comparator.compare(
                 prepared[0], prepared[1], config, detection=detection, crops=crops
@@ -186,6 +194,10 @@ def compare_pair(
     if identical:
         return _with_legend(result, diff_image)
     return _with_diff(result, prepared, diff_image, crops)
+
+
+def _carry_on() -> None:
+    """The checkpoint of a pair nothing stops early."""
 
 
 def _identical(

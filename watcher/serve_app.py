@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 from fastapi import FastAPI, Request, Response
@@ -235,6 +236,7 @@ class PairRunner:
                 max_input_pixels=settings.max_input_pixels,
                 cache_mb=settings.cache_mb,
                 decode_budget_mp=settings.decode_budget_mp,
+                checkpoint=partial(_still_wanted, gone),
             ).result
 
         result: ComparisonResult | None = None
@@ -243,7 +245,7 @@ class PairRunner:
             group.start_soon(_watch_disconnect, connection, gone, waiting)
             async with ticket.compare():
                 if not gone.is_set():
-                    # Started, the pair's thread runs on; its loader stops it (``gone``).
+                    # Started, the pair's thread runs on; its checkpoints stop it (``gone``).
                     with anyio.CancelScope(shield=True):
                         result = await anyio.to_thread.run_sync(work, limiter=self.state.limiter)
             waiting.cancel()
@@ -256,10 +258,15 @@ class PairRunner:
         return result
 
 
+def _still_wanted(gone: threading.Event) -> None:
+    """The pair's checkpoint between stages: a pair whose client went away stops there."""
+    if gone.is_set():
+        raise _ClientGone("the client disconnected")
+
+
 def _loader(part: UploadedFile, gone: threading.Event) -> Callable[[], bytes]:
     def load() -> bytes:
-        if gone.is_set():
-            raise _ClientGone("the client disconnected")
+        _still_wanted(gone)
         if part.error is not None:
             raise part.error
         data = bytes(part.data)
