@@ -145,13 +145,15 @@ def test_a_diff_image_that_cannot_be_drawn_does_not_cost_the_result(
 
 
 class _CropsWanted(MetricsComparator):
-    """The metrics comparator, asking for crops as the VL comparator does, and keeping them."""
+    """The metrics comparator, asking for crops as the VL comparator does, and keeping them
+    (and the prepared images it was given)."""
 
     wants_crops = True
 
     def __init__(self) -> None:
         super().__init__()
         self.crops: list[RegionCrop] = []
+        self.prepared: list[PreparedImage] = []
 
     def compare(
         self,
@@ -163,6 +165,7 @@ class _CropsWanted(MetricsComparator):
         crops: Sequence[RegionCrop] = (),
     ) -> Verdict:
         self.crops = list(crops)
+        self.prepared = [a, b]
         return super().compare(a, b, config, detection=detection)
 
 
@@ -350,7 +353,7 @@ def test_a_1mp_pair_is_decoded_once(monkeypatch: pytest.MonkeyPatch, fmt: str) -
 
     monkeypatch.setattr(detect_module, "_normalised", counted)
     monkeypatch.setattr("handler.pipeline.prepare", second_decode)
-    wanting = _Keeping()
+    wanting = _CropsWanted()
     with structlog.testing.capture_logs() as logs:
         outcome = compare_pair(
             "p11", _input("a", a, []), _input("b", b, []), CONFIG, wanting,
@@ -366,24 +369,6 @@ def test_a_1mp_pair_is_decoded_once(monkeypatch: pytest.MonkeyPatch, fmt: str) -
         gap = np.abs(np.asarray(image.image, np.int16) - np.asarray(reference.image, np.int16))
         # (LANCZOS as libvips and as Pillow round it: a level or two, more on a few text edges)
         assert gap.mean() < 0.5 and np.percentile(gap, 99.9) <= 4, (gap.mean(), gap.max())
-
-
-class _Keeping(_CropsWanted):
-    """Keeps the prepared images it was given, too."""
-
-    prepared: list[PreparedImage]
-
-    def compare(
-        self,
-        a: PreparedImage,
-        b: PreparedImage,
-        config: ComparisonConfig,
-        *,
-        detection: Detection | None = None,
-        crops: Sequence[RegionCrop] = (),
-    ) -> Verdict:
-        self.prepared = [a, b]
-        return super().compare(a, b, config, detection=detection, crops=crops)
 
 
 def test_a_digest_taken_while_reading_is_used() -> None:

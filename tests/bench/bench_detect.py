@@ -48,6 +48,7 @@ class Run:
     seconds: float
     rss_mb: float
     output: str = ""
+    stderr: str = ""
 
 
 def timed(command: list[str], env: dict[str, str] | None = None) -> Run:
@@ -59,17 +60,24 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> Run:
     )
     seconds = time.perf_counter() - start
     rss = [line for line in done.stderr.splitlines() if line.startswith("RSS_KB=")]
-    return Run(seconds, int(rss[-1].split("=")[1]) / 1024 if rss else float("nan"), done.stdout)
+    rss_mb = int(rss[-1].split("=")[1]) / 1024 if rss else float("nan")
+    return Run(seconds, rss_mb, done.stdout, done.stderr)
 
 
-def install_odiff(folder: Path) -> Path:
+def npm_install(folder: Path, package: str, command: str) -> Path:
+    """``package`` (name@version) installed into ``folder``: the path of its ``command``.
+    The yardsticks are npm tools, installed for the run only: not dependencies."""
     subprocess.run(
-        ["npm", "install", "--silent", "--no-audit", "--no-fund", f"odiff-bin@{ODIFF_VERSION}"],
+        ["npm", "install", "--silent", "--no-audit", "--no-fund", package],
         cwd=folder,
         check=True,
         capture_output=True,
     )
-    return folder / "node_modules" / ".bin" / "odiff"
+    return folder / "node_modules" / ".bin" / command
+
+
+def install_odiff(folder: Path) -> Path:
+    return npm_install(folder, f"odiff-bin@{ODIFF_VERSION}", "odiff")
 
 
 def make_screenshot(folder: Path) -> tuple[Path, Path, list[tuple[int, int, int, int]]]:

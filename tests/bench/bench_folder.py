@@ -33,7 +33,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,20 +43,13 @@ from typing import Any
 
 from PIL import Image, ImageDraw, PngImagePlugin
 
+from tests.bench.bench_detect import Run, npm_install, timed
 from tests.support import screens
 
 REG_CLI_VERSION = "0.18.16"
 SIZE = (1280, 800)
 CHANGED_EVERY = 5  # one pair in five has a changed line: 20 of 100
 TEXT_LINES = 24
-
-
-@dataclass
-class Run:
-    seconds: float
-    rss_mb: float
-    stdout: str = ""
-    stderr: str = ""
 
 
 @dataclass
@@ -73,26 +65,8 @@ class Workload:
     stages: dict[str, list[float]] = field(default_factory=dict)
 
 
-def timed(command: list[str], env: dict[str, str] | None = None) -> Run:
-    """Wall time and peak RSS of one process tree (GNU time: the largest process's maximum)."""
-    start = time.perf_counter()
-    done = subprocess.run(
-        ["/usr/bin/time", "-f", "RSS_KB=%M", *command], capture_output=True, text=True, env=env
-    )
-    seconds = time.perf_counter() - start
-    rss = [line for line in done.stderr.splitlines() if line.startswith("RSS_KB=")]
-    rss_mb = int(rss[-1].split("=")[1]) / 1024 if rss else float("nan")
-    return Run(seconds, rss_mb, done.stdout, done.stderr)
-
-
 def install_reg_cli(folder: Path) -> Path:
-    subprocess.run(
-        ["npm", "install", "--silent", "--no-audit", "--no-fund", f"reg-cli@{REG_CLI_VERSION}"],
-        cwd=folder,
-        check=True,
-        capture_output=True,
-    )
-    return folder / "node_modules" / ".bin" / "reg-cli"
+    return npm_install(folder, f"reg-cli@{REG_CLI_VERSION}", "reg-cli")
 
 
 def screenshot(seed: int, changed: bool) -> Image.Image:
