@@ -1,5 +1,5 @@
 """Native-resolution change detection on rendered screenshots and real photos, through the real
-decoders and libvips; and the pipeline around it (ignore regions, formats, decode lock, cache)."""
+decoders and libvips; and the pipeline around it (ignore regions, formats, decode budget, cache)."""
 
 from __future__ import annotations
 
