@@ -281,11 +281,10 @@ class _Stream:
         if self._wanted is not None and self._keeping:
             kept = self._joined()
             native = pyvips.Image.new_from_memory(kept.data, self.width, self.height, 4, "uchar")
-            small = _resized(native[0:3], self._wanted)
-            rows = np.ndarray(
-                buffer=small.write_to_memory(), dtype=np.uint8, shape=(small.height, small.width, 3)
-            )
-            return Image.fromarray(rows, "RGB")
+            # All four bands (taking three apart would cost a copy); Pillow drops opacity.
+            small = _resized(native, self._wanted)
+            size = (small.width, small.height)
+            return Image.frombytes("RGB", size, small.write_to_memory(), "raw", "RGBX")
         if self._small is None:
             return None
         self._shrink_above(self.height, final=True)
