@@ -243,6 +243,8 @@ def _draw_legend(
 
 def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, room: int) -> list[str]:
     """Greedy word wrap to ``room`` pixels (a word longer than a line is clipped)."""
+    if font.getlength(text) <= room:  # the usual case: one measurement, not one a word
+        return [text]
     lines: list[str] = []
     for word in text.split(" "):
         candidate = f"{lines[-1]} {word}" if lines else word
@@ -292,7 +294,7 @@ def render_legend(result: ComparisonResult) -> bytes:
     font_size = 13
     font = _font(font_size)
     line_height = font_size + 4
-    width = 2 * MIN_WIDTH
+    width = 3 * MIN_WIDTH  # the verdict and the note on one line
     text = f"{_verdict(result)[1]} - byte-identical files (not decoded)"
     verdict_lines = _wrap(text, font, width - 3 * _PAD - line_height)
     height = (len(verdict_lines) + 1) * line_height + 2 * _PAD

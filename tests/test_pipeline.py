@@ -300,7 +300,7 @@ def test_byte_identical_inputs_are_not_decoded_and_keep_every_field(
     # The diff image is the legend alone: small, and it says why.
     assert outcome.diff_png is not None and len(outcome.diff_png) < 5000
     with Image.open(io.BytesIO(outcome.diff_png)) as legend:
-        assert legend.width == 512 and legend.height < 80
+        assert legend.width == 768 and legend.height < 80
 
 
 def test_byte_identical_inputs_still_meet_the_input_checks(monkeypatch: pytest.MonkeyPatch) -> None:
