@@ -170,7 +170,8 @@ def watch_once(folder: Path, **settings: str) -> Run:
     old = time.time() - 60
     for path in folder.rglob("*.png"):
         os.utime(path, (old, old))
-    return timed([sys.executable, "-m", "watcher.cli", "watch", str(folder), "--once"], env)
+    pairwatch = Path(sys.executable).with_name("pairwatch")  # the installed command
+    return timed([str(pairwatch), "watch", str(folder), "--once"], env)
 
 
 def run_pairwatch(workload: Workload, folder: Path) -> set[str]:
