@@ -199,7 +199,12 @@ def detect(
         ]
         del images
         cells = _scan(streams[0], streams[1], boxes)
-        shrunk = (streams[0].shrunk(), streams[1].shrunk())
+        # Not one pixel differs (and none was masked): the same pixels resize the same, so
+        # one copy serves both (a re-encoded screenshot's pair).
+        same = not boxes and not cells.differing and size_a == size_b
+        first = streams[0].shrunk()
+        same_copy = same and shrunk_sizes[0] == shrunk_sizes[1]
+        shrunk = (first, first if same_copy else streams[1].shrunk())
         kept = (streams[0].pixels, streams[1].pixels)
         del streams
     except pyvips.Error as exc:

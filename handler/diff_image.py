@@ -103,8 +103,11 @@ def render_diff(
     shift = (width - overview.width) // 2
     layout = _Layout(width, height, _moved(overview.a, shift), _moved(overview.b, shift))
     photos = Image.new("RGB", (width, height), BACKGROUND)
-    for image, panel in ((a, layout.a), (b, layout.b)):
-        photos.paste(_fit(image.image, panel), (panel.x, panel.y))
+    fitted = _fit(a.image, layout.a)
+    photos.paste(fitted, (layout.a.x, layout.a.y))
+    if b.image is not a.image or fitted.size != (layout.b.width, layout.b.height):
+        fitted = _fit(b.image, layout.b)  # (a pixel-identical pair shares one prepared image)
+    photos.paste(fitted, (layout.b.x, layout.b.y))
     top = overview.height - legend_height
     for left, right in rows:
         top += _GAP

@@ -241,6 +241,31 @@ def test_identical_pairs_are_exact_and_re_encodes_are_not_identical() -> None:
     assert not other.identical and other.regions == ()
 
 
+def test_a_pixel_identical_pair_shares_one_resized_copy() -> None:
+    """Other bytes, the same pixels (PNG at another zlib level): one copy is made for both;
+    a pair that differs, or whose differing pixels are masked, gets one copy each."""
+    page = screens.label_card("Delivery address: 221B Baker Street", size=(1280, 800))
+    a, b = screens.png(page), screens.png(page, compress_level=1)
+    assert a != b
+    sizes = ((1024, 640), (1024, 640))
+    same = detect(a, b, max_pixels=BUDGET, shrunk_sizes=sizes)
+    assert same.identical and same.shrunk[0] is same.shrunk[1] is not None
+    edited = page.copy()
+    ImageDraw.Draw(edited).rectangle((40, 200, 60, 220), fill=(200, 30, 30))
+    changed = detect(a, screens.png(edited), max_pixels=BUDGET, shrunk_sizes=sizes)
+    first, second = changed.shrunk
+    assert first is not None and second is not None and first is not second
+    assert first.tobytes() != second.tobytes()
+    masked = detect(
+        a,
+        screens.png(edited),
+        max_pixels=BUDGET,
+        shrunk_sizes=sizes,
+        ignore=[IgnoreRegion(x=30, y=190, width=40, height=40)],
+    )
+    assert masked.identical and masked.shrunk[0] is not masked.shrunk[1]
+
+
 def test_exif_rotated_input_is_compared_upright() -> None:
     photo = scenes.photo("astronaut")
     edited = Image.open(io.BytesIO(scenes.pasted_object(photo))).convert("RGB")
