@@ -97,7 +97,10 @@ class MetricsComparator:
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
     ) -> Verdict:
-        same = _pixel_identical(a, b)
+        # (Inputs that differ at native resolution almost never give identical prepared
+        # images, and where they do, the scores computed are these anyway: not looked for.)
+        maybe_same = detection is None or detection.identical
+        same = maybe_same and _pixel_identical(a, b)
         metrics = IDENTICAL_SCORES if same else _scores(a.image, b.image)
         return _verdict({**metrics, "pixel_identical": float(same)}, config, detection)
 
