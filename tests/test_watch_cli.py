@@ -259,25 +259,30 @@ def running() -> Iterator[list[_Running]]:
 
 
 @pytest.fixture(scope="module")
-def slow_png() -> bytes:
-    """A 36-megapixel PNG: about half a second to decode, long enough to signal mid-pair."""
+def slow_pngs() -> tuple[bytes, bytes]:
+    """A 36-megapixel PNG, twice (two zlib levels: the same pixels, other bytes, so the pair is
+    decoded and compared): about half a second each to decode, long enough to signal mid-pair."""
     ramp = np.linspace(0, 255, 6000, dtype=np.float32)
     pixels = (ramp[None, :, None] * 0.5 + ramp[:, None, None] * 0.5).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.repeat(3, axis=2)).save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()
+    image = Image.fromarray(pixels.repeat(3, axis=2))
+    encoded = []
+    for level in (1, 2):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG", compress_level=level)
+        encoded.append(buffer.getvalue())
+    return encoded[0], encoded[1]
 
 
 def test_sigterm_mid_pair_finishes_it_and_exits_0(
-    tmp_path: Path, running: list[_Running], slow_png: bytes
+    tmp_path: Path, running: list[_Running], slow_pngs: tuple[bytes, bytes]
 ) -> None:
-    watcher = _Running(str(tmp_path))
+    watcher = _Running(str(tmp_path), "--concurrency", "1")  # one pair in hand
     running.append(watcher)
     watcher.wait_event("watch_started")
     for name in ("p1", "p2", "p3"):
         (tmp_path / f".{name}").mkdir()
-        (tmp_path / f".{name}" / "a.png").write_bytes(slow_png)
-        (tmp_path / f".{name}" / "b.png").write_bytes(slow_png)
+        (tmp_path / f".{name}" / "a.png").write_bytes(slow_pngs[0])
+        (tmp_path / f".{name}" / "b.png").write_bytes(slow_pngs[1])
     for name in ("p1", "p2", "p3"):  # the three pairs land at once
         (tmp_path / f".{name}").rename(tmp_path / name)
     first = watcher.wait_event("pair_started")
