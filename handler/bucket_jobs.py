@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from handler import disposition
 from handler.compare.base import Comparator
 from handler.config import Settings
+from handler.deadline import Deadline, current_or_new
 from handler.disposition import Disposition
 from handler.errors import PairError, StorageUnavailable
 from handler.events import ObjectEvent, Parsed
@@ -105,8 +106,13 @@ class BucketJobs:
         now: float,
         readers: Readers = _none,
         queued_ms: float | None = None,
+        deadline: Deadline | None = None,
     ) -> EventReport:
         """Bring every pair ``event`` touches up to date.
+
+        ``deadline``: the first pair's (the thread's current one, started by whoever took the
+        event, else a new one); each further pair of the event gets as long again from when it
+        starts (``Deadline.renewed``).
 
         ``readers``: manifests known (to a long-running caller: ``watcher.manifests``) to read
         the object (by its path relative to the prefix), beyond the manifests beside it, which
@@ -136,13 +142,23 @@ class BucketJobs:
         if not specs:
             log.debug("event_ignored", reason="hidden, temporary or not in a pair folder")
             return EventReport(event, disposition.done("ignored: not in a pair"))
+        first = deadline or self._deadline()
         reports = tuple(
             run_pair_job(
-                storage, spec, self.settings, self.comparator, now=now, queued_ms=queued_ms
+                storage,
+                spec,
+                self.settings,
+                self.comparator,
+                now=now,
+                queued_ms=queued_ms,
+                deadline=first if index == 0 else first.renewed(),
             )
-            for spec in specs
+            for index, spec in enumerate(specs)
         )
         return EventReport(event, disposition.combine(r.disposition for r in reports), reports)
+
+    def _deadline(self) -> Deadline:
+        return current_or_new(self.settings.comparison.processing_timeout)
 
     def handle_parsed(
         self,
@@ -151,21 +167,30 @@ class BucketJobs:
         now: float,
         readers: Readers = _none,
         queued_ms: float | None = None,
+        deadline: Deadline | None = None,
         **context: object,
     ) -> Delivery:
         """Handle every event of one delivery; its disposition combines theirs.
 
         Every record is attempted even after one failed: a redelivery repeats the good ones
-        cheaply (their results are up to date) and the bad one is reported on its own.
+        cheaply (their results are up to date) and the bad one is reported on its own. The
+        first event's first pair has ``deadline`` (see ``handle``); every other pair its own.
         """
         log = get_logger(**context)
         fates: list[Disposition] = []
         for error in parsed.errors:
             log.error("event_malformed", error=str(error))
             fates.append(disposition.reject(f"malformed event: {error}"))
+        first = deadline or self._deadline()
         events = [
-            self.handle(event, now=now, readers=readers, queued_ms=queued_ms)
-            for event in parsed.events
+            self.handle(
+                event,
+                now=now,
+                readers=readers,
+                queued_ms=queued_ms,
+                deadline=first if index == 0 else first.renewed(),
+            )
+            for index, event in enumerate(parsed.events)
         ]
         fates += [report.disposition for report in events]
         return Delivery(disposition.combine(fates), events)

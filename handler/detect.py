@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
 from handler.config import IgnoreRegion
+from handler.deadline import Deadline
 from handler.errors import ImageTooLarge, InvalidImage, InvalidManifest
 from handler.result import Region
 from handler.vips import open_header, pyvips, release_freed_memory
@@ -151,6 +152,7 @@ def detect(
     max_pixels: int,
     ignore: tuple[IgnoreRegion, ...] | list[IgnoreRegion] = (),
     shrunk_sizes: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None),
+    deadline: Deadline | None = None,
 ) -> Detection:
     """Compare two encoded images at native resolution (see the module docstring).
 
@@ -158,8 +160,9 @@ def detect(
     that size, made while the input streams past (``Detection.shrunk``): the prepared image's
     source, so the input is decoded once. Only an input compared at its own size gets one.
 
-    Raises ``InvalidImage`` (``details["input"]`` = "a"/"b") for undecodable inputs and
-    ``InvalidManifest`` for an ignore box outside image A.
+    Raises ``InvalidImage`` (``details["input"]`` = "a"/"b") for undecodable inputs,
+    ``InvalidManifest`` for an ignore box outside image A, and ``ComparisonTimeout`` once
+    ``deadline`` has passed (checked once per strip).
     """
     size_a = _checked_size(data_a, max_pixels, "a")
     size_b = _checked_size(data_b, max_pixels, "b")
@@ -181,7 +184,7 @@ def detect(
             )
         ]
         del images
-        cells = _scan(streams[0], streams[1], boxes)
+        cells = _scan(streams[0], streams[1], boxes, deadline)
         shrunk = (streams[0].shrunk(), streams[1].shrunk())
         del streams
     except pyvips.Error as exc:
@@ -274,10 +277,12 @@ def cut_crops(
     max_pixels: int,
     count: int = MAX_CROPS,
     side: int = CROP_SIDE,
+    deadline: Deadline | None = None,
 ) -> list[RegionCrop]:
     """Crops of the ``count`` largest regions, each at most ``side`` x ``side`` pixels.
 
-    One more streamed pass over each input, stopping below the lowest crop.
+    One more streamed pass over each input, stopping below the lowest crop (or with
+    ``ComparisonTimeout`` once ``deadline`` has passed, checked once per strip).
     """
     indexes = range(min(count, len(detection.regions)))
     if not indexes:
@@ -285,8 +290,8 @@ def cut_crops(
     boxes_a = [_context(detection.regions[i], detection.size_a, side) for i in indexes]
     boxes_b = [_context(detection.boxes_b[i], detection.size_b, side) for i in indexes]
     try:
-        crops_a = _cut(data_a, detection.size_a, boxes_a, side, max_pixels)
-        crops_b = _cut(data_b, detection.size_b, boxes_b, side, max_pixels)
+        crops_a = _cut(data_a, detection.size_a, boxes_a, side, max_pixels, deadline)
+        crops_b = _cut(data_b, detection.size_b, boxes_b, side, max_pixels, deadline)
     except pyvips.Error as exc:
         raise InvalidImage(f"cannot decode the image: {_first_line(exc)}") from exc
     return [
@@ -305,7 +310,12 @@ def _context(region: Region, size: tuple[int, int], side: int) -> Region:
 
 
 def _cut(
-    data: bytes, size: tuple[int, int], boxes: list[Region], side: int, max_pixels: int
+    data: bytes,
+    size: tuple[int, int],
+    boxes: list[Region],
+    side: int,
+    max_pixels: int,
+    deadline: Deadline | None,
 ) -> list[Image.Image]:
     """Fill every box from one top-to-bottom pass; rows and columns of a box much larger than
     the crop are skipped while reading (to at most 2 x ``side``), then it is resized."""
@@ -323,6 +333,8 @@ def _cut(
         needed = [i for i, box in enumerate(boxes) if box.y < last and top < box.y + box.height]
         if not needed:
             continue
+        if deadline is not None:
+            deadline.check()
         strip = _fetch(region, top, last, size[0])
         for i in needed:
             box, step = boxes[i], steps[i]
@@ -486,7 +498,12 @@ class _Cells:
         )
 
 
-def _scan(stream_a: _Stream, stream_b: _Stream, ignore: list[tuple[int, ...]]) -> _Cells:
+def _scan(
+    stream_a: _Stream,
+    stream_b: _Stream,
+    ignore: list[tuple[int, ...]],
+    deadline: Deadline | None,
+) -> _Cells:
     width, height = stream_a.width, stream_a.height
     rows = max(BLOCK, (_STRIP_PIXELS // width) // BLOCK * BLOCK)
     cells = _Cells.empty((-(-height // BLOCK), -(-width // BLOCK)))
@@ -495,6 +512,8 @@ def _scan(stream_a: _Stream, stream_b: _Stream, ignore: list[tuple[int, ...]]) -
     decoded = 0
     with ThreadPoolExecutor(1, thread_name_prefix="detect") as helper:
         for top in range(0, height, rows):
+            if deadline is not None:
+                deadline.check()
             # One row of context above and below for the 3x3 anti-aliasing test.
             first, last = max(0, top - 1), min(height, top + rows + 1)
             pending_b = helper.submit(stream_b.strip, first, last)

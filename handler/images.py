@@ -18,8 +18,8 @@ import pillow_heif
 from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
 
 from handler.config import DEFAULT_MAX_INPUT_PIXELS
-from handler.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
-from handler.vips import open_header, pyvips, thumbnail_rgb
+from handler.errors import ComparisonTimeout, ImageTooLarge, InvalidImage, UnsupportedFormat
+from handler.vips import Expired, open_header, pyvips, thumbnail_rgb
 
 #: Formats we decode. Restricting ``Image.open`` to them keeps exotic decoders (EPS runs
 #: Ghostscript, for one) out of reach of untrusted input.
@@ -76,16 +76,19 @@ def prepare(
     quality: int,
     *,
     max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+    expired: Expired | None = None,
 ) -> PreparedImage:
     """Decode ``data`` into an RGB image that fits ``max_size`` and encode it as JPEG.
 
     Raises ``InvalidImage`` (or its subclasses ``UnsupportedFormat``/``ImageTooLarge``) for
-    anything that is not a decodable image within the pixel budget.
+    anything that is not a decodable image within the pixel budget. A large input shrunk by
+    libvips stops with ``ComparisonTimeout`` once ``expired()`` holds (see
+    ``handler.vips.kill_when``); Pillow's decodes (JPEG, small images) run to their end.
     """
     with _checked_open(data, max_pixels) as img:
         streamed = _streamed(data, img)
         if streamed is not None:
-            return _encoded(_thumbnail(data, max_size), streamed, quality)
+            return _encoded(_thumbnail(data, max_size, expired), streamed, quality)
         # (A PNG's getexif() decodes the whole image: only here, never on the streamed path.)
         orientation = img.getexif().get(0x0112, 1)
         # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap.
@@ -245,10 +248,12 @@ def _streamed(data: bytes, img: Image.Image) -> InputHeader | None:
     )
 
 
-def _thumbnail(data: bytes, box: tuple[int, int]) -> Image.Image:
+def _thumbnail(data: bytes, box: tuple[int, int], expired: Expired | None) -> Image.Image:
     try:
-        return thumbnail_rgb(data, box)
+        return thumbnail_rgb(data, box, expired=expired)
     except pyvips.Error as exc:
+        if expired is not None and expired():
+            raise ComparisonTimeout("killed while shrinking the image") from None
         raise InvalidImage(f"cannot decode the image: {str(exc).strip().splitlines()[0]}") from exc
 
 

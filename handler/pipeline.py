@@ -10,6 +10,11 @@ memory-hungry part, so only one thread of the process decodes at a time (``DECOD
 RAM does not grow with the number of pairs in flight, only the small prepared images and the
 inputs' encoded bytes do.
 
+The whole pair runs against one ``handler.deadline.Deadline`` (``processing_timeout``): every
+stage declares itself to it and asks it between units of work, waiting for the decode lock
+counts, and a pair past its deadline stops with a ``timeout`` result that names the stage it
+was in (``error.stage``) and keeps the timings so far.
+
 Every ``PairError`` becomes a result with ``status`` error/timeout. What still raises is not
 about the pair itself and is worth a retry: storage trouble from ``ImageInput.load`` (an object
 replaced mid-read, the network) and programming errors.
@@ -22,7 +27,8 @@ import hashlib
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +36,9 @@ from PIL import Image, ImageDraw
 
 from handler.compare.base import Comparator
 from handler.config import ComparisonConfig
+from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop, cut_crops, detect
-from handler.errors import PairError
+from handler.errors import ComparisonTimeout, PairError
 from handler.images import (
     NEUTRAL,
     InputHeader,
@@ -78,14 +85,18 @@ def compare_pair(
     max_input_pixels: int,
     diff_image: bool = False,
     cache_mb: int = 0,
+    deadline: Deadline | None = None,
 ) -> PairOutcome:
     """Compare ``a`` with ``b``; failures come back as error/timeout results, never raised.
 
     With ``diff_image`` the outcome carries a PNG (``handler.diff_image``) whenever both images
-    were prepared, failed comparisons included; the caller names and writes it. ``cache_mb``
-    sizes the process's cache of prepared images (0: none).
+    were prepared, failed comparisons included (not a timed-out one: its time is up); the
+    caller names and writes it. ``cache_mb`` sizes the process's cache of prepared images (0:
+    none). ``deadline`` is the pair's, started by whoever took the pair (a new one of
+    ``config.processing_timeout`` from now when None); ``config`` may only shorten it.
     """
     log = get_logger(pair_id=pair_id)
+    deadline = pair_deadline(deadline, config)
     started = time.perf_counter()
     infos = [InputInfo(name=a.name, etag=a.etag), InputInfo(name=b.name, etag=b.etag)]
     timings: dict[str, float] = {}
@@ -93,44 +104,61 @@ def compare_pair(
     crops: list[RegionCrop] = []
     failed: str | None = None
     compare_start: float | None = None
-    preparation = _Preparation(config, max_input_pixels, process_cache(cache_mb), timings, log)
+    preparation = _Preparation(
+        config, max_input_pixels, process_cache(cache_mb), timings, log, deadline
+    )
     try:
-        encoded: list[bytes] = []
-        started_inputs: list[PreparedImage | InputHeader] = []
-        for source, info in zip((a, b), infos, strict=True):
-            failed = "a" if not encoded else "b"
-            encoded.append(source.load())
-            started_inputs.append(preparation.start(source.name, encoded[-1], info))
-        failed = None
-        # (What a failure's diff image can show until detection has finished the rest.)
-        prepared = [item for item in started_inputs if isinstance(item, PreparedImage)]
-        want_crops = diff_image or comparator.wants_crops
-        shrunk_sizes = [
-            fitted_size(item.size, config.max_image_size) if isinstance(item, InputHeader) else None
-            for item in started_inputs
-        ]
-        detection, crops = _detect(
-            encoded, config, max_input_pixels, shrunk_sizes, want_crops, timings, log
-        )
-        prepared = [
-            item
-            if isinstance(item, PreparedImage)
-            else preparation.finish(source.name, data, info, item, shrunk)
-            for item, source, data, info, shrunk in zip(
-                started_inputs, (a, b), encoded, infos, detection.shrunk, strict=True
+        with deadline.applied():
+            encoded: list[bytes] = []
+            started_inputs: list[PreparedImage | InputHeader] = []
+            for source, info in zip((a, b), infos, strict=True):
+                failed = "a" if not encoded else "b"
+                deadline.enter("fetch")
+                encoded.append(source.load())
+                deadline.enter("prepare")
+                started_inputs.append(preparation.start(source.name, encoded[-1], info))
+            failed = None
+            # (What a failure's diff image can show until detection has finished the rest.)
+            prepared = [item for item in started_inputs if isinstance(item, PreparedImage)]
+            want_crops = diff_image or comparator.wants_crops
+            shrunk_sizes = [
+                fitted_size(item.size, config.max_image_size)
+                if isinstance(item, InputHeader)
+                else None
+                for item in started_inputs
+            ]
+            detection, crops = _detect(
+                encoded, config, max_input_pixels, shrunk_sizes, want_crops, timings, log, deadline
             )
-        ]
-        del encoded
-        prepared = _masked(prepared, config, detection.size_a)
-        crops = _masked_crops(crops, config, detection)
-        compare_start = time.perf_counter()
-        outcome = comparator.compare(
-            prepared[0], prepared[1], config, detection=detection, crops=crops
-        )
-        timings["compare"] = elapsed_ms(compare_start)
+            deadline.enter("prepare")
+            prepared = [
+                item
+                if isinstance(item, PreparedImage)
+                else preparation.finish(source.name, data, info, item, shrunk)
+                for item, source, data, info, shrunk in zip(
+                    started_inputs, (a, b), encoded, infos, detection.shrunk, strict=True
+                )
+            ]
+            del encoded
+            prepared = _masked(prepared, config, detection.size_a)
+            crops = _masked_crops(crops, config, detection)
+            deadline.enter("compare")
+            compare_start = time.perf_counter()
+            outcome = comparator.compare(
+                prepared[0],
+                prepared[1],
+                config,
+                detection=detection,
+                crops=crops,
+                deadline=deadline,
+            )
+            timings["compare"] = elapsed_ms(compare_start)
     except PairError as exc:
         failed = exc.details.get("input", failed)
-        if compare_start is not None and "compare" not in timings:
+        if isinstance(exc, ComparisonTimeout):
+            exc.details.setdefault("stage", deadline.stage)
+            _add_stage_time(timings, deadline)
+        elif compare_start is not None and "compare" not in timings:
             timings["compare"] = elapsed_ms(compare_start)
         timings["total"] = elapsed_ms(started)
         result = failure_result(
@@ -141,8 +169,11 @@ def compare_pair(
             error_type=exc.type,
             error=exc.message,
             input=failed,
+            stage=exc.details.get("stage"),
             duration_ms=timings["total"],
         )
+        if isinstance(exc, ComparisonTimeout):
+            return PairOutcome(result)  # no diff image: the pair's time is up
         return _with_diff(result, prepared, diff_image, crops)
     timings["total"] = elapsed_ms(started)
     log.info(
@@ -172,6 +203,32 @@ def compare_pair(
     return _with_diff(result, prepared, diff_image, crops)
 
 
+def pair_deadline(deadline: Deadline | None, config: ComparisonConfig) -> Deadline:
+    """``deadline`` shortened to ``config.processing_timeout`` (a pair may ask for less time
+    than the deployment, never for more), or a new one from now when None."""
+    if deadline is None:
+        return Deadline(config.processing_timeout)
+    return deadline.capped(config.processing_timeout)
+
+
+def _add_stage_time(timings: dict[str, float], deadline: Deadline) -> None:
+    """A timed-out pair's timings so far: the stage it stopped in counts up to now."""
+    stage = deadline.stage
+    timings[stage] = round(timings.get(stage, 0.0) + deadline.stage_ms(), 2)
+
+
+@contextmanager
+def decoding(deadline: Deadline) -> Iterator[None]:
+    """Hold ``DECODE_LOCK`` for the block; waiting for it counts against ``deadline`` (a pair
+    that cannot get its turn in time stops with ``timeout``, in the stage it waited in)."""
+    if not DECODE_LOCK.acquire(timeout=deadline.remaining()):
+        raise deadline.timeout("waiting for its turn to decode")
+    try:
+        yield
+    finally:
+        DECODE_LOCK.release()
+
+
 def _detect(
     encoded: list[bytes],
     config: ComparisonConfig,
@@ -180,20 +237,25 @@ def _detect(
     want_crops: bool,
     timings: dict[str, float],
     log: Any,
+    deadline: Deadline,
 ) -> tuple[Detection, list[RegionCrop]]:
     """Native-resolution detection (and the crops, for the diff image or the comparator)
     under the decode lock."""
+    deadline.enter("detect")
     start = time.perf_counter()
-    with DECODE_LOCK:
+    with decoding(deadline):
         detection = detect(
             encoded[0],
             encoded[1],
             max_pixels=max_input_pixels,
             ignore=config.ignore_regions,
             shrunk_sizes=(shrunk_sizes[0], shrunk_sizes[1]),
+            deadline=deadline,
         )
         crops = (
-            cut_crops(encoded[0], encoded[1], detection, max_pixels=max_input_pixels)
+            cut_crops(
+                encoded[0], encoded[1], detection, max_pixels=max_input_pixels, deadline=deadline
+            )
             if want_crops
             else []
         )
@@ -307,6 +369,7 @@ class _Preparation:
     cache: PreparedCache | None
     timings: dict[str, float]
     log: Any
+    deadline: Deadline
 
     def start(self, name: str, data: bytes, info: InputInfo) -> PreparedImage | InputHeader:
         """The prepared image, or the checked header of an input left to ``finish``."""
@@ -342,15 +405,22 @@ class _Preparation:
         return self._record(name, info, image, "miss", started, from_detection=shrunk is not None)
 
     def _decoded(self, data: bytes) -> PreparedImage:
-        with DECODE_LOCK:
-            image = prepare(
-                data,
-                self.config.max_image_size,
-                self.config.image_quality,
-                max_pixels=self.max_input_pixels,
-            )
-            # The decoder's buffers are free now, but glibc would keep them for this process.
-            release_freed_memory()
+        with decoding(self.deadline):
+            try:
+                image = prepare(
+                    data,
+                    self.config.max_image_size,
+                    self.config.image_quality,
+                    max_pixels=self.max_input_pixels,
+                    expired=self.deadline.expired,
+                )
+            except ComparisonTimeout as exc:
+                raise self.deadline.timeout(exc.message) from None
+            finally:
+                # The decoder's buffers are free now, but glibc would keep them for this process.
+                release_freed_memory()
+        # A Pillow decode cannot be interrupted: a pair that ran past its deadline stops here.
+        self.deadline.check()
         return image
 
     def _key(self, sha256: str) -> CacheKey:
@@ -416,6 +486,8 @@ def failure_result(
             type=error.type,
             message=error.message,
             input="a" if failed_input == "a" else "b" if failed_input == "b" else None,
+            field=error.details.get("field"),
+            stage=error.details.get("stage") if error.status == "timeout" else None,
         ),
         vl=vl_details,
         metrics=error.details.get("metrics", {}),

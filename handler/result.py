@@ -61,6 +61,16 @@ class ErrorInfo(BaseModel):
     type: str
     message: str
     input: Literal["a", "b"] | None = Field(None, description="Which input failed, when one did.")
+    field: str | None = Field(
+        None,
+        description="The request, manifest or config field at fault, when one is (e.g. "
+        "config.ignore_regions[0]).",
+    )
+    stage: str | None = Field(
+        None,
+        description="timeout: the stage the pair was stopped in (fetch, prepare, detect, "
+        "compare, write); timings_ms holds the time spent so far.",
+    )
 
 
 class VLDetails(BaseModel):

@@ -41,6 +41,15 @@ def photos() -> dict[str, bytes]:
     }
 
 
+@pytest.fixture(scope="session")
+def huge_pair() -> tuple[bytes, bytes]:
+    """Two flat 14000 x 14000 PNGs (196 MP, ~0.6 MB each), black and white: every pixel
+    differs, so detection has to look at all of them (the issue measured 84 s)."""
+    from tests.support.png import flat_png
+
+    return flat_png(14_000, 14_000, 0), flat_png(14_000, 14_000, 255)
+
+
 @pytest.fixture
 def no_pairwatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No ``PAIRWATCH_*`` or AWS endpoint variable of the caller's shell reaches an in-process

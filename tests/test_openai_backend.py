@@ -485,7 +485,8 @@ def test_a_server_that_passes_the_probe_gets_the_answer_schema(
             be = backend(proxy.url, server.model)
             reply = be.generate(
                 Request(images=tuple(LabelledImage(*image) for image in images),
-                        prompt="Compare.", max_pixels=1, timeout_s=30, schema=answer_schema())
+                        prompt="Compare.", max_pixels=1, timeout_s=30,
+                        expires_at=time.monotonic() + 30, schema=answer_schema())
             )  # fmt: skip
             assert reply.constrained is True and reply.kind == "ok"
             assert reply.details().constrained is True

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig, IgnoreRegion
+from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop
 from handler.errors import ComparisonTimeout, InputNotFound
 from handler.images import NEUTRAL, PreparedImage
@@ -97,6 +98,7 @@ class _SlowComparator:
         *,
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
+        deadline: Deadline | None = None,
     ) -> Verdict:
         raise ComparisonTimeout(f"no answer within {config.processing_timeout} s")
 
@@ -157,6 +159,7 @@ class _CropsWanted(MetricsComparator):
         *,
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
+        deadline: Deadline | None = None,
     ) -> Verdict:
         self.crops = list(crops)
         return super().compare(a, b, config, detection=detection)

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from handler.compare import Comparator, create_comparator, resolve_concurrency
 from handler.config import ComparisonConfig, Settings
+from handler.deadline import Deadline
 from handler.errors import PairError
 from handler.logs import elapsed_ms, get_logger
 from handler.pipeline import ImageInput, compare_pair
@@ -234,6 +235,8 @@ class PairRunner:
                 self.state.comparator,
                 max_input_pixels=settings.max_input_pixels,
                 cache_mb=settings.cache_mb,
+                # Taken now: the pair's time starts with its compare slot.
+                deadline=Deadline(settings.comparison.processing_timeout),
             ).result
 
         result: ComparisonResult | None = None

@@ -29,6 +29,7 @@ from handler.aws_clients import s3_client
 from handler.bucket_jobs import BucketJobs, Delivery
 from handler.compare import Comparator
 from handler.config import Settings
+from handler.deadline import Deadline
 from handler.disposition import backoff, retry
 from handler.events import ObjectEvent, Parsed, parse_body
 from handler.logs import get_logger
@@ -138,7 +139,7 @@ class EventsEndpoint:
         filed for a look when their partner is due."""
         async with self.admission.admit() as ticket, ticket.compare():
             delivery: Delivery = await anyio.to_thread.run_sync(
-                partial(self.jobs.handle_parsed, parsed, now=time.time()), limiter=self.limiter
+                partial(self._handle, parsed), limiter=self.limiter
             )
         metrics.record_delivery(delivery, WEBHOOK_SOURCE)
         for handled in delivery.events:
@@ -150,6 +151,11 @@ class EventsEndpoint:
                 self.rechecks.clear(key)
                 self.waiting.pop(key, None)
         return delivery
+
+    def _handle(self, parsed: Parsed) -> Delivery:
+        """On a worker thread, holding a compare slot: the first pair's time starts now."""
+        deadline = Deadline(self.jobs.settings.comparison.processing_timeout)
+        return self.jobs.handle_parsed(parsed, now=time.time(), deadline=deadline)
 
     async def recheck_loop(self) -> None:
         """Look again at lone images whose partner is due (``incomplete_pair`` otherwise)."""

@@ -32,6 +32,7 @@ from PIL import Image
 
 from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
+from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop
 from handler.images import PreparedImage
 from handler.result import ComparatorInfo, Difference, Region
@@ -83,21 +84,29 @@ class MetricsComparator:
         *,
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
+        deadline: Deadline | None = None,
     ) -> Verdict:
         import imagehash
         from skimage.color import rgb2lab
         from skimage.metrics import structural_similarity
 
+        # Each metric takes milliseconds on the working size: the deadline is asked between.
+        check = deadline.check if deadline is not None else _no_deadline
         work_a, work_b = _common_size(a.image, b.image)
         grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
         rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
+        check()
         ssim, ssim_map = structural_similarity(  # type: ignore[no-untyped-call]
             grey_a, grey_b, data_range=255.0, gaussian_weights=True, sigma=1.5, full=True
         )
+        check()
         delta_e = np.linalg.norm(rgb2lab(rgb_a) - rgb2lab(rgb_b), axis=2)
+        check()
         changed_fraction = float(_changed_mask(ssim_map, delta_e).mean())
+        check()
         hash_distance = int(imagehash.phash(work_a) - imagehash.phash(work_b))
         color = _histogram_intersection(rgb_a, rgb_b)
+        check()
         metrics = {
             "ssim": round(float(np.clip(ssim, 0.0, 1.0)), 4),
             "changed_fraction": round(changed_fraction, 4),
@@ -130,6 +139,10 @@ class MetricsComparator:
             changed_regions=regions,
             metrics=metrics,
         )
+
+
+def _no_deadline() -> None:
+    """``compare`` without a deadline (a direct call): nothing to check."""
 
 
 def _detection_similarity(detection: Detection) -> float:

@@ -35,6 +35,7 @@ from handler.compare.vl.prompt import (
 from handler.compare.vl.protocol import Backend, Fault, LabelledImage, Reply, Request
 from handler.compare.vl.worker import fit_pixels
 from handler.config import ComparisonConfig, Settings
+from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop
 from handler.errors import ComparisonTimeout, ModelOutputInvalid, OutOfMemory, PairError
 from handler.images import PreparedImage
@@ -172,8 +173,13 @@ class VLComparator:
         *,
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
+        deadline: Deadline | None = None,
     ) -> Verdict:
-        metrics = self._metrics.compare(a, b, config, detection=detection)
+        """The metrics, then the model's answer by the pair's ``deadline`` (from the moment the
+        pair was taken, not from when the model gets to it; ``processing_timeout`` from now
+        without one)."""
+        deadline = deadline or Deadline(config.processing_timeout)
+        metrics = self._metrics.compare(a, b, config, detection=detection, deadline=deadline)
         skip_reason = _skip_reason(a, b, metrics.metrics, detection)
         if skip_reason is not None:
             similarity = 1.0 if skip_reason == PIXEL_IDENTICAL else metrics.similarity
@@ -186,13 +192,15 @@ class VLComparator:
                 metrics=metrics.metrics,
                 vl=VLDetails(skipped=True, skip_reason=skip_reason),
             )
-        request = self._request(a, b, config, metrics.changed_regions, crops)
+        request = self._request(a, b, config, metrics.changed_regions, crops, deadline)
         try:
             reply = self._backend.generate(request)
         except PairError as exc:
             exc.details.setdefault("metrics", metrics.metrics)
             raise
-        return self._outcome(reply, metrics, config, pictures=len(request.images))
+        return self._outcome(
+            reply, metrics, config, pictures=len(request.images), seconds=deadline.seconds
+        )
 
     def _request(
         self,
@@ -201,6 +209,7 @@ class VLComparator:
         config: ComparisonConfig,
         regions: list[Region],
         crops: Sequence[RegionCrop],
+        deadline: Deadline,
     ) -> Request:
         """The overviews as prepared, then each crop pair that fits (``plan_pictures``),
         encoded once here as JPEG at ``image_quality``; the prompt says what each crop shows."""
@@ -221,7 +230,8 @@ class VLComparator:
             images=tuple(images),
             prompt=build_prompt(config, views),
             max_pixels=plan.max_pixels,
-            timeout_s=config.processing_timeout,
+            timeout_s=deadline.seconds,
+            expires_at=deadline.expires_at_monotonic(),
             schema=self._schema,
             fault=self.fault,
         )
@@ -233,7 +243,13 @@ class VLComparator:
     # -- answers -----------------------------------------------------------------------------
 
     def _outcome(
-        self, reply: Reply, metrics: Verdict, config: ComparisonConfig, *, pictures: int
+        self,
+        reply: Reply,
+        metrics: Verdict,
+        config: ComparisonConfig,
+        *,
+        pictures: int,
+        seconds: float,
     ) -> Verdict:
         details = reply.details()
         self._log.info(
@@ -259,7 +275,8 @@ class VLComparator:
             )
         if reply.out_of_time:
             raise ComparisonTimeout(
-                f"the model did not finish its answer within {config.processing_timeout:g} s",
+                f"the model did not finish its answer within {seconds:g} s (the pair's "
+                "processing_timeout, counted from when it was taken)",
                 details=context,
             )
         try:

@@ -1,0 +1,219 @@
+"""One deadline per pair (``processing_timeout``): the ``Deadline`` itself on a hand-moved clock,
+then a real pair stopped in each stage: prepare (waiting for its turn to decode, a libvips
+shrink killed), detect (a 196 MP pair), compare (between metrics), and the runner starting the
+deadline when a worker takes the pair, not when it was offered."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from handler.compare.base import Verdict
+from handler.compare.metrics import MetricsComparator
+from handler.config import ComparisonConfig
+from handler.deadline import Deadline, current, current_or_new
+from handler.detect import Detection, RegionCrop
+from handler.disposition import Disposition, done
+from handler.errors import ComparisonTimeout
+from handler.images import PreparedImage, prepare
+from handler.pipeline import DECODE_LOCK, ImageInput, compare_pair
+from handler.vips import kill_when, pyvips
+from tests.support import scenes
+from tests.support.clock import Clock
+from watcher.runner import Runner
+from watcher.shutdown import StopFlag
+
+HUGE = 14_000  # 196 megapixels a side squared, as in the issue
+MAX_PIXELS = 200_000_000
+
+
+def test_deadline_counts_from_its_start_and_names_the_stage(clock: Clock) -> None:
+    deadline = Deadline(2.0, clock=clock)
+    deadline.enter("prepare")
+    clock.now += 1.5
+    assert deadline.remaining() == pytest.approx(0.5) and not deadline.expired()
+    deadline.enter("detect")
+    clock.now += 0.25
+    assert deadline.stage_ms() == pytest.approx(250.0)
+    clock.now += 0.25
+    with pytest.raises(ComparisonTimeout, match="stopped during detect") as raised:
+        deadline.check()
+    assert raised.value.details == {"stage": "detect"} and raised.value.status == "timeout"
+    with pytest.raises(ComparisonTimeout, match="stopped during compare"):
+        deadline.enter("compare")
+
+
+def test_a_pair_may_ask_for_less_time_never_for_more(clock: Clock) -> None:
+    deadline = Deadline(10.0, clock=clock)
+    clock.now += 1.0
+    assert deadline.capped(60.0) is deadline
+    shorter = deadline.capped(3.0)
+    assert shorter.remaining() == pytest.approx(2.0)  # from the same start
+    assert deadline.renewed().remaining() == pytest.approx(10.0)  # the next pair: from now
+    clock.now += 8.5
+    grace = deadline.extended(5.0)
+    assert grace.remaining() == pytest.approx(5.0) and deadline.remaining() == pytest.approx(0.5)
+
+
+def test_the_current_deadline_is_the_applied_one(clock: Clock) -> None:
+    deadline = Deadline(1.0, clock=clock)
+    assert current() is None and current_or_new(7.0).seconds == 7.0
+    with deadline.applied():
+        assert current() is deadline and current_or_new(7.0) is deadline
+    assert current() is None
+
+
+def _input(name: str, data: bytes) -> ImageInput:
+    return ImageInput(name, lambda: data)
+
+
+def test_a_196_megapixel_pair_under_a_1_s_deadline_stops_in_detection(
+    huge_pair: tuple[bytes, bytes],
+) -> None:
+    """The issue's pair: 84 s of detection with processing_timeout 1 came back ``ok``."""
+    started = time.monotonic()
+    outcome = compare_pair(
+        "huge",
+        _input("a.png", huge_pair[0]),
+        _input("b.png", huge_pair[1]),
+        ComparisonConfig(processing_timeout=1),
+        MetricsComparator(),
+        max_input_pixels=MAX_PIXELS,
+        diff_image=True,
+    )
+    took = time.monotonic() - started
+    result = outcome.result
+    assert result.status == "timeout" and result.error is not None, result.error
+    assert (result.error.type, result.error.stage) == ("timeout", "detect")
+    assert "processing_timeout (1 s)" in result.error.message
+    assert took < 2.5, f"stopped {took:.2f} s after it started"
+    # The timings so far: the inputs' headers were read, detection ran until it was stopped.
+    assert result.timings_ms["detect"] > 0 and "prepare" in result.timings_ms
+    assert result.inputs[0].original_size == (HUGE, HUGE)
+    assert outcome.diff_png is None
+    # The decode lock is free at once: the next pair is compared.
+    data = scenes.encode(scenes.photo("rocket"))
+    nxt = compare_pair(
+        "next", _input("a.jpg", data), _input("b.jpg", data), ComparisonConfig(),
+        MetricsComparator(), max_input_pixels=MAX_PIXELS,
+    )  # fmt: skip
+    assert nxt.result.status == "ok"
+
+
+def test_waiting_for_the_turn_to_decode_counts_against_the_deadline() -> None:
+    """Another pair holds the decode lock: this one times out in ``prepare`` while it waits."""
+    data = scenes.encode(scenes.photo("coffee"))
+    with DECODE_LOCK:
+        started = time.monotonic()
+        outcome = compare_pair(
+            "waiting", _input("a.jpg", data), _input("b.jpg", data),
+            ComparisonConfig(processing_timeout=0.5), MetricsComparator(),
+            max_input_pixels=MAX_PIXELS,
+        )  # fmt: skip
+        took = time.monotonic() - started
+    result = outcome.result
+    assert result.status == "timeout" and result.error is not None
+    assert result.error.stage == "prepare" and "its turn to decode" in result.error.message
+    assert 0.45 < took < 1.5
+
+
+def test_a_libvips_shrink_is_killed_once_the_deadline_passes(
+    huge_pair: tuple[bytes, bytes],
+) -> None:
+    """Work that libvips evaluates itself (no Python between its strips) stops from its own
+    ``eval`` callback: the issue's shrink of a large input, and a long blur."""
+    with pytest.raises(ComparisonTimeout):
+        prepare(huge_pair[0], (1024, 1024), 85, max_pixels=MAX_PIXELS, expired=lambda: True)
+    blurred = pyvips.Image.black(8000, 8000).gaussblur(40)
+    until = time.monotonic() + 0.3
+    kill_when(blurred, lambda: time.monotonic() > until)
+    started = time.monotonic()
+    with pytest.raises(pyvips.Error, match="killed"):
+        blurred.avg()
+    assert time.monotonic() - started < 1.5
+
+
+class _TimeFlies(MetricsComparator):
+    """The metrics comparator, during which the pair's (hand-moved) clock passes its deadline."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def compare(
+        self,
+        a: PreparedImage,
+        b: PreparedImage,
+        config: ComparisonConfig,
+        *,
+        detection: Detection | None = None,
+        crops: Sequence[RegionCrop] = (),
+        deadline: Deadline | None = None,
+    ) -> Verdict:
+        self.clock.now += 60
+        return super().compare(a, b, config, detection=detection, deadline=deadline)
+
+
+def test_the_metrics_comparator_checks_the_deadline_between_metrics(clock: Clock) -> None:
+    data = scenes.encode(scenes.photo("chelsea"))
+    outcome = compare_pair(
+        "slow-compare", _input("a.jpg", data), _input("b.jpg", data), ComparisonConfig(),
+        _TimeFlies(clock), max_input_pixels=MAX_PIXELS, deadline=Deadline(30, clock=clock),
+    )  # fmt: skip
+    result = outcome.result
+    assert result.status == "timeout" and result.error is not None
+    assert result.error.stage == "compare" and result.timings_ms["compare"] >= 60_000
+    assert {"prepare", "detect", "compare", "total"} <= set(result.timings_ms)
+
+
+class _Offered:
+    """Offers nothing itself; finished once both units of work have run."""
+
+    def __init__(self, finished: threading.Event) -> None:
+        self._finished = finished
+
+    def start(self) -> None:
+        pass
+
+    def pump(self) -> None:
+        pass
+
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def next_wait(self) -> float | None:
+        return None
+
+    def stop(self) -> None:
+        pass
+
+
+def test_the_runner_starts_the_deadline_when_a_worker_takes_the_pair() -> None:
+    """Time in the queue never counts: the second pair waited behind the first and still has
+    its whole processing_timeout when it starts."""
+    runner: Runner[str] = Runner(
+        MetricsComparator(), concurrency=1, queue_size=10, processing_timeout=5
+    )
+    seen: dict[str, tuple[float, float]] = {}
+    both = threading.Event()
+
+    def work(key: str) -> Callable[[float], Disposition]:
+        def run(queued_ms: float) -> Disposition:
+            deadline = current()
+            assert deadline is not None and deadline.seconds == 5
+            seen[key] = (queued_ms, deadline.remaining())
+            time.sleep(0.4)
+            if len(seen) == 2:
+                both.set()
+            return done()
+
+        return run
+
+    runner.offer("first", work("first"))
+    runner.offer("second", work("second"))
+    runner.run(StopFlag(), _Offered(both))
+    queued_ms, remaining = seen["second"]
+    assert queued_ms >= 350 and remaining > 4.9
