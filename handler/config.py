@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         description="S3 (watch sqs, Lambda): only keys under this prefix are pairs; manifests "
         "cannot reach outside it. watch minio/poll take it from their s3:// URL.",
     )
+    allowed_buckets: list[str] | None = Field(
+        None,
+        description="S3 (serve's webhook, watch sqs/minio/poll, Lambda): the only buckets an "
+        "event may name; events for others are rejected. Unset: any bucket the credentials "
+        "reach.",
+    )
     output_prefix: str | None = Field(None, description="S3: write results under this prefix.")
     output_bucket: str | None = Field(None, description="S3: write results to this bucket.")
     comparison: ComparisonConfig = Field(default_factory=lambda: ComparisonConfig())

@@ -1,28 +1,37 @@
 """One deadline per pair (``processing_timeout``): the ``Deadline`` itself on a hand-moved clock,
-then a real pair stopped in each stage: prepare (waiting for its turn to decode, a libvips
-shrink killed), detect (a 196 MP pair), compare (between metrics), and the runner starting the
-deadline when a worker takes the pair, not when it was offered."""
+then a real pair stopped in each stage: fetch (a slow S3 endpoint on loopback), prepare
+(waiting for its turn to decode, a libvips shrink killed), detect (a 196 MP pair), compare
+(between metrics), and the runner starting the deadline when a worker takes the pair, not when
+it was offered. (The VL model's share: tests/test_vl_comparator.py.)"""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from handler.aws_clients import s3_client
+from handler.bucket_jobs import BucketJobs
 from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
-from handler.config import ComparisonConfig
+from handler.config import ComparisonConfig, Settings
 from handler.deadline import Deadline, current, current_or_new
 from handler.detect import Detection, RegionCrop
 from handler.disposition import Disposition, done
 from handler.errors import ComparisonTimeout
+from handler.events import ObjectEvent
 from handler.images import PreparedImage, prepare
 from handler.pipeline import DECODE_LOCK, ImageInput, compare_pair
+from handler.result import ComparisonResult
 from handler.vips import kill_when, pyvips
 from tests.support import scenes
 from tests.support.clock import Clock
+from tests.support.s3_servers import aws_env, client, moto_server, unique
+from tests.support.slow_proxy import slow_proxy
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
 
@@ -217,3 +226,49 @@ def test_the_runner_starts_the_deadline_when_a_worker_takes_the_pair() -> None:
     runner.run(StopFlag(), _Offered(both))
     queued_ms, remaining = seen["second"]
     assert queued_ms >= 350 and remaining > 4.9
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[str]:
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+def _noise_jpeg(seed: int) -> bytes:
+    """About 600 KB of JPEG: a few seconds through a store that trickles 160 KB/s."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (500, 500, 3), dtype=np.uint8)
+    return scenes.encode(Image.fromarray(pixels), quality=95)
+
+
+@pytest.mark.parametrize("mode", ["trickle", "stall"])
+def test_a_slow_store_stops_the_pair_in_fetch_and_its_timeout_is_written(
+    moto: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The S3 endpoint answers GETs 16 KB every 0.1 s, or not at all: the pair stops at its
+    1 s deadline (not after the downloads, nor after the client's 20 s read timeout x 3
+    attempts), and its ``timeout`` result, stage ``fetch``, is still written."""
+    for name, value in aws_env().items():
+        monkeypatch.setenv(name, value)
+    bucket = unique("slow")
+    s3 = client("s3", moto)
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="p/a.jpg", Body=_noise_jpeg(1))
+    s3.put_object(Bucket=bucket, Key="p/b.jpg", Body=_noise_jpeg(2))
+    settings = Settings(comparison={"processing_timeout": 1.0}, diff_image=False)
+    with slow_proxy(moto) as proxy:
+        jobs = BucketJobs(settings, MetricsComparator(), s3_client(proxy.url, "us-east-1"))
+        event = ObjectEvent(bucket=bucket, key="p/b.jpg", kind="created")
+        proxy.mode = mode
+        started = time.monotonic()
+        report = jobs.handle(event, now=time.time())
+        took = time.monotonic() - started
+        proxy.mode = ""
+    (job,) = report.reports
+    assert took < 1.0 + 1.5, f"the pair took {took:.2f} s"
+    assert job.result is not None and job.result.error is not None, job
+    assert (job.result.status, job.result.error.stage) == ("timeout", "fetch")
+    assert report.disposition.is_retry  # a failure of the moment: looked at again
+    if mode == "trickle":  # (a store that never answers cannot take the result either)
+        assert job.action == "written"
+        stored = s3.get_object(Bucket=bucket, Key="p/result.json")["Body"].read()
+        assert ComparisonResult.model_validate_json(stored).status == "timeout"

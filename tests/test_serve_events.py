@@ -247,3 +247,25 @@ def test_an_oversized_event_body_is_413(server: ServeProcess) -> None:
     )
     assert answer.status_code == 413 and answer.json()["error"]["type"] == "body_too_large"
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "bucket",
+    ["pairwatch-no-such-bucket", "../../etc", "http://evil.example/x"],
+    ids=["missing", "path", "url"],
+)
+def test_an_event_for_a_missing_or_invalid_bucket_is_rejected_and_acknowledged(
+    server: ServeProcess, bucket: str
+) -> None:
+    """A permanent failure: 200 (MinIO and SeaweedFS deliver anything else again, forever),
+    logged and counted as ``rejected``; never a 500 traceback nor a 503 asking for more."""
+    answer = _post(server, minio_payload(bucket, "incoming/p/a.jpg"))
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["refused"], body["outcomes"]) == (1, [])
+    assert body["rejected"][0]["bucket"] == bucket and body["rejected"][0]["reason"]
+    rejected = [e for e in server.events("event_rejected") if e.get("bucket") == bucket]
+    assert rejected and rejected[-1]["error_type"] == "bucket_refused"
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'pairwatch_events_total{outcome="rejected",source="minio:s3"}' in metrics
+    assert "Traceback" not in server.log_path.read_text()

@@ -4,10 +4,14 @@ MinIO's webhook target, SeaweedFS's filer webhook and plain S3 event JSON are pa
 ``handler.events`` and handled by ``handler.bucket_jobs.BucketJobs``, which fetch the objects
 from the configured S3 endpoint and write the results back. The answer waits for the pairs:
 
-* 200 — every record is done, refused for good (a hostile key), or recorded for a later look
-  (a lone image: it is looked at again when its ``pair_timeout`` is up, in memory);
+* 200 — every record is done, refused for good, or recorded for a later look (a lone image:
+  it is looked at again when its ``pair_timeout`` is up, in memory). Refused for good (a
+  hostile key; a bucket that is not a bucket name, not in ``allowed_buckets`` or missing) is
+  logged (``event_rejected``), counted (``pairwatch_events_total{outcome="rejected"}``) and
+  *acknowledged*: MinIO and SeaweedFS deliver again whatever is not answered 2xx, forever with
+  MinIO's ``queue_dir``, so a 4xx or 5xx would only repeat it;
 * 503 with ``Retry-After`` — a record may succeed later (a manifest whose images are on their
-  way, throttling, an unwritable result): the sender delivers it again (MinIO's ``queue_dir``);
+  way, throttling, an unwritable result, a pair out of time): the sender delivers it again;
 * 400 malformed, 401 wrong or missing token, 413 body too large, 429 busy.
 """
 
@@ -183,12 +187,21 @@ async def _read_capped(stream: AsyncIterator[bytes], limit: int) -> bytes:
 
 def _summary(delivery: Delivery, parsed: Parsed) -> dict[str, Any]:
     handled = [r for r in delivery.events if not r.disposition.is_reject]
+    refused = [r for r in delivery.events if r.disposition.is_reject]
     return {
         "events": len(parsed.events),
         "malformed": len(parsed.errors),
-        "refused": len(parsed.events) - len(handled),
+        "refused": len(refused),
         "outcomes": [
             {"bucket": r.event.bucket, "key": r.event.key, "outcome": metrics.event_outcome(r)}
             for r in handled
+        ],
+        "rejected": [
+            {
+                "bucket": r.event.bucket[:100],
+                "key": r.event.key[:300],
+                "reason": r.disposition.reason,
+            }
+            for r in refused
         ],
     }
