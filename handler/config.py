@@ -189,6 +189,14 @@ class Settings(BaseSettings):
     )
     serve_host: str = Field("127.0.0.1", description="pairwatch serve: address to listen on.")
     serve_port: int = Field(8080, ge=0, le=65535, description="pairwatch serve: TCP port.")
+    upload_idle_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="pairwatch serve: seconds a client may leave a request waiting (its head, "
+        "or the next bytes of its body) before it is answered 408 and closed; each such "
+        "stretch of a body must also bring 1 KiB/s.",
+    )
     events_token: SecretStr | None = Field(
         None,
         description="pairwatch serve: bearer token POST /v1/events requires (unset: disabled).",
@@ -315,6 +323,14 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as exc:
         raise ConfigFileError(format_validation_error(exc)) from exc
     return loaded
+
+
+def error_field(exc: ValidationError, prefix: str = "") -> str:
+    """The first invalid field, as results and answers name it: ``config.ignore_regions[0]``."""
+    path = prefix
+    for part in exc.errors()[0]["loc"] if exc.errors() else ():
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or prefix or "config"
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -363,9 +363,11 @@ def check_ignore_regions(
     width, height = size_a
     for index, box in enumerate(ignore):
         if box.x + box.width > width or box.y + box.height > height:
+            field = f"config.ignore_regions[{index}]"
             raise InvalidManifest(
-                f"config.ignore_regions[{index}] (x={box.x}, y={box.y}, {box.width}x{box.height})"
-                f" reaches outside image A ({width}x{height})"
+                f"{field} (x={box.x}, y={box.y}, {box.width}x{box.height})"
+                f" reaches outside image A ({width}x{height})",
+                details={"field": field},
             )
 
 

@@ -33,12 +33,13 @@ from watcher import metrics
 from watcher.serve_admission import Admission, Busy, Ticket
 from watcher.serve_compat import (
     CompatRequestError,
+    InvalidConfig,
     apply_overrides,
     compat_config,
     compat_envelope,
     compat_status,
 )
-from watcher.serve_connection import Connection
+from watcher.serve_connection import Connection, UploadStalled
 from watcher.serve_events import EventsEndpoint
 from watcher.serve_readiness import EngineCheck, Readiness
 from watcher.serve_responses import error_response
@@ -52,7 +53,8 @@ from watcher.serve_uploads import (
     safe_filename,
 )
 
-#: Error types that mean "the inputs were the problem" (422 on /v1/compare, 400 on /compare).
+#: Error types that mean "the client's request was the problem": its inputs, or its config
+#: (an ignore box outside image A) - 422 on /v1/compare, 400 on /compare.
 INPUT_ERROR_TYPES = frozenset(
     {
         "invalid_image",
@@ -61,6 +63,7 @@ INPUT_ERROR_TYPES = frozenset(
         "input_not_found",
         "input_unreadable",
         "path_outside_root",
+        "invalid_manifest",
     }
 )
 MAX_PAIR_ID_CHARS = 200
@@ -69,13 +72,15 @@ TWO_FILES_MESSAGE = "exactly two files are required"
 
 
 class RequestError(Exception):
-    """A request this server cannot act on: answered ``status`` with a JSON error."""
+    """A request this server cannot act on: answered ``status`` with a JSON error (naming the
+    ``field`` at fault, for a 422)."""
 
-    def __init__(self, status: int, type_: str, message: str) -> None:
+    def __init__(self, status: int, type_: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.type = type_
         self.message = message
+        self.field = field
 
 
 class _ClientGone(PairError):
@@ -116,25 +121,30 @@ def check_pair_id(raw: str | None) -> str:
         return f"http-{uuid.uuid4().hex[:12]}"
     if len(raw) > MAX_PAIR_ID_CHARS or not raw.isprintable():
         raise RequestError(
-            400, "bad_request", f"pair_id must be 1-{MAX_PAIR_ID_CHARS} printable characters"
+            422,
+            "invalid_field",
+            f"pair_id must be 1-{MAX_PAIR_ID_CHARS} printable characters",
+            "pair_id",
         )
     return raw
 
 
 def v1_config(raw: str | None, base: ComparisonConfig) -> ComparisonConfig:
-    """``config`` form field: JSON of ``ComparisonConfig`` fields over the deployment's own."""
+    """``config`` form field: JSON of ``ComparisonConfig`` fields over the deployment's own.
+    A mistake in it is a 422 naming the field (``config.image_quality``)."""
     if raw is None or raw.strip() == "":
         return base
     try:
         overrides = json.loads(raw)
     except ValueError as exc:
-        raise RequestError(400, "bad_request", f"config is not valid JSON: {exc}") from None
+        message = f"config is not valid JSON: {exc}"
+        raise RequestError(422, "invalid_config", message, "config") from None
     if not isinstance(overrides, dict):
-        raise RequestError(400, "bad_request", "config must be a JSON object")
+        raise RequestError(422, "invalid_config", "config must be a JSON object", "config")
     try:
         return apply_overrides(base, overrides)
-    except ValueError as exc:
-        raise RequestError(400, "bad_request", str(exc)) from None
+    except InvalidConfig as exc:
+        raise RequestError(422, "invalid_config", str(exc), exc.field) from None
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,8 @@ class Refusal:
     type: str
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+    #: The request field at fault (a 422).
+    field: str | None = None
 
 
 #: Turns a parsed form into a ``PairRequest``; raises ``RequestError`` for a bad one.
@@ -172,10 +184,12 @@ class PairRunner:
     ) -> ComparisonResult | Refusal | None:
         """The result, a ``Refusal`` (busy, too large, malformed; ``two_files`` is the message
         for a form with more than two files), or None when the client is gone."""
-        connection = Connection(request.receive)
+        connection = Connection(request.receive, self.state.settings.upload_idle_timeout)
         try:
             async with self.state.admission.admit() as ticket:
-                if not await connection.wait_unless_gone(ticket.read_body):
+                # Only a client that is sending waits for a body slot (see serve_connection).
+                ready = await connection.ready_to_read()
+                if not ready or not await connection.wait_unless_gone(ticket.read_body):
                     get_logger().warning("client_disconnected", stage="queue")
                     return None
                 started = time.perf_counter()
@@ -198,12 +212,16 @@ class PairRunner:
             # Connection: close makes uvicorn drop the connection after answering instead of
             # reading (and discarding) the rest of the upload.
             return Refusal(413, "upload_too_large", str(exc), {"Connection": "close"})
+        except UploadStalled as exc:
+            get_logger().warning("upload_refused", reason="too slow", error=str(exc))
+            # Closed after the answer: whatever the client still sends is not waited for.
+            return Refusal(408, "upload_timeout", str(exc), {"Connection": "close"})
         except TooManyFiles:
-            return Refusal(400, "bad_request", two_files)
+            return Refusal(400, "bad_request", two_files, {"Connection": "close"})
         except MalformedUpload as exc:
-            return Refusal(400, "bad_request", str(exc))
+            return Refusal(400, "bad_request", str(exc), {"Connection": "close"})
         except RequestError as exc:
-            return Refusal(exc.status, exc.type, exc.message)
+            return Refusal(exc.status, exc.type, exc.message, field=exc.field)
         except ClientDisconnect:
             get_logger().warning("client_disconnected", stage="upload")
             return None
@@ -364,12 +382,15 @@ def create_app(
         engine = None
         if chosen.info.backend == "openai" and settings.vl_endpoint:
             engine = EngineCheck(settings.vl_endpoint, settings.vl_api_key)
-        state = ServeState(
-            settings,
+        admission = Admission(concurrency, settings.queue_size)
+        readiness = Readiness(
             chosen,
-            Admission(concurrency, settings.queue_size),
-            anyio.CapacityLimiter(concurrency),
-            Readiness(chosen, engine),
+            engine,
+            stalled_s=admission.stalled_s,
+            processing_timeout=settings.comparison.processing_timeout,
+        )
+        state = ServeState(
+            settings, chosen, admission, anyio.CapacityLimiter(concurrency), readiness
         )
         if settings.events_token is not None:
             state.events = EventsEndpoint.build(
@@ -414,7 +435,13 @@ def create_app(
         busy."""
         outcome = await PairRunner(state()).handle(request, _v1_request, "give two files, a and b")
         if isinstance(outcome, Refusal):
-            return error_response(outcome.status, outcome.type, outcome.message, **outcome.headers)
+            return error_response(
+                outcome.status,
+                outcome.type,
+                outcome.message,
+                field=outcome.field,
+                **outcome.headers,
+            )
         if outcome is None:
             return Response(status_code=400)  # nobody is listening any more
         # pydantic's own serializer: the result is written once, without a dict in between.

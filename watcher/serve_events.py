@@ -12,7 +12,8 @@ from the configured S3 endpoint and write the results back. The answer waits for
   MinIO's ``queue_dir``, so a 4xx or 5xx would only repeat it;
 * 503 with ``Retry-After`` — a record may succeed later (a manifest whose images are on their
   way, throttling, an unwritable result, a pair out of time): the sender delivers it again;
-* 400 malformed, 401 wrong or missing token, 413 body too large, 429 busy.
+* 400 malformed, 401 wrong or missing token, 408 a body that stalls (``upload_idle_timeout``),
+  413 body too large, 429 busy.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from handler.pairs import normalise_prefix
 from watcher import metrics
 from watcher.rechecks import Rechecks
 from watcher.serve_admission import Admission, Busy
+from watcher.serve_connection import Connection, UploadStalled
 from watcher.serve_responses import error_response
 
 #: A notification is a few KB; MinIO batches nothing into one webhook request.
@@ -105,8 +107,12 @@ class EventsEndpoint:
                 "missing or wrong bearer token",
                 **{"WWW-Authenticate": "Bearer"},
             )
+        connection = Connection(request.receive, self.jobs.settings.upload_idle_timeout)
         try:
-            body = await _read_capped(request.stream(), MAX_EVENT_BYTES)
+            body = await _read_capped(connection.stream(), MAX_EVENT_BYTES)
+        except UploadStalled as exc:
+            log.warning("event_refused", reason="too slow", error=str(exc))
+            return error_response(408, "upload_timeout", str(exc), Connection="close")
         except BodyTooLarge:
             return error_response(
                 413,
