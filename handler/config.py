@@ -12,6 +12,7 @@ import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -238,17 +239,45 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("events_token", "vl_api_key")
+    @classmethod
+    def _secret_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        """An empty secret is a mistake, never "no authentication" (an empty
+        ``PAIRWATCH_EVENTS_TOKEN`` once opened the webhook to anyone): unset it instead."""
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty: give a secret, or leave the setting unset")
+        return value
+
+    @field_validator("vl_endpoint")
+    @classmethod
+    def _endpoint_without_credentials(cls, value: str | None) -> str | None:
+        """Credentials in the URL would be sent as Basic auth instead of the API key (and shown
+        wherever the URL is): refused, so that every request carries the same bearer key."""
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if "@" in parts.netloc:
+            raise ValueError(
+                "credentials in the URL are not used: put the key in vl_api_key or a key file "
+                "(vl_api_key_file)"
+            )
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s)://HOST[:PORT]/PATH URL")
+        return value
+
     @model_validator(mode="after")
     def _api_key_from_file(self) -> Settings:
         """A key file (a mounted secret) fills ``vl_api_key`` unless the key is given itself."""
         if self.vl_api_key is None and self.vl_api_key_file is not None:
-            self.vl_api_key = SecretStr(read_secret_file(self.vl_api_key_file))
+            self.vl_api_key = SecretStr(read_secret_file(self.vl_api_key_file, "vl_api_key_file"))
         return self
 
     @model_validator(mode="after")
     def _read_events_token_file(self) -> Settings:
         if self.events_token is None and self.events_token_file is not None:
-            self.events_token = SecretStr(read_secret_file(self.events_token_file))
+            self.events_token = SecretStr(
+                read_secret_file(self.events_token_file, "events_token_file")
+            )
         return self
 
     @classmethod
@@ -276,14 +305,15 @@ class ConfigFileError(ValueError):
     """The ``--config`` file is missing, unparseable or holds invalid values."""
 
 
-def read_secret_file(path: Path) -> str:
-    """A secret from a mounted file (Kubernetes/Docker secrets): stripped, never empty."""
+def read_secret_file(path: Path, setting: str) -> str:
+    """A secret from a mounted file (Kubernetes/Docker secrets): stripped, never empty.
+    ``setting`` names the setting in the error."""
     try:
         secret = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read secret file {path}: {exc}") from exc
+        raise ValueError(f"{setting}: cannot read secret file {path}: {exc}") from exc
     if not secret:
-        raise ValueError(f"secret file {path} is empty")
+        raise ValueError(f"{setting}: secret file {path} is empty")
     return secret
 
 
