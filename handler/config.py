@@ -11,7 +11,7 @@ import importlib.util
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -130,11 +131,11 @@ class Settings(BaseSettings):
         description="S3 (watch sqs, Lambda): only keys under this prefix are pairs; manifests "
         "cannot reach outside it. watch minio/poll take it from their s3:// URL.",
     )
-    allowed_buckets: list[str] | None = Field(
+    allowed_buckets: Annotated[list[str] | None, NoDecode] = Field(
         None,
         description="S3 (serve's webhook, watch sqs/minio/poll, Lambda): the only buckets an "
         "event may name; events for others are rejected. Unset: any bucket the credentials "
-        "reach.",
+        "reach. In the environment: comma-separated or a JSON list.",
     )
     output_prefix: str | None = Field(None, description="S3: write results under this prefix.")
     output_bucket: str | None = Field(None, description="S3: write results to this bucket.")
@@ -238,6 +239,36 @@ class Settings(BaseSettings):
                 f"pip install 'pairwatch[vl]' (missing: {', '.join(missing)})"
             )
         return self
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _bucket_list(cls, value: Any) -> Any:
+        """``a,b`` or ``["a","b"]`` from the environment; a list from a file or a flag."""
+        if isinstance(value, str):
+            text = value.strip()
+            return (
+                json.loads(text)
+                if text.startswith("[")
+                else [name.strip() for name in text.split(",") if name.strip()]
+            )
+        return value
+
+    @field_validator("allowed_buckets")
+    @classmethod
+    def _bucket_names(cls, value: list[str] | None) -> list[str] | None:
+        """Each a bucket name; an empty list would refuse everything: leave it unset instead."""
+        if value is None:
+            return value
+        from handler.s3_storage import BucketRefused, check_bucket
+
+        if not value:
+            raise ValueError("is empty: name the buckets, or leave it unset for any bucket")
+        for name in value:
+            try:
+                check_bucket(name)
+            except BucketRefused as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("events_token", "vl_api_key")
     @classmethod

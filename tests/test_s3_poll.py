@@ -200,3 +200,28 @@ def test_unwritable_output_is_retried_with_backoff(
     ]
     assert sorted(scheduled) == [("p/a.jpg", 1, 5.0), ("p/b.jpg", 1, 5.0)]
     assert result_of(s3, bucket, "p/result.json") is None
+
+
+@pytest.mark.usefixtures("no_pairwatch_env")
+def test_a_bucket_outside_allowed_buckets_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused before a client or the comparator is built: no server is needed."""
+    monkeypatch.setenv("PAIRWATCH_ALLOWED_BUCKETS", "photos,shots")
+    assert main(["watch", "poll", "s3://private/in", "--endpoint-url", "http://127.0.0.1:9"]) == 2
+    assert "bucket 'private' is not in allowed_buckets (photos, shots)" in capsys.readouterr().err
+
+
+def test_poll_works_on_an_allowed_bucket(endpoint: str, jpeg: tuple[bytes, bytes]) -> None:
+    s3 = client("s3", endpoint)
+    bucket = unique("allowed")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="p/a.jpg", Body=jpeg[0])
+    s3.put_object(Bucket=bucket, Key="p/b.jpg", Body=jpeg[1])
+    proc = pairwatch(
+        "watch", "poll", f"s3://{bucket}", "--once", endpoint=endpoint,
+        PAIRWATCH_ALLOWED_BUCKETS=f"elsewhere,{bucket}",
+    )  # fmt: skip
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert (result_of(s3, bucket, "p/result.json") or {}).get("status") == "ok"
