@@ -12,8 +12,13 @@ acts on:
   or a *final* failure is written (a bad image, a bad manifest, ``incomplete_pair``...);
 * ``retry``: a failure of the moment (``RETRYABLE_ERROR_TYPES``: the error result is written
   so that users see the state, but it never counts as final), the store unavailable, the result
-  unwritable, the pair busy in another process, or a lone image (``at`` = when its partner is
-  due, ``incomplete_pair`` then) or a manifest whose images have not all arrived;
+  unwritable for the moment (a full disk, a read-only remount, a throttled store), the pair
+  busy in another process, or a lone image (``at`` = when its partner is due,
+  ``incomplete_pair`` then) or a manifest whose images have not all arrived;
+* and two ends decided once: a pair whose folder (or inputs) vanished while it was compared is
+  ``done`` (``pair_vanished``: nothing is left to answer); a result the process may not write
+  (a folder's or a bucket's permissions) is ``done`` too, logged as a final
+  ``output_unwritable`` failure: comparing it again would meet the same refusal;
 * ``reject`` is decided by the sources (a hostile key, a malformed event): a job never rejects.
 
 Time: one ``handler.deadline.Deadline`` per pair (``processing_timeout``, the deployment's a
@@ -84,9 +89,12 @@ WRITE_GRACE_S = 5.0
 #: What a job did: ``written`` a new result (ok or error) · ``skipped`` the existing result
 #: already answers (``result`` is that one) · ``waiting`` a lone image within ``pair_timeout``
 #: · ``none`` not a pair (empty folder, manifest gone, a folder holding manifests) ·
-#: ``unwritable`` compared, but the result could not be stored · ``busy`` the pair is in hand
-#: in another process · ``unavailable`` the store failed for the moment.
-Action = Literal["written", "skipped", "waiting", "none", "unwritable", "busy", "unavailable"]
+#: ``unwritable`` compared, but the result could not be stored · ``vanished`` its folder or
+#: inputs were removed while it was compared · ``busy`` the pair is in hand in another process
+#: · ``unavailable`` the store failed for the moment.
+Action = Literal[
+    "written", "skipped", "waiting", "none", "unwritable", "vanished", "busy", "unavailable"
+]
 
 
 @dataclass(frozen=True)
@@ -487,15 +495,7 @@ def _write(
             storage.write_atomic(spec.result_path, text)
     # PydanticSerializationError: non-UTF-8 names.
     except (OSError, PairError, StorageUnavailable, PydanticSerializationError) as exc:
-        log.error(
-            "pair_failed",
-            error_type="output_unwritable",
-            error=str(exc),
-            path=spec.result_path,
-            duration_ms=elapsed_ms(started),
-        )
-        retry = disposition.retry(f"result unwritable: {exc}")
-        return JobReport(spec, "unwritable", retry, result, plan.inputs, stages)
+        return _unwritten(storage, plan, result, exc, started, log, stages)
     stages["write"] = time.perf_counter() - write_start
     log.info(
         "result_written",
@@ -507,3 +507,49 @@ def _write(
         duration_ms=elapsed_ms(started),
     )
     return _report(plan, "written", result, settings, now, stages)
+
+
+def _unwritten(
+    storage: PairStorage,
+    plan: Plan,
+    result: ComparisonResult,
+    exc: Exception,
+    started: float,
+    log: Any,
+    stages: dict[str, float],
+) -> JobReport:
+    """A result that could not be stored: vanished, final (no permission) or to retry."""
+    spec = plan.spec
+    if isinstance(exc, FileNotFoundError) and _vanished(storage, plan):
+        log.info("pair_vanished", path=spec.result_path, reason="removed while it was compared")
+        return JobReport(spec, "vanished", disposition.done("pair vanished"), None, plan.inputs)
+    final = isinstance(exc, PermissionError)
+    log.error(
+        "pair_failed",
+        error_type="output_unwritable",
+        error=str(exc),
+        path=spec.result_path,
+        final=final,
+        duration_ms=elapsed_ms(started),
+    )
+    fate = (
+        disposition.done(f"final failure: result not writable ({exc})")
+        if final
+        else disposition.retry(f"result unwritable: {exc}")
+    )
+    return JobReport(spec, "unwritable", fate, result, plan.inputs, stages)
+
+
+def _vanished(storage: PairStorage, plan: Plan) -> bool:
+    """None of the pair's files is there any more (its folder was removed)."""
+    if not plan.files:
+        return False
+    for path in plan.files:
+        try:
+            storage.landed_at(path)
+        except InputNotFound:
+            continue
+        except PairError:
+            return False
+        return False
+    return True

@@ -7,7 +7,9 @@ What differs from a folder, and is handled here:
   single byte is downloaded, and the GET carries ``If-Match`` on the HEAD's ETag, so what is
   compared is exactly the version whose ETag the result records. Bodies are streamed into
   memory in chunks (never into temp files) and cut off at the limit whatever the server claims.
-* Results are written with a conditional PUT: ``If-None-Match: *`` where no result was seen,
+* A result the credentials may not write (``AccessDenied``) raises ``PermissionError``, as a
+  local folder's does: final for the pair (see ``handler.jobs``), never compared again and
+  again. Results are written with a conditional PUT: ``If-None-Match: *`` where no result was seen,
   ``If-Match`` on the seen result's ETag otherwise. Two workers racing on one pair therefore
   cannot both write; the loser gets ``ResultConflict`` and treats the pair as done.
 * Errors are translated here, at the edge: missing and forbidden objects become ``PairError``s
@@ -277,6 +279,9 @@ class S3Storage:
             if _is(exc, _PRECONDITION):
                 raise ResultConflict(f"{key}: another worker wrote it first") from None
             reason = f"cannot write s3://{bucket}/{key}: {error_code(exc)}"
+            if _is(exc, _DENIED):
+                # As a local folder's: the job treats it as final for the pair (no re-compare).
+                raise PermissionError(reason) from None
             raise StorageUnavailable(reason) from None
         except BotoCoreError as exc:
             raise _unreachable(exc, relative) from None

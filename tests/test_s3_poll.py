@@ -18,7 +18,15 @@ import pytest
 
 from tests.support import scenes
 from tests.support.logs import json_event, json_events
-from tests.support.s3_servers import ROOT, aws_env, client, seaweedfs_server, unique
+from tests.support.s3_servers import (
+    READER_KEY,
+    READER_SECRET,
+    ROOT,
+    aws_env,
+    client,
+    seaweedfs_server,
+    unique,
+)
 from tests.support.waiting import wait_for
 from watcher.cli import main
 
@@ -225,3 +233,37 @@ def test_poll_works_on_an_allowed_bucket(endpoint: str, jpeg: tuple[bytes, bytes
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr[-3000:]
     assert (result_of(s3, bucket, "p/result.json") or {}).get("status") == "ok"
+
+
+def test_a_bucket_the_credentials_may_not_write_is_a_final_failure_per_pair(
+    endpoint: str, jpeg: tuple[bytes, bytes]
+) -> None:
+    """SeaweedFS refuses the reader identity's PUT (AccessDenied): each key's job compares and
+    gives up for good (``final``), no retry comes back to compare it again."""
+    s3 = client("s3", endpoint)
+    bucket = unique("readonly")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="p/a.jpg", Body=jpeg[0])
+    s3.put_object(Bucket=bucket, Key="p/b.jpg", Body=jpeg[1])
+    proc = pairwatch(
+        "watch", "poll", f"s3://{bucket}", "--interval", "0.1", endpoint=endpoint,
+        AWS_ACCESS_KEY_ID=READER_KEY, AWS_SECRET_ACCESS_KEY=READER_SECRET,
+    )  # fmt: skip
+    lines: list[dict[str, Any]] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if (event := json_event(line)) is not None:
+                lines.append(event)
+            if sum(e["event"] == "poll_pass" for e in lines) > 20:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=30)
+    assert proc.returncode == 0, rest[-3000:]
+    failed = [e for e in lines if e.get("error_type") == "output_unwritable"]
+    assert [e["final"] for e in failed] == [True, True], lines[-20:]
+    assert "AccessDenied" in failed[0]["error"]
+    assert sum(e["event"] == "pair_compared" for e in lines) == 2  # one per key, then done
+    assert not [e for e in lines if e["event"] == "retry_scheduled"]
+    assert result_of(s3, bucket, "p/result.json") is None
