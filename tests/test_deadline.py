@@ -6,9 +6,11 @@ it was offered. (The VL model's share: tests/test_vl_comparator.py.)"""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +34,7 @@ from tests.support import scenes
 from tests.support.clock import Clock
 from tests.support.s3_servers import aws_env, client, moto_server, unique
 from tests.support.slow_proxy import slow_proxy
+from tests.support.watch_run import age, watch_once
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
 
@@ -272,3 +275,39 @@ def test_a_slow_store_stops_the_pair_in_fetch_and_its_timeout_is_written(
         assert job.action == "written"
         stored = s3.get_object(Bucket=bucket, Key="p/result.json")["Body"].read()
         assert ComparisonResult.model_validate_json(stored).status == "timeout"
+
+
+def test_the_folder_watcher_holds_every_pair_to_the_deployments_deadline(
+    tmp_path: Path, huge_pair: tuple[bytes, bytes]
+) -> None:
+    """``pairwatch watch --once`` with processing_timeout 1: the 196 MP folder pair times out in
+    detection, so does a manifest of it asking for 600 s (a pair may ask for less time, never
+    more), and the small pair queued behind them is compared."""
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "a.png").write_bytes(huge_pair[0])
+    (tmp_path / "big" / "b.png").write_bytes(huge_pair[1])
+    (tmp_path / "jobs").mkdir()
+    manifest = {"a": "../big/a.png", "b": "../big/b.png", "config": {"processing_timeout": 600}}
+    (tmp_path / "jobs" / "asks-more.pair.json").write_text(json.dumps(manifest))
+    small = scenes.encode(scenes.photo("rocket").resize((96, 96)))
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "a.jpg").write_bytes(small)
+    (tmp_path / "small" / "b.jpg").write_bytes(small)
+    age(tmp_path)
+    config = tmp_path.parent / f"{tmp_path.name}.toml"
+    config.write_text("diff_image = false\n[comparison]\nprocessing_timeout = 1\n")
+
+    started = time.monotonic()
+    run = watch_once(tmp_path, "--config", str(config))
+    took = time.monotonic() - started
+
+    assert run.returncode == 1, run.stderr[-3000:]  # two pairs failed (timed out)
+    for path in ("big/result.json", "jobs/asks-more.result.json"):
+        result = ComparisonResult.model_validate_json((tmp_path / path).read_bytes())
+        assert result.status == "timeout" and result.error is not None, path
+        assert result.error.stage == "detect" and "(1 s)" in result.error.message, path
+    small_result = ComparisonResult.model_validate_json(
+        (tmp_path / "small/result.json").read_bytes()
+    )
+    assert small_result.status == "ok"
+    assert took < 20, f"{took:.1f} s"
