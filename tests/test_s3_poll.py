@@ -64,6 +64,24 @@ def pairwatch(*args: str, endpoint: str, **env: str) -> subprocess.Popen[str]:
     )
 
 
+def _listings(proc: subprocess.Popen[str], passes: int) -> list[dict[str, Any]]:
+    """The log events of a running ``watch poll`` until ``passes`` listings went by; then it is
+    stopped (SIGTERM) and must have exited 0."""
+    lines: list[dict[str, Any]] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if (event := json_event(line)) is not None:
+                lines.append(event)
+            if sum(e["event"] == "poll_pass" for e in lines) > passes:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=30)
+    assert proc.returncode == 0, rest[-3000:]
+    return lines
+
+
 def result_of(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
     try:
         return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())  # type: ignore[no-any-return]
@@ -187,19 +205,8 @@ def test_unwritable_output_is_retried_with_backoff(
         "watch", "poll", f"s3://{bucket}", "--interval", "0.1",
         endpoint=endpoint, PAIRWATCH_OUTPUT_BUCKET="Not_A_Valid_Bucket",
     )  # fmt: skip
-    lines: list[dict[str, Any]] = []
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if (event := json_event(line)) is not None:
-                lines.append(event)
-            # 20 listings after the failing one (about 2 s): none of them retried it.
-            if sum(e["event"] == "poll_pass" for e in lines) > 20:
-                break
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, rest = proc.communicate(timeout=30)
-    assert proc.returncode == 0, rest[-3000:]
+    # 20 listings after the failing one (about 2 s): none of them retried it.
+    lines = _listings(proc, 20)
     failed = [e for e in lines if e.get("error_type") == "output_unwritable"]
     assert len(failed) == 2, lines[-20:]
     assert sum(e["event"] == "pair_compared" for e in lines) == 2
@@ -249,18 +256,7 @@ def test_a_bucket_the_credentials_may_not_write_is_a_final_failure_per_pair(
         "watch", "poll", f"s3://{bucket}", "--interval", "0.1", endpoint=endpoint,
         AWS_ACCESS_KEY_ID=READER_KEY, AWS_SECRET_ACCESS_KEY=READER_SECRET,
     )  # fmt: skip
-    lines: list[dict[str, Any]] = []
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if (event := json_event(line)) is not None:
-                lines.append(event)
-            if sum(e["event"] == "poll_pass" for e in lines) > 20:
-                break
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, rest = proc.communicate(timeout=30)
-    assert proc.returncode == 0, rest[-3000:]
+    lines = _listings(proc, 20)
     failed = [e for e in lines if e.get("error_type") == "output_unwritable"]
     assert [e["final"] for e in failed] == [True, True], lines[-20:]
     assert "AccessDenied" in failed[0]["error"]

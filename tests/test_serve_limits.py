@@ -21,6 +21,7 @@ import pytest
 from handler.compare.metrics import MetricsComparator
 from tests.support import scenes
 from tests.support.clock import Clock
+from tests.support.multipart import form_body
 from tests.support.serve_process import ServeProcess, serve_process
 from watcher.serve_admission import Admission
 from watcher.serve_readiness import STUCK_GRACE_S, Readiness
@@ -43,23 +44,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
 def photos() -> tuple[bytes, bytes]:
     img = scenes.photo("coffee")
     return scenes.encode(img), scenes.pasted_object(img)
-
-
-def _form(a: bytes, b: bytes, boundary: str = BOUNDARY, **fields: str) -> bytes:
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    ]
-    for name, data in (("a", a), ("b", b)):
-        parts.append(
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
-                f'filename="{name}.png"\r\n\r\n'
-            ).encode()
-            + data
-            + b"\r\n"
-        )
-    return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
 
 def _head(length: int, boundary: str = BOUNDARY) -> bytes:
@@ -100,7 +84,7 @@ def test_stalled_uploads_and_heads_cannot_keep_a_normal_upload_waiting(
     head: the normal upload behind them is answered within a few seconds of its own compare
     time (the issue: 40-60 s, the two body slots held forever), and every stalled client is
     answered 408 and closed after ``upload_idle_timeout``."""
-    body = _form(*photos)
+    body = form_body(*photos, BOUNDARY)
     alone = time.monotonic()
     assert _v1(server, *photos).status_code == 200
     compare_s = time.monotonic() - alone
@@ -139,7 +123,7 @@ def test_an_upload_below_the_minimum_rate_is_cut_off(
     server: ServeProcess, photos: tuple[bytes, bytes]
 ) -> None:
     """A byte every 0.2 s never looks idle, but brings too little per ``upload_idle_timeout``."""
-    body = _form(*photos)
+    body = form_body(*photos, BOUNDARY)
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     sock.sendall(_head(len(body)) + body[: 64 * 1024])  # a real start: it gets its body slot
     started = time.monotonic()
@@ -177,7 +161,7 @@ def test_a_boundary_too_long_for_the_parser_is_400_and_the_connection_carries_on
     with httpx.Client(base_url=server.url, timeout=30) as client:
         answer = client.post(
             "/v1/compare",
-            content=_form(*photos, boundary=boundary),
+            content=form_body(*photos, boundary),
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
         assert answer.status_code == 400, answer.text
@@ -186,7 +170,7 @@ def test_a_boundary_too_long_for_the_parser_is_400_and_the_connection_carries_on
         assert client.get("/healthz").status_code == 200  # the same client, next request
         compat = client.post(
             "/compare",
-            content=_form(*photos, boundary=boundary).replace(b'name="a"', b'name="files"'),
+            content=form_body(*photos, boundary).replace(b'name="a"', b'name="files"'),
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
         assert compat.status_code == 400 and compat.json()["code"] == 400
