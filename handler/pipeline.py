@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 
 from handler.compare.base import Comparator
 from handler.config import ComparisonConfig
-from handler.deadline import Deadline
+from handler.deadline import Deadline, current
 from handler.detect import Detection, RegionCrop, cut_crops, detect
 from handler.errors import ComparisonTimeout, PairError
 from handler.images import (
@@ -92,11 +92,11 @@ def compare_pair(
     With ``diff_image`` the outcome carries a PNG (``handler.diff_image``) whenever both images
     were prepared, failed comparisons included (not a timed-out one: its time is up); the
     caller names and writes it. ``cache_mb`` sizes the process's cache of prepared images (0:
-    none). ``deadline`` is the pair's, started by whoever took the pair (a new one of
-    ``config.processing_timeout`` from now when None); ``config`` may only shorten it.
+    none). ``deadline`` is the pair's, started by whoever took the pair (else the thread's
+    current one, else ``config.processing_timeout`` from now); ``config`` may only shorten it.
     """
     log = get_logger(pair_id=pair_id)
-    deadline = pair_deadline(deadline, config)
+    deadline = pair_deadline(deadline or current(), config)
     started = time.perf_counter()
     infos = [InputInfo(name=a.name, etag=a.etag), InputInfo(name=b.name, etag=b.etag)]
     timings: dict[str, float] = {}
@@ -108,51 +108,48 @@ def compare_pair(
         config, max_input_pixels, process_cache(cache_mb), timings, log, deadline
     )
     try:
-        with deadline.applied():
-            encoded: list[bytes] = []
-            started_inputs: list[PreparedImage | InputHeader] = []
-            for source, info in zip((a, b), infos, strict=True):
-                failed = "a" if not encoded else "b"
-                deadline.enter("fetch")
-                encoded.append(source.load())
-                deadline.enter("prepare")
-                started_inputs.append(preparation.start(source.name, encoded[-1], info))
-            failed = None
-            # (What a failure's diff image can show until detection has finished the rest.)
-            prepared = [item for item in started_inputs if isinstance(item, PreparedImage)]
-            want_crops = diff_image or comparator.wants_crops
-            shrunk_sizes = [
-                fitted_size(item.size, config.max_image_size)
-                if isinstance(item, InputHeader)
-                else None
-                for item in started_inputs
-            ]
-            detection, crops = _detect(
-                encoded, config, max_input_pixels, shrunk_sizes, want_crops, timings, log, deadline
-            )
+        encoded: list[bytes] = []
+        started_inputs: list[PreparedImage | InputHeader] = []
+        for source, info in zip((a, b), infos, strict=True):
+            failed = "a" if not encoded else "b"
+            deadline.enter("fetch")
+            encoded.append(source.load())
             deadline.enter("prepare")
-            prepared = [
-                item
-                if isinstance(item, PreparedImage)
-                else preparation.finish(source.name, data, info, item, shrunk)
-                for item, source, data, info, shrunk in zip(
-                    started_inputs, (a, b), encoded, infos, detection.shrunk, strict=True
-                )
-            ]
-            del encoded
-            prepared = _masked(prepared, config, detection.size_a)
-            crops = _masked_crops(crops, config, detection)
-            deadline.enter("compare")
-            compare_start = time.perf_counter()
-            outcome = comparator.compare(
-                prepared[0],
-                prepared[1],
-                config,
-                detection=detection,
-                crops=crops,
-                deadline=deadline,
+            started_inputs.append(preparation.start(source.name, encoded[-1], info))
+        failed = None
+        # (What a failure's diff image can show until detection has finished the rest.)
+        prepared = [item for item in started_inputs if isinstance(item, PreparedImage)]
+        want_crops = diff_image or comparator.wants_crops
+        shrunk_sizes = [
+            fitted_size(item.size, config.max_image_size) if isinstance(item, InputHeader) else None
+            for item in started_inputs
+        ]
+        detection, crops = _detect(
+            encoded, config, max_input_pixels, shrunk_sizes, want_crops, timings, log, deadline
+        )
+        deadline.enter("prepare")
+        prepared = [
+            item
+            if isinstance(item, PreparedImage)
+            else preparation.finish(source.name, data, info, item, shrunk)
+            for item, source, data, info, shrunk in zip(
+                started_inputs, (a, b), encoded, infos, detection.shrunk, strict=True
             )
-            timings["compare"] = elapsed_ms(compare_start)
+        ]
+        del encoded
+        prepared = _masked(prepared, config, detection.size_a)
+        crops = _masked_crops(crops, config, detection)
+        deadline.enter("compare")
+        compare_start = time.perf_counter()
+        outcome = comparator.compare(
+            prepared[0],
+            prepared[1],
+            config,
+            detection=detection,
+            crops=crops,
+            deadline=deadline,
+        )
+        timings["compare"] = elapsed_ms(compare_start)
     except PairError as exc:
         failed = exc.details.get("input", failed)
         if isinstance(exc, ComparisonTimeout):
