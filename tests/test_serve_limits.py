@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from starlette.types import Message
 
 from handler.compare.metrics import MetricsComparator
 from tests.support import scenes
@@ -24,6 +25,7 @@ from tests.support.clock import Clock
 from tests.support.multipart import form_body
 from tests.support.serve_process import ServeProcess, serve_process
 from watcher.serve_admission import Admission
+from watcher.serve_connection import UploadStalled, _Pace
 from watcher.serve_readiness import STUCK_GRACE_S, Readiness
 
 IDLE_S = 2.0
@@ -241,3 +243,29 @@ def test_readyz_turns_503_once_every_compare_slot_is_stuck(clock: Clock) -> None
     assert problems[0] is None and problems[1] is None
     assert problems[2] is not None and problems[2].startswith("stuck")
     assert problems[3] is None
+
+
+def test_the_pace_rule_on_a_hand_moved_clock(clock: Clock) -> None:
+    """A body part at least every ``idle`` s, and 1 KiB/s over each ``idle`` s window."""
+    chunk: Message = {"type": "http.request", "body": b"x" * 4096, "more_body": True}
+
+    idle = _Pace(10, clock)
+    clock.now += 9.9
+    assert idle.wait() == pytest.approx(0.1)  # what is left before it counts as idle
+    clock.now += 0.1
+    with pytest.raises(UploadStalled, match="no bytes of the body for 10 s"):
+        idle.wait()
+
+    trickle = _Pace(10, clock)
+    for _ in range(9):  # 9 x 1 byte in 10 s: never idle, far below 10 KiB
+        clock.now += 1.1
+        trickle.note({"type": "http.request", "body": b"x", "more_body": True})
+    clock.now += 0.2  # the window's end
+    with pytest.raises(UploadStalled, match="9 bytes of the body in 10 s"):
+        trickle.wait()
+
+    steady = _Pace(10, clock)
+    for _ in range(30):  # 4 KiB every second for 30 s: three windows, each well above
+        clock.now += 1
+        steady.note(chunk)
+        assert steady.wait() > 0

@@ -129,12 +129,7 @@ class Connection:
         pace = _Pace(self._idle_s, self._clock)
         while not self.gone and not self._body_done and self._held_bytes < READ_AHEAD_BYTES:
             with anyio.move_on_after(pace.wait()):
-                message = await self._receive()
-                self._note(message)
-                pace.note(message)
-                if message["type"] == "http.request":
-                    self._held.append(message)
-                    self._held_bytes += len(message.get("body", b""))
+                pace.note(await self._hold_next())
         return not self.gone
 
     async def wait_unless_gone(self, wait: Callable[[], Awaitable[object]]) -> bool:
@@ -176,11 +171,17 @@ class Connection:
         while not self.gone:
             if not self._body_done and self._held_bytes >= READ_AHEAD_BYTES:
                 return
-            message = await self._receive()
-            self._note(message)
-            if message["type"] == "http.request":
-                self._held.append(message)
-                self._held_bytes += len(message.get("body", b""))
+            await self._hold_next()
+
+    async def _hold_next(self) -> Message:
+        """Receive the server's next message and hold it for the body's reader (a body part),
+        in one step: a cancellation while it waits loses nothing."""
+        message = await self._receive()
+        self._note(message)
+        if message["type"] == "http.request":
+            self._held.append(message)
+            self._held_bytes += len(message.get("body", b""))
+        return message
 
     def _note(self, message: Message) -> None:
         if message["type"] == "http.disconnect":
