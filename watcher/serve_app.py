@@ -430,9 +430,10 @@ def create_app(
 
     @app.post("/v1/compare", openapi_extra=_V1_BODY, summary="Compare two uploaded images")
     async def compare_v1(request: Request) -> Response:
-        """Answer the result JSON: 200 ok, 422 failed on its inputs, 504 timeout, 503 model
-        unavailable, 500 other model failures; 400 bad form, 413 upload over the cap, 429
-        busy."""
+        """Answer the result JSON: 200 ok, 422 failed on its inputs or config, 504 timeout, 503
+        model unavailable, 500 other model failures; or an error: 400 a form that is not the
+        expected one, 408 an upload that stalls, 413 over the cap, 422 a field that is wrong
+        (named in ``error.field``), 429 busy."""
         outcome = await PairRunner(state()).handle(request, _v1_request, "give two files, a and b")
         if isinstance(outcome, Refusal):
             return error_response(
@@ -467,9 +468,10 @@ def create_app(
 
     @app.post("/v1/events", summary="Object notifications (MinIO, SeaweedFS, S3 event JSON)")
     async def events(request: Request) -> Response:
-        """``Authorization: Bearer <events_token>``. 200 once the event's pairs are done (or
-        recorded for a later look); 503 + Retry-After when a record must be delivered again;
-        400 malformed; 401 bad token; 404 when no ``events_token`` is configured."""
+        """``Authorization: Bearer <events_token>``. 200 once the event's pairs are done,
+        recorded for a later look, or refused for good (listed in ``rejected``); 503 +
+        Retry-After when a record must be delivered again; 400 malformed; 401 bad token; 408 a
+        body that stalls; 404 when no ``events_token`` is configured."""
         endpoint = state().events
         if endpoint is None:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
