@@ -626,7 +626,8 @@ def _clusters(occupied: NDArray[np.bool_]) -> tuple[NDArray[np.intp], int]:
     """
     cell_map = pyvips.Image.new_from_array(occupied.astype(np.uint8) * 255)
     joined = cell_map.morph(pyvips.Image.new_from_array(np.full((3, 3), 255, np.uint8)), "dilate")
-    labels = np.asarray(joined.labelregions().numpy())[occupied]
+    # (A 1 x 1 map comes back from numpy() as a 0-d array: give it its two dimensions back.)
+    labels = np.asarray(joined.labelregions().numpy()).reshape(occupied.shape)[occupied]
     # labelregions numbers every region, the empty background's included: renumber 0..n-1.
     kept, index = np.unique(labels, return_inverse=True)
     return index.astype(np.intp), len(kept)
