@@ -428,6 +428,7 @@ def test_detection_result_is_frozen_and_self_describing() -> None:
     assert detection.metrics() == {
         "changed_pixels": 0.0,
         "changed_percent": 0.0,
+        "moved_pixels": 0.0,
         "transparency_pixels": 0.0,
         "pixel_identical": 1.0,
     }

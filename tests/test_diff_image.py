@@ -42,8 +42,8 @@ def _pixels(png: bytes) -> NDArray[np.uint8]:
 
 
 def _boxes(pixels: NDArray[np.uint8]) -> list[tuple[int, int, int, int]]:
-    """Bounding boxes (x0, y0, x1, y1) of the drawn box outlines, i.e. of pure BOX_COLOR."""
-    mask = np.all(pixels == diff_image.BOX_COLOR, axis=2)
+    """Bounding boxes (x0, y0, x1, y1) of the drawn box outlines, i.e. of pure CHANGED_COLOR."""
+    mask = np.all(pixels == diff_image.CHANGED_COLOR, axis=2)
     labels, _ = ndimage.label(mask)
     found = []
     for rows, cols in ndimage.find_objects(labels):

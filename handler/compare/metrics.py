@@ -30,11 +30,12 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from handler import describe
 from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
 from handler.detect import Detection, RegionCrop
 from handler.images import PreparedImage
-from handler.result import ComparatorInfo, Difference, Region
+from handler.result import ComparatorInfo, Difference
 
 #: Longest edge of the common working size. Large enough that an edit over ~1% of the image
 #: spans many SSIM windows, small enough to stay in the low milliseconds.
@@ -88,7 +89,7 @@ class MetricsComparator:
         from skimage.color import rgb2lab
         from skimage.metrics import structural_similarity
 
-        work_a, work_b = _common_size(a.image, b.image)
+        work_a, work_b = _common_size(*_aligned(a, b, detection))
         grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
         rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
         ssim, ssim_map = structural_similarity(  # type: ignore[no-untyped-call]
@@ -121,22 +122,56 @@ class MetricsComparator:
         )
         if detection is not None and detection.identical:
             similarity = 1.0
-        is_similar = similarity >= config.similarity_threshold and not regions
+        differs = detection.differs if detection is not None else False
+        is_similar = similarity >= config.similarity_threshold and not differs
         return Verdict(
             similarity=similarity,
             is_similar=is_similar,
-            summary=_summary(similarity, is_similar, regions, detection),
-            differences=_differences(metrics, regions, detection),
+            summary=_summary(similarity, is_similar, detection),
+            differences=_differences(metrics, detection),
             changed_regions=regions,
             metrics=metrics,
         )
 
 
 def _detection_similarity(detection: Detection) -> float:
-    if not detection.regions:
+    """Below DETECTION_CEILING when the detection makes the pair different (under its match
+    levels), the lower the more of it changed; 1.0 otherwise."""
+    if not detection.differs:
         return 1.0
     fraction = detection.changed_percent / 100.0
     return round(max(0.0, DETECTION_CEILING - DETECTION_WEIGHT * fraction), 4)
+
+
+def _aligned(
+    a: PreparedImage, b: PreparedImage, detection: Detection | None
+) -> tuple[Image.Image, Image.Image]:
+    """The prepared images, cropped to what they have in common when the detection found B's
+    content at an offset (a camera that moved, a margin): the global scores then measure the
+    content, not the shift."""
+    if detection is None or detection.alignment is None:
+        return a.image, b.image
+    dx, dy = detection.alignment.offset
+    (width_a, height_a), (width_b, height_b) = a.original_size, b.original_size
+    # The overlap in A's native pixels, then in each prepared image's.
+    left, top = max(0, -dx), max(0, -dy)
+    right, bottom = min(width_a, width_b - dx), min(height_a, height_b - dy)
+    if right - left < width_a // 2 or bottom - top < height_a // 2:
+        return a.image, b.image
+    return (
+        _crop(a.image, (left, top, right, bottom), a.original_size),
+        _crop(b.image, (left + dx, top + dy, right + dx, bottom + dy), b.original_size),
+    )
+
+
+def _crop(
+    image: Image.Image, box: tuple[int, int, int, int], native: tuple[int, int]
+) -> Image.Image:
+    fx, fy = image.width / native[0], image.height / native[1]
+    left, top = round(box[0] * fx), round(box[1] * fy)
+    right = max(left + 1, min(image.width, round(box[2] * fx)))
+    bottom = max(top + 1, min(image.height, round(box[3] * fy)))
+    return image.crop((left, top, right, bottom))
 
 
 def _common_size(a: Image.Image, b: Image.Image) -> tuple[Image.Image, Image.Image]:
@@ -170,26 +205,23 @@ def _histogram_intersection(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float
     return float(np.minimum(hist_a / hist_a.sum(), hist_b / hist_b.sum()).sum())
 
 
-def _summary(
-    similarity: float, similar: bool, regions: list[Region], detection: Detection | None
-) -> str:
+def _summary(similarity: float, similar: bool, detection: Detection | None) -> str:
     verdict = "similar" if similar else "different"
     head = f"The images are {verdict} (similarity {similarity:.2f})"
     if detection is not None and detection.identical:
         return f"{head}; pixel-identical at native resolution."
-    if not regions or detection is None:
+    said = describe.clauses(detection) if detection is not None else []
+    if not said:
         return f"{head}; no localised changes."
-    plural = "s" if len(regions) > 1 else ""
-    what = "in transparency only" if detection.transparency_only else "changed"
-    return (
-        f"{head}; {len(regions)} region{plural} {what}: {detection.changed_pixels} pixels, "
-        f"{detection.changed_percent:.3g}% of the image."
-    )
+    tail = ""
+    if detection is not None and detection.changed_pixels and detection.regions:
+        tail = (
+            f" ({detection.changed_pixels} pixels, {detection.changed_percent:.3g}% of the image)"
+        )
+    return f"{head}: {'; '.join(said)}{tail}."
 
 
-def _differences(
-    metrics: dict[str, float], regions: list[Region], detection: Detection | None
-) -> list[Difference]:
+def _differences(metrics: dict[str, float], detection: Detection | None) -> list[Difference]:
     found: list[Difference] = []
     if metrics["hash_similarity"] < 0.75:
         found.append(
@@ -207,18 +239,16 @@ def _differences(
                 description=f"The colour distributions differ (mean ΔE {metrics['mean_delta_e']}).",
             )
         )
-    transparency = detection is not None and detection.transparency_only
-    for index, region in enumerate(regions):
-        pixels = detection.region_pixels[index] if detection else 0
-        found.append(
-            Difference(
-                aspect="transparency" if transparency else "content",
-                element="region",
-                description=(
-                    f"Changed area at x={region.x}, y={region.y}, "
-                    f"{region.width}x{region.height} px ({pixels} changed pixels)."
-                ),
-                region=index,
+    if detection is not None and detection.alignment is not None:
+        moves = describe.alignment_clauses(detection.alignment)
+        if moves:
+            found.append(
+                Difference(
+                    aspect="position",
+                    element="layout",
+                    description="; ".join(moves).capitalize() + ".",
+                )
             )
-        )
+    if detection is not None:
+        found.extend(describe.differences(detection))
     return found
