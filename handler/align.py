@@ -43,17 +43,26 @@ from numpy.typing import NDArray
 SIGNATURE_BLOCKS = 64
 #: Horizontal bands of rows per column profile.
 PROFILE_BANDS = 32
+#: Column profiles sum every ROW_SAMPLE-th row.
+ROW_SAMPLE = 4
 #: Two rows match when no block of their signatures differs by more than this (0..255 grey).
 ROW_TOLERANCE = 6
 #: Cost of starting an inserted or removed band, in unmatched rows.
 GAP_COST = 12
 #: Most candidate diagonals the row alignment weighs.
 MAX_DIAGONALS = 8
-#: A diagonal needs this share of the uniquely matched rows to be a candidate.
+#: A diagonal needs this share of the uniquely matched rows to be a candidate ...
 MIN_DIAGONAL_SHARE = 0.02
+#: ... and with fewer such rows than this in all, the row signatures' correlation peaks are
+#: candidates too (a photo's rows are rarely unique after re-encoding; a text page's are,
+#: and its correlation has a peak at every multiple of the line height).
+MIN_VOTES = 32
 #: The horizontal offset searched, as a share of the narrower width (and at most MAX_SHIFT_X).
 MAX_SHIFT_SHARE = 0.25
 MAX_SHIFT_X = 512
+#: The vertical offset the phase correlation of the rows looks for (a moved picture; bands
+#: inserted or removed are found by the row alignment, at any height).
+MAX_SHIFT_Y = 512
 #: A horizontal offset is believed when its correlation peak is this many times the next
 #: best one away from it.
 MIN_PEAK_RATIO = 1.5
@@ -116,10 +125,10 @@ class Profiles:
 
     def __init__(self, width: int, height: int) -> None:
         self.width, self.height = width, height
-        blocks = min(SIGNATURE_BLOCKS, width)
-        self._edges = (np.arange(blocks) * width) // blocks
-        widths = np.diff(np.append(self._edges, width))
-        self._widths = widths.astype(np.float32)
+        half = (width + 1) // 2  # (the signatures read every other pixel)
+        blocks = min(SIGNATURE_BLOCKS, half)
+        self._half_edges = (np.arange(blocks) * half) // blocks
+        self._half_widths = np.diff(np.append(self._half_edges, half)).astype(np.float32)
         self.rows = np.zeros((height, blocks), np.uint8)
         bands = min(PROFILE_BANDS, height)
         self._bands = bands
@@ -127,18 +136,42 @@ class Profiles:
 
     def add(self, grey: NDArray[np.uint8], top: int) -> NDArray[np.uint32]:
         """Rows ``top:top + len(grey)`` of the image, one grey byte per pixel; returns their
-        column sums (for ``repeat``)."""
-        sums = np.add.reduceat(grey, self._edges, axis=1, dtype=np.uint32)
-        self.rows[top : top + len(grey)] = sums / self._widths + 0.5
-        columns: NDArray[np.uint32] = grey.sum(axis=0, dtype=np.uint32)
-        self.columns[self._band(top)] += columns
+        column sums (for ``repeat``). Both are estimates from a sample, which halves their
+        cost: every other pixel of a row, every ROW_SAMPLE-th row of a column."""
+        sums = np.add.reduceat(grey[:, ::2], self._half_edges, axis=1, dtype=np.uint32)
+        self.rows[top : top + len(grey)] = sums / self._half_widths + 0.5
+        first = (-top) % ROW_SAMPLE
+        sampled = grey[first::ROW_SAMPLE]
+        columns: NDArray[np.uint32] = sampled.sum(axis=0, dtype=np.uint32)
+        self._to_bands(columns, sampled, top + first)
         return columns
 
-    def repeat(self, other: Profiles, top: int, count: int, columns: NDArray[np.uint32]) -> None:
-        """Rows ``top:top + count`` are pixel for pixel ``other``'s (same width), whose column
-        sums ``other.add`` returned: nothing to compute again."""
-        self.rows[top : top + count] = other.rows[top : top + count]
-        self.columns[self._band(top)] += columns
+    def _to_bands(
+        self, columns: NDArray[np.uint32], sampled: NDArray[np.uint8], first: int
+    ) -> None:
+        """Add the sampled rows (image rows ``first``, ``first + ROW_SAMPLE``, ...) to their
+        bands: a strip can cross a band's edge (a wide strip on a short image, many)."""
+        if not len(sampled):
+            return
+        last = first + ROW_SAMPLE * (len(sampled) - 1)
+        if self._band(first) == self._band(last):
+            self.columns[self._band(first)] += columns
+            return
+        bands = (np.arange(first, last + 1, ROW_SAMPLE) * self._bands) // self.height
+        edges = np.flatnonzero(np.diff(bands)) + 1
+        starts = np.concatenate([[0], edges])
+        sums = np.add.reduceat(sampled, starts, axis=0, dtype=np.uint32)
+        np.add.at(self.columns, np.minimum(bands[starts], self._bands - 1), sums)
+
+    def repeat(
+        self, other: Profiles, grey: NDArray[np.uint8], top: int, columns: NDArray[np.uint32]
+    ) -> None:
+        """Rows ``top:top + len(grey)`` are pixel for pixel ``other``'s (same width): its
+        signatures are copied and ``columns`` (what ``other.add`` returned for ``grey``)
+        added, nothing computed again."""
+        self.rows[top : top + len(grey)] = other.rows[top : top + len(grey)]
+        first = (-top) % ROW_SAMPLE
+        self._to_bands(columns, grey[first::ROW_SAMPLE], top + first)
 
     def _band(self, top: int) -> int:
         return min(self._bands - 1, (top * self._bands) // self.height)
@@ -149,8 +182,22 @@ def align(a: Profiles, b: Profiles) -> Alignment | None:
     pixel for pixel (or nothing moved). Cheap: a few passes over the signatures."""
     dx = horizontal_offset(a.columns, b.columns)
     rows_b = shifted_signatures(b.rows, dx, b.width)
-    diagonals = candidate_diagonals(a.rows, rows_b)
-    bands = align_rows(a.rows, rows_b, diagonals)
+    dy = vertical_offset(a.rows, rows_b)
+    if dx:
+        # Moved sideways: the whole picture (a camera, a margin). Rows shifted sideways match
+        # only roughly (a photo's texture defeats the row tolerance), so no bands: the picture
+        # moved by (dx, dy) as one.
+        bands = translated(dy, a.height, b.height)
+    else:
+        diagonals = candidate_diagonals(a.rows, rows_b)
+        if dy not in diagonals:
+            diagonals = sorted([*diagonals, dy][: MAX_DIAGONALS + 1])
+        if diagonals == [0] and a.height == b.height:  # nothing moved up or down
+            bands = [_matched(0, a.height, 0)]
+        else:
+            bands = align_rows(a.rows, rows_b, diagonals)
+        if dy and all(band.kind != "matched" or band.shift == 0 for band in bands):
+            bands = translated(dy, a.height, b.height)  # (rows that matched nowhere else)
     alignment = Alignment(dx, tuple(bands), (a.width, a.height), (b.width, b.height))
     if alignment.identity and (a.width, a.height) == (b.width, b.height):
         return None
@@ -262,6 +309,39 @@ def horizontal_offset(columns_a: NDArray[np.uint32], columns_b: NDArray[np.uint3
     return _peak(scores, limit)
 
 
+def vertical_offset(rows_a: NDArray[np.uint8], rows_b: NDArray[np.uint8]) -> int:
+    """How far B's content lies below A's (negative: above), from the phase correlation of the
+    row signatures (one signal per column block): the whole picture moved, as when a camera
+    moved. 0 unless one offset clearly stands out (a text page's lines repeat: no answer)."""
+    height_a, height_b = len(rows_a), len(rows_b)
+    limit = min(MAX_SHIFT_Y, int(min(height_a, height_b) * MAX_SHIFT_SHARE))
+    blocks = min(rows_a.shape[1], rows_b.shape[1])
+    if limit < 1 or blocks < 1:
+        return 0
+    pa = _normalised_rows(rows_a[:, :blocks].T.astype(np.float64))
+    pb = _normalised_rows(rows_b[:, :blocks].T.astype(np.float64))
+    return _peak(_correlation(pa, pb, limit), limit)
+
+
+def translated(dy: int, height_a: int, height_b: int) -> list[Band]:
+    """Bands of a picture moved down by ``dy`` (up, negative): the rows both have matched, the
+    rest inserted into B or removed from A at the edges."""
+    top, bottom = max(0, -dy), min(height_a, height_b - dy)
+    if top >= bottom:
+        return [Band("removed", (0, height_a), None), Band("inserted", None, (0, height_b))]
+    bands = []
+    if top:
+        bands.append(Band("removed", (0, top), None))
+    if top + dy:
+        bands.append(Band("inserted", None, (0, top + dy)))
+    bands.append(_matched(top, bottom, dy))
+    if bottom < height_a:
+        bands.append(Band("removed", (bottom, height_a), None))
+    if bottom + dy < height_b:
+        bands.append(Band("inserted", None, (bottom + dy, height_b)))
+    return bands
+
+
 def _resampled_bands(columns: NDArray[np.uint32], bands: int) -> NDArray[np.float64]:
     if columns.shape[0] == bands:
         return columns.astype(np.float64)
@@ -281,6 +361,8 @@ def _correlation(a: NDArray[np.float64], b: NDArray[np.float64], limit: int) -> 
     for shifts ``-limit..limit`` (index ``limit`` = shift 0): the spectrum's magnitudes are
     whitened so every frequency votes alike (a sharp peak for a true shift)."""
     size = 1 << int(np.ceil(np.log2(a.shape[1] + b.shape[1] + 1)))
+    # Tapered at both ends: the signals' edges would otherwise agree at shift 0 by themselves.
+    a, b = a * np.hanning(a.shape[1]), b * np.hanning(b.shape[1])
     spectrum = np.conj(np.fft.rfft(a, size, axis=1)) * np.fft.rfft(b, size, axis=1)
     summed = spectrum.sum(axis=0)
     magnitude = np.abs(summed)
@@ -333,9 +415,8 @@ def candidate_diagonals(rows_a: NDArray[np.uint8], rows_b: NDArray[np.uint8]) ->
         for offset, count in sorted(votes.items(), key=lambda item: -item[1])
         if count >= max(2, MIN_DIAGONAL_SHARE * total)
     ]
-    for offset in _correlation_peaks(rows_a, rows_b):
-        if offset not in chosen:
-            chosen.append(offset)
+    if total < MIN_VOTES:  # noisy or textured rows: no unique row to go by
+        chosen += [peak for peak in _correlation_peaks(rows_a, rows_b) if peak not in chosen]
     diagonals = [0] + [offset for offset in chosen if offset != 0]
     return sorted(diagonals[:MAX_DIAGONALS])
 

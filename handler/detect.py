@@ -721,7 +721,7 @@ class _Scan:
         top_b = step.top + step.band.shift
         same = equal and self.a.width == self.b.width and self.alignment.dx == 0
         if same:
-            profile_b.repeat(profile_a, step.top, len(core_a), columns)
+            profile_b.repeat(profile_a, core_a[..., 1], step.top, columns)
         else:
             profile_b.add(core_b[..., 1], top_b)
 
