@@ -63,8 +63,9 @@ MAX_SHIFT_X = 512
 #: The vertical offset the phase correlation of the rows looks for (a moved picture; bands
 #: inserted or removed are found by the row alignment, at any height).
 MAX_SHIFT_Y = 512
-#: A horizontal offset is believed when its correlation peak is this many times the next
-#: best one away from it.
+#: An offset is believed when its (whitened, 0..1) correlation peak is at least MIN_PEAK and
+#: this many times the next best one away from it.
+MIN_PEAK = 0.4
 MIN_PEAK_RATIO = 1.5
 
 BandKind = Literal["matched", "inserted", "removed"]
@@ -123,10 +124,15 @@ class Alignment:
 class Profiles:
     """One image's row signatures and column profiles, filled strip by strip as it streams."""
 
-    def __init__(self, width: int, height: int) -> None:
+    def __init__(self, width: int, height: int, signed: int | None = None) -> None:
+        """``signed``: the columns the row signatures cover, from the left (default: all);
+        two images of different widths sign the columns both have, so that a block means
+        the same pixels in both."""
         self.width, self.height = width, height
-        half = (width + 1) // 2  # (the signatures read every other pixel)
+        self.signed = min(width, signed or width)
+        half = (self.signed + 1) // 2  # (the signatures read every other pixel)
         blocks = min(SIGNATURE_BLOCKS, half)
+        self._half = half
         self._half_edges = (np.arange(blocks) * half) // blocks
         self._half_widths = np.diff(np.append(self._half_edges, half)).astype(np.float32)
         self.rows = np.zeros((height, blocks), np.uint8)
@@ -138,7 +144,8 @@ class Profiles:
         """Rows ``top:top + len(grey)`` of the image, one grey byte per pixel; returns their
         column sums (for ``repeat``). Both are estimates from a sample, which halves their
         cost: every other pixel of a row, every ROW_SAMPLE-th row of a column."""
-        sums = np.add.reduceat(grey[:, ::2], self._half_edges, axis=1, dtype=np.uint32)
+        sampled_row = grey[:, : 2 * self._half : 2]
+        sums = np.add.reduceat(sampled_row, self._half_edges, axis=1, dtype=np.uint32)
         self.rows[top : top + len(grey)] = sums / self._half_widths + 0.5
         first = (-top) % ROW_SAMPLE
         sampled = grey[first::ROW_SAMPLE]
@@ -181,7 +188,7 @@ def align(a: Profiles, b: Profiles) -> Alignment | None:
     """The alignment of B to A, or None when none explains the pair better than comparing
     pixel for pixel (or nothing moved). Cheap: a few passes over the signatures."""
     dx = horizontal_offset(a.columns, b.columns)
-    rows_b = shifted_signatures(b.rows, dx, b.width)
+    rows_b = shifted_signatures(b.rows, dx, b.signed)
     dy = vertical_offset(a.rows, rows_b)
     if dx:
         # Moved sideways: the whole picture (a camera, a margin). Rows shifted sideways match
@@ -372,11 +379,11 @@ def _correlation(a: NDArray[np.float64], b: NDArray[np.float64], limit: int) -> 
 
 
 def _peak(scores: NDArray[np.float64], limit: int) -> int:
-    """The shift of the highest score when it beats every score more than two places away by
-    MIN_PEAK_RATIO (a flat or periodic profile has no single answer: 0)."""
+    """The shift of the highest score when it reaches MIN_PEAK and beats every score more than
+    two places away by MIN_PEAK_RATIO (a flat or periodic profile has no single answer: 0)."""
     best = int(np.argmax(scores))
     top = scores[best]
-    if top <= 0:
+    if top < MIN_PEAK:  # two different pictures correlate up to ~0.3 somewhere
         return 0
     away = np.abs(np.arange(len(scores)) - best) > 2
     rival = scores[away].max() if away.any() else 0.0

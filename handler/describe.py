@@ -88,8 +88,7 @@ def _band(band: BandInfo, first: bool, last: bool) -> str:
     height = rows[1] - rows[0]
     which, verb = ("B", "added") if band.kind == "inserted" else ("A", "removed")
     where = "at the top" if first else "at the bottom" if last else f"at y={rows[0]}"
-    preposition = "of" if band.kind == "inserted" else "from"
-    return f"a band {height} px high was {verb} {where} {preposition} {which}"
+    return f"a band {height} px high was {verb} {where} of {which}"
 
 
 def _vertical(shift: int) -> str:

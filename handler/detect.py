@@ -154,8 +154,8 @@ class Detection:
 
     @property
     def identical(self) -> bool:
-        """Same size and not one pixel different (outside ignored boxes)."""
-        return self.size_a == self.size_b and self.differing_pixels == 0
+        """Same size, nothing moved and not one pixel different (outside ignored boxes)."""
+        return self.size_a == self.size_b and self.differing_pixels == 0 and self.alignment is None
 
     @property
     def transparency_only(self) -> bool:
@@ -239,7 +239,8 @@ def _detected(
 ) -> tuple[Findings, tuple[Image.Image | None, Image.Image | None]]:
     """Pass 1; pass 2 where an alignment may explain the pair better (module docstring), or
     where pass 1 left strips for it that the alignment did not explain after all."""
-    profiles = (Profiles(*geometry.work_a), Profiles(*geometry.work_b))
+    signed = min(geometry.work_a[0], geometry.work_b[0])
+    profiles = (Profiles(*geometry.work_a, signed), Profiles(*geometry.work_b, signed))
     as_laid = _as_laid(geometry.work_a, geometry.work_b)
     streams = _streams(data_a, data_b, geometry, max_pixels, shrunk_sizes)
     first = _Scan(streams, as_laid, rules, profiles).run()

@@ -35,7 +35,7 @@ from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
 from handler.detect import Detection, RegionCrop
 from handler.images import PreparedImage
-from handler.result import ComparatorInfo, Difference
+from handler.result import AlignmentInfo, ComparatorInfo, Difference
 
 #: Longest edge of the common working size. Large enough that an edit over ~1% of the image
 #: spans many SSIM windows, small enough to stay in the low milliseconds.
@@ -146,32 +146,46 @@ def _detection_similarity(detection: Detection) -> float:
 def _aligned(
     a: PreparedImage, b: PreparedImage, detection: Detection | None
 ) -> tuple[Image.Image, Image.Image]:
-    """The prepared images, cropped to what they have in common when the detection found B's
-    content at an offset (a camera that moved, a margin): the global scores then measure the
-    content, not the shift."""
+    """The prepared images, B laid out as A when the detection aligned them (bands inserted or
+    removed, a global offset): each of A's rows and columns shows what the alignment put
+    there from B, or A's own pixels where B has nothing (a removed band, an edge strip). So
+    the global scores measure the content, not where it moved; what moved, was added or
+    removed is the detection's to count."""
     if detection is None or detection.alignment is None:
         return a.image, b.image
-    dx, dy = detection.alignment.offset
-    (width_a, height_a), (width_b, height_b) = a.original_size, b.original_size
-    # The overlap in A's native pixels, then in each prepared image's.
-    left, top = max(0, -dx), max(0, -dy)
-    right, bottom = min(width_a, width_b - dx), min(height_a, height_b - dy)
-    if right - left < width_a // 2 or bottom - top < height_a // 2:
-        return a.image, b.image
-    return (
-        _crop(a.image, (left, top, right, bottom), a.original_size),
-        _crop(b.image, (left + dx, top + dy, right + dx, bottom + dy), b.original_size),
-    )
+    pixels_a, pixels_b = np.asarray(a.image), np.asarray(b.image)
+    rows = _mapped(detection.alignment, a, b, axis=1)
+    columns = _mapped(detection.alignment, a, b, axis=0)
+    laid = pixels_b[np.clip(rows, 0, None)[:, None], np.clip(columns, 0, None)[None, :]]
+    missing = (rows < 0)[:, None] | (columns < 0)[None, :]
+    laid = np.where(missing[..., None], pixels_a, laid)
+    if pixels_a.shape == pixels_b.shape:
+        # As in the detection: what stayed in place while the rest moved has not changed.
+        gap = np.abs(laid.astype(np.int16) - pixels_a).sum(axis=2)
+        gap_in_place = np.abs(pixels_b.astype(np.int16) - pixels_a).sum(axis=2)
+        laid = np.where((gap_in_place < gap)[..., None], pixels_b, laid)
+    return a.image, Image.fromarray(np.ascontiguousarray(laid), "RGB")
 
 
-def _crop(
-    image: Image.Image, box: tuple[int, int, int, int], native: tuple[int, int]
-) -> Image.Image:
-    fx, fy = image.width / native[0], image.height / native[1]
-    left, top = round(box[0] * fx), round(box[1] * fy)
-    right = max(left + 1, min(image.width, round(box[2] * fx)))
-    bottom = max(top + 1, min(image.height, round(box[3] * fy)))
-    return image.crop((left, top, right, bottom))
+def _mapped(
+    alignment: AlignmentInfo, a: PreparedImage, b: PreparedImage, axis: int
+) -> NDArray[np.int64]:
+    """For each prepared pixel row (``axis`` 1) or column (0) of A, B's prepared row or column
+    that the alignment puts there, -1 where there is none."""
+    native_a, native_b = a.original_size[axis], b.original_size[axis]
+    shown_a, shown_b = a.size[axis], b.size[axis]
+    native = ((np.arange(shown_a) + 0.5) * native_a / shown_a).astype(np.int64)
+    if axis == 0:
+        target = native + alignment.offset[0]
+    else:
+        target = np.full(shown_a, -1, np.int64)
+        for band in alignment.bands:
+            if band.kind == "matched" and band.a is not None:
+                inside = (native >= band.a[0]) & (native < band.a[1])
+                target[inside] = native[inside] + band.shift
+    found = (target >= 0) & (target < native_b)
+    out = np.where(found, (target * shown_b) // native_b, -1)
+    return np.minimum(out, shown_b - 1)
 
 
 def _common_size(a: Image.Image, b: Image.Image) -> tuple[Image.Image, Image.Image]:
@@ -221,6 +235,10 @@ def _summary(similarity: float, similar: bool, detection: Detection | None) -> s
     return f"{head}: {'; '.join(said)}{tail}."
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
 def _differences(metrics: dict[str, float], detection: Detection | None) -> list[Difference]:
     found: list[Difference] = []
     if metrics["hash_similarity"] < 0.75:
@@ -246,7 +264,7 @@ def _differences(metrics: dict[str, float], detection: Detection | None) -> list
                 Difference(
                     aspect="position",
                     element="layout",
-                    description="; ".join(moves).capitalize() + ".",
+                    description=_sentence("; ".join(moves)),
                 )
             )
     if detection is not None:
