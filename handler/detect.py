@@ -123,7 +123,8 @@ class Detection:
     ``region_pixels[i]`` is what ``regions[i]`` holds (changed pixels, or the area of added
     and removed content). ``work_size`` is the resolution A was compared at (its own, or the
     smaller image's for a rescaled copy); ``alignment`` how B lines up with A when content
-    moved (None: as it lies). ``differs``: the pair is different under its match levels.
+    moved (None: as it lies). ``differs``: the pair is different under its match levels;
+    ``level``: the pair's level (strict unless set).
     """
 
     size_a: tuple[int, int]
@@ -131,6 +132,8 @@ class Detection:
     work_size: tuple[int, int]
     regions: tuple[Region, ...] = ()
     region_pixels: tuple[int, ...] = ()
+    #: Whether each region makes the pair different under its match level.
+    counted: tuple[bool, ...] = ()
     changed_pixels: int = 0
     #: Pixels of content that only moved.
     moved_pixels: int = 0
@@ -140,6 +143,9 @@ class Detection:
     differing_pixels: int = 0
     alignment: AlignmentInfo | None = None
     differs: bool = False
+    level: MatchLevel = "strict"
+    #: Whether the match levels ignore anything (a level other than strict or exact, a box).
+    lenient: bool = False
     #: The pixels changed_percent is a share of: the larger image's, as compared.
     compared_pixels: int = 0
     #: The inputs shrunk on the way, where ``detect`` was asked for them (``shrunk_sizes``).
@@ -218,12 +224,18 @@ def detect(
         work_size=geometry.work_a,
         regions=found.regions,
         region_pixels=found.region_pixels,
+        counted=found.counted,
         changed_pixels=found.changed_pixels,
         moved_pixels=found.moved_pixels,
         transparency_pixels=found.transparency_pixels,
         differing_pixels=found.differing_pixels,
         alignment=found.alignment,
         differs=found.differs,
+        level=match_level,
+        lenient=any(
+            level in ("ignore_moves", "ignore_colors", "ignore")
+            for level in (match_level, *(region.match_level for region in regions))
+        ),
         compared_pixels=max(width_a * height_a, width_b * height_b),
         shrunk=shrunk,
     )

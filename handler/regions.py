@@ -237,6 +237,9 @@ class Findings:
 
     regions: tuple[Region, ...] = ()
     region_pixels: tuple[int, ...] = ()
+    #: Whether each region makes the pair different under its level (moved content under
+    #: ``ignore_moves`` does not).
+    counted: tuple[bool, ...] = ()
     changed_pixels: int = 0
     moved_pixels: int = 0
     transparency_pixels: int = 0
@@ -302,6 +305,7 @@ def findings(
     return Findings(
         regions=regions,
         region_pixels=tuple(item.pixels for item in kept),
+        counted=tuple(_counts(item) for item in kept),
         changed_pixels=changed,
         moved_pixels=moved,
         transparency_pixels=min(transparency, changed),

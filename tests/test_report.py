@@ -32,7 +32,7 @@ from handler.pipeline import ImageInput, compare_pair
 from handler.storage import LocalStorage
 from handler.thumbnails import DEFAULT_EDGE
 from tests.support import scenes
-from tests.support.browser import browser_paths, start_chromium
+from tests.support.browser import require_browser, start_chromium
 from watcher import report
 from watcher.cli import main
 
@@ -328,11 +328,7 @@ ARTIFACTS = REPO / "artifacts"
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    if browser_paths() is None:
-        message = "headless Chromium + chromedriver + selenium are not installed"
-        if os.environ.get("PAIRWATCH_REQUIRE_BROWSER") == "1":
-            pytest.fail(message + " (PAIRWATCH_REQUIRE_BROWSER=1)")
-        pytest.skip(message)
+    require_browser()
     driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"), console_log=True)
     try:
         yield driver

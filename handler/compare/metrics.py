@@ -35,7 +35,7 @@ from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
 from handler.detect import Detection, RegionCrop
 from handler.images import PreparedImage
-from handler.result import AlignmentInfo, ComparatorInfo, Difference
+from handler.result import AlignmentInfo, Box, ComparatorInfo, Difference
 
 #: Longest edge of the common working size. Large enough that an edit over ~1% of the image
 #: spans many SSIM windows, small enough to stay in the low milliseconds.
@@ -151,7 +151,11 @@ def _aligned(
     there from B, or A's own pixels where B has nothing (a removed band, an edge strip). So
     the global scores measure the content, not where it moved; what moved, was added or
     removed is the detection's to count."""
-    if detection is None or detection.alignment is None:
+    if detection is None:
+        return a.image, b.image
+    if detection.lenient:
+        return a.image, _counted_only(a, b, detection)
+    if detection.alignment is None:
         return a.image, b.image
     pixels_a, pixels_b = np.asarray(a.image), np.asarray(b.image)
     rows = _mapped(detection.alignment, a, b, axis=1)
@@ -165,6 +169,34 @@ def _aligned(
         gap_in_place = np.abs(pixels_b.astype(np.int16) - pixels_a).sum(axis=2)
         laid = np.where((gap_in_place < gap)[..., None], pixels_b, laid)
     return a.image, Image.fromarray(np.ascontiguousarray(laid), "RGB")
+
+
+def _counted_only(a: PreparedImage, b: PreparedImage, detection: Detection) -> Image.Image:
+    """Under a level that ignores some differences (moves, colours, boxes), B as the global
+    scores should see it: A, except where a region counts (there, B's own pixels, at the
+    region's place in B, pasted at its place in A). What the level ignores, they ignore."""
+    laid = a.image.copy()
+    for region, counted in zip(detection.regions, detection.counted, strict=True):
+        if not counted:
+            continue
+        source = region.b or region
+        target = region.a or region
+        piece = b.image.crop(_scaled(source, b)).resize(_size(_scaled(target, a)))
+        laid.paste(piece, _scaled(target, a)[:2])
+    return laid
+
+
+def _scaled(box: Box, image: PreparedImage) -> tuple[int, int, int, int]:
+    fx = image.size[0] / image.original_size[0]
+    fy = image.size[1] / image.original_size[1]
+    left, top = int(box.x * fx), int(box.y * fy)
+    right = max(left + 1, min(image.size[0], int(np.ceil((box.x + box.width) * fx))))
+    bottom = max(top + 1, min(image.size[1], int(np.ceil((box.y + box.height) * fy))))
+    return (left, top, right, bottom)
+
+
+def _size(box: tuple[int, int, int, int]) -> tuple[int, int]:
+    return (box[2] - box[0], box[3] - box[1])
 
 
 def _mapped(
