@@ -454,3 +454,27 @@ def test_ignore_regions_and_cache_mb_from_the_environment(monkeypatch: pytest.Mo
     )
     with pytest.raises(InvalidManifest, match=r"ignore_regions\.0\.y"):
         bad.config(ComparisonConfig())
+
+
+def test_crops_come_from_each_regions_own_place_in_each_image() -> None:
+    """An added band's crop is cut from B alone; a changed region's pair from its place in A
+    and its place in B (60 px lower, below the band)."""
+    tall = (480, 1000)
+    card = screens.label_card("Delivery address: 221B Baker Street", (0, 600), size=tall)
+    edited = screens.label_card("Delivery address: 10 Downing Street", (0, 600), size=tall)
+    banner = Image.new("RGB", (card.width, card.height + 60), (253, 241, 199))
+    banner.paste(edited, (0, 60))
+    a, b = screens.png(card), screens.png(banner)
+    detection = detect(a, b, max_pixels=BUDGET)
+    crops = cut_crops(a, b, detection, max_pixels=BUDGET)
+    by_kind = {detection.regions[crop.region].kind: crop for crop in crops}
+    added, changed = by_kind["added"], by_kind["changed"]
+    assert added.a is None and added.box_a is None and added.b is not None
+    assert np.asarray(added.b)[5, 5].tolist() == [253, 241, 199]  # the band's own colour
+    assert changed.a is not None and changed.b is not None
+    assert changed.box_a is not None and changed.box_b is not None
+    assert changed.box_b.y - changed.box_a.y == 60
+    x, y, w, h = changed.box_a.x, changed.box_a.y, changed.box_a.width, changed.box_a.height
+    assert np.array_equal(np.asarray(changed.a), np.asarray(card.crop((x, y, x + w, y + h))))
+    x, y = changed.box_b.x, changed.box_b.y
+    assert np.array_equal(np.asarray(changed.b), np.asarray(banner.crop((x, y, x + w, y + h))))
