@@ -130,7 +130,7 @@ class Entry:
         """How many regions of each kind (changed, added, removed, moved), in that order."""
         if self.result is None:
             return {}
-        found = Counter(region.kind for region in self.result.changed_regions)
+        found: Counter[str] = Counter(region.kind for region in self.result.changed_regions)
         return {kind: found[kind] for kind in REGION_KINDS if found[kind]}
 
     @property
