@@ -91,6 +91,9 @@ CONTEXT = 2
 #: changed cells than that is not a local move: the alignment's business).
 MAX_MOVE_CELLS = 256
 MAX_MOVE_CELLS_PER_STRIP = 24
+#: A strip in which at least this share of the pixels changed colour is classified without the
+#: anti-aliasing test (it would spare only its few edges, at the cost of most of the time).
+MASSIVE_SHARE = 0.3
 #: Strips of pass 1 whose moved rows are looked for everywhere (after these, only at offsets
 #: found before): a strip that changed in place costs a search, and there may be many.
 MAX_OFFSET_SEARCHES = 16
@@ -479,18 +482,33 @@ class _Rules:
             out[inside] = code.get(level, _NORMAL)
         return out
 
-    def classify(
+    def colour(
         self, a: px.Where, b: px.Where, xs: NDArray[np.intp], ys: NDArray[np.intp]
-    ) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_]]:
-        """Changed, strong, transparency-only and judged-exactly, per differing pixel (at A's
-        work pixels ``xs``, ``ys``)."""
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """The colour distance of each differing pixel (at A's work pixels ``xs``, ``ys``),
+        and the same on white (``handler.pixels.colour_delta``)."""
         pa, pb = a.pixels(), b.pixels()
         see_through = px.translucent(pa, pb)
         bg = px.background(ys, xs, self.width_a) if see_through.any() else None
-        delta, on_white = px.colour_delta(pa, pb, bg)
+        return px.colour_delta(pa, pb, bg)
+
+    def classify(
+        self,
+        a: px.Where,
+        b: px.Where,
+        xs: NDArray[np.intp],
+        ys: NDArray[np.intp],
+        colour: tuple[NDArray[np.float32], NDArray[np.float32]],
+        *,
+        rough: bool,
+    ) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_]]:
+        """Changed, strong, transparency-only and judged-exactly, per differing pixel, from
+        its ``colour`` distances; ``rough``: without the anti-aliasing test (a strip that
+        changed almost everywhere: the test would only spare its few edge pixels)."""
+        delta, on_white = colour
         changed = delta > px.MAX_DELTA
         codes = self.codes(xs, ys)
-        smoothing = np.flatnonzero(changed & (codes != _EXACT))
+        smoothing = np.flatnonzero(changed & (codes != _EXACT) & (not rough))
         if len(smoothing):
             changed[smoothing[px.antialiased(a.subset(smoothing), b.subset(smoothing))]] = False
         recoloured = np.flatnonzero(changed & (codes == _COLOURS))
@@ -498,8 +516,8 @@ class _Rules:
             same = ~px.structure_changed(a.subset(recoloured), b.subset(recoloured))
             changed[recoloured[same]] = False
         strong = changed & (delta > px.STRONG_DELTA)
-        opacity = np.abs(pa[:, 3].astype(np.int16) - pb[:, 3].astype(np.int16))
-        transparency = changed & (opacity > px.ALPHA_THRESHOLD) & (on_white <= px.MAX_DELTA)
+        pa, pb = a.pixels()[:, 3].astype(np.int16), b.pixels()[:, 3].astype(np.int16)
+        transparency = changed & (np.abs(pa - pb) > px.ALPHA_THRESHOLD) & (on_white <= px.MAX_DELTA)
         return changed, strong, transparency, changed & (codes == _EXACT)
 
 
@@ -754,25 +772,37 @@ class _Scan:
         per_row = np.bincount(image_ys // BLOCK - cell_top)
         self.cells.differing[cell_top : cell_top + len(per_row)] += per_row
         off_a, off_b = step.top - first_a, step.top + step.band.shift - first_b
-        touched: list[NDArray[np.intp]] = []
+        dx = self.alignment.dx
         # In chunks: a photo re-encode differs in almost every pixel, and the neighbourhood
         # gathers cost a few hundred bytes per candidate.
-        for start in range(0, len(ys), _CHUNK):
-            part = slice(start, start + _CHUNK)
-            where_a = px.Where(a, ys[part] + off_a, xs[part] + left, first_a, self.a.size)
-            where_b = px.Where(
-                b, ys[part] + off_b, xs[part] + left + self.alignment.dx, first_b, self.b.size
+        chunks = [slice(start, start + _CHUNK) for start in range(0, len(ys), _CHUNK)]
+        wheres = [
+            (
+                px.Where(a, ys[part] + off_a, xs[part] + left, first_a, self.a.size),
+                px.Where(b, ys[part] + off_b, xs[part] + left + dx, first_b, self.b.size),
             )
+            for part in chunks
+        ]
+        colours = [
+            self.rules.colour(where_a, where_b, image_xs[part], image_ys[part])
+            for part, (where_a, where_b) in zip(chunks, wheres, strict=True)
+        ]
+        candidates = sum(int((delta > px.MAX_DELTA).sum()) for delta, _ in colours)
+        rough = candidates >= MASSIVE_SHARE * differs.size
+        touched: list[NDArray[np.intp]] = []
+        for part, (where_a, where_b), colour in zip(chunks, wheres, colours, strict=True):
             x, y = image_xs[part], image_ys[part]
-            changed, strong, transparency, exact = self.rules.classify(where_a, where_b, x, y)
+            changed, strong, transparency, exact = self.rules.classify(
+                where_a, where_b, x, y, colour, rough=rough
+            )
             if not changed.any():
                 continue
             x, y = x[changed], y[changed]
-            self.cells.add(x, y, strong[changed], exact[changed])
+            self.cells.add(x, y, strong[changed], exact[changed], tight=not rough)
             seen = np.bincount(y[transparency[changed]] // BLOCK - cell_top)
             self.cells.transparency[cell_top : cell_top + len(seen)] += seen
             touched.append((y // BLOCK) * self.cells.count.shape[1] + x // BLOCK)
-        if touched and moves:
+        if touched and moves and not rough:
             self._moves(step, np.unique(np.concatenate(touched)))
 
     def _moves(self, step: _Step, cells: NDArray[np.intp]) -> None:

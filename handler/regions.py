@@ -99,14 +99,31 @@ class ChangeMap:
         ys: NDArray[np.intp],
         strong: NDArray[np.bool_],
         exact: NDArray[np.bool_] | None,
+        *,
+        tight: bool = True,
     ) -> None:
-        """Changed pixels at A's (work) pixels ``xs``, ``ys``."""
-        index = (ys // BLOCK, xs // BLOCK)
-        dx, dy = (xs % BLOCK).astype(np.uint8), (ys % BLOCK).astype(np.uint8)
-        np.add.at(self.count, index, 1)
-        np.add.at(self.strong, index, strong.astype(np.uint16))
+        """Changed pixels at A's (work) pixels ``xs``, ``ys``; without ``tight`` bounds, the
+        cells they fall in are marked changed whole (cheaper, for a strip changed almost
+        everywhere)."""
+        rows, columns = ys // BLOCK, xs // BLOCK
+        top = int(rows.min())
+        flat = (rows - top) * self.count.shape[1] + columns
+        span = (int(rows.max()) - top + 1) * self.count.shape[1]
+        counts = np.bincount(flat, minlength=span).reshape(-1, self.count.shape[1])
+        strongs = np.bincount(flat, weights=strong, minlength=span).reshape(counts.shape)
+        window = slice(top, top + len(counts))
+        # (Counts saturate rather than wrap: a cell holds at most BLOCK x BLOCK pixels.)
+        self.count[window] = np.minimum(self.count[window] + counts, np.iinfo(np.uint16).max)
+        self.strong[window] += strongs.astype(np.uint16)
+        index = (rows, columns)
         if exact is not None and exact.any():
-            self.exact[index[0][exact], index[1][exact]] = True
+            self.exact[rows[exact], columns[exact]] = True
+        if not tight:
+            hit = counts > 0
+            self.x0[window][hit] = self.y0[window][hit] = 0
+            self.x1[window][hit] = self.y1[window][hit] = BLOCK - 1
+            return
+        dx, dy = (xs % BLOCK).astype(np.uint8), (ys % BLOCK).astype(np.uint8)
         np.minimum.at(self.x0, index, dx)
         np.minimum.at(self.y0, index, dy)
         np.maximum.at(self.x1, index, dx)
