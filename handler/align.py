@@ -33,6 +33,7 @@ which the streamed pass cannot know before the row alignment exists.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,7 +43,7 @@ from numpy.typing import NDArray
 #: Column blocks per row signature.
 SIGNATURE_BLOCKS = 64
 #: Horizontal bands of rows per column profile.
-PROFILE_BANDS = 32
+PROFILE_BANDS = 16
 #: Column profiles sum every ROW_SAMPLE-th row.
 ROW_SAMPLE = 4
 #: Two rows match when no block of their signatures differs by more than this (0..255 grey).
@@ -63,9 +64,10 @@ MAX_SHIFT_X = 512
 #: The vertical offset the phase correlation of the rows looks for (a moved picture; bands
 #: inserted or removed are found by the row alignment, at any height).
 MAX_SHIFT_Y = 512
-#: An offset is believed when its (whitened, 0..1) correlation peak is at least MIN_PEAK and
-#: this many times the next best one away from it.
-MIN_PEAK = 0.4
+#: An offset is believed when its (whitened, 0..1) correlation peak, with its neighbours,
+#: is at least MIN_PEAK (two different pictures: up to ~0.45; a moved one: 1.0, 0.6 for a very
+#: smooth picture) and this many times the next best one away from it.
+MIN_PEAK = 0.6
 MIN_PEAK_RATIO = 1.5
 
 BandKind = Literal["matched", "inserted", "removed"]
@@ -223,16 +225,32 @@ def moved_rows(
     the other image's rows at another height, among the rows read so far (``read``: A's and
     B's)? The offset d (B's row = A's row + d) where they are, or None.
 
-    Tried: ``hints`` (offsets found for earlier strips), then, with ``search``, every offset up
-    to SEARCH_ROWS. Flat rows (blank lines match anything) say nothing; most of a strip's
-    other rows must match at one offset, A's rows found in B or B's in A.
+    Rows that match in place did not move (``rows_in_place``). Tried: ``hints`` (offsets found
+    for earlier strips), then, with ``search``, every offset up to SEARCH_ROWS. Flat rows (blank
+    lines match anything) say nothing; most of a strip's other rows must match at one offset,
+    A's rows found in B or B's in A.
     """
     if a.rows.shape[1] != b.rows.shape[1] or span[1] > min(a.height, b.height):
+        return None
+    if rows_in_place(a, b, span):
         return None
     for offset in hints:
         if _offset_fits(a, b, span, read, offset):
             return offset
     return _search_offset(a, b, span, read) if search else None
+
+
+def rows_in_place(a: Profiles, b: Profiles, span: tuple[int, int]) -> bool:
+    """Do most informative rows of ``span`` match where they are (noise, a change within the
+    rows: not a move; a smooth picture's rows also match their neighbours, which says
+    nothing)?"""
+    if a.rows.shape[1] != b.rows.shape[1] or span[1] > min(a.height, b.height):
+        return False
+    own_a, own_b = a.rows[span[0] : span[1]], b.rows[span[0] : span[1]]
+    informative = _informative(own_a) | _informative(own_b)
+    if not informative.any():
+        return True
+    return bool(_matching(own_a, own_b)[informative].mean() >= 0.5)
 
 
 #: How far ``moved_rows`` looks for a strip's content (rows above and below, in either image).
@@ -288,9 +306,16 @@ def _search_offset(
         if last - first < count:
             continue
         around = there.rows[first:last].astype(np.int16)
-        windows = np.lib.stride_tricks.sliding_window_view(around, (count, around.shape[1]))
-        gaps = np.abs(windows[:, 0] - own.astype(np.int16)[None]).max(axis=-1)
-        share = (gaps <= ROW_TOLERANCE)[:, informative].mean(axis=1)
+        windows = np.lib.stride_tricks.sliding_window_view(around, (count, around.shape[1]))[:, 0]
+        # (A few hundred offsets at a time: all at once, a 2,000-row search held ~4 MB.)
+        share = np.concatenate(
+            [
+                (np.abs(part - own.astype(np.int16)).max(axis=-1) <= ROW_TOLERANCE)[
+                    :, informative
+                ].mean(axis=1)
+                for part in np.array_split(windows, max(1, len(windows) // 256))
+            ]
+        )
         if 0 <= top - first < len(share):
             share[top - first] = 0.0  # in place is not moved
         k = int(np.argmax(share))
@@ -310,9 +335,7 @@ def horizontal_offset(columns_a: NDArray[np.uint32], columns_b: NDArray[np.uint3
     if limit < 1:
         return 0
     bands = min(columns_a.shape[0], columns_b.shape[0])
-    pa = _normalised_rows(_resampled_bands(columns_a, bands))
-    pb = _normalised_rows(_resampled_bands(columns_b, bands))
-    scores = _correlation(pa, pb, limit)
+    scores = _correlation(_banded(columns_a, bands), _banded(columns_b, bands), limit)
     return _peak(scores, limit)
 
 
@@ -325,9 +348,10 @@ def vertical_offset(rows_a: NDArray[np.uint8], rows_b: NDArray[np.uint8]) -> int
     blocks = min(rows_a.shape[1], rows_b.shape[1])
     if limit < 1 or blocks < 1:
         return 0
-    pa = _normalised_rows(rows_a[:, :blocks].T.astype(np.float64))
-    pb = _normalised_rows(rows_b[:, :blocks].T.astype(np.float64))
-    return _peak(_correlation(pa, pb, limit), limit)
+    # Groups of blocks as channels: as good an answer, a quarter of the transforms.
+    pa = _coarse_channels(rows_a[:, :blocks], 16)
+    pb = _coarse_channels(rows_b[:, :blocks], 16)
+    return _peak(_correlation(list(pa), list(pb), limit), limit)
 
 
 def translated(dy: int, height_a: int, height_b: int) -> list[Band]:
@@ -349,29 +373,37 @@ def translated(dy: int, height_a: int, height_b: int) -> list[Band]:
     return bands
 
 
-def _resampled_bands(columns: NDArray[np.uint32], bands: int) -> NDArray[np.float64]:
+def _banded(columns: NDArray[np.uint32], bands: int) -> list[NDArray[np.uint32]]:
+    """``columns``' rows summed into ``bands`` rows (one view each where nothing is summed)."""
     if columns.shape[0] == bands:
-        return columns.astype(np.float64)
+        return list(columns)
     groups = np.array_split(np.arange(columns.shape[0]), bands)
-    return np.stack([columns[group].sum(axis=0) for group in groups]).astype(np.float64)
+    return [columns[group].sum(axis=0, dtype=np.uint64).astype(np.uint32) for group in groups]
 
 
-def _normalised_rows(signal: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Each band's profile minus its mean, over its own scale (flat bands stay zero)."""
-    centred = signal - signal.mean(axis=1, keepdims=True)
-    scale = np.sqrt((centred**2).sum(axis=1, keepdims=True))
-    return np.asarray(np.divide(centred, scale, out=np.zeros_like(centred), where=scale > 0))
+def _normalised(signal: NDArray[np.number]) -> NDArray[np.float64]:
+    """A profile minus its mean, over its own scale (a flat one stays zero)."""
+    centred = signal.astype(np.float64)
+    centred -= centred.mean()
+    scale = float(np.sqrt((centred**2).sum()))
+    return centred / scale if scale > 0 else centred
 
 
-def _correlation(a: NDArray[np.float64], b: NDArray[np.float64], limit: int) -> NDArray[np.float64]:
-    """Phase correlation of ``b`` against ``a`` along the last axis, summed over the first,
-    for shifts ``-limit..limit`` (index ``limit`` = shift 0): the spectrum's magnitudes are
-    whitened so every frequency votes alike (a sharp peak for a true shift)."""
-    size = 1 << int(np.ceil(np.log2(a.shape[1] + b.shape[1] + 1)))
-    # Tapered at both ends: the signals' edges would otherwise agree at shift 0 by themselves.
-    a, b = a * np.hanning(a.shape[1]), b * np.hanning(b.shape[1])
-    spectrum = np.conj(np.fft.rfft(a, size, axis=1)) * np.fft.rfft(b, size, axis=1)
-    summed = spectrum.sum(axis=0)
+def _correlation(
+    a: Sequence[NDArray[np.number]], b: Sequence[NDArray[np.number]], limit: int
+) -> NDArray[np.float64]:
+    """Phase correlation of ``b``'s profiles against ``a``'s (each normalised, tapered at both
+    ends), summed over the profiles, for shifts ``-limit..limit`` (index ``limit`` = shift 0):
+    the spectrum's magnitudes are whitened so every frequency votes alike (a sharp peak for a
+    true shift). One profile at a time: a 10,000-pixel profile's transforms stay a few MB."""
+    length_a, length_b = len(a[0]), len(b[0])
+    size = 1 << int(np.ceil(np.log2(length_a + length_b + 1)))
+    # Tapered: the signals' edges would otherwise agree at shift 0 by themselves.
+    taper_a, taper_b = np.hanning(length_a), np.hanning(length_b)
+    summed = np.zeros(size // 2 + 1, np.complex128)
+    for row_a, row_b in zip(a, b, strict=True):
+        spectrum_a = np.fft.rfft(_normalised(row_a) * taper_a, size)
+        summed += np.conj(spectrum_a) * np.fft.rfft(_normalised(row_b) * taper_b, size)
     magnitude = np.abs(summed)
     whitened = np.divide(summed, magnitude, out=np.zeros_like(summed), where=magnitude > 1e-9)
     scores = np.fft.irfft(whitened, size)
@@ -379,17 +411,20 @@ def _correlation(a: NDArray[np.float64], b: NDArray[np.float64], limit: int) -> 
 
 
 def _peak(scores: NDArray[np.float64], limit: int) -> int:
-    """The shift of the highest score when it reaches MIN_PEAK and beats every score more than
-    two places away by MIN_PEAK_RATIO (a flat or periodic profile has no single answer: 0)."""
-    best = int(np.argmax(scores))
-    top = scores[best]
-    if top < MIN_PEAK:  # two different pictures correlate up to ~0.3 somewhere
+    """The shift of the highest score when its peak, with its two neighbours (a smooth picture
+    spreads a shift's energy over a few places), reaches MIN_PEAK and beats every such sum
+    more than three places away by MIN_PEAK_RATIO (a flat or periodic profile, or two
+    different pictures, have no single answer: 0)."""
+    summed = np.convolve(scores, np.ones(3), mode="same")
+    best = int(np.argmax(summed))
+    if summed[best] < MIN_PEAK:
         return 0
-    away = np.abs(np.arange(len(scores)) - best) > 2
-    rival = scores[away].max() if away.any() else 0.0
-    if rival > 0 and top < MIN_PEAK_RATIO * rival:
+    away = np.abs(np.arange(len(summed)) - best) > 3
+    rival = summed[away].max() if away.any() else 0.0
+    if rival > 0 and summed[best] < MIN_PEAK_RATIO * rival:
         return 0
-    return best - limit
+    around = slice(max(0, best - 1), best + 2)
+    return int(np.argmax(scores[around])) + around.start - limit
 
 
 def shifted_signatures(rows: NDArray[np.uint8], dx: int, width: int) -> NDArray[np.uint8]:
@@ -459,8 +494,10 @@ def _correlation_peaks(
     height_a, height_b = len(rows_a), len(rows_b)
     limit = max(1, max(height_a, height_b) - min(height_a, height_b) // 2)
     size = 1 << int(np.ceil(np.log2(height_a + height_b + 1)))
-    product = np.conj(np.fft.rfft(a, size, axis=1)) * np.fft.rfft(b, size, axis=1)
-    scores = np.fft.irfft(product.sum(axis=0), size)
+    product = np.zeros(size // 2 + 1, np.complex128)
+    for row_a, row_b in zip(a, b, strict=True):
+        product += np.conj(np.fft.rfft(row_a, size)) * np.fft.rfft(row_b, size)
+    scores = np.fft.irfft(product, size)
     shifts = np.arange(-limit, limit + 1)
     scores = np.concatenate([scores[size - limit :], scores[: limit + 1]])
     overlap = np.minimum(height_a, height_b - shifts) - np.maximum(0, -shifts)

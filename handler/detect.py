@@ -48,7 +48,7 @@ from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
 from handler import pixels as px
-from handler.align import Alignment, Band, Profiles, align, moved_rows
+from handler.align import Alignment, Band, Profiles, align, moved_rows, rows_in_place
 from handler.config import IgnoreRegion, MatchLevel, MatchRegion
 from handler.errors import ImageTooLarge, InvalidImage, InvalidManifest
 from handler.regions import (
@@ -85,8 +85,11 @@ ASPECT_TOLERANCE = 0.01
 MAX_CROPS = 4
 CROP_SIDE = 448
 CROP_MARGIN = 24
-#: Rows of context above and below a strip: the anti-aliasing test looks two pixels away.
-CONTEXT = 2
+#: Rows of context above and below a strip: the anti-aliasing tests' 3 x 3 neighbourhoods.
+#: (pixelmatch's "many siblings" test looks one pixel further; at a strip's first and last
+#: rows it counts the siblings the strip holds. Two rows of context cost the 100 MP pair
+#: ~11 MB of peak memory: a strip's buffers no longer fit the allocator's reuse.)
+CONTEXT = 1
 #: Cells whose content is looked for nearby in B, per pass, and per strip (a strip with more
 #: changed cells than that is not a local move: the alignment's business).
 MAX_MOVE_CELLS = 256
@@ -101,13 +104,13 @@ MAX_OFFSET_SEARCHES = 16
 #: is known whether their rows moved (classifying a moved page costs more than aligning it),
 #: within HELD_BYTES of held pixels.
 HOLD_SHARE = 0.05
-HELD_BYTES = 4 << 20
+HELD_BYTES = 2 << 20
 #: How far from a one-image band its reference row (the page's background) is looked for.
 REFERENCE_ROWS = 32
 #: Strips hold about this many pixels per image (4 bytes each).
 _STRIP_PIXELS = 1 << 16
 #: Differing pixels classified at once (bounds the temporary arrays to a few MB).
-_CHUNK = 16384
+_CHUNK = 8192
 #: Largest shrink factor of ``Detection.shrunk`` (libvips keeps a few hundred recent rows).
 _MAX_SHRINK = 64
 #: Source rows shrunk at once: each fetch from libvips costs more than the rows it shrinks.
@@ -434,6 +437,17 @@ def _shrink_factor(work: tuple[int, int], wanted: tuple[int, int]) -> int:
 
 
 @dataclass(frozen=True)
+class _Colour:
+    """Per differing pixel: pixelmatch's colour distance, the same on white, the change of
+    opacity (0..255)."""
+
+    delta: NDArray[np.float32]
+    on_white: NDArray[np.float32]
+    #: None where both are opaque everywhere.
+    opacity: NDArray[np.int16] | None
+
+
+@dataclass(frozen=True)
 class _Rules:
     """What counts as changed where: boxes left out (``ignore_regions`` and ``ignore`` level
     boxes), boxes at another level, the pair's level; all in A's work pixels."""
@@ -467,13 +481,13 @@ class _Rules:
             tuple(left_out), Levels(level, tuple(boxes)), geometry.lossless, geometry.work_a[0]
         )
 
-    def kept(self, xs: NDArray[np.intp], ys: NDArray[np.intp]) -> NDArray[np.bool_]:
+    def kept(self, xs: px.Index, ys: px.Index) -> NDArray[np.bool_]:
         hit = np.zeros(len(xs), dtype=bool)
         for x0, y0, x1, y1 in self.ignore:
             hit |= (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
         return ~hit
 
-    def codes(self, xs: NDArray[np.intp], ys: NDArray[np.intp]) -> NDArray[np.int8]:
+    def codes(self, xs: px.Index, ys: px.Index) -> NDArray[np.int8]:
         """The pixel rule of each pixel's level: normal, exact or colours ignored."""
         code = {"exact": _EXACT, "ignore_colors": _COLOURS}
         out = np.full(len(xs), code.get(self.levels.level, _NORMAL), np.int8)
@@ -482,42 +496,49 @@ class _Rules:
             out[inside] = code.get(level, _NORMAL)
         return out
 
-    def colour(
-        self, a: px.Where, b: px.Where, xs: NDArray[np.intp], ys: NDArray[np.intp]
-    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    def colour(self, a: px.Where, b: px.Where, xs: px.Index, ys: px.Index) -> _Colour:
         """The colour distance of each differing pixel (at A's work pixels ``xs``, ``ys``),
-        and the same on white (``handler.pixels.colour_delta``)."""
+        the same on white (``handler.pixels.colour_delta``), and its change of opacity."""
         pa, pb = a.pixels(), b.pixels()
         see_through = px.translucent(pa, pb)
         bg = px.background(ys, xs, self.width_a) if see_through.any() else None
-        return px.colour_delta(pa, pb, bg)
+        delta, on_white = px.colour_delta(pa, pb, bg)
+        if bg is None:  # all opaque: nothing more to keep
+            return _Colour(delta, on_white, None)
+        opacity = np.abs(pa[:, 3].astype(np.int16) - pb[:, 3].astype(np.int16))
+        return _Colour(delta, on_white, opacity)
 
     def classify(
         self,
         a: px.Where,
         b: px.Where,
-        xs: NDArray[np.intp],
-        ys: NDArray[np.intp],
-        colour: tuple[NDArray[np.float32], NDArray[np.float32]],
+        xs: px.Index,
+        ys: px.Index,
+        colour: _Colour,
         *,
         rough: bool,
     ) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_]]:
         """Changed, strong, transparency-only and judged-exactly, per differing pixel, from
         its ``colour`` distances; ``rough``: without the anti-aliasing test (a strip that
         changed almost everywhere: the test would only spare its few edge pixels)."""
-        delta, on_white = colour
+        delta, on_white = colour.delta, colour.on_white
         changed = delta > px.MAX_DELTA
         codes = self.codes(xs, ys)
         smoothing = np.flatnonzero(changed & (codes != _EXACT) & (not rough))
         if len(smoothing):
-            changed[smoothing[px.antialiased(a.subset(smoothing), b.subset(smoothing))]] = False
+            smooth = px.antialiased(
+                a.subset(smoothing), b.subset(smoothing), exact_siblings=self.lossless
+            )
+            changed[smoothing[smooth]] = False
         recoloured = np.flatnonzero(changed & (codes == _COLOURS))
         if len(recoloured):
             same = ~px.structure_changed(a.subset(recoloured), b.subset(recoloured))
             changed[recoloured[same]] = False
         strong = changed & (delta > px.STRONG_DELTA)
-        pa, pb = a.pixels()[:, 3].astype(np.int16), b.pixels()[:, 3].astype(np.int16)
-        transparency = changed & (np.abs(pa - pb) > px.ALPHA_THRESHOLD) & (on_white <= px.MAX_DELTA)
+        transparency = np.zeros_like(changed)
+        if colour.opacity is not None:
+            opacity = colour.opacity > px.ALPHA_THRESHOLD
+            transparency = changed & opacity & (on_white <= px.MAX_DELTA)
         return changed, strong, transparency, changed & (codes == _EXACT)
 
 
@@ -707,10 +728,12 @@ class _Scan:
         self._read = step.bottom
         if not equal:
             held = _Held(step, strip_a, strip_b, differs, left)
-            if differs.mean() < HOLD_SHARE:  # cheap to classify: no need to know first
+            span = (step.top, step.bottom)
+            # Cheap to classify, or changed where it is: no need to know whether it moved.
+            if differs.mean() < HOLD_SHARE or rows_in_place(*self.profiles, span):
                 self._changes(held, moves=True)
             elif self._moved(step, search=True):
-                self.deferred.append((step.top, step.bottom))
+                self.deferred.append(span)
             else:
                 self._held.append(held)
         self._settle()
@@ -759,9 +782,8 @@ class _Scan:
     def _changes(self, held: _Held, *, moves: bool) -> None:
         """Classify the differing pixels of a matched strip and add the changed to the map;
         with ``moves``, look for the changed cells' content nearby (``_moves``)."""
-        step, differs, left = held.step, held.differs, held.left
-        (a, first_a), (b, first_b) = held.strip_a, held.strip_b
-        ys, xs = np.nonzero(differs)
+        step, left = held.step, held.left
+        ys, xs = (found.astype(np.int32) for found in np.nonzero(held.differs))
         image_ys, image_xs = ys + step.top, xs + left
         if self.rules.ignore:
             keep = self.rules.kept(image_xs, image_ys)
@@ -771,27 +793,22 @@ class _Scan:
         cell_top = step.top // BLOCK
         per_row = np.bincount(image_ys // BLOCK - cell_top)
         self.cells.differing[cell_top : cell_top + len(per_row)] += per_row
-        off_a, off_b = step.top - first_a, step.top + step.band.shift - first_b
-        dx = self.alignment.dx
         # In chunks: a photo re-encode differs in almost every pixel, and the neighbourhood
-        # gathers cost a few hundred bytes per candidate.
+        # gathers cost a few hundred bytes per candidate. The colours first, for all: a strip
+        # that changed almost everywhere skips the anti-aliasing test (``rough``).
         chunks = [slice(start, start + _CHUNK) for start in range(0, len(ys), _CHUNK)]
-        wheres = [
-            (
-                px.Where(a, ys[part] + off_a, xs[part] + left, first_a, self.a.size),
-                px.Where(b, ys[part] + off_b, xs[part] + left + dx, first_b, self.b.size),
+        colours = [
+            self.rules.colour(
+                *self._where(held, ys[part], xs[part]), image_xs[part], image_ys[part]
             )
             for part in chunks
         ]
-        colours = [
-            self.rules.colour(where_a, where_b, image_xs[part], image_ys[part])
-            for part, (where_a, where_b) in zip(chunks, wheres, strict=True)
-        ]
-        candidates = sum(int((delta > px.MAX_DELTA).sum()) for delta, _ in colours)
-        rough = candidates >= MASSIVE_SHARE * differs.size
+        candidates = sum(int((colour.delta > px.MAX_DELTA).sum()) for colour in colours)
+        rough = candidates >= MASSIVE_SHARE * held.differs.size
         touched: list[NDArray[np.intp]] = []
-        for part, (where_a, where_b), colour in zip(chunks, wheres, colours, strict=True):
+        for part, colour in zip(chunks, colours, strict=True):
             x, y = image_xs[part], image_ys[part]
+            where_a, where_b = self._where(held, ys[part], xs[part])
             changed, strong, transparency, exact = self.rules.classify(
                 where_a, where_b, x, y, colour, rough=rough
             )
@@ -803,7 +820,18 @@ class _Scan:
             self.cells.transparency[cell_top : cell_top + len(seen)] += seen
             touched.append((y // BLOCK) * self.cells.count.shape[1] + x // BLOCK)
         if touched and moves and not rough:
-            self._moves(step, np.unique(np.concatenate(touched)))
+            self._moves(step, _distinct(np.concatenate(touched)))
+
+    def _where(self, held: _Held, ys: px.Index, xs: px.Index) -> tuple[px.Where, px.Where]:
+        """Pixels of a held strip (rows ``ys`` of the step, columns ``xs`` from ``held.left``)
+        in A's strip and in B's, along the alignment."""
+        (a, first_a), (b, first_b) = held.strip_a, held.strip_b
+        step, left = held.step, held.left
+        off_a, off_b = step.top - first_a, step.top + step.band.shift - first_b
+        return (
+            px.Where(a, ys + off_a, xs + left, first_a, self.a.size),
+            px.Where(b, ys + off_b, xs + left + self.alignment.dx, first_b, self.b.size),
+        )
 
     def _moves(self, step: _Step, cells: NDArray[np.intp]) -> None:
         """Look for each changed cell's content near its place in B (a local move)."""
@@ -822,6 +850,15 @@ class _Scan:
                 window_a, window_b, row, column, (step.top, step.bottom), shift, dx, radius
             )
             self.cells.record_move((row, column), found)
+
+
+def _distinct(values: NDArray[np.intp]) -> NDArray[np.intp]:
+    """The distinct values, sorted (``np.unique`` would import ``numpy.ma``, ~2 MB, while
+    both decoders are at work)."""
+    ordered = np.sort(values)
+    keep = np.ones(len(ordered), dtype=bool)
+    keep[1:] = ordered[1:] != ordered[:-1]
+    return ordered[keep]
 
 
 def _cell_shift(

@@ -19,13 +19,15 @@ opacity) as ``handler.detect`` streams them.
 
 Coordinates: every function gets, per image, the strip and the candidates' rows and columns in
 that strip, plus where the strip's rows and columns lie in the image (its row ``top`` and the
-image's size), since pixelmatch treats pixels at the image's border specially.
+image's size), since pixelmatch treats pixels at the image's border specially. A strip holds
+one row of context above and below: at its first and last rows the many-siblings test counts
+the siblings the strip holds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -49,6 +51,8 @@ MOVE_RESIDUAL = 0.02
 #: What the move test finds for a block: its shift (dx, dy), ``"any"`` (a flat block that
 #: several shifts fit) or None (no shift explains it).
 Shift = tuple[int, int] | Literal["any"] | None
+#: Pixel coordinates: 32-bit where a strip's pixels are listed (half the memory), else 64.
+Index = NDArray[np.signedinteger[Any]]
 
 YIQ = np.array(
     [
@@ -88,8 +92,8 @@ class Where:
     first row is the image's row ``top``; the image is ``size`` (width, height)."""
 
     strip: NDArray[np.uint8]
-    ys: NDArray[np.intp]
-    xs: NDArray[np.intp]
+    ys: Index
+    xs: Index
     top: int
     size: tuple[int, int]
 
@@ -100,7 +104,7 @@ class Where:
         return Where(self.strip, self.ys[index], self.xs[index], self.top, self.size)
 
 
-def background(ys: NDArray[np.intp], xs: NDArray[np.intp], width: int) -> NDArray[np.float32]:
+def background(ys: Index, xs: Index, width: int) -> NDArray[np.float32]:
     """pixelmatch's blending background per pixel (R, G, B), from the pixel's index."""
     k = 4 * (ys.astype(np.int64) * width + xs)
     red = np.full(len(k), 48.0, np.float32)  # (k is even: always 48)
@@ -128,11 +132,13 @@ def translucent(pa: NDArray[np.uint8], pb: NDArray[np.uint8]) -> NDArray[np.bool
     return (pa[:, 3] < 255) | (pb[:, 3] < 255)
 
 
-def antialiased(a: Where, b: Where) -> NDArray[np.bool_]:
-    """Smoothing in either image (see the module docstring), for pixels that differ."""
-    result = _tolerant(_Near.of(a, _SMALL), _Near.of(b, _SMALL))
+def antialiased(a: Where, b: Where, *, exact_siblings: bool = True) -> NDArray[np.bool_]:
+    """Smoothing in either image (see the module docstring), for pixels that differ.
+    ``exact_siblings``: apply pixelmatch's rule too (its "many siblings" are exactly equal
+    pixels, which lossy inputs hardly ever hold: there it costs time and finds nothing)."""
+    result = _tolerant(_Near.of(a, _SMALL, bounds=False), _Near.of(b, _SMALL, bounds=False))
     undecided = np.flatnonzero(~result)
-    if len(undecided):
+    if len(undecided) and exact_siblings:
         near_a, near_b = _Near.of(a.subset(undecided)), _Near.of(b.subset(undecided))
         result[undecided] = _pixelmatch(near_a, near_b) | _pixelmatch(near_b, near_a)
     return result
@@ -148,29 +154,32 @@ class _Near:
     indices (clipped), which positions lie inside the image, which lie on its border."""
 
     where: Where
-    flat: NDArray[np.intp]
+    flat: NDArray[np.int32]
     valid: NDArray[np.bool_]
     border: NDArray[np.bool_]
 
     @classmethod
-    def of(cls, where: Where, positions: NDArray[np.intp] | None = None) -> _Near:
-        grid = _GRID if positions is None else _GRID[positions]
+    def of(
+        cls, where: Where, positions: NDArray[np.intp] | None = None, *, bounds: bool = True
+    ) -> _Near:
+        """Without ``bounds``, ``valid`` and ``border`` are left empty (the tolerant test does
+        without them: a third of the temporary arrays)."""
+        grid = (_GRID if positions is None else _GRID[positions]).astype(np.int32)
         height, width = where.strip.shape[:2]
-        rows = where.ys[:, None] + grid[:, 0]
-        cols = where.xs[:, None] + grid[:, 1]
-        image_rows = rows + where.top
-        inside_cols = (cols >= 0) & (cols < where.size[0])
-        valid = (rows >= 0) & (rows < height) & inside_cols
-        valid &= (image_rows >= 0) & (image_rows < where.size[1])
-        border = (
-            (image_rows == 0)
-            | (image_rows == where.size[1] - 1)
-            | (cols == 0)
-            | (cols == where.size[0] - 1)
-        )
+        rows = where.ys.astype(np.int32)[:, None] + grid[:, 0]
+        cols = where.xs.astype(np.int32)[:, None] + grid[:, 1]
+        valid = border = np.zeros((0, 0), dtype=bool)
+        if bounds:
+            image_rows = rows + where.top
+            valid = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < where.size[0])
+            valid &= (image_rows >= 0) & (image_rows < where.size[1])
+            border = (image_rows == 0) | (image_rows == where.size[1] - 1)
+            border |= (cols == 0) | (cols == where.size[0] - 1)
         np.clip(rows, 0, height - 1, out=rows)
         np.clip(cols, 0, width - 1, out=cols)
-        return cls(where, rows * width + cols, valid, border)
+        rows *= width
+        rows += cols
+        return cls(where, rows, valid, border)
 
     def rgb(self, positions: slice | NDArray[np.intp] = slice(None)) -> NDArray[np.uint8]:
         return self.where.strip.reshape(-1, 4)[self.flat[:, positions], :3]

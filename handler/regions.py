@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 
 from handler.align import Alignment, Band
 from handler.config import MatchLevel
-from handler.pixels import Shift
+from handler.pixels import Index, Shift
 from handler.result import AlignmentInfo, BandInfo, Box, Region, RegionKind
 from handler.vips import pyvips
 
@@ -95,8 +95,8 @@ class ChangeMap:
 
     def add(
         self,
-        xs: NDArray[np.intp],
-        ys: NDArray[np.intp],
+        xs: Index,
+        ys: Index,
         strong: NDArray[np.bool_],
         exact: NDArray[np.bool_] | None,
         *,
