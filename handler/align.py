@@ -69,6 +69,9 @@ MAX_SHIFT_Y = 512
 #: smooth picture) and this many times the next best one away from it.
 MIN_PEAK = 0.6
 MIN_PEAK_RATIO = 1.5
+#: ... or, for the vertical offset, when the rows at the best offset differ by at most this
+#: share of what they differ in place.
+VERIFIED_GAP = 0.7
 
 BandKind = Literal["matched", "inserted", "removed"]
 _INF = np.float64(1e18)
@@ -191,7 +194,7 @@ def align(a: Profiles, b: Profiles) -> Alignment | None:
     pixel for pixel (or nothing moved). Cheap: a few passes over the signatures."""
     dx = horizontal_offset(a.columns, b.columns)
     rows_b = shifted_signatures(b.rows, dx, b.signed)
-    dy = vertical_offset(a.rows, rows_b)
+    dy = vertical_offset(a.rows, rows_b, moved=dx != 0)
     if dx:
         # Moved sideways: the whole picture (a camera, a margin). Rows shifted sideways match
         # only roughly (a photo's texture defeats the row tolerance), so no bands: the picture
@@ -339,10 +342,15 @@ def horizontal_offset(columns_a: NDArray[np.uint32], columns_b: NDArray[np.uint3
     return _peak(scores, limit)
 
 
-def vertical_offset(rows_a: NDArray[np.uint8], rows_b: NDArray[np.uint8]) -> int:
+def vertical_offset(
+    rows_a: NDArray[np.uint8], rows_b: NDArray[np.uint8], *, moved: bool = False
+) -> int:
     """How far B's content lies below A's (negative: above), from the phase correlation of the
-    row signatures (one signal per column block): the whole picture moved, as when a camera
-    moved. 0 unless one offset clearly stands out (a text page's lines repeat: no answer)."""
+    row signatures (groups of column blocks as signals): the whole picture moved, as when a
+    camera moved. 0 unless one offset clearly stands out, or (a very smooth picture spreads
+    the peak) the best one makes the rows agree clearly better than they do in place. With
+    ``moved`` (the picture moved sideways, for sure) the best offset is taken as it is: the
+    aligned pass that follows is kept only if it explains the pair better."""
     height_a, height_b = len(rows_a), len(rows_b)
     limit = min(MAX_SHIFT_Y, int(min(height_a, height_b) * MAX_SHIFT_SHARE))
     blocks = min(rows_a.shape[1], rows_b.shape[1])
@@ -351,7 +359,27 @@ def vertical_offset(rows_a: NDArray[np.uint8], rows_b: NDArray[np.uint8]) -> int
     # Groups of blocks as channels: as good an answer, a quarter of the transforms.
     pa = _coarse_channels(rows_a[:, :blocks], 16)
     pb = _coarse_channels(rows_b[:, :blocks], 16)
-    return _peak(_correlation(list(pa), list(pb), limit), limit)
+    scores = _correlation(list(pa), list(pb), limit)
+    found = _peak(scores, limit)
+    if found:
+        return found
+    best = int(np.argmax(np.convolve(scores, np.ones(3), mode="same"))) - limit
+    if moved:
+        return best
+    if best and _row_gap(rows_a, rows_b, best) <= VERIFIED_GAP * _row_gap(rows_a, rows_b, 0):
+        return best
+    return 0
+
+
+def _row_gap(rows_a: NDArray[np.uint8], rows_b: NDArray[np.uint8], offset: int) -> float:
+    """The mean difference of A's row signatures and B's ``offset`` rows further down."""
+    top, bottom = max(0, -offset), min(len(rows_a), len(rows_b) - offset)
+    if bottom - top < 1:
+        return float("inf")
+    blocks = min(rows_a.shape[1], rows_b.shape[1])
+    own = rows_a[top:bottom, :blocks].astype(np.int16)
+    other = rows_b[top + offset : bottom + offset, :blocks].astype(np.int16)
+    return float(np.abs(own - other).mean())
 
 
 def translated(dy: int, height_a: int, height_b: int) -> list[Band]:
