@@ -349,8 +349,9 @@ def vertical_offset(
     row signatures (groups of column blocks as signals): the whole picture moved, as when a
     camera moved. 0 unless one offset clearly stands out, or (a very smooth picture spreads
     the peak) the best one makes the rows agree clearly better than they do in place. With
-    ``moved`` (the picture moved sideways, for sure) the best offset is taken as it is: the
-    aligned pass that follows is kept only if it explains the pair better."""
+    ``moved`` (the picture moved sideways, for sure) the best offset is taken when the rows
+    agree better there than in place: the aligned pass that follows is kept only if it
+    explains the pair better."""
     height_a, height_b = len(rows_a), len(rows_b)
     limit = min(MAX_SHIFT_Y, int(min(height_a, height_b) * MAX_SHIFT_SHARE))
     blocks = min(rows_a.shape[1], rows_b.shape[1])
@@ -364,8 +365,9 @@ def vertical_offset(
     if found:
         return found
     best = int(np.argmax(np.convolve(scores, np.ones(3), mode="same"))) - limit
-    if moved:
-        return best
+    if moved:  # whichever makes the rows agree better: there, or in place (a text page's
+        # lines repeat: its best peak may be a line away)
+        return best if _row_gap(rows_a, rows_b, best) < _row_gap(rows_a, rows_b, 0) else 0
     if best and _row_gap(rows_a, rows_b, best) <= VERIFIED_GAP * _row_gap(rows_a, rows_b, 0):
         return best
     return 0

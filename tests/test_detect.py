@@ -101,19 +101,10 @@ def test_label_moved_by_a_few_pixels() -> None:
     assert region.y >= 110 and region.y + region.height <= 150  # the label's line, nothing else
 
 
-def _smoothed(text: str, resample: Image.Resampling) -> Image.Image:
-    """The label drawn at 4x without anti-aliasing, smoothed down by ``resample``."""
-    big = Image.new("RGB", (1920, 1280), (245, 246, 250))
-    draw = ImageDraw.Draw(big)
-    draw.fontmode = "1"
-    draw.text((160, 480), text, fill=(30, 30, 30), font=screens.font(64))
-    return big.resize((480, 320), resample)
-
-
 def test_anti_aliasing_only_rerender_is_similar() -> None:
     text = "Delivery address: 221B Baker Street"
-    a = _smoothed(text, Image.Resampling.LANCZOS)
-    b = _smoothed(text, Image.Resampling.BOX)
+    a = screens.smoothed_label(text, Image.Resampling.LANCZOS)
+    b = screens.smoothed_label(text, Image.Resampling.BOX)
     assert not np.array_equal(np.asarray(a), np.asarray(b))
     outcome = _run(screens.png(a), screens.png(b))
     assert outcome.result.changed_regions == []
@@ -122,7 +113,9 @@ def test_anti_aliasing_only_rerender_is_similar() -> None:
     # ...while one changed letter in the same rendering is found.
     changed = _run(
         screens.png(a),
-        screens.png(_smoothed("Delivery address: 221B Baker Streat", Image.Resampling.LANCZOS)),
+        screens.png(
+            screens.smoothed_label("Delivery address: 221B Baker Streat", Image.Resampling.LANCZOS)
+        ),
     )
     assert changed.result.is_similar is False and len(changed.result.changed_regions) == 1
 

@@ -88,18 +88,13 @@ def test_an_ignore_box_hides_a_clock() -> None:
     assert result.is_similar is True and result.changed_regions == []
 
 
-def _smoothed(resample: Image.Resampling) -> Image.Image:
-    big = Image.new("RGB", (1920, 1280), (245, 246, 250))
-    draw = ImageDraw.Draw(big)
-    draw.fontmode = "1"
-    draw.text((160, 480), LABEL, fill=(30, 30, 30), font=screens.font(64))
-    return big.resize((480, 320), resample)
-
-
 def test_exact_counts_every_pixel_over_the_threshold() -> None:
     """The same text with other smoothing: no change, except to ``exact``, which has no
     anti-aliasing or noise filter; in a box, only inside it."""
-    a, b = _png(_smoothed(Image.Resampling.LANCZOS)), _png(_smoothed(Image.Resampling.BOX))
+    a, b = (
+        _png(screens.smoothed_label(LABEL, Image.Resampling.LANCZOS)),
+        _png(screens.smoothed_label(LABEL, Image.Resampling.BOX)),
+    )
     assert _run(a, b).is_similar is True
     exact = _run(a, b, ComparisonConfig(match_level="exact"))
     assert exact.is_similar is False and exact.changed_regions
