@@ -31,7 +31,8 @@ def clauses(detection: Detection) -> list[str]:
 
 
 def alignment_clauses(alignment: AlignmentInfo) -> list[str]:
-    """ "a band 74 px high was added at the top of B; everything below moved down by 74 px"."""
+    """ "a band 74 px high was added at the top of B; everything below moved down by 74 px",
+    or for a picture that moved as a whole "everything moved left by 6 px and up by 4 px"."""
     out: list[str] = []
     bands = alignment.bands
     for index, band in enumerate(bands):
@@ -41,12 +42,12 @@ def alignment_clauses(alignment: AlignmentInfo) -> list[str]:
         after = next((b for b in bands[index + 1 :] if b.kind == "matched"), None)
         if after is not None and after.shift:
             out.append(f"everything below moved {_vertical(after.shift)}")
-    dx = alignment.offset[0]
-    if dx:
-        out.append(f"everything moved {'right' if dx > 0 else 'left'} by {abs(dx)} px")
-    edges = [b for b in bands if b.kind != "matched" and b.region is None]
-    if edges and not any(b.region is not None for b in bands if b.kind != "matched"):
-        out.append(f"everything moved {_vertical(alignment.offset[1])}")
+    dx, dy = alignment.offset
+    moves = [f"{'right' if dx > 0 else 'left'} by {abs(dx)} px"] if dx else []
+    if dy and not out:  # (no band said it: the picture moved down or up as a whole)
+        moves.append(_vertical(dy))
+    if moves:
+        out.append("everything moved " + " and ".join(moves))
     return out
 
 

@@ -56,8 +56,6 @@ ANY_SHIFT = "any"
 #: Levels (0..255) by which a band's pixel must differ from the neighbouring row to be content.
 CONTENT_TOLERANCE = 16
 
-CellShift = Shift
-
 
 @dataclass
 class ChangeMap:
@@ -76,7 +74,7 @@ class ChangeMap:
     y1: NDArray[np.uint8]
     differing: NDArray[np.int64]
     transparency: NDArray[np.int64]
-    moves: dict[tuple[int, int], CellShift] = field(default_factory=dict)
+    moves: dict[tuple[int, int], Shift] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, size: tuple[int, int]) -> ChangeMap:
@@ -137,7 +135,7 @@ class ChangeMap:
         self.transparency[:rows] = other.transparency[:rows]
         self.moves.update({cell: shift for cell, shift in other.moves.items() if cell[0] < rows})
 
-    def record_move(self, cell: tuple[int, int], shift: CellShift) -> None:
+    def record_move(self, cell: tuple[int, int], shift: Shift) -> None:
         """A cell tested in two strips keeps a shift only where both agree."""
         if cell in self.moves and self.moves[cell] != shift:
             previous = self.moves[cell]
@@ -205,8 +203,9 @@ class BandContent:
 
 @dataclass(frozen=True)
 class Geometry:
-    """The two images' native sizes, the sizes they were compared at, and whether B is a
-    rescaled copy (compared at the smaller size) or was aligned at its own size."""
+    """The two images' native sizes, the sizes they were compared at (both the smaller one's
+    for a rescaled copy, each its own otherwise), and whether one strongly changed pixel is a
+    change (lossless inputs compared at their own size)."""
 
     size_a: tuple[int, int]
     size_b: tuple[int, int]
@@ -456,7 +455,7 @@ def _clipped(
 
 
 def _cluster_shift(
-    cells: list[tuple[int, int]], moves: dict[tuple[int, int], CellShift]
+    cells: list[tuple[int, int]], moves: dict[tuple[int, int], Shift]
 ) -> tuple[int, int] | None:
     """The one shift every cell of a cluster agrees on (a flat cell agrees with any), or None."""
     if not cells:
