@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,8 +18,9 @@ from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig
 from handler.pipeline import ImageInput, compare_pair
 from handler.result import ComparisonResult
+from tests.support import screens
 from tests.support.fuzz_images import FuzzPair, corrupt_idat_png, fuzz_pairs, tiny_differing_pairs
-from tests.support.serve_process import serve_process
+from tests.support.serve_process import ServeProcess, serve_process
 from tests.support.watch_run import age, watch_once
 
 PAIRWATCH = [sys.executable, "-m", "watcher.cli"]
@@ -119,21 +121,49 @@ def test_watch_writes_a_result_for_every_fuzzed_pair(tmp_path: Path) -> None:
         assert _acceptable(result), (pair.name, result.error)
 
 
-def test_serve_answers_every_fuzzed_pair(tmp_path: Path) -> None:
-    with serve_process(tmp_path, {"PAIRWATCH_COMPARATOR": "metrics"}) as server:
-        for pair in _sample():
-            response = httpx.post(
-                server.url + "/v1/compare",
-                files={"a": ("a.png", pair.a, "image/png"), "b": ("b.png", pair.b, "image/png")},
-                timeout=60,
-            )
-            # 422: the result of a pair that failed on its inputs, or the upload's own check
-            # of a header it could not read (a detail naming the field).
-            assert response.status_code in (200, 422), (pair.name, response.text)
-            body = response.json()
-            if "pair_id" in body:
-                assert _acceptable(ComparisonResult.model_validate(body)), pair.name
-            else:
-                assert response.status_code == 422 and body["detail"], pair.name
-        assert "Traceback" not in server.log_path.read_text()
-        assert not server.events("internal_error")
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    with serve_process(tmp_path_factory.mktemp("serve"), {"PAIRWATCH_COMPARATOR": "metrics"}) as up:
+        yield up
+
+
+def test_serve_takes_a_match_level_per_request(server: ServeProcess) -> None:
+    """A moved label: different by default, the same under ``ignore_moves``; a level that
+    does not exist is the client's mistake, a 400 naming the field."""
+    text = "Delivery address: 221B Baker Street"
+    a = screens.png(screens.label_card(text))
+    b = screens.png(screens.label_card(text, offset=(3, 2)))
+
+    def post(config: str | None) -> httpx.Response:
+        return httpx.post(
+            server.url + "/v1/compare",
+            files={"a": ("a.png", a, "image/png"), "b": ("b.png", b, "image/png")},
+            data={"config": config} if config else {},
+            timeout=60,
+        )
+
+    strict = ComparisonResult.model_validate(post(None).json())
+    assert strict.is_similar is False and [r.kind for r in strict.changed_regions] == ["moved"]
+    moves = ComparisonResult.model_validate(post('{"match_level": "ignore_moves"}').json())
+    assert moves.is_similar is True and moves.config.match_level == "ignore_moves"
+    wrong = post('{"match_level": "loose"}')
+    assert wrong.status_code == 400 and "match_level" in wrong.text
+
+
+def test_serve_answers_every_fuzzed_pair(server: ServeProcess) -> None:
+    for pair in _sample():
+        response = httpx.post(
+            server.url + "/v1/compare",
+            files={"a": ("a.png", pair.a, "image/png"), "b": ("b.png", pair.b, "image/png")},
+            timeout=60,
+        )
+        # 422: the result of a pair that failed on its inputs, or the upload's own check of a
+        # header it could not read (a detail naming the field).
+        assert response.status_code in (200, 422), (pair.name, response.text)
+        body = response.json()
+        if "pair_id" in body:
+            assert _acceptable(ComparisonResult.model_validate(body)), pair.name
+        else:
+            assert response.status_code == 422 and body["detail"], pair.name
+    assert "Traceback" not in server.log_path.read_text()
+    assert not server.events("internal_error")
