@@ -122,9 +122,6 @@ class Alignment:
             band.kind == "matched" and band.shift == 0 for band in self.bands
         )
 
-    def matched_rows(self) -> int:
-        return sum(band.height for band in self.bands if band.kind == "matched")
-
 
 class Profiles:
     """One image's row signatures and column profiles, filled strip by strip as it streams."""
