@@ -49,6 +49,17 @@ class IgnoreRegion(BaseModel):
     height: int = Field(gt=0)
 
 
+MatchLevel = Literal["strict", "ignore_moves", "exact", "ignore_colors"]
+#: What a box of ``regions`` may set: a match level, or ``ignore`` (left out entirely).
+RegionLevel = Literal["strict", "ignore_moves", "exact", "ignore_colors", "ignore"]
+
+
+class MatchRegion(IgnoreRegion):
+    """A box in image A's native pixels compared at its own match level (or ignored)."""
+
+    match_level: RegionLevel
+
+
 class ComparisonConfig(BaseModel):
     """How one pair is compared. Overridable per pair (manifest ``config``) and per deployment."""
 
@@ -83,6 +94,19 @@ class ComparisonConfig(BaseModel):
         max_length=100,
         description="Boxes {x, y, width, height} in image A's native pixels to leave out of "
         "detection and metrics (masked in what the VL model sees).",
+    )
+    match_level: MatchLevel = Field(
+        "strict",
+        description="strict: anything added, removed, changed or moved makes the pair "
+        "different; ignore_moves: content that only moved does not; exact: every pixel over "
+        "the colour threshold counts (no anti-aliasing or noise filter); ignore_colors: "
+        "luminance structure only (a recolouring is not a change).",
+    )
+    regions: list[MatchRegion] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Boxes {x, y, width, height, match_level} in image A's native pixels "
+        "compared at their own level, or `ignore`d; a later box wins where boxes overlap.",
     )
 
     @field_validator("max_image_size")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -89,8 +90,7 @@ def prepare(
         streamed = _streamed(data, img)
         if streamed is not None:
             return _encoded(_thumbnail(data, max_size, expired), streamed, quality)
-        # (A PNG's getexif() decodes the whole image: only here, never on the streamed path.)
-        orientation = img.getexif().get(0x0112, 1)
+        orientation = _orientation(img)
         # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap.
         turned = orientation in (5, 6, 7, 8)
         width, height = img.size
@@ -246,6 +246,17 @@ def _streamed(data: bytes, img: Image.Image) -> InputHeader | None:
     return InputHeader(
         format=str(img.format), mode=img.mode, size=(height, width) if turned else (width, height)
     )
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 when there is none). A PNG's ``getexif()`` decodes the whole
+    image to find chunks after the pixels (only here, never on the streamed path): a corrupt
+    data stream fails there first."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise InvalidImage(f"cannot decode the image: {exc}") from exc
+    return value if isinstance(value, int) else 1
 
 
 def _thumbnail(data: bytes, box: tuple[int, int], expired: Expired | None) -> Image.Image:

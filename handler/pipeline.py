@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from PIL import Image, ImageDraw
 
@@ -51,7 +51,7 @@ from handler.images import (
 )
 from handler.logs import elapsed_ms, get_logger
 from handler.prepared_cache import CacheKey, PreparedCache, cache_key, process_cache
-from handler.result import ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo, Region
+from handler.result import Box, ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo
 from handler.vips import release_freed_memory
 
 #: Held while a full image is decoded (prepare) or streamed (detect, crops): one at a time.
@@ -196,6 +196,7 @@ def compare_pair(
         config=config,
         timings_ms=timings,
         vl=outcome.vl,
+        alignment=detection.alignment,
     )
     return _with_diff(result, prepared, diff_image, crops)
 
@@ -247,6 +248,8 @@ def _detect(
             max_pixels=max_input_pixels,
             ignore=config.ignore_regions,
             shrunk_sizes=(shrunk_sizes[0], shrunk_sizes[1]),
+            match_level=config.match_level,
+            regions=config.regions,
             deadline=deadline,
         )
         crops = (
@@ -263,6 +266,7 @@ def _detect(
         changed_pixels=detection.changed_pixels,
         changed_percent=round(detection.changed_percent, 4),
         work_size=detection.work_size,
+        alignment=detection.alignment.offset if detection.alignment else None,
         crops=len(crops),
         duration_ms=timings["detect"],
     )
@@ -309,10 +313,21 @@ def _masked_crops(
     ]
 
 
+@overload
 def _fill(
-    image: Image.Image, cut: Region, boxes: Sequence[tuple[float, float, float, float]]
-) -> Image.Image:
-    """A copy of ``image`` (which shows ``cut``) with the part of each box inside it filled."""
+    image: Image.Image, cut: Box | None, boxes: Sequence[tuple[float, float, float, float]]
+) -> Image.Image: ...
+@overload
+def _fill(
+    image: None, cut: Box | None, boxes: Sequence[tuple[float, float, float, float]]
+) -> None: ...
+def _fill(
+    image: Image.Image | None, cut: Box | None, boxes: Sequence[tuple[float, float, float, float]]
+) -> Image.Image | None:
+    """A copy of ``image`` (which shows ``cut``) with the part of each box inside it filled
+    (no image: a region that one image does not have)."""
+    if image is None or cut is None:
+        return image
     scale_x, scale_y = image.width / cut.width, image.height / cut.height
     filled = image
     for x0, y0, x1, y1 in boxes:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 import structlog
 
 from tests.support.clock import Clock
+
+if TYPE_CHECKING:
+    from tests.support.rendered import Rendered
 
 
 @pytest.fixture(autouse=True)
@@ -63,3 +67,14 @@ def no_pairwatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def clock() -> Clock:
     """A hand-moved clock (``clock.now``), for components with an injectable clock."""
     return Clock()
+
+
+@pytest.fixture(scope="session")
+def pages() -> dict[str, Rendered]:
+    """The shop page and its edited versions, each rendered once by headless Chromium as a
+    full-page screenshot (``tests.support.rendered``): a few seconds for all of them."""
+    from tests.support.browser import require_browser
+    from tests.support.rendered import render_all
+
+    require_browser()
+    return render_all()

@@ -171,7 +171,7 @@ def test_a_pair_with_a_changed_region_sends_its_crops(
     crop_a, crop_b = (Image.open(io.BytesIO(jpeg)) for jpeg in pictures[2:])
     assert crop_a.format == crop_b.format == "JPEG" and crop_a.size == crop_b.size
     assert max(crop_a.size) <= CROP_SIDE
-    box = f"region 0, changed box x={region.x} y={region.y} {region.width}x{region.height}"
+    box = f"region 0, changed, in A x={region.x} y={region.y} {region.width}x{region.height}"
     assert box in parts[8]["text"]
 
 

@@ -191,9 +191,10 @@ def test_a_small_change_sends_crops_of_its_region_and_says_which_box_they_show(
     request = backend.requests[-1]
     labels = [picture.label for picture in request.images]
     assert labels == ["Image A:", "Image B:", "Region 0 in image A:", "Region 0 in image B:"]
+    box = f"x={region.x} y={region.y} {region.width}x{region.height}"
     assert (
-        f"pictures 3 and 4: region 0, changed box x={region.x} y={region.y} "
-        f"{region.width}x{region.height}, close-up of x=0 y=982 400x448" in request.prompt
+        f"pictures 3 and 4: region 0, changed, in A {box}; in B {box}; "
+        "close-up of A x=0 y=982 400x448 and of B x=0 y=982 400x448" in request.prompt
     )
     assert 'Set "region" of a difference to the number of the region' in request.prompt
     # The overviews are the prepared 51 x 256 images (1/8 of the page's resolution); the

@@ -30,12 +30,13 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from handler import describe
 from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
 from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop
 from handler.images import PreparedImage
-from handler.result import ComparatorInfo, Difference, Region
+from handler.result import AlignmentInfo, Box, ComparatorInfo, Difference
 
 #: Longest edge of the common working size. Large enough that an edit over ~1% of the image
 #: spans many SSIM windows, small enough to stay in the low milliseconds.
@@ -92,7 +93,7 @@ class MetricsComparator:
 
         # Each metric takes milliseconds on the working size: the deadline is asked between.
         check = deadline.check if deadline is not None else _no_deadline
-        work_a, work_b = _common_size(a.image, b.image)
+        work_a, work_b = _common_size(*_aligned(a, b, detection))
         grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
         rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
         check()
@@ -130,12 +131,13 @@ class MetricsComparator:
         )
         if detection is not None and detection.identical:
             similarity = 1.0
-        is_similar = similarity >= config.similarity_threshold and not regions
+        differs = detection.differs if detection is not None else False
+        is_similar = similarity >= config.similarity_threshold and not differs
         return Verdict(
             similarity=similarity,
             is_similar=is_similar,
-            summary=_summary(similarity, is_similar, regions, detection),
-            differences=_differences(metrics, regions, detection),
+            summary=_summary(similarity, is_similar, detection),
+            differences=_differences(metrics, detection),
             changed_regions=regions,
             metrics=metrics,
         )
@@ -146,10 +148,89 @@ def _no_deadline() -> None:
 
 
 def _detection_similarity(detection: Detection) -> float:
-    if not detection.regions:
+    """Below DETECTION_CEILING when the detection makes the pair different (under its match
+    levels), the lower the more of it changed; 1.0 otherwise."""
+    if not detection.differs:
         return 1.0
     fraction = detection.changed_percent / 100.0
     return round(max(0.0, DETECTION_CEILING - DETECTION_WEIGHT * fraction), 4)
+
+
+def _aligned(
+    a: PreparedImage, b: PreparedImage, detection: Detection | None
+) -> tuple[Image.Image, Image.Image]:
+    """The prepared images, B laid out as A when the detection aligned them (bands inserted or
+    removed, a global offset): each of A's rows and columns shows what the alignment put
+    there from B, or A's own pixels where B has nothing (a removed band, an edge strip). So
+    the global scores measure the content, not where it moved; what moved, was added or
+    removed is the detection's to count."""
+    if detection is None:
+        return a.image, b.image
+    if detection.lenient:
+        return a.image, _counted_only(a, b, detection)
+    if detection.alignment is None:
+        return a.image, b.image
+    pixels_a, pixels_b = np.asarray(a.image), np.asarray(b.image)
+    rows = _mapped(detection.alignment, a, b, axis=1)
+    columns = _mapped(detection.alignment, a, b, axis=0)
+    laid = pixels_b[np.clip(rows, 0, None)[:, None], np.clip(columns, 0, None)[None, :]]
+    missing = (rows < 0)[:, None] | (columns < 0)[None, :]
+    laid = np.where(missing[..., None], pixels_a, laid)
+    if pixels_a.shape == pixels_b.shape:
+        # As in the detection: what stayed in place while the rest moved has not changed.
+        gap = np.abs(laid.astype(np.int16) - pixels_a).sum(axis=2)
+        gap_in_place = np.abs(pixels_b.astype(np.int16) - pixels_a).sum(axis=2)
+        laid = np.where((gap_in_place < gap)[..., None], pixels_b, laid)
+    return a.image, Image.fromarray(np.ascontiguousarray(laid), "RGB")
+
+
+def _counted_only(a: PreparedImage, b: PreparedImage, detection: Detection) -> Image.Image:
+    """Under a level that ignores some differences (moves, colours, boxes), B as the global
+    scores should see it: A, except where a region counts (there, B's own pixels, at the
+    region's place in B, pasted at its place in A). What the level ignores, they ignore."""
+    laid = a.image.copy()
+    for region, counted in zip(detection.regions, detection.counted, strict=True):
+        if not counted:
+            continue
+        source = region.b or region
+        target = region.a or region
+        piece = b.image.crop(_scaled(source, b)).resize(_size(_scaled(target, a)))
+        laid.paste(piece, _scaled(target, a)[:2])
+    return laid
+
+
+def _scaled(box: Box, image: PreparedImage) -> tuple[int, int, int, int]:
+    fx = image.size[0] / image.original_size[0]
+    fy = image.size[1] / image.original_size[1]
+    left, top = int(box.x * fx), int(box.y * fy)
+    right = max(left + 1, min(image.size[0], int(np.ceil((box.x + box.width) * fx))))
+    bottom = max(top + 1, min(image.size[1], int(np.ceil((box.y + box.height) * fy))))
+    return (left, top, right, bottom)
+
+
+def _size(box: tuple[int, int, int, int]) -> tuple[int, int]:
+    return (box[2] - box[0], box[3] - box[1])
+
+
+def _mapped(
+    alignment: AlignmentInfo, a: PreparedImage, b: PreparedImage, axis: int
+) -> NDArray[np.int64]:
+    """For each prepared pixel row (``axis`` 1) or column (0) of A, B's prepared row or column
+    that the alignment puts there, -1 where there is none."""
+    native_a, native_b = a.original_size[axis], b.original_size[axis]
+    shown_a, shown_b = a.size[axis], b.size[axis]
+    native = ((np.arange(shown_a) + 0.5) * native_a / shown_a).astype(np.int64)
+    if axis == 0:
+        target = native + alignment.offset[0]
+    else:
+        target = np.full(shown_a, -1, np.int64)
+        for band in alignment.bands:
+            if band.kind == "matched" and band.a is not None:
+                inside = (native >= band.a[0]) & (native < band.a[1])
+                target[inside] = native[inside] + band.shift
+    found = (target >= 0) & (target < native_b)
+    out = np.where(found, (target * shown_b) // native_b, -1)
+    return np.minimum(out, shown_b - 1)
 
 
 def _common_size(a: Image.Image, b: Image.Image) -> tuple[Image.Image, Image.Image]:
@@ -183,26 +264,27 @@ def _histogram_intersection(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float
     return float(np.minimum(hist_a / hist_a.sum(), hist_b / hist_b.sum()).sum())
 
 
-def _summary(
-    similarity: float, similar: bool, regions: list[Region], detection: Detection | None
-) -> str:
+def _summary(similarity: float, similar: bool, detection: Detection | None) -> str:
     verdict = "similar" if similar else "different"
     head = f"The images are {verdict} (similarity {similarity:.2f})"
     if detection is not None and detection.identical:
         return f"{head}; pixel-identical at native resolution."
-    if not regions or detection is None:
+    said = describe.clauses(detection) if detection is not None else []
+    if not said:
         return f"{head}; no localised changes."
-    plural = "s" if len(regions) > 1 else ""
-    what = "in transparency only" if detection.transparency_only else "changed"
-    return (
-        f"{head}; {len(regions)} region{plural} {what}: {detection.changed_pixels} pixels, "
-        f"{detection.changed_percent:.3g}% of the image."
-    )
+    tail = ""
+    if detection is not None and detection.changed_pixels and detection.regions:
+        tail = (
+            f" ({detection.changed_pixels} pixels, {detection.changed_percent:.3g}% of the image)"
+        )
+    return f"{head}: {'; '.join(said)}{tail}."
 
 
-def _differences(
-    metrics: dict[str, float], regions: list[Region], detection: Detection | None
-) -> list[Difference]:
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
+def _differences(metrics: dict[str, float], detection: Detection | None) -> list[Difference]:
     found: list[Difference] = []
     if metrics["hash_similarity"] < 0.75:
         found.append(
@@ -220,18 +302,16 @@ def _differences(
                 description=f"The colour distributions differ (mean ΔE {metrics['mean_delta_e']}).",
             )
         )
-    transparency = detection is not None and detection.transparency_only
-    for index, region in enumerate(regions):
-        pixels = detection.region_pixels[index] if detection else 0
-        found.append(
-            Difference(
-                aspect="transparency" if transparency else "content",
-                element="region",
-                description=(
-                    f"Changed area at x={region.x}, y={region.y}, "
-                    f"{region.width}x{region.height} px ({pixels} changed pixels)."
-                ),
-                region=index,
+    if detection is not None and detection.alignment is not None:
+        moves = describe.alignment_clauses(detection.alignment)
+        if moves:
+            found.append(
+                Difference(
+                    aspect="position",
+                    element="layout",
+                    description=_sentence("; ".join(moves)),
+                )
             )
-        )
+    if detection is not None:
+        found.extend(describe.differences(detection))
     return found
