@@ -6,6 +6,11 @@ gives up after ``CONNECT_TIMEOUT_S`` to connect, ``READ_TIMEOUT_S`` to answer (S
 poll's wait on top) and ``MAX_ATTEMPTS`` attempts in all. Every failed attempt is logged
 (``aws_call_failed``), so a store that misbehaves is visible at once; the caller logs the
 final failure of the call.
+
+An S3 request made while a pair's deadline is the thread's current one (``handler.deadline``)
+is bounded by it too: each attempt's read timeout is at most what is left of it, and no
+attempt starts once it has passed (``ComparisonTimeout`` in the pair's stage), so a slow or
+stalled store cannot hold a pair past its ``processing_timeout``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import boto3
 from botocore.config import Config
 
+from handler.deadline import current
 from handler.logs import get_logger
 
 if TYPE_CHECKING:
@@ -24,6 +30,8 @@ if TYPE_CHECKING:
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 20.0
+#: The shortest read timeout an attempt gets from a pair's deadline (0 would mean "none").
+MIN_READ_TIMEOUT_S = 0.05
 #: Attempts per call, the first included (botocore's "standard" retry mode, with back-off).
 MAX_ATTEMPTS = 3
 
@@ -60,6 +68,9 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None) -> S3C
         config=client_config(path_style=bool(custom)),
     )
     _log_failed_attempts(client)
+    client.meta.events.register(
+        "before-send.s3", _bound_by_deadline, unique_id="pairwatch-pair-deadline"
+    )
     return client
 
 
@@ -75,6 +86,19 @@ def sqs_client(
     )
     _log_failed_attempts(client)
     return client
+
+
+def _bound_by_deadline(request: Any, **_: Any) -> None:
+    """botocore calls this before each attempt: within a pair's deadline, the attempt's read
+    timeout is what is left of it (botocore reads ``read_timeout`` from the request's context);
+    past it, the attempt (a retry included) is not made."""
+    deadline = current()
+    if deadline is None:
+        return
+    deadline.check()
+    request.context["read_timeout"] = max(
+        MIN_READ_TIMEOUT_S, min(READ_TIMEOUT_S, deadline.remaining())
+    )
 
 
 def _log_failed_attempts(client: Any) -> None:

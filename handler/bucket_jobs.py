@@ -8,8 +8,9 @@ an event returns its ``Disposition`` (``handler.disposition``), decided here and
   an image or manifest: debug log), or every pair it touches is done (see ``handler.jobs``);
 * retry: a pair needs another look (a lone image: ``at`` = when its partner is due; a failure
   of the moment; the store unavailable; a manifest whose images are on their way);
-* reject: a hostile key or a malformed record: it never succeeds, so a queue's dead-letter
-  policy ends it.
+* reject: a hostile key, a malformed record, or a bucket pairwatch will not touch (not a
+  bucket name, not in ``allowed_buckets``, missing): it never succeeds, so it is logged
+  (``event_rejected``), counted, and a queue's dead-letter policy ends it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import TYPE_CHECKING
 from handler import disposition
 from handler.compare.base import Comparator
 from handler.config import Settings
+from handler.deadline import Deadline, current_or_new
 from handler.disposition import Disposition
-from handler.errors import PairError, StorageUnavailable
+from handler.errors import BucketRefused, PairError, StorageUnavailable
 from handler.events import ObjectEvent, Parsed
 from handler.jobs import JobReport, run_pair_job
 from handler.logs import get_logger
@@ -34,7 +36,7 @@ from handler.pairs import (
     is_relevant_name,
     pairs_for_name,
 )
-from handler.s3_storage import S3Storage, check_key
+from handler.s3_storage import S3Storage, check_bucket, check_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -105,14 +107,42 @@ class BucketJobs:
         now: float,
         readers: Readers = _none,
         queued_ms: float | None = None,
+        deadline: Deadline | None = None,
     ) -> EventReport:
         """Bring every pair ``event`` touches up to date.
+
+        ``deadline``: the first pair's (the thread's current one, started by whoever took the
+        event, else a new one); each further pair of the event gets as long again from when it
+        starts (``Deadline.renewed``).
 
         ``readers``: manifests known (to a long-running caller: ``watcher.manifests``) to read
         the object (by its path relative to the prefix), beyond the manifests beside it, which
         are always re-run. A stateless caller (the Lambda, one of several SQS workers) knows
         none: a manifest naming an image in another prefix is then re-run by its own event only.
         """
+        log = get_logger(bucket=event.bucket, key=event.key)
+        try:
+            self._check_bucket(event.bucket)
+            return self._handle(event, now, readers, queued_ms, deadline or self._deadline())
+        except BucketRefused as exc:
+            log.error("event_rejected", error_type="bucket_refused", error=str(exc))
+            return EventReport(event, disposition.reject(str(exc)))
+
+    def _check_bucket(self, bucket: str) -> None:
+        """``BucketRefused`` unless ``bucket`` is a bucket name in ``allowed_buckets``."""
+        check_bucket(bucket)
+        allowed = self.settings.allowed_buckets
+        if allowed is not None and bucket not in allowed:
+            raise BucketRefused(f"bucket {bucket!r} is not in allowed_buckets")
+
+    def _handle(
+        self,
+        event: ObjectEvent,
+        now: float,
+        readers: Readers,
+        queued_ms: float | None,
+        first: Deadline,
+    ) -> EventReport:
         log = get_logger(bucket=event.bucket, key=event.key)
         storage = self.storage(event.bucket)
         relative = storage.relative(event.key)
@@ -126,23 +156,36 @@ class BucketJobs:
             log.error("event_rejected", error_type=exc.type, error=exc.message)
             return EventReport(event, disposition.reject(exc.message))
         specs = pairs_for_name(relative)
-        try:
-            if is_image_name(relative):
-                specs += _sibling_manifests(storage, relative)
-        except StorageUnavailable as exc:
-            log.error("storage_unavailable", error_type=type(exc).__name__, error=str(exc))
-            return EventReport(event, disposition.retry(f"storage unavailable: {exc}"))
+        if is_image_name(relative):
+            try:
+                with first.applied():
+                    specs += _sibling_manifests(storage, relative)
+            except StorageUnavailable as exc:
+                log.error("storage_unavailable", error_type=type(exc).__name__, error=str(exc))
+                return EventReport(event, disposition.retry(f"storage unavailable: {exc}"))
+            except PairError as exc:
+                # Its own pair meets the same problem and records it in its result.
+                log.warning("manifests_unlisted", error_type=exc.type, error=exc.message)
         specs += [spec for spec in readers(relative) if spec not in specs]
         if not specs:
             log.debug("event_ignored", reason="hidden, temporary or not in a pair folder")
             return EventReport(event, disposition.done("ignored: not in a pair"))
         reports = tuple(
             run_pair_job(
-                storage, spec, self.settings, self.comparator, now=now, queued_ms=queued_ms
+                storage,
+                spec,
+                self.settings,
+                self.comparator,
+                now=now,
+                queued_ms=queued_ms,
+                deadline=first if index == 0 else first.renewed(),
             )
-            for spec in specs
+            for index, spec in enumerate(specs)
         )
         return EventReport(event, disposition.combine(r.disposition for r in reports), reports)
+
+    def _deadline(self) -> Deadline:
+        return current_or_new(self.settings.comparison.processing_timeout)
 
     def handle_parsed(
         self,
@@ -151,21 +194,30 @@ class BucketJobs:
         now: float,
         readers: Readers = _none,
         queued_ms: float | None = None,
+        deadline: Deadline | None = None,
         **context: object,
     ) -> Delivery:
         """Handle every event of one delivery; its disposition combines theirs.
 
         Every record is attempted even after one failed: a redelivery repeats the good ones
-        cheaply (their results are up to date) and the bad one is reported on its own.
+        cheaply (their results are up to date) and the bad one is reported on its own. The
+        first event's first pair has ``deadline`` (see ``handle``); every other pair its own.
         """
         log = get_logger(**context)
         fates: list[Disposition] = []
         for error in parsed.errors:
             log.error("event_malformed", error=str(error))
             fates.append(disposition.reject(f"malformed event: {error}"))
+        first = deadline or self._deadline()
         events = [
-            self.handle(event, now=now, readers=readers, queued_ms=queued_ms)
-            for event in parsed.events
+            self.handle(
+                event,
+                now=now,
+                readers=readers,
+                queued_ms=queued_ms,
+                deadline=first if index == 0 else first.renewed(),
+            )
+            for index, event in enumerate(parsed.events)
         ]
         fates += [report.disposition for report in events]
         return Delivery(disposition.combine(fates), events)

@@ -11,7 +11,8 @@ import importlib.util
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -25,6 +26,7 @@ from pydantic import (
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -47,6 +49,17 @@ class IgnoreRegion(BaseModel):
     y: int = Field(ge=0)
     width: int = Field(gt=0)
     height: int = Field(gt=0)
+
+
+MatchLevel = Literal["strict", "ignore_moves", "exact", "ignore_colors"]
+#: What a box of ``regions`` may set: a match level, or ``ignore`` (left out entirely).
+RegionLevel = Literal["strict", "ignore_moves", "exact", "ignore_colors", "ignore"]
+
+
+class MatchRegion(IgnoreRegion):
+    """A box in image A's native pixels compared at its own match level (or ignored)."""
+
+    match_level: RegionLevel
 
 
 class ComparisonConfig(BaseModel):
@@ -83,6 +96,19 @@ class ComparisonConfig(BaseModel):
         max_length=100,
         description="Boxes {x, y, width, height} in image A's native pixels to leave out of "
         "detection and metrics (masked in what the VL model sees).",
+    )
+    match_level: MatchLevel = Field(
+        "strict",
+        description="strict: anything added, removed, changed or moved makes the pair "
+        "different; ignore_moves: content that only moved does not; exact: every pixel over "
+        "the colour threshold counts (no anti-aliasing or noise filter); ignore_colors: "
+        "luminance structure only (a recolouring is not a change).",
+    )
+    regions: list[MatchRegion] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Boxes {x, y, width, height, match_level} in image A's native pixels "
+        "compared at their own level, or `ignore`d; a later box wins where boxes overlap.",
     )
 
     @field_validator("max_image_size")
@@ -130,6 +156,12 @@ class Settings(BaseSettings):
         "",
         description="S3 (watch sqs, Lambda): only keys under this prefix are pairs; manifests "
         "cannot reach outside it. watch minio/poll take it from their s3:// URL.",
+    )
+    allowed_buckets: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="S3 (serve's webhook, watch sqs/minio/poll, Lambda): the only buckets an "
+        "event may name; events for others are rejected. Unset: any bucket the credentials "
+        "reach. In the environment: comma-separated or a JSON list.",
     )
     output_prefix: str | None = Field(None, description="S3: write results under this prefix.")
     output_bucket: str | None = Field(None, description="S3: write results to this bucket.")
@@ -193,6 +225,14 @@ class Settings(BaseSettings):
     )
     serve_host: str = Field("127.0.0.1", description="pairwatch serve: address to listen on.")
     serve_port: int = Field(8080, ge=0, le=65535, description="pairwatch serve: TCP port.")
+    upload_idle_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="pairwatch serve: seconds a client may leave a request waiting (its head, "
+        "or the next bytes of its body) before it is answered 408 and closed; each such "
+        "stretch of a body must also bring 1 KiB/s.",
+    )
     events_token: SecretStr | None = Field(
         None,
         description="pairwatch serve: bearer token POST /v1/events requires (unset: disabled).",
@@ -234,17 +274,75 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _bucket_list(cls, value: Any) -> Any:
+        """``a,b`` or ``["a","b"]`` from the environment; a list from a file or a flag."""
+        if isinstance(value, str):
+            text = value.strip()
+            return (
+                json.loads(text)
+                if text.startswith("[")
+                else [name.strip() for name in text.split(",") if name.strip()]
+            )
+        return value
+
+    @field_validator("allowed_buckets")
+    @classmethod
+    def _bucket_names(cls, value: list[str] | None) -> list[str] | None:
+        """Each a bucket name; an empty list would refuse everything: leave it unset instead."""
+        if value is None:
+            return value
+        from handler.s3_storage import BucketRefused, check_bucket
+
+        if not value:
+            raise ValueError("is empty: name the buckets, or leave it unset for any bucket")
+        for name in value:
+            try:
+                check_bucket(name)
+            except BucketRefused as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("events_token", "vl_api_key")
+    @classmethod
+    def _secret_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        """An empty secret is a mistake, never "no authentication" (an empty
+        ``PAIRWATCH_EVENTS_TOKEN`` once opened the webhook to anyone): unset it instead."""
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty: give a secret, or leave the setting unset")
+        return value
+
+    @field_validator("vl_endpoint")
+    @classmethod
+    def _endpoint_without_credentials(cls, value: str | None) -> str | None:
+        """Credentials in the URL would be sent as Basic auth instead of the API key (and shown
+        wherever the URL is): refused, so that every request carries the same bearer key."""
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if "@" in parts.netloc:
+            raise ValueError(
+                "credentials in the URL are not used: put the key in vl_api_key or a key file "
+                "(vl_api_key_file)"
+            )
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s)://HOST[:PORT]/PATH URL")
+        return value
+
     @model_validator(mode="after")
     def _api_key_from_file(self) -> Settings:
         """A key file (a mounted secret) fills ``vl_api_key`` unless the key is given itself."""
         if self.vl_api_key is None and self.vl_api_key_file is not None:
-            self.vl_api_key = SecretStr(read_secret_file(self.vl_api_key_file))
+            self.vl_api_key = SecretStr(read_secret_file(self.vl_api_key_file, "vl_api_key_file"))
         return self
 
     @model_validator(mode="after")
     def _read_events_token_file(self) -> Settings:
         if self.events_token is None and self.events_token_file is not None:
-            self.events_token = SecretStr(read_secret_file(self.events_token_file))
+            self.events_token = SecretStr(
+                read_secret_file(self.events_token_file, "events_token_file")
+            )
         return self
 
     @classmethod
@@ -272,14 +370,15 @@ class ConfigFileError(ValueError):
     """The ``--config`` file is missing, unparseable or holds invalid values."""
 
 
-def read_secret_file(path: Path) -> str:
-    """A secret from a mounted file (Kubernetes/Docker secrets): stripped, never empty."""
+def read_secret_file(path: Path, setting: str) -> str:
+    """A secret from a mounted file (Kubernetes/Docker secrets): stripped, never empty.
+    ``setting`` names the setting in the error."""
     try:
         secret = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read secret file {path}: {exc}") from exc
+        raise ValueError(f"{setting}: cannot read secret file {path}: {exc}") from exc
     if not secret:
-        raise ValueError(f"secret file {path} is empty")
+        raise ValueError(f"{setting}: secret file {path} is empty")
     return secret
 
 
@@ -319,6 +418,14 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as exc:
         raise ConfigFileError(format_validation_error(exc)) from exc
     return loaded
+
+
+def error_field(exc: ValidationError, prefix: str = "") -> str:
+    """The first invalid field, as results and answers name it: ``config.ignore_regions[0]``."""
+    path = prefix
+    for part in exc.errors()[0]["loc"] if exc.errors() else ():
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path or prefix or "config"
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -1,28 +1,40 @@
-"""Change detection at native resolution, streamed: where do A and B really differ?
+"""Change detection at native resolution, streamed: where do A and B really differ, and what
+happened there (changed, added, removed, moved)?
 
 The comparators work on downsized images, where a changed word on a long page is invisible.
-This stage compares the inputs pixel by pixel at their own resolution (the smaller one's when
-the sizes differ) without ever holding a decoded image: libvips decodes both in strips
-(sequential access, its operation cache off), numpy looks at one strip at a time, and all that
-survives a strip is a small map of BLOCK x BLOCK cells (changed-pixel count and tight pixel
-bounds per cell, 8 bytes a cell). Clusters are labelled on that map, so memory does not grow
-with image size.
+This stage compares the inputs pixel by pixel at their own resolution without ever holding a
+decoded image: libvips decodes both in strips (sequential access, its operation cache off),
+numpy looks at one strip at a time, and what survives a strip is small: a map of BLOCK x BLOCK
+cells of A (``handler.regions.ChangeMap``, 8 bytes a cell) and each row's signature
+(``handler.align.Profiles``, 64 bytes a row), so memory does not grow with the pixel count.
 
-Per pixel, the method pixelmatch and odiff document:
+**Sizes.** A B of another size is a rescaled copy only when both its sides differ from A's in
+one proportion (within ``ASPECT_TOLERANCE``, or a pixel of rounding): both are then compared at
+the smaller size. Otherwise each image is compared at its own size, and what one has beyond
+the other (rows, columns) is itself a difference: a size change never passes silently.
 
-1. exactly equal pixels (RGB flattened on white, plus alpha) are skipped in bulk;
-2. a perceptual colour distance (YIQ, pixelmatch's weights) above ``COLOR_THRESHOLD``;
-3. an anti-aliasing test: a pixel whose value in each image lies within the range of the other
-   image's 3x3 neighbourhood (give or take ``AA_TOLERANCE``) is an edge drawn with other
-   smoothing, not a change;
-4. alpha: a transparency change of more than ``ALPHA_THRESHOLD`` counts as a change too and is
-   counted separately, so a transparency-only difference is reported as such.
+**Two passes at most, each one loop over strips:**
 
-Changed cells within one cell of each other form one cluster. A cluster is a confident change
-when it has at least ``MIN_CLUSTER_PIXELS`` changed pixels of which ``MIN_STRONG_PIXELS`` are
-strong (YIQ distance over 0.25), or ``WEAK_CLUSTER_PIXELS`` changed pixels in all; the rest is
-noise (re-encoding leaves weak specks). Confident clusters become regions in A's native
-(EXIF-oriented) coordinates, largest first, at most ``MAX_REGIONS``.
+1. the images as they lie, top-left corners together; per pixel the rules of ``handler.pixels``
+   (pixelmatch's colour distance with transparency, anti-aliasing in either image, the match
+   levels); on the way the row signatures and column profiles of both images and, where asked
+   (``shrunk_sizes``), the copies the prepared images are made from: a small input's (up to
+   ``KEEP_PIXELS``) from its pixels kept as they pass, which then also serve pass 2 and the
+   crops (each input decoded once), a larger one's resized in the stream itself;
+2. only when pass 1 found a change (or the sizes differ) and the signatures say the content
+   moved (``handler.align``: bands inserted or removed, a global horizontal offset): the same
+   comparison along that alignment, each matched band at its own vertical shift, the bands one
+   image has alone taken as added or removed content. Its account replaces pass 1's when it
+   leaves fewer rows unexplained; rows above the first place where the alignment departs from
+   the identity are taken from pass 1, not compared again. Nothing that explains the pair
+   better (two different scenes, a rotation): pass 1's account stands, as before alignment.
+
+Per changed cell (a few hundred at most, in strips with few of them) its content is looked for
+nearby in B (``handler.pixels.local_shift``): content that reappears whole at one small shift
+moved. ``handler.regions`` turns the map into regions with a kind and a box in each image.
+
+Sensitivity follows the inputs: between lossless inputs compared at native size one strongly
+changed pixel is a change; lossy inputs (or a rescaled copy) need a cluster of them.
 """
 
 from __future__ import annotations
@@ -30,92 +42,116 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
-from handler.config import IgnoreRegion
+from handler import pixels as px
+from handler.align import Alignment, Band, Profiles, align, moved_rows, rows_in_place
+from handler.config import IgnoreRegion, MatchLevel, MatchRegion
+from handler.deadline import Deadline
 from handler.errors import ImageTooLarge, InvalidImage, InvalidManifest
-from handler.result import Region
+from handler.regions import (
+    BLOCK,
+    CONTENT_TOLERANCE,
+    MAX_REGIONS,
+    REGION_PAD,
+    BandContent,
+    ChangeMap,
+    Findings,
+    Geometry,
+    Levels,
+    findings,
+)
+from handler.result import Box
 from handler.vips import open_header, pyvips, release_after, release_freed_memory
 
-#: pixelmatch's default: 0.1 on its 0..1 scale of the YIQ distance (35215 = the largest one).
-COLOR_THRESHOLD = 0.1
-_MAX_DELTA = 35215.0 * COLOR_THRESHOLD**2
-#: A "strong" changed pixel: YIQ distance over 0.25 (re-encoding noise stays below it).
-STRONG_DELTA = 35215.0 * 0.25**2
-#: Levels (0..255) a pixel may sit outside the other image's 3x3 range and still be smoothing.
-AA_TOLERANCE = 12
-#: A change in opacity of 10 % counts.
-ALPHA_THRESHOLD = 26
-#: Cell size of the streamed change map (native pixels).
-BLOCK = 16
-#: Fewer changed pixels than this in a cluster is noise (a stray JPEG artefact), not a change.
-MIN_CLUSTER_PIXELS = 12
-#: ... and it needs this many strong pixels, or WEAK_CLUSTER_PIXELS changed pixels in all (a
-#: faint change over a larger area).
-MIN_STRONG_PIXELS = 4
-WEAK_CLUSTER_PIXELS = 256
-MAX_REGIONS = 20
-#: Regions are the changed pixels' bounds plus this margin: the faint anti-aliased rim of a
-#: changed word is under the colour threshold but part of the word.
-REGION_PAD = 2
+__all__ = [
+    "BLOCK",
+    "CROP_SIDE",
+    "KEEP_PIXELS",
+    "MAX_CROPS",
+    "MAX_REGIONS",
+    "REGION_PAD",
+    "Detection",
+    "RegionCrop",
+    "cut_crops",
+    "detect",
+    "image_size",
+]
+
+#: Two sizes are one picture rescaled when width and height scale alike within this share.
+ASPECT_TOLERANCE = 0.01
 #: Crops of the largest regions: how many, their longest side, and context around a region.
 MAX_CROPS = 4
 CROP_SIDE = 448
 CROP_MARGIN = 24
+#: Rows of context above and below a strip: the anti-aliasing tests' 3 x 3 neighbourhoods.
+#: (pixelmatch's "many siblings" test looks one pixel further; at a strip's first and last
+#: rows it counts the siblings the strip holds. Two rows of context cost the 100 MP pair
+#: ~11 MB of peak memory: a strip's buffers no longer fit the allocator's reuse.)
+CONTEXT = 1
+#: Cells whose content is looked for nearby in B, per pass, and per strip (a strip with more
+#: changed cells than that is not a local move: the alignment's business).
+MAX_MOVE_CELLS = 256
+MAX_MOVE_CELLS_PER_STRIP = 24
+#: A strip in which at least this share of the pixels changed colour is classified without the
+#: anti-aliasing test (it would spare only its few edges, at the cost of most of the time).
+MASSIVE_SHARE = 0.3
+#: Strips of pass 1 whose moved rows are looked for everywhere (after these, only at offsets
+#: found before): a strip that changed in place costs a search, and there may be many.
+MAX_OFFSET_SEARCHES = 16
+#: Pass 1 strips with at least this share of pixels differing wait to be classified until it
+#: is known whether their rows moved (classifying a moved page costs more than aligning it),
+#: within HELD_BYTES of held pixels.
+HOLD_SHARE = 0.05
+HELD_BYTES = 2 << 20
+#: How far from a one-image band its reference row (the page's background) is looked for.
+REFERENCE_ROWS = 32
 #: Strips hold about this many pixels per image (4 bytes each).
 _STRIP_PIXELS = 1 << 16
 #: Differing pixels classified at once (bounds the temporary arrays to a few MB).
-_CHUNK = 16384
+_CHUNK = 8192
 #: Source rows shrunk at once: each fetch from libvips costs more than the rows it shrinks.
 _SHRINK_ROWS = 128
 #: Source rows per shrunk row beyond which the copy is not made on the way: the resize kernel
 #: reaches ~3 of them up and down, and libvips keeps only a few hundred recent rows.
 _MAX_SHRINK = 32
 #: Inputs up to this many pixels keep their native pixels as they pass (4 bytes a pixel):
-#: their resized copy is made from them, and ``cut_crops`` cuts from them where asked
-#: (``keep_pixels``) instead of decoding again.
+#: their resized copy is made from them, pass 2 reads them instead of decoding again, and
+#: ``cut_crops`` cuts from them where asked (``keep_pixels``).
 KEEP_PIXELS = 4_000_000
-#: Decoded bytes (A and B) after which libvips' freed strip buffers are handed back.
+#: Decoded bytes (A and B) after which libvips' freed strip buffers are handed back: in the
+#: first pass, and in the aligned pass (measured on the 100 MP pair from a moved camera: its
+#: allocations grow the heap faster, 145 -> 134 MB peak when handed back twice as often).
 _TRIM_EVERY_BYTES = 8 << 20
-_YIQ = np.array(
-    [
-        [0.29889531, 0.59597799, 0.21147017],
-        [0.58662247, -0.27417610, -0.52261711],
-        [0.11448223, -0.32180189, 0.31114694],
-    ],
-    dtype=np.float32,
-)
-_YIQ_WEIGHTS = np.array([0.5053, 0.299, 0.1957], dtype=np.float32)
-_LUMA = np.array([0.29889531, 0.58662247, 0.11448223], dtype=np.float32)
-_CENTRE = 4
-_OFFSETS = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=np.intp)
+_TRIM_EVERY_BYTES_ALIGNED = 4 << 20
+#: Pixel rules per level (``_Rules.codes``).
+_NORMAL, _EXACT, _COLOURS = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class Detection:
-    """What changed between A and B at native resolution; every box is in A's native pixels.
-
-    ``work_size`` is the resolution the pixels were compared at (A's own when the sizes are
-    equal, the smaller image's otherwise). ``region_pixels[i]`` is the changed-pixel count of
-    ``regions[i]``; ``boxes_b[i]`` is the same region in B's native pixels (for crops).
+@dataclass(frozen=True, kw_only=True)
+class Detection(Findings):
+    """What changed between A and B at native resolution: the findings (``regions`` say what
+    happened where — kind, box in A and in B, shift — largest first; ``region_pixels[i]`` is
+    what ``regions[i]`` holds: changed pixels, or the area of added and removed content;
+    ``alignment`` how B lines up with A when content moved, None as it lies; ``differs``: the
+    pair is different under its match levels), and the sizes: ``work_size`` is the resolution
+    A was compared at (its own, or the smaller image's for a rescaled copy).
     """
 
     size_a: tuple[int, int]
     size_b: tuple[int, int]
     work_size: tuple[int, int]
-    regions: tuple[Region, ...] = ()
-    region_pixels: tuple[int, ...] = ()
-    boxes_b: tuple[Region, ...] = ()
-    changed_pixels: int = 0
-    #: Pixels whose only difference is their opacity.
-    transparency_pixels: int = 0
-    #: Pixels that differ at all (even below the colour threshold), outside ignored boxes.
-    differing_pixels: int = 0
+    #: Whether the match levels ignore anything (``ignore_moves``, ``ignore_colors``, a box
+    #: at one of those or at ``ignore``).
+    lenient: bool = False
+    #: The pixels changed_percent is a share of: the larger image's, as compared.
+    compared_pixels: int = 0
     #: The inputs resized on the way to ``shrunk_sizes``, where ``detect`` was asked for them.
     shrunk: tuple[Image.Image | None, Image.Image | None] = field(
         default=(None, None), compare=False, repr=False
@@ -128,13 +164,13 @@ class Detection:
 
     @property
     def changed_percent(self) -> float:
-        width, height = self.work_size
-        return 100.0 * self.changed_pixels / (width * height)
+        compared = self.compared_pixels or self.work_size[0] * self.work_size[1]
+        return min(100.0, 100.0 * self.changed_pixels / compared)
 
     @property
     def identical(self) -> bool:
-        """Same size and not one pixel different (outside ignored boxes)."""
-        return self.size_a == self.size_b and self.differing_pixels == 0
+        """Same size, nothing moved and not one pixel different (outside ignored boxes)."""
+        return self.size_a == self.size_b and self.differing_pixels == 0 and self.alignment is None
 
     @property
     def transparency_only(self) -> bool:
@@ -144,6 +180,7 @@ class Detection:
         return {
             "changed_pixels": float(self.changed_pixels),
             "changed_percent": round(self.changed_percent, 4),
+            "moved_pixels": float(self.moved_pixels),
             "transparency_pixels": float(self.transparency_pixels),
             "pixel_identical": float(self.identical),
         }
@@ -160,9 +197,12 @@ def detect(
     data_b: bytes,
     *,
     max_pixels: int,
-    ignore: tuple[IgnoreRegion, ...] | list[IgnoreRegion] = (),
+    ignore: Sequence[IgnoreRegion] = (),
     shrunk_sizes: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None),
     keep_pixels: bool = False,
+    match_level: MatchLevel = "strict",
+    regions: Sequence[MatchRegion] = (),
+    deadline: Deadline | None = None,
 ) -> Detection:
     """Compare two encoded images at native resolution (see the module docstring).
 
@@ -171,81 +211,253 @@ def detect(
     image, so the input is decoded once. Only an input compared at its own size gets one.
     ``keep_pixels`` keeps such inputs' native pixels, up to ``KEEP_PIXELS`` each
     (``Detection.pixels``): ``cut_crops`` then cuts from them instead of decoding again.
+    ``match_level`` and ``regions`` (boxes in A's pixels at their own level, or ignored) set
+    what counts as a difference.
 
-    Raises ``InvalidImage`` (``details["input"]`` = "a"/"b") for undecodable inputs and
-    ``InvalidManifest`` for an ignore box outside image A.
+    Raises ``InvalidImage`` (``details["input"]`` = "a"/"b") for undecodable inputs,
+    ``InvalidManifest`` for an ignore or level box outside image A, and ``ComparisonTimeout``
+    once ``deadline`` has passed (checked once per strip, in every pass).
     """
     size_a = _checked_size(data_a, max_pixels, "a")
     size_b = _checked_size(data_b, max_pixels, "b")
     check_ignore_regions(ignore, size_a)
-    work = size_a if size_a[0] * size_a[1] <= size_b[0] * size_b[1] else size_b
-    to_work = (work[0] / size_a[0], work[1] / size_a[1])
-    boxes = [_scale_box((r.x, r.y, r.width, r.height), to_work) for r in ignore]
+    check_match_regions(regions, size_a)
+    geometry = _geometry(data_a, data_b, size_a, size_b)
+    rules = _Rules.of(ignore, regions, match_level, geometry)
+    (width_a, height_a), (width_b, height_b) = geometry.work_a, geometry.work_b
     try:
-        images = (
-            _normalised(data_a, work, size_a, max_pixels),
-            _normalised(data_b, work, size_b, max_pixels),
+        result = _detected(
+            (data_a, data_b), geometry, rules, max_pixels, shrunk_sizes, keep_pixels, deadline
         )
-        streams = [
-            _Stream(
-                which,
-                *image,
-                wanted if wanted and size == work else None,
-                keep=keep_pixels and size == work,
-            )
-            for which, image, size, wanted in zip(
-                "ab", images, (size_a, size_b), shrunk_sizes, strict=True
-            )
-        ]
-        del images
-        cells = _scan(streams[0], streams[1], boxes)
-        # Not one pixel differs (and none was masked): the same pixels resize the same, so
-        # one copy serves both (a re-encoded screenshot's pair).
-        same = not boxes and not cells.differing and size_a == size_b
-        first = streams[0].shrunk()
-        same_copy = same and shrunk_sizes[0] == shrunk_sizes[1]
-        shrunk = (first, first if same_copy else streams[1].shrunk())
-        kept = (streams[0].pixels, streams[1].pixels)
-        del streams
     except pyvips.Error as exc:
         raise InvalidImage(f"cannot decode the image: {_first_line(exc)}") from exc
     finally:
         # The decoders are gone: what comes next starts lower (small pairs share a trim).
-        release_after(8 * work[0] * work[1])
-    return replace(_detection(cells, size_a, size_b, work), shrunk=shrunk, pixels=kept)
+        release_after(4 * (width_a * height_a + width_b * height_b))
+    found, shrunk, kept = result
+    return Detection(
+        **{item.name: getattr(found, item.name) for item in fields(Findings)},
+        size_a=size_a,
+        size_b=size_b,
+        work_size=geometry.work_a,
+        lenient=any(
+            level in ("ignore_moves", "ignore_colors", "ignore")
+            for level in (match_level, *(region.match_level for region in regions))
+        ),
+        compared_pixels=max(width_a * height_a, width_b * height_b),
+        shrunk=shrunk,
+        pixels=kept if keep_pixels else (None, None),
+    )
+
+
+#: Both inputs, A's then B's: their encoded bytes, or their native pixels kept in pass 1.
+_Sources = tuple[bytes | NDArray[np.uint8], bytes | NDArray[np.uint8]]
+_Pair = tuple[Image.Image | None, Image.Image | None]
+_Kept = tuple[NDArray[np.uint8] | None, NDArray[np.uint8] | None]
+
+
+def _detected(
+    data: tuple[bytes, bytes],
+    geometry: Geometry,
+    rules: _Rules,
+    max_pixels: int,
+    shrunk_sizes: tuple[tuple[int, int] | None, tuple[int, int] | None],
+    keep: bool,
+    deadline: Deadline | None,
+) -> tuple[Findings, _Pair, _Kept]:
+    """Pass 1; pass 2 where an alignment may explain the pair better (module docstring), or
+    where pass 1 left strips for it that the alignment did not explain after all. Pass 2 reads
+    the small inputs' pixels pass 1 kept, and decodes only the others again."""
+    signed = min(geometry.work_a[0], geometry.work_b[0])
+    profiles = (Profiles(*geometry.work_a, signed), Profiles(*geometry.work_b, signed))
+    as_laid = _as_laid(geometry.work_a, geometry.work_b)
+    streams = _streams(data, geometry, max_pixels, shrunk_sizes, keep)
+    first = _Scan(streams, as_laid, rules, profiles, deadline=deadline).run()
+    shrunk = _copies(streams, first, rules, geometry, shrunk_sizes)
+    kept = (streams[0].kept(), streams[1].kept())
+    del streams
+    result = findings(first.cells, first.contents, as_laid, geometry, rules.levels)
+    if not result.regions and not first.deferred and geometry.work_a == geometry.work_b:
+        return result, shrunk, kept
+    alignment = align(*profiles)
+    del profiles
+    sources: _Sources = (
+        data[0] if kept[0] is None else kept[0],
+        data[1] if kept[1] is None else kept[1],
+    )
+    if alignment is not None and alignment != as_laid:
+        aligned = _again(sources, geometry, rules, max_pixels, alignment, first, deadline)
+        if aligned.unexplained < result.unexplained + first.deferred_rows():
+            return aligned, shrunk, kept
+    if first.deferred:  # they were left for an alignment that did not explain them
+        result = _again(sources, geometry, rules, max_pixels, as_laid, first, deadline)
+    return result, shrunk, kept
+
+
+def _copies(
+    streams: tuple[_Stream, _Stream],
+    first: _Scanned,
+    rules: _Rules,
+    geometry: Geometry,
+    shrunk_sizes: tuple[tuple[int, int] | None, tuple[int, int] | None],
+) -> _Pair:
+    """The resized copies pass 1 made. Not one pixel differs (and none was left out): the same
+    pixels resize the same, so one copy serves both (a re-encoded screenshot's pair)."""
+    copy_a = streams[0].shrunk()
+    same = (
+        not rules.ignore
+        and not first.cells.differing.any()
+        and not first.deferred
+        and geometry.size_a == geometry.size_b == geometry.work_a == geometry.work_b
+        and shrunk_sizes[0] == shrunk_sizes[1]
+    )
+    return copy_a, copy_a if same else streams[1].shrunk()
+
+
+def _again(
+    sources: _Sources,
+    geometry: Geometry,
+    rules: _Rules,
+    max_pixels: int,
+    alignment: Alignment,
+    first: _Scanned,
+    deadline: Deadline | None,
+) -> Findings:
+    """Another pass along ``alignment``, pass 1's cells kept above where it departs from the
+    identity (and from the first strip pass 1 left)."""
+    if any(isinstance(source, bytes) for source in sources):
+        release_freed_memory()
+    start = min(_departure(alignment), *(top for top, _ in first.deferred), first.height)
+    streams = _streams(sources, geometry, max_pixels, (None, None), False)
+    scanned = _Scan(
+        streams, alignment, rules, None, reuse=(first.cells, start), deadline=deadline
+    ).run()
+    del streams
+    return findings(scanned.cells, scanned.contents, alignment, geometry, rules.levels)
+
+
+def _departure(alignment: Alignment) -> int:
+    """The first row of A that ``alignment`` does not leave where it is."""
+    first = alignment.bands[0]
+    if alignment.dx != 0 or first.kind != "matched" or first.shift or first.a is None:
+        return 0
+    return first.a[1]
+
+
+def _as_laid(work_a: tuple[int, int], work_b: tuple[int, int]) -> Alignment:
+    """The images as they lie, top-left corners together: the shorter one's rows matched, the
+    taller one's rest inserted (B) or removed (A)."""
+    common = min(work_a[1], work_b[1])
+    bands = [Band("matched", (0, common), (0, common))]
+    if work_a[1] > common:
+        bands.append(Band("removed", (common, work_a[1]), None))
+    elif work_b[1] > common:
+        bands.append(Band("inserted", None, (common, work_b[1])))
+    return Alignment(0, tuple(bands), work_a, work_b)
+
+
+def _geometry(
+    data_a: bytes, data_b: bytes, size_a: tuple[int, int], size_b: tuple[int, int]
+) -> Geometry:
+    """Rescaled copy (both compared at the smaller size) or aligned at native sizes."""
+    if _rescaled(size_a, size_b):
+        work = size_a if size_a[0] * size_a[1] <= size_b[0] * size_b[1] else size_b
+        return Geometry(size_a, size_b, work, work, lossless=False)
+    lossless = _lossless(data_a) and _lossless(data_b)
+    return Geometry(size_a, size_b, size_a, size_b, lossless=lossless)
+
+
+def _rescaled(size_a: tuple[int, int], size_b: tuple[int, int]) -> bool:
+    """Both sides differ, in one proportion: width and height scale alike within
+    ASPECT_TOLERANCE, or within a pixel of rounding."""
+    (width_a, height_a), (width_b, height_b) = size_a, size_b
+    if width_a == width_b or height_a == height_b:
+        return False
+    scale_x, scale_y = width_b / width_a, height_b / height_a
+    if abs(scale_x / scale_y - 1.0) <= ASPECT_TOLERANCE:
+        return True
+    # A 1001 x 667 picture halved is 500 x 333 or 501 x 334: the same within one pixel.
+    return abs(width_b - width_a * scale_y) <= 1.0 or abs(height_b - height_a * scale_x) <= 1.0
+
+
+def _lossless(data: bytes) -> bool:
+    """PNG, GIF, BMP, TIFF and lossless WebP hold every pixel as drawn (no coding noise)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:4] in (b"GIF8",) or data[:2] == b"BM":
+        return True
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return True
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return b"VP8L" in data[12:64] and b"VP8 " not in data[12:64]
+    return False
+
+
+def _streams(
+    sources: _Sources,
+    geometry: Geometry,
+    max_pixels: int,
+    shrunk_sizes: tuple[tuple[int, int] | None, tuple[int, int] | None],
+    keep: bool,
+) -> tuple[_Stream, _Stream]:
+    """Both inputs at their work sizes: decoding lazily (a resized copy where asked for one of
+    an input compared at its own size), or read from the pixels pass 1 kept."""
+    made = []
+    for which, source, size, work, wanted in (
+        ("a", sources[0], geometry.size_a, geometry.work_a, shrunk_sizes[0]),
+        ("b", sources[1], geometry.size_b, geometry.work_b, shrunk_sizes[1]),
+    ):
+        if not isinstance(source, bytes):
+            made.append(_Stream(which, source))
+            continue
+        image, colour = _normalised(source, work, size, max_pixels)
+        native = size == work
+        made.append(_Stream(which, image, colour, wanted if native else None, keep=keep and native))
+    return made[0], made[1]
 
 
 class _Stream:
     """One input streaming past in strips, resized on the way when a copy was asked for: a
     small input (up to ``KEEP_PIXELS``) from its pixels kept as they pass (a third of the time
-    of resizing in the stream), a larger one in the stream itself (bounded memory)."""
+    of resizing in the stream), a larger one in the stream itself (bounded memory). Made from
+    kept pixels (pass 2 of a small input), it reads them instead of decoding again."""
 
     def __init__(
         self,
         which: str,
-        image: pyvips.Image,
-        colour: pyvips.Image,
-        wanted: tuple[int, int] | None,
+        image: pyvips.Image | NDArray[np.uint8],
+        colour: pyvips.Image | None = None,
+        wanted: tuple[int, int] | None = None,
         *,
         keep: bool = False,
     ) -> None:
-        """``image``: RGB on white + opacity, what is compared; ``colour``: its RGB bands.
-        ``keep``: hold the native pixels for ``pixels`` (small inputs only)."""
+        """``image``: RGB on white + opacity, what is compared (or its pixels, kept before);
+        ``colour``: its RGB bands; ``wanted``: the size of the copy to make; ``keep``: hold
+        the native pixels for the caller (``pixels``), small inputs only."""
         self.which = which
-        self.width, self.height = image.width, image.height
-        small_input = self.width * self.height <= KEEP_PIXELS
-        self._keep = keep and small_input
         self._wanted = wanted
-        # The strips as fetched, each from the first row not kept before (no copies).
-        self._keeping = small_input and (keep or wanted is not None)
+        self._small: pyvips.Region | None = None
         self._strips: list[NDArray[np.uint8]] = []
         self._kept_rows = 0
         self._kept: NDArray[np.uint8] | None = None
+        self._region: pyvips.Region | None = None
+        if not isinstance(image, pyvips.Image):
+            self.height, self.width = image.shape[:2]
+            self._kept, self._kept_rows = image, self.height
+            self._keep = self._keeping = False
+            return
+        self.width, self.height = image.width, image.height
+        small_input = self.width * self.height <= KEEP_PIXELS
+        self._keep = keep and small_input
+        # The strips as fetched, each from the first row not kept before (no copies).
+        self._keeping = small_input and (keep or wanted is not None)
         # Held: a region does not keep alive the memory of an image made from an array.
         self._image = image
         self._region = pyvips.Region.new(image)
-        self._small: pyvips.Region | None = None
-        if wanted is not None and not small_input and self.height / wanted[1] <= _MAX_SHRINK:
+        if (
+            wanted is not None
+            and colour is not None
+            and not small_input
+            and self.height / wanted[1] <= _MAX_SHRINK
+        ):
             small = _resized(colour, wanted)
             self._small = pyvips.Region.new(small)
             self._small_size = (small.width, small.height)
@@ -256,12 +468,17 @@ class _Stream:
             self._reach = 4 * math.ceil(self._step) + 2
 
     @property
+    def size(self) -> tuple[int, int]:
+        return (self.width, self.height)
+
+    @property
     def pixels(self) -> NDArray[np.uint8] | None:
         """The native pixels (RGB on white + opacity), where kept for the caller (``keep``)."""
-        return self._joined() if self._keep else None
+        return self.kept() if self._keep else None
 
-    def _joined(self) -> NDArray[np.uint8]:
-        if self._kept is None:
+    def kept(self) -> NDArray[np.uint8] | None:
+        """Every row of the native pixels, where they were kept as they passed."""
+        if self._kept is None and self._strips and self._kept_rows == self.height:
             self._kept = np.concatenate(self._strips)
             self._strips = []
         return self._kept
@@ -269,22 +486,28 @@ class _Stream:
     def strip(self, first: int, last: int) -> NDArray[np.uint8]:
         """Rows ``first:last`` (RGB on white + opacity); a decoding failure names the input.
         Rows are asked for top to bottom (a row or two of overlap is fine)."""
+        if self._region is None:
+            assert self._kept is not None
+            return self._kept[first:last]
         try:
             pixels = _fetch(self._region, first, last, self.width)
-            if self._keeping and last > self._kept_rows:
-                self._strips.append(pixels[self._kept_rows - first :])
-                self._kept_rows = last
             self._shrink_above(last, final=False)
         except pyvips.Error as exc:
             raise InvalidImage(
                 f"cannot decode the image: {_first_line(exc)}", details={"input": self.which}
             ) from exc
+        if self._keeping and last > self._kept_rows:
+            if first > self._kept_rows:  # rows skipped: nothing whole to keep after all
+                self._keeping, self._strips = False, []
+            else:
+                self._strips.append(pixels[self._kept_rows - first :])
+                self._kept_rows = last
         return pixels
 
     def shrunk(self) -> Image.Image | None:
         """The resized copy, once every strip was read (None where none was made)."""
-        if self._wanted is not None and self._keeping:
-            kept = self._joined()
+        kept = self.kept() if self._keeping else None
+        if self._wanted is not None and kept is not None:
             native = pyvips.Image.new_from_memory(kept.data, self.width, self.height, 4, "uchar")
             # All four bands (taking three apart would cost a copy); Pillow drops opacity.
             small = _resized(native, self._wanted)
@@ -322,18 +545,497 @@ def _resized(colour: pyvips.Image, wanted: tuple[int, int]) -> pyvips.Image:
 
 
 @dataclass(frozen=True)
+class _Colour:
+    """Per differing pixel: pixelmatch's colour distance, the same on white, the change of
+    opacity (0..255)."""
+
+    delta: NDArray[np.float32]
+    on_white: NDArray[np.float32]
+    #: None where both are opaque everywhere.
+    opacity: NDArray[np.int16] | None
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """What counts as changed where: boxes left out (``ignore_regions`` and ``ignore`` level
+    boxes), boxes at another level, the pair's level; all in A's work pixels."""
+
+    ignore: tuple[tuple[int, int, int, int], ...]
+    levels: Levels
+    lossless: bool
+    width_a: int
+
+    @classmethod
+    def of(
+        cls,
+        ignore: Sequence[IgnoreRegion],
+        regions: Sequence[MatchRegion],
+        level: MatchLevel,
+        geometry: Geometry,
+    ) -> _Rules:
+        to_work = (
+            geometry.work_a[0] / geometry.size_a[0],
+            geometry.work_a[1] / geometry.size_a[1],
+        )
+        left_out = [_scale_box((r.x, r.y, r.width, r.height), to_work) for r in ignore]
+        boxes = []
+        for region in regions:
+            box = _scale_box((region.x, region.y, region.width, region.height), to_work)
+            if region.match_level == "ignore":
+                left_out.append(box)
+            else:
+                boxes.append((box, str(region.match_level)))
+        return cls(
+            tuple(left_out), Levels(level, tuple(boxes)), geometry.lossless, geometry.work_a[0]
+        )
+
+    def kept(self, xs: px.Index, ys: px.Index) -> NDArray[np.bool_]:
+        hit = np.zeros(len(xs), dtype=bool)
+        for x0, y0, x1, y1 in self.ignore:
+            hit |= (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+        return ~hit
+
+    def codes(self, xs: px.Index, ys: px.Index) -> NDArray[np.int8]:
+        """The pixel rule of each pixel's level: normal, exact or colours ignored."""
+        code = {"exact": _EXACT, "ignore_colors": _COLOURS}
+        out = np.full(len(xs), code.get(self.levels.level, _NORMAL), np.int8)
+        for (x0, y0, x1, y1), level in self.levels.boxes:
+            inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+            out[inside] = code.get(level, _NORMAL)
+        return out
+
+    def colour(self, a: px.Where, b: px.Where, xs: px.Index, ys: px.Index) -> _Colour:
+        """The colour distance of each differing pixel (at A's work pixels ``xs``, ``ys``),
+        the same on white (``handler.pixels.colour_delta``), and its change of opacity."""
+        pa, pb = a.pixels(), b.pixels()
+        see_through = px.translucent(pa, pb)
+        bg = px.background(ys, xs, self.width_a) if see_through.any() else None
+        delta, on_white = px.colour_delta(pa, pb, bg)
+        if bg is None:  # all opaque: nothing more to keep
+            return _Colour(delta, on_white, None)
+        opacity = np.abs(pa[:, 3].astype(np.int16) - pb[:, 3].astype(np.int16))
+        return _Colour(delta, on_white, opacity)
+
+    def classify(
+        self,
+        a: px.Where,
+        b: px.Where,
+        xs: px.Index,
+        ys: px.Index,
+        colour: _Colour,
+        *,
+        rough: bool,
+    ) -> tuple[NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_]]:
+        """Changed, strong, transparency-only and judged-exactly, per differing pixel, from
+        its ``colour`` distances; ``rough``: without the anti-aliasing test (a strip that
+        changed almost everywhere: the test would only spare its few edge pixels)."""
+        delta, on_white = colour.delta, colour.on_white
+        changed = delta > px.MAX_DELTA
+        codes = self.codes(xs, ys)
+        smoothing = np.flatnonzero(changed & (codes != _EXACT) & (not rough))
+        if len(smoothing):
+            smooth = px.antialiased(
+                a.subset(smoothing), b.subset(smoothing), exact_siblings=self.lossless
+            )
+            changed[smoothing[smooth]] = False
+        recoloured = np.flatnonzero(changed & (codes == _COLOURS))
+        if len(recoloured):
+            same = ~px.structure_changed(a.subset(recoloured), b.subset(recoloured))
+            changed[recoloured[same]] = False
+        strong = changed & (delta > px.STRONG_DELTA)
+        transparency = np.zeros_like(changed)
+        if colour.opacity is not None:
+            opacity = colour.opacity > px.ALPHA_THRESHOLD
+            transparency = changed & opacity & (on_white <= px.MAX_DELTA)
+        return changed, strong, transparency, changed & (codes == _EXACT)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One strip of one band: rows ``top:bottom`` of A (matched, removed) or of B (inserted)."""
+
+    band: Band
+    top: int
+    bottom: int
+
+    def rows_a(self) -> tuple[int, int] | None:
+        return None if self.band.kind == "inserted" else (self.top, self.bottom)
+
+    def rows_b(self) -> tuple[int, int] | None:
+        if self.band.kind == "removed":
+            return None
+        shift = self.band.shift
+        return (self.top + shift, self.bottom + shift)
+
+
+def _steps(alignment: Alignment, rows: int, start: int) -> Iterator[_Step]:
+    """Every band's rows in strips of ``rows`` (on a grid of ``rows`` in the band's image),
+    top to bottom in both images; matched rows of A above ``start`` are skipped."""
+    for band in alignment.bands:
+        span = band.b if band.kind == "inserted" else band.a
+        assert span is not None
+        top, bottom = span
+        if band.kind == "matched":
+            top = max(top, start)
+        while top < bottom:
+            end = min(bottom, (top // rows + 1) * rows)
+            yield _Step(band, top, end)
+            top = end
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A matched strip waiting to be classified: its pixels (with their first rows), which of
+    them differ, and the first column compared."""
+
+    step: _Step
+    strip_a: tuple[NDArray[np.uint8], int]
+    strip_b: tuple[NDArray[np.uint8], int]
+    differs: NDArray[np.bool_]
+    left: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.strip_a[0].nbytes + self.strip_b[0].nbytes + self.differs.nbytes
+
+
+@dataclass
+class _Scanned:
+    """What a pass leaves: the change map of A, the content of each one-image band, and (pass
+    1) the strips of rows left unclassified because their content moved (``deferred``)."""
+
+    cells: ChangeMap
+    contents: list[BandContent]
+    deferred: list[tuple[int, int]]
+    height: int
+
+    def deferred_rows(self) -> int:
+        return sum(bottom - top for top, bottom in self.deferred)
+
+
+class _Scan:
+    """One pass over both inputs along ``alignment`` (see the module docstring): ONE loop over
+    strips, B's strip decoded on a second thread while A's is decoded on this one (each decoder
+    is single-threaded and libvips releases the GIL).
+
+    Pass 1 (``profiles`` given) fills the row signatures and leaves a strip unclassified when
+    its rows are rows of the other image at another height (``align.moved_rows``): classifying
+    a page whose content moved down costs more than the alignment that explains it.
+    ``reuse``: a change map of A and the row above which it stands (on the cell grid)."""
+
+    def __init__(
+        self,
+        streams: tuple[_Stream, _Stream],
+        alignment: Alignment,
+        rules: _Rules,
+        profiles: tuple[Profiles, Profiles] | None,
+        *,
+        reuse: tuple[ChangeMap, int] | None = None,
+        deadline: Deadline | None = None,
+    ) -> None:
+        self.a, self.b = streams
+        self.deadline = deadline
+        self.alignment = alignment
+        self.rules = rules
+        self.profiles = profiles
+        self.cells = ChangeMap.empty((self.a.width, self.a.height))
+        self.contents = {
+            band: BandContent(band, (self.a if band.kind == "removed" else self.b).width)
+            for band in alignment.bands
+            if band.kind != "matched"
+        }
+        self.start = 0
+        if reuse is not None:
+            self.start = max(0, (reuse[1] - CONTEXT) // BLOCK * BLOCK)
+            self.cells.take_rows(reuse[0], self.start // BLOCK)
+        self.deferred: list[tuple[int, int]] = []
+        self._held: list[_Held] = []
+        self._read = 0
+        self._offsets: list[int] = []
+        self._searches = MAX_OFFSET_SEARCHES
+        self._move_budget = MAX_MOVE_CELLS
+        # Small inputs' strips are kept or soon gone, and ``detect`` trims once at its end.
+        large = max(self.a.width * self.a.height, self.b.width * self.b.height) > KEEP_PIXELS
+        every = _TRIM_EVERY_BYTES if reuse is None else _TRIM_EVERY_BYTES_ALIGNED
+        self._trim_every = every if large else None
+
+    def run(self) -> _Scanned:
+        width = max(self.a.width, self.b.width)
+        rows = max(BLOCK, (_STRIP_PIXELS // width) // BLOCK * BLOCK)
+        decoded = 0
+        with ThreadPoolExecutor(1, thread_name_prefix="detect") as helper:
+            for step in _steps(self.alignment, rows, self.start):
+                if self.deadline is not None:
+                    self.deadline.check()
+                span_a, span_b = step.rows_a(), step.rows_b()
+                pending = helper.submit(_context, self.b, span_b) if span_b else None
+                strip_a = _context(self.a, span_a) if span_a else None
+                strip_b = pending.result() if pending else None
+                self._take(step, strip_a, strip_b)
+                decoded += sum(s[0].nbytes for s in (strip_a, strip_b) if s is not None)
+                if self._trim_every is not None and decoded >= self._trim_every:
+                    release_freed_memory()
+                    decoded = 0
+            self._settle(final=True)
+        contents = [self.contents[band] for band in self.contents]
+        return _Scanned(self.cells, contents, sorted(self.deferred), self.a.height)
+
+    def _take(
+        self,
+        step: _Step,
+        strip_a: tuple[NDArray[np.uint8], int] | None,
+        strip_b: tuple[NDArray[np.uint8], int] | None,
+    ) -> None:
+        kind = step.band.kind
+        if kind == "matched":
+            assert strip_a is not None and strip_b is not None
+            self._matched(step, strip_a, strip_b)
+            return
+        stream, strip = (self.a, strip_a) if kind == "removed" else (self.b, strip_b)
+        assert strip is not None
+        pixels, first = strip
+        core = pixels[step.top - first : step.bottom - first]
+        self.contents[step.band].add(core, step.top)
+        self._reference(step, stream)
+        if self.profiles is not None:
+            self.profiles[0 if kind == "removed" else 1].add(core[..., 1], step.top)
+
+    def _reference(self, step: _Step, stream: _Stream) -> None:
+        """The row outside a one-image band its content is told from: the nearest uniform row
+        (page background) within REFERENCE_ROWS above it (below, for a band at the top), else
+        the row next to it. Read once, at the band's first (last) strip."""
+        content = self.contents[step.band]
+        top, bottom = content.rows
+        if top > 0 and step.top == top:
+            rows, _ = _context(stream, (top, top), REFERENCE_ROWS, 0)
+            content.reference = _uniform_row(rows[::-1])
+        elif top == 0 and step.bottom == bottom < stream.height:
+            rows, _ = _context(stream, (bottom, bottom), 0, REFERENCE_ROWS)
+            content.reference = _uniform_row(rows)
+
+    def _matched(
+        self,
+        step: _Step,
+        strip_a: tuple[NDArray[np.uint8], int],
+        strip_b: tuple[NDArray[np.uint8], int],
+    ) -> None:
+        """Compare rows ``step.top:step.bottom`` of A with B's along the band (and ``dx``)."""
+        (a, first_a), (b, first_b) = strip_a, strip_b
+        dx, shift, count = self.alignment.dx, step.band.shift, step.bottom - step.top
+        off_a, off_b = step.top - first_a, step.top + shift - first_b
+        left, right = max(0, -dx), min(self.a.width, self.b.width - dx)
+        if left >= right:
+            return
+        core_a = a.view(np.uint32)[off_a : off_a + count, left:right, 0]
+        core_b = b.view(np.uint32)[off_b : off_b + count, left + dx : right + dx, 0]
+        differs = core_a != core_b
+        end = min(right, self.b.width)
+        if dx and end > left and differs.any():
+            # What stayed where it was while the rest moved sideways (a header, a rule
+            # across the page) has not changed either.
+            in_place = b.view(np.uint32)[off_b : off_b + count, left:end, 0]
+            differs[:, : end - left] &= core_a[:, : end - left] != in_place
+        equal = not differs.any()  # most strips of a screenshot: cheaper than nonzero()
+        if self.profiles is None:
+            if not equal:
+                self._changes(_Held(step, strip_a, strip_b, differs, left), moves=True)
+            return
+        self._profile(step, a[off_a : off_a + count], b[off_b : off_b + count], equal)
+        self._read = step.bottom
+        if not equal:
+            held = _Held(step, strip_a, strip_b, differs, left)
+            span = (step.top, step.bottom)
+            # Cheap to classify, or changed where it is: no need to know whether it moved.
+            if differs.mean() < HOLD_SHARE or rows_in_place(*self.profiles, span):
+                self._changes(held, moves=True)
+            elif self._moved(step, search=True):
+                self.deferred.append(span)
+            else:
+                self._held.append(held)
+        self._settle()
+
+    def _moved(self, step: _Step, *, search: bool) -> bool:
+        """Pass 1: are this strip's rows the other image's rows at another height?"""
+        assert self.profiles is not None
+        span, read = (step.top, step.bottom), (self._read, self._read)
+        search = search and self._searches > 0
+        offset = moved_rows(*self.profiles, span, read, self._offsets, search)
+        if offset is None:
+            self._searches -= search
+            return False
+        if offset not in self._offsets:
+            self._offsets.insert(0, offset)
+            del self._offsets[4:]
+        return True
+
+    def _settle(self, *, final: bool = False) -> None:
+        """Held strips whose rows turned out to have moved (their match was further down) are
+        left for the alignment; the oldest are classified once the held pixels pass
+        HELD_BYTES (or at the end), too far back for the move test's wider window."""
+        kept = []
+        for held in self._held:
+            if self._offsets and self._moved(held.step, search=False):
+                self.deferred.append((held.step.top, held.step.bottom))
+            else:
+                kept.append(held)
+        while kept and (final or sum(h.nbytes for h in kept) > HELD_BYTES):
+            self._changes(kept.pop(0), moves=False)
+        self._held = kept
+
+    def _profile(
+        self, step: _Step, core_a: NDArray[np.uint8], core_b: NDArray[np.uint8], equal: bool
+    ) -> None:
+        assert self.profiles is not None
+        profile_a, profile_b = self.profiles
+        columns = profile_a.add(core_a[..., 1], step.top)
+        top_b = step.top + step.band.shift
+        same = equal and self.a.width == self.b.width and self.alignment.dx == 0
+        if same:
+            profile_b.repeat(profile_a, core_a[..., 1], step.top, columns)
+        else:
+            profile_b.add(core_b[..., 1], top_b)
+
+    def _changes(self, held: _Held, *, moves: bool) -> None:
+        """Classify the differing pixels of a matched strip and add the changed to the map;
+        with ``moves``, look for the changed cells' content nearby (``_moves``)."""
+        step, left = held.step, held.left
+        ys, xs = (found.astype(np.int32) for found in np.nonzero(held.differs))
+        image_ys, image_xs = ys + step.top, xs + left
+        if self.rules.ignore:
+            keep = self.rules.kept(image_xs, image_ys)
+            ys, xs, image_ys, image_xs = ys[keep], xs[keep], image_ys[keep], image_xs[keep]
+        if not len(ys):
+            return
+        cell_top = step.top // BLOCK
+        per_row = np.bincount(image_ys // BLOCK - cell_top)
+        self.cells.differing[cell_top : cell_top + len(per_row)] += per_row
+        # In chunks: a photo re-encode differs in almost every pixel, and the neighbourhood
+        # gathers cost a few hundred bytes per candidate. The colours first, for all: a strip
+        # that changed almost everywhere skips the anti-aliasing test (``rough``).
+        chunks = [slice(start, start + _CHUNK) for start in range(0, len(ys), _CHUNK)]
+        colours = [
+            self.rules.colour(
+                *self._where(held, ys[part], xs[part]), image_xs[part], image_ys[part]
+            )
+            for part in chunks
+        ]
+        candidates = sum(int((colour.delta > px.MAX_DELTA).sum()) for colour in colours)
+        rough = candidates >= MASSIVE_SHARE * held.differs.size
+        touched: list[NDArray[np.intp]] = []
+        for part, colour in zip(chunks, colours, strict=True):
+            x, y = image_xs[part], image_ys[part]
+            where_a, where_b = self._where(held, ys[part], xs[part])
+            changed, strong, transparency, exact = self.rules.classify(
+                where_a, where_b, x, y, colour, rough=rough
+            )
+            if not changed.any():
+                continue
+            x, y = x[changed], y[changed]
+            self.cells.add(x, y, strong[changed], exact[changed], tight=not rough)
+            seen = np.bincount(y[transparency[changed]] // BLOCK - cell_top)
+            self.cells.transparency[cell_top : cell_top + len(seen)] += seen
+            touched.append((y // BLOCK) * self.cells.count.shape[1] + x // BLOCK)
+        if touched and moves and not rough:
+            self._moves(step, _distinct(np.concatenate(touched)))
+
+    def _where(self, held: _Held, ys: px.Index, xs: px.Index) -> tuple[px.Where, px.Where]:
+        """Pixels of a held strip (rows ``ys`` of the step, columns ``xs`` from ``held.left``)
+        in A's strip and in B's, along the alignment."""
+        (a, first_a), (b, first_b) = held.strip_a, held.strip_b
+        step, left = held.step, held.left
+        off_a, off_b = step.top - first_a, step.top + step.band.shift - first_b
+        return (
+            px.Where(a, ys + off_a, xs + left, first_a, self.a.size),
+            px.Where(b, ys + off_b, xs + left + self.alignment.dx, first_b, self.b.size),
+        )
+
+    def _moves(self, step: _Step, cells: NDArray[np.intp]) -> None:
+        """Look for each changed cell's content near its place in B (a local move)."""
+        if len(cells) > MAX_MOVE_CELLS_PER_STRIP or self._move_budget <= 0:
+            return
+        cells = cells[: self._move_budget]
+        self._move_budget -= len(cells)
+        radius = px.MOVE_RADIUS
+        shift, dx = step.band.shift, self.alignment.dx
+        window_a = _context(self.a, (step.top, step.bottom), radius)
+        window_b = _context(self.b, (step.top + shift, step.bottom + shift), 0)
+        columns = self.cells.count.shape[1]
+        for cell in cells.tolist():
+            row, column = divmod(cell, columns)
+            found = _cell_shift(
+                window_a, window_b, row, column, (step.top, step.bottom), shift, dx, radius
+            )
+            self.cells.record_move((row, column), found)
+
+
+def _distinct(values: NDArray[np.intp]) -> NDArray[np.intp]:
+    """The distinct values, sorted (``np.unique`` would import ``numpy.ma``, ~2 MB, while
+    both decoders are at work)."""
+    ordered = np.sort(values)
+    keep = np.ones(len(ordered), dtype=bool)
+    keep[1:] = ordered[1:] != ordered[:-1]
+    return ordered[keep]
+
+
+def _cell_shift(
+    window_a: tuple[NDArray[np.uint8], int],
+    window_b: tuple[NDArray[np.uint8], int],
+    row: int,
+    column: int,
+    rows: tuple[int, int],
+    shift: int,
+    dx: int,
+    radius: int,
+) -> px.Shift:
+    """Where the part of cell (row, column) inside ``rows`` lies in B around its place."""
+    (a, first_a), (b, first_b) = window_a, window_b
+    top, bottom = max(rows[0], row * BLOCK), min(rows[1], (row + 1) * BLOCK)
+    left, right = column * BLOCK, (column + 1) * BLOCK
+    a_top, a_left = top - radius - first_a, left - radius
+    a_bottom, a_right = bottom + radius - first_a, right + radius
+    b_top, b_left = top + shift - first_b, left + dx
+    if a_top < 0 or a_left < 0 or a_bottom > len(a) or a_right > a.shape[1]:
+        return None
+    if b_top < 0 or b_left < 0 or b_top + bottom - top > len(b) or b_left + BLOCK > b.shape[1]:
+        return None
+    block = b[b_top : b_top + bottom - top, b_left : b_left + BLOCK]
+    return px.local_shift(a[a_top:a_bottom, a_left:a_right], block, radius)
+
+
+def _context(
+    stream: _Stream, span: tuple[int, int], above: int = CONTEXT, below: int | None = None
+) -> tuple[NDArray[np.uint8], int]:
+    """Rows ``span`` of the stream with ``above`` rows more above and ``below`` (default: as
+    many) below, where the image has them, and the first row's index."""
+    below = above if below is None else below
+    first, last = max(0, span[0] - above), min(stream.height, span[1] + below)
+    return stream.strip(first, last), first
+
+
+def _uniform_row(rows: NDArray[np.uint8]) -> NDArray[np.uint8] | None:
+    """The first of ``rows`` whose pixels are all alike (within CONTENT_TOLERANCE), else the
+    first row; None when there are no rows."""
+    if not len(rows):
+        return None
+    spread = (rows.max(axis=1).astype(np.int16) - rows.min(axis=1)).max(axis=1)
+    flat = np.flatnonzero(spread <= CONTENT_TOLERANCE)
+    return np.array(rows[int(flat[0]) if len(flat) else 0])
+
+
+@dataclass(frozen=True)
 class RegionCrop:
-    """Native-resolution views of one changed region in A and in B (for people and models).
+    """Native-resolution views of one region in A and in B (for people and models): an added
+    region has no view in A, a removed one none in B.
 
     ``box_a``/``box_b`` are the cut boxes (the region plus some context) in each image's native
     pixels; a box larger than the crop side is scaled down to fit it, so every crop is bounded.
     """
 
     region: int
-    box_a: Region
-    box_b: Region
-    a: Image.Image
-    b: Image.Image
+    box_a: Box | None
+    box_b: Box | None
+    a: Image.Image | None
+    b: Image.Image | None
 
 
 def cut_crops(
@@ -344,20 +1046,27 @@ def cut_crops(
     max_pixels: int,
     count: int = MAX_CROPS,
     side: int = CROP_SIDE,
+    deadline: Deadline | None = None,
 ) -> list[RegionCrop]:
-    """Crops of the ``count`` largest regions, each at most ``side`` x ``side`` pixels.
+    """Crops of the ``count`` largest regions, each at most ``side`` x ``side`` pixels, each
+    from the region's own place in each image where it has one.
 
     Cut from the pixels detection kept (``Detection.pixels``), else in one more streamed pass
-    over the input, stopping below the lowest crop.
+    over the input, stopping below the lowest crop (or with ``ComparisonTimeout`` once
+    ``deadline`` has passed, checked once per strip).
     """
     indexes = range(min(count, len(detection.regions)))
     if not indexes:
         return []
-    boxes_a = [_context(detection.regions[i], detection.size_a, side) for i in indexes]
-    boxes_b = [_context(detection.boxes_b[i], detection.size_b, side) for i in indexes]
+    regions = [detection.regions[i] for i in indexes]
+    boxes_a = [_crop_box(r.a, detection.size_a, side) if r.a else None for r in regions]
+    boxes_b = [_crop_box(r.b, detection.size_b, side) if r.b else None for r in regions]
+    kept_a, kept_b = detection.pixels
+    source_a = data_a if kept_a is None else kept_a
+    source_b = data_b if kept_b is None else kept_b
     try:
-        crops_a = _cut(data_a, detection.size_a, boxes_a, side, max_pixels, detection.pixels[0])
-        crops_b = _cut(data_b, detection.size_b, boxes_b, side, max_pixels, detection.pixels[1])
+        crops_a = _cut_some(source_a, detection.size_a, boxes_a, side, max_pixels, deadline)
+        crops_b = _cut_some(source_b, detection.size_b, boxes_b, side, max_pixels, deadline)
     except pyvips.Error as exc:
         raise InvalidImage(f"cannot decode the image: {_first_line(exc)}") from exc
     return [
@@ -366,61 +1075,58 @@ def cut_crops(
     ]
 
 
-def _context(region: Region, size: tuple[int, int], side: int) -> Region:
+def _crop_box(region: Box, size: tuple[int, int], side: int) -> Box:
     """``region`` grown by CROP_MARGIN, and to at least ``side`` pixels where the image allows."""
     width = min(size[0], max(region.width + 2 * CROP_MARGIN, side))
     height = min(size[1], max(region.height + 2 * CROP_MARGIN, side))
     left = min(max(0, region.x + region.width // 2 - width // 2), size[0] - width)
     top = min(max(0, region.y + region.height // 2 - height // 2), size[1] - height)
-    return Region(x=left, y=top, width=width, height=height)
+    return Box(x=left, y=top, width=width, height=height)
+
+
+def _cut_some(
+    source: bytes | NDArray[np.uint8],
+    size: tuple[int, int],
+    boxes: list[Box | None],
+    side: int,
+    max_pixels: int,
+    deadline: Deadline | None,
+) -> list[Image.Image | None]:
+    """``_cut`` for the boxes that are there (no pass at all when none is)."""
+    present = [box for box in boxes if box is not None]
+    if not present:
+        return [None for _ in boxes]
+    cut = iter(_cut(source, size, present, side, max_pixels, deadline))
+    return [next(cut) if box is not None else None for box in boxes]
 
 
 def _cut(
-    data: bytes,
+    source: bytes | NDArray[np.uint8],
     size: tuple[int, int],
-    boxes: list[Region],
+    boxes: list[Box],
     side: int,
     max_pixels: int,
-    kept: NDArray[np.uint8] | None = None,
+    deadline: Deadline | None,
 ) -> list[Image.Image]:
-    """Fill every box from ``kept`` or one top-to-bottom pass; rows and columns of a box much
-    larger than the crop are skipped while reading (to at most 2 x ``side``), then it is
-    resized."""
+    """Fill every box from one top-to-bottom pass over ``source`` (encoded, or the native
+    pixels detection kept); rows and columns of a box much larger than the crop are skipped
+    while reading (to at most 2 x ``side``), then it is resized."""
+    strip_of = _strips_of(source, size, max_pixels)
     steps = [
         max(1, min(box.width, box.height) // (2 * side), max(box.width, box.height) // (4 * side))
         for box in boxes
     ]
-    if kept is not None:
-        parts = [
-            [kept[box.y : box.y + box.height : step, box.x : box.x + box.width : step, :3]]
-            for box, step in zip(boxes, steps, strict=True)
-        ]
-    else:
-        parts = _cut_streamed(data, size, boxes, steps, max_pixels)
-    crops = []
-    for pieces in parts:
-        crop = Image.fromarray(np.concatenate(pieces, axis=0), "RGB")
-        if max(crop.size) > side:
-            crop.thumbnail((side, side), Image.Resampling.LANCZOS)
-        crops.append(crop)
-    return crops
-
-
-def _cut_streamed(
-    data: bytes, size: tuple[int, int], boxes: list[Region], steps: list[int], max_pixels: int
-) -> list[list[NDArray[np.uint8]]]:
-    """Each box's rows (on its own grid of ``steps``) from one top-to-bottom streamed pass."""
-    image, _ = _normalised(data, size, size, max_pixels)
     parts: list[list[NDArray[np.uint8]]] = [[] for _ in boxes]
     bottom = max(box.y + box.height for box in boxes)
-    region = pyvips.Region.new(image)
     rows = BLOCK
     for top in range(min(box.y for box in boxes), bottom, rows):
         last = min(bottom, top + rows)
         needed = [i for i, box in enumerate(boxes) if box.y < last and top < box.y + box.height]
         if not needed:
             continue
-        strip = _fetch(region, top, last, size[0])
+        if deadline is not None:
+            deadline.check()
+        strip = strip_of(top, last)
         for i in needed:
             box, step = boxes[i], steps[i]
             first = max(top, box.y)
@@ -432,20 +1138,65 @@ def _cut_streamed(
                         first - top : end - top : step, box.x : box.x + box.width : step, :3
                     ].copy()
                 )
-    return parts
+    crops = []
+    for pieces in parts:
+        crop = Image.fromarray(np.concatenate(pieces, axis=0), "RGB")
+        if max(crop.size) > side:
+            crop.thumbnail((side, side), Image.Resampling.LANCZOS)
+        crops.append(crop)
+    return crops
 
 
-def check_ignore_regions(
-    ignore: tuple[IgnoreRegion, ...] | list[IgnoreRegion], size_a: tuple[int, int]
-) -> None:
+def _strips_of(
+    source: bytes | NDArray[np.uint8], size: tuple[int, int], max_pixels: int
+) -> Callable[[int, int], NDArray[np.uint8]]:
+    """Rows ``first:last`` of ``source``: decoded in strips, or sliced from kept pixels."""
+    if not isinstance(source, bytes):
+        return lambda first, last: source[first:last]
+    image, _ = _normalised(source, size, size, max_pixels)
+    region = pyvips.Region.new(image)
+
+    def fetch(first: int, last: int) -> NDArray[np.uint8]:
+        # (``image`` held here: a region does not keep alive an image made from an array.)
+        assert image is not None
+        return _fetch(region, first, last, size[0])
+
+    return fetch
+
+
+def check_ignore_regions(ignore: Sequence[IgnoreRegion], size_a: tuple[int, int]) -> None:
     """``InvalidManifest`` naming the field when an ignore box does not lie inside image A."""
+    _check_boxes("ignore_regions", ignore, size_a)
+
+
+def check_match_regions(regions: Sequence[MatchRegion], size_a: tuple[int, int]) -> None:
+    """``InvalidManifest`` naming the field when a level box does not lie inside image A."""
+    _check_boxes("regions", regions, size_a)
+
+
+def _check_boxes(name: str, boxes: Sequence[IgnoreRegion], size_a: tuple[int, int]) -> None:
     width, height = size_a
-    for index, box in enumerate(ignore):
+    for index, box in enumerate(boxes):
         if box.x + box.width > width or box.y + box.height > height:
+            where = f"config.{name}[{index}]"
             raise InvalidManifest(
-                f"config.ignore_regions[{index}] (x={box.x}, y={box.y}, {box.width}x{box.height})"
-                f" reaches outside image A ({width}x{height})"
+                f"{where} (x={box.x}, y={box.y}, {box.width}x{box.height})"
+                f" reaches outside image A ({width}x{height})",
+                details={"field": where},
             )
+
+
+def _scale_box(
+    box: tuple[int, int, int, int], factor: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """(x, y, width, height) -> (x0, y0, x1, y1) scaled, rounded outwards."""
+    x, y, width, height = box
+    return (
+        int(x * factor[0]),
+        int(y * factor[1]),
+        int(np.ceil((x + width) * factor[0])),
+        int(np.ceil((y + height) * factor[1])),
+    )
 
 
 def _checked_size(data: bytes, max_pixels: int, which: str) -> tuple[int, int]:
@@ -548,263 +1299,11 @@ def _normalised(
     return colour.bandjoin(image[image.bands - 1]), colour
 
 
-@dataclass
-class _Cells:
-    """The streamed change map: per BLOCK x BLOCK cell, a count and tight pixel bounds.
-
-    Bounds are offsets inside the cell (0..BLOCK-1), valid where ``count`` > 0: 8 bytes a
-    cell, so a 100 MP map is 3 MB rather than the 19 MB of absolute 64-bit coordinates.
-    """
-
-    count: NDArray[np.uint16]
-    strong: NDArray[np.uint16]
-    x0: NDArray[np.uint8]
-    y0: NDArray[np.uint8]
-    x1: NDArray[np.uint8]
-    y1: NDArray[np.uint8]
-    transparency: int = 0
-    differing: int = 0
-
-    @classmethod
-    def empty(cls, grid: tuple[int, int]) -> _Cells:
-        return cls(
-            count=np.zeros(grid, np.uint16),
-            strong=np.zeros(grid, np.uint16),
-            x0=np.full(grid, BLOCK, np.uint8),
-            y0=np.full(grid, BLOCK, np.uint8),
-            x1=np.zeros(grid, np.uint8),
-            y1=np.zeros(grid, np.uint8),
-        )
-
-
-def _scan(stream_a: _Stream, stream_b: _Stream, ignore: list[tuple[int, ...]]) -> _Cells:
-    width, height = stream_a.width, stream_a.height
-    rows = max(BLOCK, (_STRIP_PIXELS // width) // BLOCK * BLOCK)
-    cells = _Cells.empty((-(-height // BLOCK), -(-width // BLOCK)))
-    # Each decoder is single-threaded and libvips releases the GIL: B's strip is decoded on a
-    # second thread while A's is decoded here.
-    decoded = 0
-    # (Small inputs: their strips are kept or soon gone; ``detect`` trims once at the end.)
-    trim_every = _TRIM_EVERY_BYTES if width * height > KEEP_PIXELS else None
-    with ThreadPoolExecutor(1, thread_name_prefix="detect") as helper:
-        for top in range(0, height, rows):
-            # One row of context above and below for the 3x3 anti-aliasing test.
-            first, last = max(0, top - 1), min(height, top + rows + 1)
-            pending_b = helper.submit(stream_b.strip, first, last)
-            strip_a = stream_a.strip(first, last)
-            strip_b = pending_b.result()
-            _scan_strip(strip_a, strip_b, top - first, min(rows, height - top), top, ignore, cells)
-            decoded += strip_a.nbytes + strip_b.nbytes
-            if trim_every is not None and decoded >= trim_every:
-                release_freed_memory()
-                decoded = 0
-    return cells
-
-
 def _fetch(
     region: pyvips.Region, first: int, last: int, width: int, bands: int = 4
 ) -> NDArray[np.uint8]:
     raw = region.fetch(0, first, width, last - first)
     return np.frombuffer(raw, dtype=np.uint8).reshape(last - first, width, bands)
-
-
-def _scan_strip(
-    a: NDArray[np.uint8],
-    b: NDArray[np.uint8],
-    offset: int,
-    rows: int,
-    top: int,
-    ignore: list[tuple[int, ...]],
-    cells: _Cells,
-) -> None:
-    """Find the changed pixels of rows ``offset:offset+rows`` of the strip (``top`` in the
-    image) and add them to ``cells``."""
-    core_a = a[offset : offset + rows].view(np.uint32)[..., 0]
-    core_b = b[offset : offset + rows].view(np.uint32)[..., 0]
-    differs = core_a != core_b
-    if not differs.any():  # most strips of a screenshot: cheaper than an empty nonzero()
-        return
-    ys, xs = np.nonzero(differs)
-    if ignore and len(ys):
-        keep = ~_inside(xs, ys + top, ignore)
-        ys, xs = ys[keep], xs[keep]
-    if not len(ys):
-        return
-    cells.differing += len(ys)
-    # In chunks: a photo re-encode differs in almost every pixel, and the 3x3 gathers cost
-    # ~100 bytes per candidate.
-    for start in range(0, len(ys), _CHUNK):
-        chunk = slice(start, start + _CHUNK)
-        _classify(a, b, ys[chunk] + offset, xs[chunk], offset, top, cells)
-
-
-def _classify(
-    a: NDArray[np.uint8],
-    b: NDArray[np.uint8],
-    ys: NDArray[np.intp],
-    xs: NDArray[np.intp],
-    offset: int,
-    top: int,
-    cells: _Cells,
-) -> None:
-    """Changed or not, for differing pixels at strip rows ``ys``; the changed go to ``cells``."""
-    pa, pb = a[ys, xs], b[ys, xs]
-    diff = pa[:, :3].astype(np.float32) - pb[:, :3].astype(np.float32)
-    delta = (np.square(diff @ _YIQ) * _YIQ_WEIGHTS).sum(axis=1)
-    colour = delta > _MAX_DELTA
-    if colour.any():
-        colour[colour] = ~_antialiased(a, b, ys[colour], xs[colour])
-    opacity = np.abs(pa[:, 3].astype(np.int16) - pb[:, 3].astype(np.int16)) > ALPHA_THRESHOLD
-    changed = colour | opacity
-    cells.transparency += int(np.count_nonzero(opacity & ~colour))
-    strong = (colour & (delta > STRONG_DELTA)) | opacity
-    ys, xs, strong = ys[changed] - offset + top, xs[changed], strong[changed]
-    if len(ys):
-        _accumulate(cells, xs, ys, strong)
-
-
-def _antialiased(
-    a: NDArray[np.uint8], b: NDArray[np.uint8], ys: NDArray[np.intp], xs: NDArray[np.intp]
-) -> NDArray[np.bool_]:
-    """Edge pixels drawn with other smoothing: in each image the pixel lies strictly between
-    its darkest and brightest neighbour (it is on an edge, as pixelmatch requires), and its
-    value lies within the other image's 3x3 range. A stroke added on plain background fails
-    the first test where the background was (nothing there is brighter than it)."""
-    height, width = a.shape[:2]
-    near_y = np.clip(ys[:, None] + _OFFSETS[:, 0], 0, height - 1)
-    near_x = np.clip(xs[:, None] + _OFFSETS[:, 1], 0, width - 1)
-    result = np.ones(len(ys), dtype=bool)
-    for this, other in ((a, b), (b, a)):
-        own = this[near_y, near_x, :3].astype(np.int16)
-        centre = own[:, _CENTRE]
-        brightness = own @ _LUMA
-        neighbours = np.delete(brightness, _CENTRE, axis=1)
-        mid = brightness[:, _CENTRE]
-        result &= (neighbours.min(axis=1) < mid) & (mid < neighbours.max(axis=1))
-        around = other[near_y, near_x, :3].astype(np.int16)
-        low = around.min(axis=1) - AA_TOLERANCE
-        high = around.max(axis=1) + AA_TOLERANCE
-        result &= ((centre >= low) & (centre <= high)).all(axis=1)
-    return result
-
-
-def _inside(
-    xs: NDArray[np.intp], ys: NDArray[np.intp], boxes: list[tuple[int, ...]]
-) -> NDArray[np.bool_]:
-    hit = np.zeros(len(xs), dtype=bool)
-    for x0, y0, x1, y1 in boxes:
-        hit |= (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
-    return hit
-
-
-def _accumulate(
-    cells: _Cells, xs: NDArray[np.intp], ys: NDArray[np.intp], strong: NDArray[np.bool_]
-) -> None:
-    index = (ys // BLOCK, xs // BLOCK)
-    dx, dy = (xs % BLOCK).astype(np.uint8), (ys % BLOCK).astype(np.uint8)
-    np.add.at(cells.count, index, 1)
-    np.add.at(cells.strong, index, strong.astype(np.uint16))
-    np.minimum.at(cells.x0, index, dx)
-    np.minimum.at(cells.y0, index, dy)
-    np.maximum.at(cells.x1, index, dx)
-    np.maximum.at(cells.y1, index, dy)
-
-
-def _clusters(occupied: NDArray[np.bool_]) -> tuple[NDArray[np.intp], int]:
-    """Cluster labels of the occupied cells (in ``occupied``'s order) and the label count.
-
-    Cells one empty cell apart belong to one cluster (a word's letters, a moved label's old
-    and new place): the map is dilated by one cell, then labelled. libvips does both on the
-    small map; it is loaded already, where scipy would cost ~0.2 s and ~18 MB to import.
-    """
-    cell_map = pyvips.Image.new_from_array(occupied.astype(np.uint8) * 255)
-    joined = cell_map.morph(pyvips.Image.new_from_array(np.full((3, 3), 255, np.uint8)), "dilate")
-    labels = np.asarray(joined.labelregions().numpy())[occupied]
-    # labelregions numbers every region, the empty background's included: renumber 0..n-1.
-    kept, index = np.unique(labels, return_inverse=True)
-    return index.astype(np.intp), len(kept)
-
-
-def _detection(
-    cells: _Cells, size_a: tuple[int, int], size_b: tuple[int, int], work: tuple[int, int]
-) -> Detection:
-    occupied = cells.count > 0
-    clusters = []
-    if occupied.any():
-        label, count = _clusters(occupied)
-        rows, cols = np.nonzero(occupied)
-        pixels = np.bincount(label, weights=cells.count[occupied], minlength=count)
-        strong = np.bincount(label, weights=cells.strong[occupied], minlength=count)
-        x0 = _smallest(label, count, cols * BLOCK + cells.x0[occupied])
-        y0 = _smallest(label, count, rows * BLOCK + cells.y0[occupied])
-        x1 = -_smallest(label, count, -(cols * BLOCK + cells.x1[occupied]))
-        y1 = -_smallest(label, count, -(rows * BLOCK + cells.y1[occupied]))
-        for i in range(count):
-            if _confident(int(pixels[i]), int(strong[i])):
-                box = _padded((int(x0[i]), int(y0[i]), int(x1[i]) + 1, int(y1[i]) + 1), work)
-                clusters.append((int(pixels[i]), box))
-    clusters.sort(key=lambda item: -item[0])
-    kept = clusters[:MAX_REGIONS]
-    to_a = (size_a[0] / work[0], size_a[1] / work[1])
-    to_b = (size_b[0] / work[0], size_b[1] / work[1])
-    return Detection(
-        size_a=size_a,
-        size_b=size_b,
-        work_size=work,
-        regions=tuple(_region(box, to_a, size_a) for _, box in kept),
-        region_pixels=tuple(pixels for pixels, _ in kept),
-        boxes_b=tuple(_region(box, to_b, size_b) for _, box in kept),
-        changed_pixels=sum(pixels for pixels, _ in clusters),
-        transparency_pixels=min(cells.transparency, sum(p for p, _ in clusters)),
-        differing_pixels=cells.differing,
-    )
-
-
-def _smallest(label: NDArray[np.intp], count: int, values: NDArray[np.intp]) -> NDArray[np.intp]:
-    """The smallest of ``values`` per cluster label."""
-    out = np.full(count, np.iinfo(np.intp).max, dtype=np.intp)
-    np.minimum.at(out, label, values)
-    return out
-
-
-def _padded(box: tuple[int, int, int, int], limit: tuple[int, int]) -> tuple[int, int, int, int]:
-    """REGION_PAD more on each side, inside the image."""
-    x0, y0, x1, y1 = box
-    return (
-        max(0, x0 - REGION_PAD),
-        max(0, y0 - REGION_PAD),
-        min(limit[0], x1 + REGION_PAD),
-        min(limit[1], y1 + REGION_PAD),
-    )
-
-
-def _confident(pixels: int, strong: int) -> bool:
-    """A real change, not re-encoding noise: JPEG q70 leaves clusters of up to ~60 weak pixels
-    (measured on the scikit-image photos) but never a strong one."""
-    if pixels < MIN_CLUSTER_PIXELS:
-        return False
-    return strong >= MIN_STRONG_PIXELS or pixels >= WEAK_CLUSTER_PIXELS
-
-
-def _scale_box(box: tuple[int, int, int, int], factor: tuple[float, float]) -> tuple[int, ...]:
-    """(x, y, width, height) -> (x0, y0, x1, y1) scaled, rounded outwards."""
-    x, y, width, height = box
-    return (
-        int(x * factor[0]),
-        int(y * factor[1]),
-        int(np.ceil((x + width) * factor[0])),
-        int(np.ceil((y + height) * factor[1])),
-    )
-
-
-def _region(
-    box: tuple[int, int, int, int], factor: tuple[float, float], limit: tuple[int, int]
-) -> Region:
-    x0, y0, x1, y1 = box
-    left, top = int(x0 * factor[0]), int(y0 * factor[1])
-    right = min(limit[0], max(left + 1, int(np.ceil(x1 * factor[0]))))
-    bottom = min(limit[1], max(top + 1, int(np.ceil(y1 * factor[1]))))
-    return Region(x=left, y=top, width=right - left, height=bottom - top)
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,5 +1,9 @@
-"""Diff image: A and B side by side, the changed regions boxed on both, native-resolution crops
-of the largest regions (A | B) under them, a legend at the bottom.
+"""Diff image: A and B side by side, each region boxed where it is in each image, native-resolution
+crops of the largest regions (A | B) under them, a legend at the bottom.
+
+Colours say what happened: changed regions are magenta (on both panels, each at its own place),
+added ones green (on B only: they are not in A), removed ones red (on A only), and moved content
+is outlined in blue at its place in A and in B, its offset written beside it on B.
 
 People judge a comparison faster by looking than by reading JSON. The overview is drawn from the
 already-prepared (downsized) images, so it costs a resize and a PNG encode, never a second decode
@@ -21,10 +25,19 @@ from PIL import Image, ImageDraw, ImageFont
 from handler.config import IgnoreRegion
 from handler.detect import RegionCrop
 from handler.images import PreparedImage
-from handler.result import ComparisonResult, Region
+from handler.result import Box, ComparisonResult, Region
 
-#: Changed regions. Pure red survives PNG exactly, which also lets tests find the boxes.
-BOX_COLOR = (255, 0, 0)
+#: Region outlines by kind. Pure colours survive PNG exactly, which lets tests find the boxes.
+CHANGED_COLOR = (255, 0, 255)
+ADDED_COLOR = (0, 200, 0)
+REMOVED_COLOR = (255, 0, 0)
+MOVED_COLOR = (0, 120, 255)
+KIND_COLORS = {
+    "changed": CHANGED_COLOR,
+    "added": ADDED_COLOR,
+    "removed": REMOVED_COLOR,
+    "moved": MOVED_COLOR,
+}
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (20, 20, 20)
 #: Legend swatch per verdict: similar, different, failed (error/timeout).
@@ -40,7 +53,10 @@ _GAP = 6
 _PAD = 6
 #: Drawing colours get fixed palette slots after the photo colours (see ``_to_palette``).
 _INKS = (
-    BOX_COLOR,
+    CHANGED_COLOR,
+    ADDED_COLOR,
+    REMOVED_COLOR,
+    MOVED_COLOR,
     BACKGROUND,
     TEXT_COLOR,
     SIMILAR_COLOR,
@@ -86,7 +102,7 @@ def render_diff(
     font_size = max(11, min(16, bound // 64))
     font = _font(font_size)
     line_height = font_size + 4
-    rows = [(crop.a, crop.b) for crop in crops]
+    rows = [_pair(crop) for crop in crops]
     crops_width = max((_GAP + left.width + right.width for left, right in rows), default=0)
     crops_height = sum(_GAP + max(left.height, right.height) for left, right in rows)
     verdict = _verdict(result)[1]
@@ -123,14 +139,56 @@ def render_diff(
     for panel in (layout.a, layout.b):
         for box in result.config.ignore_regions:
             _hatch(draw, _box(_as_region(box), a.original_size, panel))
-        for region in result.changed_regions:
-            draw.rectangle(
-                _box(region, a.original_size, panel), outline=_INK[BOX_COLOR], width=line
-            )
+    for region in result.changed_regions:
+        _outline(draw, region, (a.original_size, b.original_size), layout, line, font)
     _draw_legend(draw, result, layout, font, line_height, legend_height, verdict_lines)
     out = io.BytesIO()
     canvas.save(out, "PNG", compress_level=PNG_LEVEL)
     return out.getvalue()
+
+
+def _pair(crop: RegionCrop) -> tuple[Image.Image, Image.Image]:
+    """A crop row: A's and B's views of a region, a blank of the same size where one image
+    does not have it (added, removed)."""
+    shown = crop.a or crop.b
+    size = shown.size if shown is not None else (1, 1)
+    return (
+        crop.a or Image.new("RGB", size, BACKGROUND),
+        crop.b or Image.new("RGB", size, BACKGROUND),
+    )
+
+
+def _outline(
+    draw: ImageDraw.ImageDraw,
+    region: Region,
+    sizes: tuple[tuple[int, int], tuple[int, int]],
+    layout: _Layout,
+    line: int,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+) -> None:
+    """``region`` in its kind's colour at its place in each image that has it. (A region
+    without boxes per image, from an older result, is drawn at the same relative place on
+    both.)"""
+    ink = _INK[KIND_COLORS.get(region.kind, CHANGED_COLOR)]
+    boxes: list[tuple[Box, tuple[int, int], _Panel]]
+    if region.a is None and region.b is None:
+        boxes = [(region, sizes[0], layout.a), (region, sizes[0], layout.b)]
+    else:
+        boxes = [
+            (box, size, panel)
+            for box, size, panel in (
+                (region.a, sizes[0], layout.a),
+                (region.b, sizes[1], layout.b),
+            )
+            if box is not None
+        ]
+    for box, size, panel in boxes:
+        draw.rectangle(_box(box, size, panel), outline=ink, width=line)
+    if region.kind == "moved" and region.shift is not None and region.b is not None:
+        x0, y0, _, _ = _box(region.b, sizes[1], layout.b)
+        label = f"{region.shift[0]:+d},{region.shift[1]:+d}"
+        height = font.getbbox(label)[3]
+        draw.text((x0, max(layout.b.y, y0 - height - 2)), label, fill=ink, font=font)
 
 
 def _moved(panel: _Panel, shift: int) -> _Panel:
@@ -210,8 +268,9 @@ def _fit(image: Image.Image, panel: _Panel) -> Image.Image:
     return image.resize((panel.width, panel.height), Image.Resampling.BILINEAR, reducing_gap=1.0)
 
 
-def _box(region: Region, original: tuple[int, int], panel: _Panel) -> tuple[int, int, int, int]:
-    """``region`` (A's original pixels) as a rectangle on ``panel``, clamped inside it."""
+def _box(region: Box, original: tuple[int, int], panel: _Panel) -> tuple[int, int, int, int]:
+    """``region`` (an image's ``original`` pixels) as a rectangle on ``panel``, clamped inside
+    it."""
     fx, fy = panel.width / original[0], panel.height / original[1]
     x0 = min(max(0, int(region.x * fx)), panel.width - 1)
     y0 = min(max(0, int(region.y * fy)), panel.height - 1)

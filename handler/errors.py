@@ -113,6 +113,13 @@ class StorageUnavailable(Exception):
     work is retried (``handler.disposition.retry``)."""
 
 
+class BucketRefused(Exception):
+    """An event names a bucket pairwatch will not touch: not a valid bucket name, not in
+    ``allowed_buckets``, or one that does not exist. Not a ``PairError`` (there is no pair to
+    write a result beside) and not a failure of the moment: the event is rejected for good
+    (logged, counted, acknowledged), never delivered again and again."""
+
+
 class ResultConflict(Exception):
     """Another worker stored this result first (a conditional write was refused): the pair is
     answered, so the unit of work is done."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -18,8 +19,8 @@ import pillow_heif
 from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
 
 from handler.config import DEFAULT_MAX_INPUT_PIXELS
-from handler.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
-from handler.vips import open_header, pyvips, thumbnail_rgb
+from handler.errors import ComparisonTimeout, ImageTooLarge, InvalidImage, UnsupportedFormat
+from handler.vips import Expired, open_header, pyvips, thumbnail_rgb
 
 #: Formats we decode. Restricting ``Image.open`` to them keeps exotic decoders (EPS runs
 #: Ghostscript, for one) out of reach of untrusted input.
@@ -76,18 +77,20 @@ def prepare(
     quality: int,
     *,
     max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+    expired: Expired | None = None,
 ) -> PreparedImage:
     """Decode ``data`` into an RGB image that fits ``max_size`` and encode it as JPEG.
 
     Raises ``InvalidImage`` (or its subclasses ``UnsupportedFormat``/``ImageTooLarge``) for
-    anything that is not a decodable image within the pixel budget.
+    anything that is not a decodable image within the pixel budget. A large input shrunk by
+    libvips stops with ``ComparisonTimeout`` once ``expired()`` holds (see
+    ``handler.vips.kill_when``); Pillow's decodes (JPEG, small images) run to their end.
     """
     with _checked_open(data, max_pixels) as img:
         streamed = _streamed(data, img)
         if streamed is not None:
-            return _encoded(_thumbnail(data, max_size), streamed, quality)
-        # (A PNG's getexif() decodes the whole image: only here, never on the streamed path.)
-        orientation = img.getexif().get(0x0112, 1)
+            return _encoded(_thumbnail(data, max_size, expired), streamed, quality)
+        orientation = _orientation(img)
         # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap.
         turned = orientation in (5, 6, 7, 8)
         width, height = img.size
@@ -113,7 +116,7 @@ def read_header(data: bytes, max_pixels: int) -> InputHeader:
     with _checked_open(data, max_pixels) as img:
         width, height = img.size
         header = open_header(data)
-        orientation = _orientation(header) if header else img.getexif().get(0x0112, 1)
+        orientation = _vips_orientation(header) if header else _orientation(img)
         turned = orientation in (5, 6, 7, 8)
         return InputHeader(
             format=str(img.format),
@@ -262,20 +265,34 @@ def _streamed(data: bytes, img: Image.Image) -> InputHeader | None:
     header = open_header(data)
     if header is None:
         return None
-    turned = _orientation(header) in (5, 6, 7, 8)
+    turned = _vips_orientation(header) in (5, 6, 7, 8)
     return InputHeader(
         format=str(img.format), mode=img.mode, size=(height, width) if turned else (width, height)
     )
 
 
-def _orientation(header: pyvips.Image) -> int:
+def _vips_orientation(header: pyvips.Image) -> int:
+    """The EXIF orientation libvips read from the header (1 when there is none)."""
     return int(header.get("orientation")) if header.get_typeof("orientation") else 1
 
 
-def _thumbnail(data: bytes, box: tuple[int, int]) -> Image.Image:
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 when there is none). A PNG's ``getexif()`` decodes the whole
+    image to find chunks after the pixels (only here, never on the streamed path): a corrupt
+    data stream fails there first."""
     try:
-        return thumbnail_rgb(data, box)
+        value = img.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise InvalidImage(f"cannot decode the image: {exc}") from exc
+    return value if isinstance(value, int) else 1
+
+
+def _thumbnail(data: bytes, box: tuple[int, int], expired: Expired | None) -> Image.Image:
+    try:
+        return thumbnail_rgb(data, box, expired=expired)
     except pyvips.Error as exc:
+        if expired is not None and expired():
+            raise ComparisonTimeout("killed while shrinking the image") from None
         raise InvalidImage(f"cannot decode the image: {str(exc).strip().splitlines()[0]}") from exc
 
 

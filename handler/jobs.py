@@ -12,9 +12,20 @@ acts on:
   or a *final* failure is written (a bad image, a bad manifest, ``incomplete_pair``...);
 * ``retry``: a failure of the moment (``RETRYABLE_ERROR_TYPES``: the error result is written
   so that users see the state, but it never counts as final), the store unavailable, the result
-  unwritable, the pair busy in another process, or a lone image (``at`` = when its partner is
-  due, ``incomplete_pair`` then) or a manifest whose images have not all arrived;
+  unwritable for the moment (a full disk, a read-only remount, a throttled store), the pair
+  busy in another process, or a lone image (``at`` = when its partner is due,
+  ``incomplete_pair`` then) or a manifest whose images have not all arrived;
+* and two ends decided once: a pair whose folder (or inputs) vanished while it was compared is
+  ``done`` (``pair_vanished``: nothing is left to answer); a result the process may not write
+  (a folder's or a bucket's permissions) is ``done`` too, logged as a final
+  ``output_unwritable`` failure: comparing it again would meet the same refusal;
 * ``reject`` is decided by the sources (a hostile key, a malformed event): a job never rejects.
+
+Time: one ``handler.deadline.Deadline`` per pair (``processing_timeout``, the deployment's a
+ceiling a manifest may lower), started by whoever took the pair (the runner, ``serve``; else
+when the job starts), over resolving, fetching, preparing, detecting, comparing and writing; a
+pair past it gets a ``timeout`` result naming its stage. The result of a pair that used its
+time up is still written, within ``WRITE_GRACE_S``.
 
 Idempotency: a pair is compared again only when its existing result does not record the same
 request: the same input names and sha256 values (ETags on S3), the same effective config and
@@ -39,6 +50,7 @@ from pydantic_core import PydanticSerializationError
 from handler import disposition
 from handler.compare.base import Comparator
 from handler.config import ComparisonConfig, Settings
+from handler.deadline import Deadline, current_or_new
 from handler.disposition import Disposition
 from handler.errors import (
     RETRYABLE_ERROR_TYPES,
@@ -58,7 +70,7 @@ from handler.pairs import (
     join_relative,
     parse_manifest,
 )
-from handler.pipeline import ImageInput, compare_pair, failure_result
+from handler.pipeline import ImageInput, compare_pair, failure_result, pair_deadline
 from handler.result import ComparisonResult, InputInfo
 from handler.storage import HashingStorage, PairStorage, VersionedStorage
 
@@ -70,13 +82,19 @@ MAX_RESULT_BYTES = 16 * 1024 * 1024
 MISSING_INPUT = ""
 #: A pair busy in another process is looked at again this soon (it is usually done by then).
 BUSY_RETRY_S = 1.0
+#: A result is written within this much time even when the comparison used the pair's time up
+#: (a timeout result above all): the write is bounded, but never left without a chance.
+WRITE_GRACE_S = 5.0
 
 #: What a job did: ``written`` a new result (ok or error) · ``skipped`` the existing result
 #: already answers (``result`` is that one) · ``waiting`` a lone image within ``pair_timeout``
 #: · ``none`` not a pair (empty folder, manifest gone, a folder holding manifests) ·
-#: ``unwritable`` compared, but the result could not be stored · ``busy`` the pair is in hand
-#: in another process · ``unavailable`` the store failed for the moment.
-Action = Literal["written", "skipped", "waiting", "none", "unwritable", "busy", "unavailable"]
+#: ``unwritable`` compared, but the result could not be stored · ``vanished`` its folder or
+#: inputs were removed while it was compared · ``busy`` the pair is in hand in another process
+#: · ``unavailable`` the store failed for the moment.
+Action = Literal[
+    "written", "skipped", "waiting", "none", "unwritable", "vanished", "busy", "unavailable"
+]
 
 
 @dataclass(frozen=True)
@@ -135,13 +153,19 @@ def run_pair_job(
     *,
     now: float,
     queued_ms: float | None = None,
+    deadline: Deadline | None = None,
 ) -> JobReport:
-    """Resolve ``spec`` and bring its result up to date (``resolve`` then ``run_plan``)."""
+    """Resolve ``spec`` and bring its result up to date (``resolve`` then ``run_plan``), both
+    within the pair's ``deadline`` (see ``run_plan``)."""
+    deadline = deadline or current_or_new(settings.comparison.processing_timeout)
     try:
-        plan = resolve(storage, spec, settings, now)
+        with deadline.applied():
+            plan = resolve(storage, spec, settings, now)
     except StorageUnavailable as exc:
         return _unavailable(spec, exc)
-    return run_plan(storage, plan, settings, comparator, now=now, queued_ms=queued_ms)
+    return run_plan(
+        storage, plan, settings, comparator, now=now, queued_ms=queued_ms, deadline=deadline
+    )
 
 
 def run_plan(
@@ -152,12 +176,18 @@ def run_plan(
     *,
     now: float,
     queued_ms: float | None = None,
+    deadline: Deadline | None = None,
 ) -> JobReport:
     """Bring ``plan``'s result up to date. Per-pair failures become error results, never raise.
 
     ``now`` (Unix time) is what a lone image's or a manifest's wait is measured to;
     ``queued_ms``, how long the caller's queue held the pair, is logged with ``pair_started``.
+    ``deadline``: the pair's, started by whoever took it (the thread's current one, else
+    ``processing_timeout`` from now), shortened to the plan's own ``processing_timeout``.
     """
+    deadline = pair_deadline(
+        deadline or current_or_new(settings.comparison.processing_timeout), plan.config
+    )
     spec = plan.spec
     if not plan.is_pair:
         return JobReport(spec, "none", disposition.done("not a pair"))
@@ -171,7 +201,8 @@ def run_plan(
             retry = disposition.retry("pair in hand in another process", now + BUSY_RETRY_S)
             return JobReport(spec, "busy", retry, None, plan.inputs)
         try:
-            return _run_locked(storage, plan, settings, comparator, now, queued_ms)
+            with deadline.applied():
+                return _run_locked(storage, plan, settings, comparator, now, queued_ms, deadline)
         except StorageUnavailable as exc:
             return _unavailable(spec, exc)
         except ResultConflict:
@@ -194,6 +225,7 @@ def _run_locked(
     comparator: Comparator,
     now: float,
     queued_ms: float | None,
+    deadline: Deadline,
 ) -> JobReport:
     spec = plan.spec
     log = get_logger(pair_id=spec.pair_id)
@@ -217,7 +249,7 @@ def _run_locked(
             input=plan.failed_input,
             duration_ms=elapsed_ms(started),
         )
-        return _write(storage, plan, result, None, started, log, settings, now, {})
+        return _write(storage, plan, result, None, started, log, settings, now, {}, deadline)
 
     if existing is not None and _answers(existing, plan, comparator, storage, settings):
         log.debug("pair_skipped", reason="result_up_to_date", status=existing.status)
@@ -243,10 +275,20 @@ def _run_locked(
         diff_image=settings.diff_image,
         cache_mb=settings.cache_mb,
         decode_budget_mp=settings.decode_budget_mp,
+        deadline=deadline,
     )
     stages = {"fetch": sum(fetched)} if fetched else {}
     return _write(
-        storage, plan, compared.result, compared.diff_png, started, log, settings, now, stages
+        storage,
+        plan,
+        compared.result,
+        compared.diff_png,
+        started,
+        log,
+        settings,
+        now,
+        stages,
+        deadline,
     )
 
 
@@ -436,28 +478,26 @@ def _write(
     settings: Settings,
     now: float,
     stages: dict[str, float],
+    deadline: Deadline,
 ) -> JobReport:
     """Diff image first, then the result that names it: a result never points at nothing.
-    ``stages`` (seconds) gains ``write`` and goes into the report."""
+    ``stages`` (seconds) gains ``write`` and goes into the report. The write has what is left
+    of ``deadline``, at least ``WRITE_GRACE_S``."""
     spec = plan.spec
     write_start = time.perf_counter()
+    writing = deadline.extended(WRITE_GRACE_S)
     try:
-        if diff_png is not None:
-            storage.write_atomic(spec.diff_path, diff_png)
-            result = result.model_copy(update={"diff_image": posixpath.basename(spec.diff_path)})
-        text = result.to_json().encode()
-        storage.write_atomic(spec.result_path, text)
+        with writing.applied():
+            writing.enter("write")
+            if diff_png is not None:
+                storage.write_atomic(spec.diff_path, diff_png)
+                named = posixpath.basename(spec.diff_path)
+                result = result.model_copy(update={"diff_image": named})
+            text = result.to_json().encode()
+            storage.write_atomic(spec.result_path, text)
     # PydanticSerializationError: non-UTF-8 names.
     except (OSError, PairError, StorageUnavailable, PydanticSerializationError) as exc:
-        log.error(
-            "pair_failed",
-            error_type="output_unwritable",
-            error=str(exc),
-            path=spec.result_path,
-            duration_ms=elapsed_ms(started),
-        )
-        retry = disposition.retry(f"result unwritable: {exc}")
-        return JobReport(spec, "unwritable", retry, result, plan.inputs, stages)
+        return _unwritten(storage, plan, result, exc, started, log, stages)
     stages["write"] = time.perf_counter() - write_start
     log.info(
         "result_written",
@@ -469,3 +509,49 @@ def _write(
         duration_ms=elapsed_ms(started),
     )
     return _report(plan, "written", result, settings, now, stages)
+
+
+def _unwritten(
+    storage: PairStorage,
+    plan: Plan,
+    result: ComparisonResult,
+    exc: Exception,
+    started: float,
+    log: Any,
+    stages: dict[str, float],
+) -> JobReport:
+    """A result that could not be stored: vanished, final (no permission) or to retry."""
+    spec = plan.spec
+    if isinstance(exc, FileNotFoundError) and _vanished(storage, plan):
+        log.info("pair_vanished", path=spec.result_path, reason="removed while it was compared")
+        return JobReport(spec, "vanished", disposition.done("pair vanished"), None, plan.inputs)
+    final = isinstance(exc, PermissionError)
+    log.error(
+        "pair_failed",
+        error_type="output_unwritable",
+        error=str(exc),
+        path=spec.result_path,
+        final=final,
+        duration_ms=elapsed_ms(started),
+    )
+    fate = (
+        disposition.done(f"final failure: result not writable ({exc})")
+        if final
+        else disposition.retry(f"result unwritable: {exc}")
+    )
+    return JobReport(spec, "unwritable", fate, result, plan.inputs, stages)
+
+
+def _vanished(storage: PairStorage, plan: Plan) -> bool:
+    """None of the pair's files is there any more (its folder was removed)."""
+    if not plan.files:
+        return False
+    for path in plan.files:
+        try:
+            storage.landed_at(path)
+        except InputNotFound:
+            continue
+        except PairError:
+            return False
+        return False
+    return True

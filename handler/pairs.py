@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from handler.config import ComparisonConfig, format_validation_error
+from handler.config import ComparisonConfig, error_field, format_validation_error
 from handler.errors import InvalidManifest, PathOutsideRoot, UnsupportedName
 
 IMAGE_SUFFIXES = frozenset(
@@ -200,7 +200,8 @@ class Manifest:
         try:
             return ComparisonConfig.model_validate(base.model_dump() | self.config_overrides)
         except ValidationError as exc:
-            raise InvalidManifest(format_validation_error(exc)) from exc
+            field = error_field(exc, "config")
+            raise InvalidManifest(format_validation_error(exc), details={"field": field}) from exc
 
 
 def parse_manifest(data: bytes) -> Manifest:

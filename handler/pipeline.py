@@ -15,6 +15,12 @@ budget (``handler.budget``, ``decode_budget_mp``) and gives them back once the p
 exist, so small pairs decode side by side while a pair as large as the budget runs alone; peak
 RAM follows the budget, not the number of pairs in flight.
 
+The whole pair runs against one ``handler.deadline.Deadline`` (``processing_timeout``): every
+stage declares itself to it and asks it between units of work, waiting for room in the decode
+budget counts, and a pair past its deadline stops with a ``timeout`` result that names the
+stage it was in (``error.stage``) and keeps the timings so far. A pair nobody waits for any
+more (``serve``: its client left) is stopped through the same deadline (``abandon``).
+
 Every ``PairError`` becomes a result with ``status`` error/timeout. What still raises is not
 about the pair itself and is worth a retry: storage trouble from ``ImageInput.load`` (an object
 replaced mid-read, the network) and programming errors.
@@ -27,17 +33,25 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from PIL import Image, ImageDraw
 
 from handler.budget import DEFAULT_DECODE_BUDGET_MP, DecodeBudget, process_budget
 from handler.compare.base import Comparator, Verdict
 from handler.config import ComparisonConfig
-from handler.detect import Detection, RegionCrop, check_ignore_regions, cut_crops, detect
-from handler.errors import PairError
+from handler.deadline import Deadline, current
+from handler.detect import (
+    Detection,
+    RegionCrop,
+    check_ignore_regions,
+    check_match_regions,
+    cut_crops,
+    detect,
+)
+from handler.errors import ComparisonTimeout, PairError
 from handler.images import (
     NEUTRAL,
     STREAM_PIXELS,
@@ -52,7 +66,7 @@ from handler.images import (
 )
 from handler.logs import elapsed_ms, get_logger
 from handler.prepared_cache import CacheKey, PreparedCache, cache_key, process_cache
-from handler.result import ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo, Region
+from handler.result import Box, ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo
 from handler.vips import release_after
 
 
@@ -88,19 +102,19 @@ def compare_pair(
     diff_image: bool = False,
     cache_mb: int = 0,
     decode_budget_mp: float = DEFAULT_DECODE_BUDGET_MP,
-    checkpoint: Callable[[], None] | None = None,
+    deadline: Deadline | None = None,
 ) -> PairOutcome:
     """Compare ``a`` with ``b``; failures come back as error/timeout results, never raised.
 
     With ``diff_image`` the outcome carries a PNG (``handler.diff_image``) whenever both images
-    were prepared, failed comparisons included (byte-identical inputs: the legend alone); the
-    caller names and writes it. ``cache_mb`` sizes the process's cache of prepared images (0:
-    none), ``decode_budget_mp`` its decode budget. ``checkpoint`` is called between stages
-    (before decoding, once the budget is granted, after detection, before comparing) and
-    stops the pair there by raising a ``PairError`` (``serve``: its client went away).
+    were prepared, failed comparisons included (byte-identical inputs: the legend alone; not a
+    timed-out pair: its time is up); the caller names and writes it. ``cache_mb`` sizes the
+    process's cache of prepared images (0: none), ``decode_budget_mp`` its decode budget.
+    ``deadline`` is the pair's, started by whoever took the pair (else the thread's current
+    one, else ``config.processing_timeout`` from now); ``config`` may only shorten it.
     """
-    check = checkpoint or _carry_on
     log = get_logger(pair_id=pair_id)
+    deadline = pair_deadline(deadline or current(), config)
     started = time.perf_counter()
     infos = [InputInfo(name=a.name, etag=a.etag), InputInfo(name=b.name, etag=b.etag)]
     timings: dict[str, float] = {}
@@ -109,26 +123,31 @@ def compare_pair(
     failed: str | None = None
     compare_start: float | None = None
     identical = False
-    preparation = _Preparation(config, max_input_pixels, process_cache(cache_mb), timings, log)
+    preparation = _Preparation(
+        config, max_input_pixels, process_cache(cache_mb), timings, log, deadline
+    )
+    detection: Detection | None = None
     try:
         encoded: list[bytes] = []
         started_inputs: list[PreparedImage | InputHeader] = []
         for source, info in zip((a, b), infos, strict=True):
             failed = "a" if not encoded else "b"
+            deadline.enter("fetch")
             encoded.append(source.load())
+            deadline.enter("prepare")
             started_inputs.append(preparation.start(source, encoded[-1], info))
         failed = None
         # (What a failure's diff image can show until detection has finished the rest.)
         prepared = [item for item in started_inputs if isinstance(item, PreparedImage)]
         identical = infos[0].sha256 == infos[1].sha256 and infos[0].bytes == infos[1].bytes
         if identical:
+            deadline.enter("compare")
             compare_start = time.perf_counter()
             outcome = _identical(encoded[0], started_inputs[0], infos, config, comparator)
         else:
-            check()
+            deadline.enter("detect")
             budget = process_budget(decode_budget_mp)
-            with _decoding(budget, _megapixels(started_inputs), log):
-                check()
+            with _decoding(budget, _megapixels(started_inputs), deadline, log):
                 detection, crops = _detect(
                     encoded,
                     config,
@@ -137,21 +156,30 @@ def compare_pair(
                     diff_image or comparator.wants_crops,
                     timings,
                     log,
+                    deadline,
                 )
-                check()
+                deadline.enter("prepare")
                 prepared = preparation.finished(started_inputs, (a, b), encoded, infos, detection)
             del encoded
             prepared = _masked(prepared, config, detection.size_a)
             crops = _masked_crops(crops, config, detection)
-            check()
+            deadline.enter("compare")
             compare_start = time.perf_counter()
             outcome = comparator.compare(
-                prepared[0], prepared[1], config, detection=detection, crops=crops
+                prepared[0],
+                prepared[1],
+                config,
+                detection=detection,
+                crops=crops,
+                deadline=deadline,
             )
         timings["compare"] = elapsed_ms(compare_start)
     except PairError as exc:
         failed = exc.details.get("input", failed)
-        if compare_start is not None and "compare" not in timings:
+        if isinstance(exc, ComparisonTimeout):
+            exc.details.setdefault("stage", deadline.stage)
+            _add_stage_time(timings, deadline)
+        elif compare_start is not None and "compare" not in timings:
             timings["compare"] = elapsed_ms(compare_start)
         timings["total"] = elapsed_ms(started)
         result = failure_result(
@@ -162,8 +190,11 @@ def compare_pair(
             error_type=exc.type,
             error=exc.message,
             input=failed,
+            stage=exc.details.get("stage"),
             duration_ms=timings["total"],
         )
+        if isinstance(exc, ComparisonTimeout):
+            return PairOutcome(result)  # no diff image: the pair's time is up
         return _with_diff(result, prepared, diff_image, crops)
     timings["total"] = elapsed_ms(started)
     log.info(
@@ -190,14 +221,25 @@ def compare_pair(
         config=config,
         timings_ms=timings,
         vl=outcome.vl,
+        alignment=detection.alignment if detection is not None else None,
     )
     if identical:
         return _with_legend(result, diff_image)
     return _with_diff(result, prepared, diff_image, crops)
 
 
-def _carry_on() -> None:
-    """The checkpoint of a pair nothing stops early."""
+def pair_deadline(deadline: Deadline | None, config: ComparisonConfig) -> Deadline:
+    """``deadline`` shortened to ``config.processing_timeout`` (a pair may ask for less time
+    than the deployment, never for more), or a new one from now when None."""
+    if deadline is None:
+        return Deadline(config.processing_timeout)
+    return deadline.capped(config.processing_timeout)
+
+
+def _add_stage_time(timings: dict[str, float], deadline: Deadline) -> None:
+    """A timed-out pair's timings so far: the stage it stopped in counts up to now."""
+    stage = deadline.stage
+    timings[stage] = round(timings.get(stage, 0.0) + deadline.stage_ms(), 2)
 
 
 def _identical(
@@ -209,7 +251,9 @@ def _identical(
 ) -> Verdict:
     """Byte-identical inputs: the comparator's verdict for identical images, neither decoded.
     The file is verified without decoding (a broken PNG is still an ``invalid_image``), the
-    ignore boxes checked against its header's size."""
+    ignore and level boxes checked against its header's size. Nothing differs, so nothing
+    counts under any match level: the detection of identical images (no region, nothing
+    moved, no alignment)."""
     size = _size(item)
     try:
         verify(data)
@@ -217,6 +261,7 @@ def _identical(
         exc.details.setdefault("input", "a")
         raise
     check_ignore_regions(config.ignore_regions, size)
+    check_match_regions(config.regions, size)
     for info in infos:
         info.processed_size = fitted_size(size, config.max_image_size)
     return comparator.identical(config, Detection(size_a=size, size_b=size, work_size=size))
@@ -231,12 +276,21 @@ def _megapixels(items: Sequence[PreparedImage | InputHeader]) -> float:
 
 
 @contextmanager
-def _decoding(budget: DecodeBudget, megapixels: float, log: Any) -> Iterator[None]:
+def _decoding(
+    budget: DecodeBudget, megapixels: float, deadline: Deadline, log: Any
+) -> Iterator[None]:
     """The pair's decoding stage (detection, crops, prepared images) holding its megapixels of
     the process's decode budget; logged when it starts (how long it waited for room) and
-    when it gives them back."""
+    when it gives them back. Waiting for room counts against ``deadline``: a pair that gets
+    none in time stops with ``timeout``, in the stage it waited in."""
     asked = time.perf_counter()
-    with budget.held(megapixels) as granted:
+    with ExitStack() as stack:
+        try:
+            held = budget.held(megapixels, timeout=deadline.remaining())
+            granted = stack.enter_context(held)
+        except ComparisonTimeout as exc:
+            raise deadline.timeout(exc.message) from None
+        deadline.check()  # (abandoned while it waited)
         start = time.perf_counter()
         log.info(
             "decode_started",
@@ -258,6 +312,7 @@ def _detect(
     want_crops: bool,
     timings: dict[str, float],
     log: Any,
+    deadline: Deadline,
 ) -> tuple[Detection, list[RegionCrop]]:
     """Native-resolution detection (and the crops, for the diff image or the comparator, cut
     from the pixels detection kept where the inputs are small)."""
@@ -269,9 +324,12 @@ def _detect(
         ignore=config.ignore_regions,
         shrunk_sizes=(shrunk_sizes[0], shrunk_sizes[1]),
         keep_pixels=want_crops,
+        match_level=config.match_level,
+        regions=config.regions,
+        deadline=deadline,
     )
     crops = (
-        cut_crops(encoded[0], encoded[1], detection, max_pixels=max_input_pixels)
+        cut_crops(encoded[0], encoded[1], detection, max_pixels=max_input_pixels, deadline=deadline)
         if want_crops
         else []
     )
@@ -283,6 +341,7 @@ def _detect(
         changed_pixels=detection.changed_pixels,
         changed_percent=round(detection.changed_percent, 4),
         work_size=detection.work_size,
+        alignment=detection.alignment.offset if detection.alignment else None,
         crops=len(crops),
         duration_ms=timings["detect"],
     )
@@ -329,10 +388,21 @@ def _masked_crops(
     ]
 
 
+@overload
 def _fill(
-    image: Image.Image, cut: Region, boxes: Sequence[tuple[float, float, float, float]]
-) -> Image.Image:
-    """A copy of ``image`` (which shows ``cut``) with the part of each box inside it filled."""
+    image: Image.Image, cut: Box | None, boxes: Sequence[tuple[float, float, float, float]]
+) -> Image.Image: ...
+@overload
+def _fill(
+    image: None, cut: Box | None, boxes: Sequence[tuple[float, float, float, float]]
+) -> None: ...
+def _fill(
+    image: Image.Image | None, cut: Box | None, boxes: Sequence[tuple[float, float, float, float]]
+) -> Image.Image | None:
+    """A copy of ``image`` (which shows ``cut``) with the part of each box inside it filled
+    (no image: a region that one image does not have)."""
+    if image is None or cut is None:
+        return image
     scale_x, scale_y = image.width / cut.width, image.height / cut.height
     filled = image
     for x0, y0, x1, y1 in boxes:
@@ -396,6 +466,7 @@ class _Preparation:
     cache: PreparedCache | None
     timings: dict[str, float]
     log: Any
+    deadline: Deadline
 
     def start(
         self, source: ImageInput, data: bytes, info: InputInfo
@@ -436,15 +507,21 @@ class _Preparation:
         infos: list[InputInfo],
         detection: Detection,
     ) -> list[PreparedImage]:
-        """Every input's prepared image, those only started finished from detection's copies."""
-        return [
-            item
-            if isinstance(item, PreparedImage)
-            else self._finish(source.name, data, info, item, shrunk)
-            for item, source, data, info, shrunk in zip(
-                items, sources, encoded, infos, detection.shrunk, strict=True
-            )
-        ]
+        """Every input's prepared image, those only started finished from detection's copies
+        (a failure names its input: one decoded on its own may fail where detection did not)."""
+        prepared = []
+        for which, item, source, data, info, shrunk in zip(
+            "ab", items, sources, encoded, infos, detection.shrunk, strict=True
+        ):
+            if isinstance(item, PreparedImage):
+                prepared.append(item)
+                continue
+            try:
+                prepared.append(self._finish(source.name, data, info, item, shrunk))
+            except PairError as exc:
+                exc.details.setdefault("input", which)
+                raise
+        return prepared
 
     def _finish(
         self,
@@ -459,12 +536,29 @@ class _Preparation:
         if shrunk is not None:
             image = prepare_shrunk(header, shrunk, config.max_image_size, config.image_quality)
         else:
+            image = self._decoded(data, header)
+        return self._record(name, info, image, "miss", started, from_detection=shrunk is not None)
+
+    def _decoded(self, data: bytes, header: InputHeader) -> PreparedImage:
+        """Prepared on its own (no copy from detection), within the decode budget the pair
+        holds; a libvips shrink is killed once the deadline passes."""
+        config = self.config
+        try:
             image = prepare(
-                data, config.max_image_size, config.image_quality, max_pixels=self.max_input_pixels
+                data,
+                config.max_image_size,
+                config.image_quality,
+                max_pixels=self.max_input_pixels,
+                expired=self.deadline.expired,
             )
+        except ComparisonTimeout as exc:
+            raise self.deadline.timeout(exc.message) from None
+        finally:
             # The decoder's buffers are free now, but glibc would keep them for this process.
             release_after(4 * header.size[0] * header.size[1])
-        return self._record(name, info, image, "miss", started, from_detection=shrunk is not None)
+        # A Pillow decode cannot be interrupted: a pair that ran past its deadline stops here.
+        self.deadline.check()
+        return image
 
     def _key(self, sha256: str) -> CacheKey:
         config = self.config
@@ -530,6 +624,8 @@ def failure_result(
             type=error.type,
             message=error.message,
             input="a" if failed_input == "a" else "b" if failed_input == "b" else None,
+            field=error.details.get("field"),
+            stage=error.details.get("stage") if error.status == "timeout" else None,
         ),
         vl=vl_details,
         metrics=error.details.get("metrics", {}),

@@ -17,13 +17,58 @@ from handler.config import ComparisonConfig
 Status = Literal["ok", "error", "timeout"]
 
 
-class Region(BaseModel):
-    """A changed area as a box in image A's original pixel coordinates."""
+RegionKind = Literal["changed", "added", "removed", "moved"]
+BandKind = Literal["matched", "inserted", "removed"]
+
+
+class Box(BaseModel):
+    """A box in one image's native (EXIF-oriented) pixels."""
 
     x: int = Field(ge=0)
     y: int = Field(ge=0)
     width: int = Field(gt=0)
     height: int = Field(gt=0)
+
+
+class Region(Box):
+    """What happened in one area. ``x/y/width/height`` is its box in image A where it exists
+    there, else (``added``) its box in image B."""
+
+    kind: RegionKind = Field(
+        "changed",
+        description="changed: in both images, different; added: in B only; removed: in A "
+        "only; moved: the same content at another place (see shift).",
+    )
+    a: Box | None = Field(None, description="Its box in image A; null where it is not in A.")
+    b: Box | None = Field(None, description="Its box in image B; null where it is not in B.")
+    shift: tuple[int, int] | None = Field(
+        None,
+        description="[dx, dy] from A to B: how far this content lies elsewhere in B (the "
+        "alignment's offset where nothing else moved it); null for added and removed.",
+    )
+
+
+class BandInfo(BaseModel):
+    """Rows of A and rows of B that the alignment put together (``matched``), or rows that
+    exist in one image only (``inserted`` into B, ``removed`` from A)."""
+
+    kind: BandKind
+    a: tuple[int, int] | None = Field(None, description="[top, bottom) rows of A; null: none.")
+    b: tuple[int, int] | None = Field(None, description="[top, bottom) rows of B; null: none.")
+    shift: int = Field(0, description="Matched: how far B's rows lie below A's (negative: up).")
+    region: int | None = Field(
+        None, ge=0, description="Index into changed_regions of the region this band is."
+    )
+
+
+class AlignmentInfo(BaseModel):
+    """How B lines up with A (``null`` on the result when it lines up as it is)."""
+
+    offset: tuple[int, int] = Field(
+        description="[dx, dy]: the content's global move from A to B (dy: the largest matched "
+        "band's shift)."
+    )
+    bands: list[BandInfo] = Field(default_factory=list)
 
 
 class Difference(BaseModel):
@@ -61,6 +106,16 @@ class ErrorInfo(BaseModel):
     type: str
     message: str
     input: Literal["a", "b"] | None = Field(None, description="Which input failed, when one did.")
+    field: str | None = Field(
+        None,
+        description="The request, manifest or config field at fault, when one is (e.g. "
+        "config.ignore_regions[0]).",
+    )
+    stage: str | None = Field(
+        None,
+        description="timeout: the stage the pair was stopped in (fetch, prepare, detect, "
+        "compare, write); timings_ms holds the time spent so far.",
+    )
 
 
 class VLDetails(BaseModel):
@@ -93,6 +148,11 @@ class ComparisonResult(BaseModel):
     summary: str = ""
     differences: list[Difference] = Field(default_factory=list)
     changed_regions: list[Region] = Field(default_factory=list)
+    alignment: AlignmentInfo | None = Field(
+        None,
+        description="How B lines up with A when content moved (bands inserted or removed, a "
+        "global offset); null when it lines up as it is.",
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     comparator: ComparatorInfo
     inputs: list[InputInfo] = Field(min_length=2, max_length=2)

@@ -8,7 +8,9 @@ What differs from a folder, and is handled here:
   compared is exactly the version whose ETag the result records. Bodies are streamed into
   memory in chunks (never into temp files), hashed (sha256) as they arrive (``digest``), and
   cut off at the limit whatever the server claims.
-* Results are written with a conditional PUT: ``If-None-Match: *`` where no result was seen,
+* A result the credentials may not write (``AccessDenied``) raises ``PermissionError``, as a
+  local folder's does: final for the pair (see ``handler.jobs``), never compared again and
+  again. Results are written with a conditional PUT: ``If-None-Match: *`` where no result was seen,
   ``If-Match`` on the seen result's ETag otherwise. Two workers racing on one pair therefore
   cannot both write; the loser gets ``ResultConflict`` and treats the pair as done.
 * Errors are translated here, at the edge: missing and forbidden objects become ``PairError``s
@@ -18,19 +20,26 @@ What differs from a folder, and is handled here:
   (the output key is ``output_prefix + input key``).
 * Keys are checked before any request: ``..``/``.``/empty segments, a leading ``/`` and control
   characters are refused with ``PathOutsideRoot``.
+* Within a pair's deadline (``handler.deadline``) every request is bounded by it
+  (``handler.aws_clients``: each attempt's read timeout is what is left of it) and so is a
+  body being read (checked between chunks), so a store that trickles or stalls stops the pair
+  with ``timeout`` in its stage instead of holding it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import posixpath
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from handler.deadline import current
 from handler.errors import (
+    BucketRefused,
     ImageTooLarge,
     InputNotFound,
     InputUnreadable,
@@ -44,22 +53,31 @@ from handler.pairs import check_key, is_output_name, normalise_prefix
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-CHUNK_BYTES = 1024 * 1024
+#: Bodies are read in chunks of this size: the pair's deadline is checked between two.
+CHUNK_BYTES = 256 * 1024
 #: Objects larger than this get their image header read (a ranged GET of PROBE_BYTES) and
 #: checked against the pixel budget before the download; smaller ones are simply downloaded.
 PROBE_MIN_BYTES = 1024 * 1024
 PROBE_BYTES = 64 * 1024
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+#: The event's own bucket is missing or unusable: the event is refused, there is no pair. (A
+#: missing output bucket is the deployment's problem: its results are unwritable, retried.)
+_NO_BUCKET = frozenset({"NoSuchBucket", "InvalidBucketName"})
+#: What S3, MinIO and SeaweedFS accept as a bucket name (AWS's legacy names included: capitals,
+#: underscores); never a path or a URL.
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _DENIED = frozenset({"403", "AccessDenied", "Forbidden", "AllAccessDisabled"})
 _PRECONDITION = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict"})
 _CONTENT_TYPES = {".json": "application/json", ".png": "image/png"}
 
 
 __all__ = [
+    "BucketRefused",
     "ObjectChanged",
     "ResultConflict",
     "S3Storage",
     "StorageUnavailable",
+    "check_bucket",
     "check_key",
     "normalise_prefix",
 ]
@@ -75,6 +93,13 @@ class ObjectInfo:
     size: int
     etag: str | None
     last_modified: datetime | None
+
+
+def check_bucket(name: str) -> str:
+    """``name`` if it can be a bucket's name, else ``BucketRefused`` (``../../etc``, a URL)."""
+    if not _BUCKET_NAME.fullmatch(name) or ".." in name:
+        raise BucketRefused(f"{name[:100]!r} is not a bucket name")
+    return name
 
 
 def error_code(exc: ClientError) -> str:
@@ -156,7 +181,7 @@ class S3Storage:
         try:
             response = self.client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            raise self._error(exc, relative) from None
+            raise self._error(exc, relative, bucket) from None
         except BotoCoreError as exc:
             raise _unreachable(exc, relative) from None
         info = ObjectInfo(
@@ -231,7 +256,7 @@ class S3Storage:
         except ClientError as exc:
             if _is(exc, _NOT_FOUND):
                 self._seen_results[key] = None
-            raise self._error(exc, relative) from None
+            raise self._error(exc, relative, bucket) from None
         except BotoCoreError as exc:
             raise _unreachable(exc, relative) from None
         self._seen_results[key] = normalise_etag(response.get("ETag"))
@@ -264,6 +289,9 @@ class S3Storage:
             if _is(exc, _PRECONDITION):
                 raise ResultConflict(f"{key}: another worker wrote it first") from None
             reason = f"cannot write s3://{bucket}/{key}: {error_code(exc)}"
+            if _is(exc, _DENIED):
+                # As a local folder's: the job treats it as final for the pair (no re-compare).
+                raise PermissionError(reason) from None
             raise StorageUnavailable(reason) from None
         except BotoCoreError as exc:
             raise _unreachable(exc, relative) from None
@@ -292,7 +320,11 @@ class S3Storage:
             raise _unreachable(exc, folder or ".") from None
         return sorted(names)
 
-    def _error(self, exc: ClientError, relative: str) -> Exception:
+    def _error(self, exc: ClientError, relative: str, bucket: str | None = None) -> Exception:
+        """The pair error (or refusal) for a failed request about ``relative`` in ``bucket``
+        (default: the input bucket)."""
+        if (bucket or self.bucket) == self.bucket and error_code(exc) in _NO_BUCKET:
+            return BucketRefused(f"bucket {self.bucket!r}: {error_code(exc)}")
         if _is(exc, _NOT_FOUND):
             return InputNotFound(f"{relative} does not exist in the bucket")
         if _is(exc, _DENIED):
@@ -301,8 +333,12 @@ class S3Storage:
         return StorageUnavailable(f"{relative}: {error_code(exc)} ({exc})")
 
 
-def _unreachable(exc: BotoCoreError, relative: str) -> StorageUnavailable:
-    """Timeouts, refused or reset connections (after the client's bounded attempts)."""
+def _unreachable(exc: BotoCoreError, relative: str) -> Exception:
+    """Timeouts, refused or reset connections (after the client's bounded attempts); a timeout
+    that the pair's deadline cut short is the pair's ``timeout``."""
+    deadline = current()
+    if deadline is not None and deadline.expired():
+        return deadline.timeout(f"the object store did not answer for {relative}")
     return StorageUnavailable(f"{relative}: {type(exc).__name__}: {exc}")
 
 
@@ -316,7 +352,13 @@ def _drain(response: Any, relative: str, max_bytes: int, hasher: Any = None) -> 
             raise ImageTooLarge(f"{relative} is {declared} bytes, over the limit of {max_bytes}")
         chunks: list[bytes] = []
         total = 0
-        for chunk in body.iter_chunks(CHUNK_BYTES):
+        deadline = current()
+        while True:
+            if deadline is not None:
+                deadline.check()  # (each read waits at most the request's bounded read timeout)
+            chunk = body.read(CHUNK_BYTES)
+            if not chunk:
+                break
             total += len(chunk)
             if total > max_bytes:
                 raise ImageTooLarge(f"{relative} is over the limit of {max_bytes} bytes")

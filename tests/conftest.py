@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 import structlog
 
 from tests.support.clock import Clock
+
+if TYPE_CHECKING:
+    from tests.support.rendered import Rendered
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +45,15 @@ def photos() -> dict[str, bytes]:
     }
 
 
+@pytest.fixture(scope="session")
+def huge_pair() -> tuple[bytes, bytes]:
+    """Two flat 14000 x 14000 PNGs (196 MP, ~0.6 MB each), black and white: every pixel
+    differs, so detection has to look at all of them (the issue measured 84 s)."""
+    from tests.support.png import flat_png
+
+    return flat_png(14_000, 14_000, 0), flat_png(14_000, 14_000, 255)
+
+
 @pytest.fixture
 def no_pairwatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No ``PAIRWATCH_*`` or AWS endpoint variable of the caller's shell reaches an in-process
@@ -54,3 +67,14 @@ def no_pairwatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def clock() -> Clock:
     """A hand-moved clock (``clock.now``), for components with an injectable clock."""
     return Clock()
+
+
+@pytest.fixture(scope="session")
+def pages() -> dict[str, Rendered]:
+    """The shop page and its edited versions, each rendered once by headless Chromium as a
+    full-page screenshot (``tests.support.rendered``): a few seconds for all of them."""
+    from tests.support.browser import require_browser
+    from tests.support.rendered import render_all
+
+    require_browser()
+    return render_all()

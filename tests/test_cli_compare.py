@@ -105,6 +105,18 @@ def test_schema_describes_the_result() -> None:
     schema = json.loads(proc.stdout)
     for field in ("pair_id", "status", "similarity", "changed_regions", "inputs", "error"):
         assert field in schema["properties"]
+    # What each region is and where it lies in each image; how B lines up with A.
+    region = schema["$defs"]["Region"]["properties"]
+    assert region["kind"]["enum"] == ["changed", "added", "removed", "moved"]
+    assert {"a", "b", "shift", "x", "y", "width", "height"} <= set(region)
+    assert "alignment" in schema["properties"]
+    alignment = schema["$defs"]["AlignmentInfo"]["properties"]
+    assert {"offset", "bands"} <= set(alignment)
+    band = schema["$defs"]["BandInfo"]["properties"]
+    assert band["kind"]["enum"] == ["matched", "inserted", "removed"]
+    config = schema["$defs"]["ComparisonConfig"]["properties"]
+    assert config["match_level"]["enum"] == ["strict", "ignore_moves", "exact", "ignore_colors"]
+    assert "regions" in config
 
 
 def test_output_never_replaces_an_input(

@@ -101,19 +101,10 @@ def test_label_moved_by_a_few_pixels() -> None:
     assert region.y >= 110 and region.y + region.height <= 150  # the label's line, nothing else
 
 
-def _smoothed(text: str, resample: Image.Resampling) -> Image.Image:
-    """The label drawn at 4x without anti-aliasing, smoothed down by ``resample``."""
-    big = Image.new("RGB", (1920, 1280), (245, 246, 250))
-    draw = ImageDraw.Draw(big)
-    draw.fontmode = "1"
-    draw.text((160, 480), text, fill=(30, 30, 30), font=screens.font(64))
-    return big.resize((480, 320), resample)
-
-
 def test_anti_aliasing_only_rerender_is_similar() -> None:
     text = "Delivery address: 221B Baker Street"
-    a = _smoothed(text, Image.Resampling.LANCZOS)
-    b = _smoothed(text, Image.Resampling.BOX)
+    a = screens.smoothed_label(text, Image.Resampling.LANCZOS)
+    b = screens.smoothed_label(text, Image.Resampling.BOX)
     assert not np.array_equal(np.asarray(a), np.asarray(b))
     outcome = _run(screens.png(a), screens.png(b))
     assert outcome.result.changed_regions == []
@@ -122,7 +113,9 @@ def test_anti_aliasing_only_rerender_is_similar() -> None:
     # ...while one changed letter in the same rendering is found.
     changed = _run(
         screens.png(a),
-        screens.png(_smoothed("Delivery address: 221B Baker Streat", Image.Resampling.LANCZOS)),
+        screens.png(
+            screens.smoothed_label("Delivery address: 221B Baker Streat", Image.Resampling.LANCZOS)
+        ),
     )
     assert changed.result.is_similar is False and len(changed.result.changed_regions) == 1
 
@@ -508,6 +501,7 @@ def test_detection_result_is_frozen_and_self_describing() -> None:
     assert detection.metrics() == {
         "changed_pixels": 0.0,
         "changed_percent": 0.0,
+        "moved_pixels": 0.0,
         "transparency_pixels": 0.0,
         "pixel_identical": 1.0,
     }
@@ -533,3 +527,27 @@ def test_ignore_regions_and_cache_mb_from_the_environment(monkeypatch: pytest.Mo
     )
     with pytest.raises(InvalidManifest, match=r"ignore_regions\.0\.y"):
         bad.config(ComparisonConfig())
+
+
+def test_crops_come_from_each_regions_own_place_in_each_image() -> None:
+    """An added band's crop is cut from B alone; a changed region's pair from its place in A
+    and its place in B (60 px lower, below the band)."""
+    tall = (480, 1000)
+    card = screens.label_card("Delivery address: 221B Baker Street", (0, 600), size=tall)
+    edited = screens.label_card("Delivery address: 10 Downing Street", (0, 600), size=tall)
+    banner = Image.new("RGB", (card.width, card.height + 60), (253, 241, 199))
+    banner.paste(edited, (0, 60))
+    a, b = screens.png(card), screens.png(banner)
+    detection = detect(a, b, max_pixels=BUDGET)
+    crops = cut_crops(a, b, detection, max_pixels=BUDGET)
+    by_kind = {detection.regions[crop.region].kind: crop for crop in crops}
+    added, changed = by_kind["added"], by_kind["changed"]
+    assert added.a is None and added.box_a is None and added.b is not None
+    assert np.asarray(added.b)[5, 5].tolist() == [253, 241, 199]  # the band's own colour
+    assert changed.a is not None and changed.b is not None
+    assert changed.box_a is not None and changed.box_b is not None
+    assert changed.box_b.y - changed.box_a.y == 60
+    x, y, w, h = changed.box_a.x, changed.box_a.y, changed.box_a.width, changed.box_a.height
+    assert np.array_equal(np.asarray(changed.a), np.asarray(card.crop((x, y, x + w, y + h))))
+    x, y = changed.box_b.x, changed.box_b.y
+    assert np.array_equal(np.asarray(changed.b), np.asarray(banner.crop((x, y, x + w, y + h))))

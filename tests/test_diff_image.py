@@ -17,7 +17,7 @@ from handler.errors import ComparisonTimeout
 from handler.images import prepare
 from handler.pipeline import ImageInput, PairOutcome, compare_pair, failure_result
 from handler.result import ComparisonResult, Region
-from tests.support import scenes
+from tests.support import scenes, screens
 
 COMPARATOR = MetricsComparator()
 BLUE = (0, 0, 255)
@@ -42,8 +42,8 @@ def _pixels(png: bytes) -> NDArray[np.uint8]:
 
 
 def _boxes(pixels: NDArray[np.uint8]) -> list[tuple[int, int, int, int]]:
-    """Bounding boxes (x0, y0, x1, y1) of the drawn box outlines, i.e. of pure BOX_COLOR."""
-    mask = np.all(pixels == diff_image.BOX_COLOR, axis=2)
+    """Bounding boxes (x0, y0, x1, y1) of the drawn box outlines, i.e. of pure CHANGED_COLOR."""
+    mask = np.all(pixels == diff_image.CHANGED_COLOR, axis=2)
     labels, _ = ndimage.label(mask)
     found = []
     for rows, cols in ndimage.find_objects(labels):
@@ -243,3 +243,58 @@ def test_regions_outside_the_image_are_clamped() -> None:
     )
     pixels = _pixels(diff_image.render_diff(a, a, result))
     assert max(pixels.shape[:2]) <= max(300, diff_image.MIN_WIDTH)
+
+
+def _outlines(pixels: NDArray[np.uint8], color: tuple[int, int, int]) -> list[tuple[int, ...]]:
+    """Boxes drawn in ``color`` in the overview (above the crops and the legend)."""
+    mask = np.all(pixels == color, axis=2)
+    labels, _ = ndimage.label(mask)
+    return [
+        (cols.start, rows.start, cols.stop - 1, rows.stop - 1)
+        for rows, cols in ndimage.find_objects(labels)
+        if rows.stop - rows.start > 4 and cols.stop - cols.start > 4
+    ]
+
+
+def _card_pair() -> tuple[bytes, bytes]:
+    """A card, and the card with a band inserted at the top and its address changed."""
+    card = screens.label_card("Delivery address: 221B Baker Street")
+    edited = screens.label_card("Delivery address: 10 Downing Street")
+    banner = Image.new("RGB", (card.width, card.height + 60), (253, 241, 199))
+    ImageDraw.Draw(banner).text((16, 20), "Cookies!", fill=(20, 20, 20), font=screens.font(16))
+    banner.paste(edited, (0, 60))
+    return scenes.encode(card, "PNG"), scenes.encode(banner, "PNG")
+
+
+def test_each_kind_has_its_colour_and_is_drawn_where_it_is() -> None:
+    """Added (green) on B only, removed (red) on A only, changed (magenta) on both, each at
+    its own place in its image (here A above B: both are wider than tall)."""
+    a, b = _card_pair()
+    outcome = _run(a, b)
+    kinds = sorted(r.kind for r in outcome.result.changed_regions)
+    assert kinds == ["added", "changed"]
+    assert outcome.diff_png is not None
+    pixels = _pixels(outcome.diff_png)
+    (added,) = _outlines(pixels, diff_image.ADDED_COLOR)
+    changed = sorted(_outlines(pixels, diff_image.CHANGED_COLOR), key=lambda box: box[1])
+    assert len(changed) == 2
+    on_a, on_b = changed
+    assert on_a[1] < added[1] < on_b[1]  # the band is drawn on B, above B's changed address
+    assert on_b[1] - added[3] < on_b[1] - on_a[1]
+    assert _outlines(pixels, diff_image.REMOVED_COLOR) == []
+    # The other way round the band was removed: red, drawn on A (above B's panel).
+    swapped = _pixels(_run(b, a).diff_png or b"")
+    (removed,) = _outlines(swapped, diff_image.REMOVED_COLOR)
+    assert removed[1] < min(box[1] for box in _outlines(swapped, diff_image.CHANGED_COLOR))
+    assert _outlines(swapped, diff_image.ADDED_COLOR) == []
+
+
+def test_moved_content_is_outlined_at_both_places() -> None:
+    text = "Delivery address: 221B Baker Street"
+    a = scenes.encode(screens.label_card(text), "PNG")
+    b = scenes.encode(screens.label_card(text, offset=(3, 2)), "PNG")
+    outcome = _run(a, b)
+    assert [r.kind for r in outcome.result.changed_regions] == ["moved"]
+    pixels = _pixels(outcome.diff_png or b"")
+    outlines = [box for box in _outlines(pixels, diff_image.MOVED_COLOR) if box[2] - box[0] > 50]
+    assert len(outlines) == 2  # in A and in B (and its offset written beside the one in B)

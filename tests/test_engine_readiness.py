@@ -20,8 +20,8 @@ import pytest
 
 from handler.compare.vl.openai_backend import OpenAIBackend
 from handler.errors import ModelUnavailable
-from tests.support import tiny_vlm
-from tests.support.engine_server import TransformersServe, free_port
+from tests.support import scenes, tiny_vlm
+from tests.support.engine_server import TransformersServe, fault_proxy, free_port
 from tests.support.logs import captured_logs
 from tests.support.serve_process import serve_process
 from tests.support.waiting import wait_for
@@ -147,3 +147,25 @@ def test_readyz_follows_the_engine(engine: TransformersServe, tmp_path: Path) ->
         assert "vl_engine_not_answering" in events and "vl_engine_answers" in events
         server.process.terminate()
         assert server.process.wait(30) == 0
+
+
+def test_every_request_to_the_engine_carries_the_same_bearer_key(
+    engine: TransformersServe, tmp_path: Path
+) -> None:
+    """The readiness probes (``wait_ready``'s chat probe, ``/readyz``'s ``GET /models``) and
+    the pairs' requests: all with ``Authorization: Bearer <vl_api_key>``, none without."""
+    engine.start()
+    key = "engine-key-5e1f"
+    with fault_proxy(engine.url) as proxy:
+        args = ("--comparator", "vl", "--model", engine.model, "--vl-endpoint", proxy.url)
+        with serve_process(tmp_path, env={"PAIRWATCH_VL_API_KEY": key}, args=args) as server:
+            assert _readyz(server.url)[0] == 200
+            img = scenes.photo("chelsea")
+            files = {"a": ("a.jpg", scenes.encode(img)), "b": ("b.jpg", scenes.pasted_object(img))}
+            answer = httpx.post(server.url + "/v1/compare", files=files, timeout=120)
+            assert answer.status_code == 200, answer.text[:300]
+            assert answer.json()["vl"]["skipped"] is False
+            logged = server.log_path.read_text()
+    assert proxy.gets >= 1 and proxy.requests - proxy.gets >= 2  # probe(s) and the pair
+    assert set(proxy.authorizations) == {f"Bearer {key}"}
+    assert key not in logged

@@ -995,11 +995,39 @@ def _setting_path(name: str) -> list[str]:
 def _same(got: Any, value: str) -> bool:
     if hasattr(got, "get_secret_value"):
         got = got.get_secret_value()
+    if isinstance(got, list):  # a comma-separated list (allowed_buckets)
+        return got == [part.strip() for part in value.split(",")]
     if isinstance(got, bool):
         return got == (value.lower() in {"1", "true", "yes", "on"})
     if isinstance(got, int | float):
         return float(got) == float(value)
     return str(got) == value
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS)
+def test_workers_take_events_for_the_stacks_bucket_only(
+    template: dict[str, Any], deployment: str
+) -> None:
+    """A message naming another bucket is refused before any request (issue 19)."""
+    stack = Stack(template, **(DEPLOYMENTS[deployment] | {"BucketName": "stack-bucket"}))
+    assert _worker_environment(stack)["PAIRWATCH_ALLOWED_BUCKETS"] == "stack-bucket"
+
+
+def test_compose_consumers_take_events_for_the_created_bucket_only(
+    compose: dict[str, Any],
+) -> None:
+    script = " ".join(map(str, compose["services"]["setup"]["command"]))
+    created = re.search(r"mc mb --ignore-existing local/([\w.-]+)", script)
+    assert created is not None
+    consumers = [
+        s for s in compose["services"].values() if s.get("command", [""])[0] in ("watch", "serve")
+    ]
+    assert len(consumers) == 4  # one per profile
+    for service in consumers:
+        assert service["environment"]["PAIRWATCH_ALLOWED_BUCKETS"] == created.group(1)
+        for part in service["command"]:
+            if str(part).startswith("s3://"):
+                assert str(part).removeprefix("s3://").split("/")[0] == created.group(1)
 
 
 def test_every_pairwatch_variable_is_a_valid_setting(

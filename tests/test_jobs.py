@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
@@ -289,6 +291,34 @@ def test_manifest_pair_with_config_override(
 
 
 @pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"ignore_regions": [{"x": 0, "y": 0, "width": 9000, "height": 5}]}, "ignore_regions[0]"),
+        ({"image_quality": 500}, "image_quality"),
+    ],
+)
+def test_a_mistake_in_a_manifest_s_config_names_the_field(
+    tmp_path: Path,
+    photos: dict[str, bytes],
+    settings: Settings,
+    comparator: MetricsComparator,
+    config: dict[str, Any],
+    field: str,
+) -> None:
+    """A box outside image A (known only once A's size is) or an invalid value: a final
+    ``invalid_manifest`` result whose ``error.field`` says which field."""
+    _put(tmp_path / "m" / "a.jpg", photos["a"])
+    _put(tmp_path / "m" / "b.jpg", photos["other"])
+    manifest = {"a": "a.jpg", "b": "b.jpg", "config": config}
+    _put(tmp_path / "m" / "x.pair.json", json.dumps(manifest).encode())
+    report = _job(tmp_path, PairSpec("manifest", "m/x.pair.json"), settings, comparator)
+    assert report.disposition.is_done
+    result = _result(tmp_path / "m" / "x.result.json")
+    assert result.error is not None and result.error.type == "invalid_manifest"
+    assert result.error.field == f"config.{field}" and result.error.input is None
+
+
+@pytest.mark.parametrize(
     ("body", "error_type"),
     [
         (b"{not json", "invalid_manifest"),
@@ -464,3 +494,55 @@ def test_a_pair_in_hand_in_another_process_is_busy_and_retried_soon(
     assert report.action == "busy" and report.disposition.at == pytest.approx(now + 1)
     assert not (tmp_path / "p" / "result.json").exists()  # nothing was compared
     assert _job(tmp_path, PairSpec("folder", "p"), settings, comparator).action == "written"
+
+
+# -- ends decided once (issue 19, point 9) ---------------------------------------------------
+
+
+class _FolderRemoved(MetricsComparator):
+    """The metrics comparator, while which the pair's folder is deleted (the user cleaning up)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def compare(self, *args: Any, **kwargs: Any) -> Any:
+        shutil.rmtree(self.folder)
+        return super().compare(*args, **kwargs)
+
+
+def test_a_pair_whose_folder_vanishes_while_it_is_compared_is_done_and_says_so(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings
+) -> None:
+    """Once an ``output_unwritable`` error and a retry that found nothing and said nothing."""
+    _put(tmp_path / "gone" / "a.jpg", photos["a"])
+    _put(tmp_path / "gone" / "b.jpg", photos["other"])
+    with capture_logs() as logs:
+        report = _job(
+            tmp_path, PairSpec("folder", "gone"), settings, _FolderRemoved(tmp_path / "gone")
+        )
+    assert (report.action, report.disposition) == ("vanished", done("pair vanished"))
+    assert not report.failed
+    events = [e["event"] for e in logs]
+    assert "pair_vanished" in events and "output_unwritable" not in str(logs)
+    assert not (tmp_path / "gone").exists()  # nothing was recreated
+
+
+def test_a_result_the_process_may_not_write_is_a_final_failure(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    """An immutable folder refuses even root (EPERM): compared once, not retried."""
+    folder = tmp_path / "locked"
+    _put(folder / "a.jpg", photos["a"])
+    _put(folder / "b.jpg", photos["other"])
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this filesystem")
+    try:
+        with capture_logs() as logs:
+            report = _job(tmp_path, PairSpec("folder", "locked"), settings, comparator)
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert report.action == "unwritable" and report.failed
+    assert report.disposition.is_done and "final failure" in report.disposition.reason
+    (failed,) = [e for e in logs if e.get("error_type") == "output_unwritable"]
+    assert failed["final"] is True

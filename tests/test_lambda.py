@@ -290,3 +290,24 @@ def test_a_failure_of_the_moment_keeps_the_message_with_a_back_off(
     back = receive_all(sqs, setup.queue_url, 2)
     assert sorted(m["MessageId"] for m in back) == sorted(failed)
     assert {m["Attributes"]["ApproximateReceiveCount"] for m in back} == {"2"}
+
+
+def test_allowed_buckets_refuses_other_buckets_events(
+    endpoint: str, lambda_env: None, jpegs: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SQS message naming another bucket is handed back (its queue's dead-letter policy ends
+    it); a direct invocation raises (Lambda's own retries and on-failure destination)."""
+    s3, sqs = client("s3", endpoint), client("sqs", endpoint)
+    setup = notified_bucket(endpoint, suffixes=(".jpg",))
+    monkeypatch.setenv("PAIRWATCH_ALLOWED_BUCKETS", "not-" + setup.bucket)
+    s3.put_object(Bucket=setup.bucket, Key="p/a.jpg", Body=jpegs[0])
+    s3.put_object(Bucket=setup.bucket, Key="p/b.jpg", Body=jpegs[1])
+    messages = [m for m in receive_all(sqs, setup.queue_url, 3) if key_of(m)]
+    failed = run_batch(sqs, setup.queue_url, messages, Context([900_000]))
+    assert sorted(failed) == sorted(m["MessageId"] for m in messages)
+    assert "Contents" not in s3.list_objects_v2(Bucket=setup.bucket, Prefix="p/result")
+    event = json.loads((FIXTURES / "aws_s3_notification.json").read_text())
+    event["Records"][0]["s3"]["bucket"]["name"] = setup.bucket
+    event["Records"][0]["s3"]["object"]["key"] = "p%2Fb.jpg"
+    with pytest.raises(RuntimeError, match="allowed_buckets"):
+        app.lambda_handler(event, Context([900_000]))

@@ -190,3 +190,13 @@ class _Replay:
 
     def next_wait(self) -> float | None:
         return None
+
+
+@pytest.mark.usefixtures("no_pairwatch_env")
+def test_a_bucket_outside_allowed_buckets_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PAIRWATCH_ALLOWED_BUCKETS", '["photos"]')
+    argv = ["watch", "minio", "s3://private/in", "--endpoint-url", "http://127.0.0.1:9"]
+    assert main(argv) == 2
+    assert "bucket 'private' is not in allowed_buckets (photos)" in capsys.readouterr().err

@@ -178,7 +178,7 @@ def test_a_pair_with_a_changed_region_sends_its_crops(
     crop_a, crop_b = (Image.open(io.BytesIO(jpeg)) for jpeg in pictures[2:])
     assert crop_a.format == crop_b.format == "JPEG" and crop_a.size == crop_b.size
     assert max(crop_a.size) <= CROP_SIDE
-    box = f"region 0, changed box x={region.x} y={region.y} {region.width}x{region.height}"
+    box = f"region 0, changed, in A x={region.x} y={region.y} {region.width}x{region.height}"
     assert box in parts[8]["text"]
 
 
@@ -492,7 +492,8 @@ def test_a_server_that_passes_the_probe_gets_the_answer_schema(
             be = backend(proxy.url, server.model)
             reply = be.generate(
                 Request(images=tuple(LabelledImage(*image) for image in images),
-                        prompt="Compare.", max_pixels=1, timeout_s=30, schema=answer_schema())
+                        prompt="Compare.", max_pixels=1, timeout_s=30,
+                        expires_at=time.monotonic() + 30, schema=answer_schema())
             )  # fmt: skip
             assert reply.constrained is True and reply.kind == "ok"
             assert reply.details().constrained is True

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig, IgnoreRegion
+from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop
 from handler.errors import ComparisonTimeout, InputNotFound
 from handler.images import NEUTRAL, PreparedImage
@@ -101,6 +102,7 @@ class _SlowComparator:
         *,
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
+        deadline: Deadline | None = None,
     ) -> Verdict:
         raise ComparisonTimeout(f"no answer within {config.processing_timeout} s")
 
@@ -163,6 +165,7 @@ class _CropsWanted(MetricsComparator):
         *,
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
+        deadline: Deadline | None = None,
     ) -> Verdict:
         self.crops = list(crops)
         self.prepared = [a, b]

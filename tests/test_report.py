@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig
@@ -31,8 +31,8 @@ from handler.pairs import DIFF_NAME, RESULT_NAME, manifest_diff_name, manifest_r
 from handler.pipeline import ImageInput, compare_pair
 from handler.storage import LocalStorage
 from handler.thumbnails import DEFAULT_EDGE
-from tests.support import scenes
-from tests.support.browser import browser_paths, start_chromium
+from tests.support import scenes, screens
+from tests.support.browser import require_browser, start_chromium
 from watcher import report
 from watcher.cli import main
 
@@ -328,11 +328,7 @@ ARTIFACTS = REPO / "artifacts"
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    if browser_paths() is None:
-        message = "headless Chromium + chromedriver + selenium are not installed"
-        if os.environ.get("PAIRWATCH_REQUIRE_BROWSER") == "1":
-            pytest.fail(message + " (PAIRWATCH_REQUIRE_BROWSER=1)")
-        pytest.skip(message)
+    require_browser()
     driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"), console_log=True)
     try:
         yield driver
@@ -451,3 +447,35 @@ def test_browser_missing_is_a_failure_in_ci(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 1, run.stdout + run.stderr
     assert "PAIRWATCH_REQUIRE_BROWSER=1" in run.stdout
+
+
+def _bannered(card: Image.Image, height: int = 60) -> Image.Image:
+    """The card with a coloured band inserted at the top (everything below moves down)."""
+    out = Image.new("RGB", (card.width, card.height + height), (253, 241, 199))
+    ImageDraw.Draw(out).text((16, 20), "We use cookies", fill=(20, 20, 20), font=screens.font(16))
+    out.paste(card, (0, height))
+    return out
+
+
+def test_rows_show_region_kinds_and_the_alignment(tmp_path: Path) -> None:
+    card = screens.label_card("Delivery address: 221B Baker Street")
+    edited = _bannered(screens.label_card("Delivery address: 10 Downing Street"))
+    _pair_folder(tmp_path, "banner", {"a.png": _png(card), "b.png": _png(edited)})
+    built = report.build_report(
+        tmp_path,
+        tmp_path / "report.html",
+        thumb_size=0,
+        max_input_bytes=1 << 26,
+        max_input_pixels=MAX_PIXELS,
+    )
+    html = built.path.read_text(encoding="utf-8")
+    assert '<span class="kind changed">1 changed</span>' in html
+    assert '<span class="kind added">1 added</span>' in html
+    assert '<span class="kind aligned">moved 0,60</span>' in html
+    assert "inserted rows 0–60 of B" in html
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()

@@ -18,7 +18,15 @@ import pytest
 
 from tests.support import scenes
 from tests.support.logs import json_event, json_events
-from tests.support.s3_servers import ROOT, aws_env, client, seaweedfs_server, unique
+from tests.support.s3_servers import (
+    READER_KEY,
+    READER_SECRET,
+    ROOT,
+    aws_env,
+    client,
+    seaweedfs_server,
+    unique,
+)
 from tests.support.waiting import wait_for
 from watcher.cli import main
 
@@ -54,6 +62,24 @@ def pairwatch(*args: str, endpoint: str, **env: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _listings(proc: subprocess.Popen[str], passes: int) -> list[dict[str, Any]]:
+    """The log events of a running ``watch poll`` until ``passes`` listings went by; then it is
+    stopped (SIGTERM) and must have exited 0."""
+    lines: list[dict[str, Any]] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if (event := json_event(line)) is not None:
+                lines.append(event)
+            if sum(e["event"] == "poll_pass" for e in lines) > passes:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=30)
+    assert proc.returncode == 0, rest[-3000:]
+    return lines
 
 
 def result_of(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
@@ -179,19 +205,8 @@ def test_unwritable_output_is_retried_with_backoff(
         "watch", "poll", f"s3://{bucket}", "--interval", "0.1",
         endpoint=endpoint, PAIRWATCH_OUTPUT_BUCKET="Not_A_Valid_Bucket",
     )  # fmt: skip
-    lines: list[dict[str, Any]] = []
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if (event := json_event(line)) is not None:
-                lines.append(event)
-            # 20 listings after the failing one (about 2 s): none of them retried it.
-            if sum(e["event"] == "poll_pass" for e in lines) > 20:
-                break
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, rest = proc.communicate(timeout=30)
-    assert proc.returncode == 0, rest[-3000:]
+    # 20 listings after the failing one (about 2 s): none of them retried it.
+    lines = _listings(proc, 20)
     failed = [e for e in lines if e.get("error_type") == "output_unwritable"]
     assert len(failed) == 2, lines[-20:]
     assert sum(e["event"] == "pair_compared" for e in lines) == 2
@@ -199,4 +214,52 @@ def test_unwritable_output_is_retried_with_backoff(
         (e["key"], e["attempts"], e["delay_s"]) for e in lines if e["event"] == "retry_scheduled"
     ]
     assert sorted(scheduled) == [("p/a.jpg", 1, 5.0), ("p/b.jpg", 1, 5.0)]
+    assert result_of(s3, bucket, "p/result.json") is None
+
+
+@pytest.mark.usefixtures("no_pairwatch_env")
+def test_a_bucket_outside_allowed_buckets_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused before a client or the comparator is built: no server is needed."""
+    monkeypatch.setenv("PAIRWATCH_ALLOWED_BUCKETS", "photos,shots")
+    assert main(["watch", "poll", "s3://private/in", "--endpoint-url", "http://127.0.0.1:9"]) == 2
+    assert "bucket 'private' is not in allowed_buckets (photos, shots)" in capsys.readouterr().err
+
+
+def test_poll_works_on_an_allowed_bucket(endpoint: str, jpeg: tuple[bytes, bytes]) -> None:
+    s3 = client("s3", endpoint)
+    bucket = unique("allowed")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="p/a.jpg", Body=jpeg[0])
+    s3.put_object(Bucket=bucket, Key="p/b.jpg", Body=jpeg[1])
+    proc = pairwatch(
+        "watch", "poll", f"s3://{bucket}", "--once", endpoint=endpoint,
+        PAIRWATCH_ALLOWED_BUCKETS=f"elsewhere,{bucket}",
+    )  # fmt: skip
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert (result_of(s3, bucket, "p/result.json") or {}).get("status") == "ok"
+
+
+def test_a_bucket_the_credentials_may_not_write_is_a_final_failure_per_pair(
+    endpoint: str, jpeg: tuple[bytes, bytes]
+) -> None:
+    """SeaweedFS refuses the reader identity's PUT (AccessDenied): each key's job compares and
+    gives up for good (``final``), no retry comes back to compare it again."""
+    s3 = client("s3", endpoint)
+    bucket = unique("readonly")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="p/a.jpg", Body=jpeg[0])
+    s3.put_object(Bucket=bucket, Key="p/b.jpg", Body=jpeg[1])
+    proc = pairwatch(
+        "watch", "poll", f"s3://{bucket}", "--interval", "0.1", endpoint=endpoint,
+        AWS_ACCESS_KEY_ID=READER_KEY, AWS_SECRET_ACCESS_KEY=READER_SECRET,
+    )  # fmt: skip
+    lines = _listings(proc, 20)
+    failed = [e for e in lines if e.get("error_type") == "output_unwritable"]
+    assert [e["final"] for e in failed] == [True, True], lines[-20:]
+    assert "AccessDenied" in failed[0]["error"]
+    assert sum(e["event"] == "pair_compared" for e in lines) == 2  # one per key, then done
+    assert not [e for e in lines if e["event"] == "retry_scheduled"]
     assert result_of(s3, bucket, "p/result.json") is None

@@ -26,6 +26,7 @@ from tests.support import scenes
 from tests.support.logs import json_events
 from tests.support.s3_servers import (
     ROOT,
+    NotifiedBucket,
     aws_env,
     client,
     moto_server,
@@ -62,6 +63,17 @@ def watch_sqs(queue_url: str, endpoint: str, *extra: str, **settings: str) -> su
          "--endpoint-url", endpoint, *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def _notified_pair(endpoint: str) -> NotifiedBucket:
+    """A notified bucket holding one pair (``in/p/``), its three notifications queued."""
+    s3, sqs = client("s3", endpoint), client("sqs", endpoint)
+    setup = notified_bucket(endpoint)
+    jpeg = scenes.encode(scenes.photo("rocket").resize((64, 64)))
+    s3.put_object(Bucket=setup.bucket, Key="in/p/1.jpg", Body=jpeg)
+    s3.put_object(Bucket=setup.bucket, Key="in/p/2.jpg", Body=jpeg)
+    wait_for(lambda: queue_depth(sqs, setup.queue_url) == 3, 10, 0.05, "3 notifications")
+    return setup
 
 
 def get_json(s3: Any, bucket: str, key: str) -> dict[str, Any]:
@@ -129,11 +141,7 @@ def test_a_worker_whose_model_cannot_load_receives_nothing(endpoint: str, tmp_pa
     """Faults 8 and 9: no message is taken while the model loads, and a model that cannot be
     loaded turns no pair into an error result: the worker exits 1, the messages stay."""
     s3, sqs = client("s3", endpoint), client("sqs", endpoint)
-    setup = notified_bucket(endpoint)
-    jpeg = scenes.encode(scenes.photo("rocket").resize((64, 64)))
-    s3.put_object(Bucket=setup.bucket, Key="in/p/1.jpg", Body=jpeg)
-    s3.put_object(Bucket=setup.bucket, Key="in/p/2.jpg", Body=jpeg)
-    wait_for(lambda: queue_depth(sqs, setup.queue_url) == 3, 10, 0.05, "3 notifications")
+    setup = _notified_pair(endpoint)
     proc = watch_sqs(
         setup.queue_url, endpoint,
         PAIRWATCH_COMPARATOR="vl", PAIRWATCH_MODEL=str(tmp_path / "no-such-model"),
@@ -245,3 +253,20 @@ def test_region_is_read_from_aws_queue_urls() -> None:
     assert _region_from_url("https://sqs.eu-west-1.amazonaws.com/1/q") == "eu-west-1"
     assert _region_from_url("https://sqs.cn-north-1.amazonaws.com.cn/1/q") == "cn-north-1"
     assert _region_from_url("http://127.0.0.1:4566/1/q") is None
+
+
+def test_a_notification_for_a_bucket_outside_allowed_buckets_is_rejected(endpoint: str) -> None:
+    """Its message is refused on every delivery (``event_rejected``, nothing read or written)
+    and ends in the dead-letter queue; the worker carries on."""
+    s3, sqs = client("s3", endpoint), client("sqs", endpoint)
+    setup = _notified_pair(endpoint)
+    proc = watch_sqs(
+        setup.queue_url, endpoint, "--exit-when-idle", PAIRWATCH_ALLOWED_BUCKETS="only-this-one"
+    )
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 0, stderr[-3000:]
+    rejected = [e for e in json_events(stderr) if e["event"] == "event_rejected"]
+    assert len(rejected) == 4  # two images, each delivered twice (maxReceiveCount 2)
+    assert {e["error_type"] for e in rejected} == {"bucket_refused"}
+    assert "Contents" not in s3.list_objects_v2(Bucket=setup.bucket, Prefix="in/p/result")
+    assert queue_depth(sqs, setup.dlq_url) == 2

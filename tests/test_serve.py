@@ -105,10 +105,14 @@ def test_v1_config_overrides_and_bad_requests(
     assert body["is_similar"] is False and body["changed_regions"]
     assert max(body["inputs"][0]["processed_size"]) == 256
 
+    # A mistake in a field is a 422 naming it; a form that is not the expected one, a 400.
     bad_value = _v1(server, photos["a"], photos["a"], config='{"image_quality": 500}')
-    assert bad_value.status_code == 400 and "image_quality" in bad_value.json()["error"]["message"]
-    assert _v1(server, photos["a"], photos["a"], config="{not json").status_code == 400
-    assert _v1(server, photos["a"], photos["a"], pair_id="x\ny").status_code == 400
+    assert bad_value.status_code == 422 and "image_quality" in bad_value.json()["error"]["message"]
+    assert bad_value.json()["error"]["field"] == "config.image_quality"
+    not_json = _v1(server, photos["a"], photos["a"], config="{not json")
+    assert (not_json.status_code, not_json.json()["error"]["field"]) == (422, "config")
+    bad_id = _v1(server, photos["a"], photos["a"], pair_id="x\ny")
+    assert (bad_id.status_code, bad_id.json()["error"]["field"]) == (422, "pair_id")
     one_file = httpx.post(server.url + "/v1/compare", files={"a": ("a.jpg", photos["a"])})
     assert one_file.status_code == 400 and one_file.json()["error"]["type"] == "bad_request"
     not_multipart = httpx.post(server.url + "/v1/compare", json={"a": 1})

@@ -247,3 +247,79 @@ def test_an_oversized_event_body_is_413(server: ServeProcess) -> None:
     )
     assert answer.status_code == 413 and answer.json()["error"]["type"] == "body_too_large"
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "bucket",
+    ["pairwatch-no-such-bucket", "../../etc", "http://evil.example/x"],
+    ids=["missing", "path", "url"],
+)
+def test_an_event_for_a_missing_or_invalid_bucket_is_rejected_and_acknowledged(
+    server: ServeProcess, bucket: str
+) -> None:
+    """A permanent failure: 200 (MinIO and SeaweedFS deliver anything else again, forever),
+    logged and counted as ``rejected``; never a 500 traceback nor a 503 asking for more."""
+    answer = _post(server, minio_payload(bucket, "incoming/p/a.jpg"))
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["refused"], body["outcomes"]) == (1, [])
+    assert body["rejected"][0]["bucket"] == bucket and body["rejected"][0]["reason"]
+    rejected = [e for e in server.events("event_rejected") if e.get("bucket") == bucket]
+    assert rejected and rejected[-1]["error_type"] == "bucket_refused"
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'pairwatch_events_total{outcome="rejected",source="minio:s3"}' in metrics
+    assert "Traceback" not in server.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory, moto: str) -> Iterator[ServeProcess]:
+    """A server that takes events for one bucket only, and whose deployment config ignores a
+    box that no small image holds (a settings mistake the pair reports)."""
+    env = {
+        **aws_env(moto),
+        "PAIRWATCH_EVENTS_TOKEN": TOKEN,
+        "PAIRWATCH_ALLOWED_BUCKETS": "hooks-allowed,hooks-other",
+        "PAIRWATCH_COMPARISON__IGNORE_REGIONS": '[{"x": 0, "y": 0, "width": 9000, "height": 5}]',
+        "PAIRWATCH_DIFF_IMAGE": "false",
+    }
+    with serve_process(tmp_path_factory.mktemp("guarded"), env) as process:
+        yield process
+
+
+def test_allowed_buckets_refuses_events_for_any_other_bucket(
+    guarded: ServeProcess, moto: str, bucket: str, photos: tuple[bytes, bytes]
+) -> None:
+    """The token alone once let an event name any bucket the credentials reach, and the
+    results were written there."""
+    s3 = client("s3", moto)
+    s3.put_object(Bucket=bucket, Key="p/a.jpg", Body=photos[0])
+    s3.put_object(Bucket=bucket, Key="p/b.jpg", Body=photos[1])
+    answer = _post(guarded, minio_payload(bucket, "p/b.jpg"))
+    assert answer.status_code == 200 and answer.json()["refused"] == 1
+    assert "allowed_buckets" in answer.json()["rejected"][0]["reason"]
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="p/result")
+
+    s3.create_bucket(Bucket="hooks-allowed")
+    s3.put_object(Bucket="hooks-allowed", Key="p/a.jpg", Body=photos[0])
+    s3.put_object(Bucket="hooks-allowed", Key="p/b.jpg", Body=photos[1])
+    allowed = _post(guarded, minio_payload("hooks-allowed", "p/b.jpg"))
+    assert allowed.status_code == 200 and allowed.json()["outcomes"][0]["outcome"] == "written"
+    # The deployment's ignore box does not fit these images: the pair says so, naming it.
+    result = _result(s3, "hooks-allowed", "p/result.json")
+    assert result.error is not None
+    assert (result.error.type, result.error.field) == (
+        "invalid_manifest",
+        "config.ignore_regions[0]",
+    )
+
+
+def test_an_ignore_box_from_the_settings_outside_image_a_is_422_naming_it(
+    guarded: ServeProcess, photos: tuple[bytes, bytes]
+) -> None:
+    answer = httpx.post(
+        guarded.url + "/v1/compare",
+        files={"a": ("a.jpg", photos[0]), "b": ("b.jpg", photos[1])},
+        timeout=60,
+    )
+    assert answer.status_code == 422
+    assert answer.json()["error"]["field"] == "config.ignore_regions[0]"

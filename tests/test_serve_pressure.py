@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.support import scenes
+from tests.support.multipart import form_body
 from tests.support.s3_servers import wait_for
 from tests.support.serve_process import ServeProcess, serve_process
 
@@ -31,23 +32,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     env = {"PAIRWATCH_CONCURRENCY": "1", "PAIRWATCH_QUEUE_SIZE": "1"}
     with serve_process(tmp_path_factory.mktemp("pressure"), env) as process:
         yield process
-
-
-def _multipart(a: bytes, b: bytes, **fields: str) -> bytes:
-    parts = [
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    ]
-    for name, data in (("a", a), ("b", b)):
-        parts.append(
-            (
-                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; '
-                f'filename="{name}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
-            ).encode()
-            + data
-            + b"\r\n"
-        )
-    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
 class SlowUpload:
@@ -101,7 +85,7 @@ def _in_flight(server: ServeProcess) -> tuple[float, float]:
 def test_beyond_concurrency_and_queue_is_429_and_a_vanished_client_frees_its_slot(
     server: ServeProcess, photos: tuple[bytes, bytes]
 ) -> None:
-    body = _multipart(*photos)
+    body = form_body(*photos, BOUNDARY)
     holder = SlowUpload(server.port, body, len(body) // 3)  # admitted, uploading
     wait_for(lambda: _in_flight(server) == (0, 1), 10, what="the first place to be taken")
     queued = SlowUpload(server.port, body, 0)  # admitted too: concurrency 1 + queue_size 1
@@ -150,7 +134,7 @@ def test_sigterm_finishes_the_request_in_hand_then_exits_0(
     tmp_path: Path, photos: tuple[bytes, bytes]
 ) -> None:
     with serve_process(tmp_path) as server:
-        body = _multipart(*photos)
+        body = form_body(*photos, BOUNDARY)
         client = SlowUpload(server.port, body, len(body) // 2)
         wait_for(lambda: _in_flight(server) == (0, 1), 10, what="the request to be in hand")
         server.process.send_signal(signal.SIGTERM)
@@ -183,7 +167,7 @@ def test_a_client_gone_mid_compare_stops_its_pair_at_the_next_stage(tmp_path: Pa
     a, b = scenes.encode(big), scenes.encode(big, quality=80)
     env = {"PAIRWATCH_COMPARISON__MAX_IMAGE_SIZE": "[8192, 8192]"}
     with serve_process(tmp_path, env) as server:
-        body = _multipart(a, b, pair_id="gone")
+        body = form_body(a, b, BOUNDARY, pair_id="gone")
         client = SlowUpload(server.port, body, len(body))
         wait_for(lambda: _in_flight(server) == (1, 0), 30, 0.02, what="the pair to compare")
         client.abandon()
@@ -208,9 +192,9 @@ def test_a_client_gone_while_queued_frees_its_place_at_once(tmp_path: Path) -> N
     its body read, and one still waiting for permission to upload (its body unread), hang up:
     each gives its queue place back at once, long before the slot would have been theirs."""
     big = scenes.photo("astronaut").resize((4000, 4000))
-    slow = _multipart(scenes.encode(big), scenes.pasted_object(big, 0.1), pair_id="slow")
+    slow = form_body(scenes.encode(big), scenes.pasted_object(big, 0.1), BOUNDARY, pair_id="slow")
     img = scenes.photo("coffee")
-    small = _multipart(scenes.encode(img), scenes.pasted_object(img))
+    small = form_body(scenes.encode(img), scenes.pasted_object(img), BOUNDARY)
     env = {
         "PAIRWATCH_CONCURRENCY": "1",
         "PAIRWATCH_QUEUE_SIZE": "3",

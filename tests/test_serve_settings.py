@@ -15,6 +15,8 @@ from tests.support.s3_servers import ROOT
 from watcher import serve
 from watcher.cli import build_parser, main, settings_from_args
 
+OPENAI = ["--model", "m", "--vl-endpoint", "http://127.0.0.1:9/v1"]
+
 
 def test_events_token_comes_from_a_file_and_never_prints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -63,6 +65,17 @@ def test_concurrency_defaults_by_comparator() -> None:
         (["--port", "http"], {}, "not a port number"),
         ([], {"PAIRWATCH_SERVE_PORT": "-1"}, "serve_port"),
         ([], {"PAIRWATCH_EVENTS_TOKEN_FILE": "/nonexistent/token"}, "cannot read secret file"),
+        # An empty secret, in any form, never means "no authentication" (issue 19).
+        ([], {"PAIRWATCH_EVENTS_TOKEN": ""}, "events_token: Value error, is empty"),
+        ([], {"PAIRWATCH_EVENTS_TOKEN": "   "}, "events_token: Value error, is empty"),
+        ([], {"PAIRWATCH_EVENTS_TOKEN_FILE": "/dev/null"}, "events_token_file: secret file"),
+        (OPENAI, {"PAIRWATCH_VL_API_KEY": ""}, "vl_api_key: Value error, is empty"),
+        (OPENAI, {"PAIRWATCH_VL_API_KEY_FILE": "/dev/null"}, "vl_api_key_file: secret file"),
+        (
+            ["--model", "m", "--vl-endpoint", "http://user:s3cret@127.0.0.1:9/v1"],
+            {},
+            "vl_endpoint: Value error, credentials in the URL are not used",
+        ),
     ],
 )
 def test_serve_refuses_bad_options_with_status_2(
@@ -76,8 +89,9 @@ def test_serve_refuses_bad_options_with_status_2(
         timeout=60,
         cwd=ROOT,
     )
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr
     assert message in done.stderr
+    assert "s3cret" not in done.stderr  # the refusal does not repeat the credentials
 
 
 def test_serve_host_and_port_flags_become_settings(

@@ -160,6 +160,7 @@ def _request(a: PreparedImage, b: PreparedImage, fault: Fault | None = None) -> 
         prompt=build_prompt(CONFIG),
         max_pixels=128 * 128,
         timeout_s=60,
+        expires_at=time.monotonic() + 60,
         schema=answer_schema(),
         fault=fault,
     )

@@ -28,6 +28,7 @@ from handler.compare.vl.comparator import KILL_GRACE_S, NO_CHANGE, pixel_budget
 from handler.compare.vl.local_backend import LocalBackend
 from handler.compare.vl.protocol import Fault, Reply, Request
 from handler.config import ComparisonConfig, IgnoreRegion, Settings
+from handler.deadline import Deadline
 from handler.errors import ModelUnavailable
 from handler.images import NEUTRAL, prepare
 from handler.pipeline import ImageInput, compare_pair
@@ -190,9 +191,10 @@ def test_a_small_change_sends_crops_of_its_region_and_says_which_box_they_show(
     request = backend.requests[-1]
     labels = [picture.label for picture in request.images]
     assert labels == ["Image A:", "Image B:", "Region 0 in image A:", "Region 0 in image B:"]
+    box = f"x={region.x} y={region.y} {region.width}x{region.height}"
     assert (
-        f"pictures 3 and 4: region 0, changed box x={region.x} y={region.y} "
-        f"{region.width}x{region.height}, close-up of x=0 y=982 400x448" in request.prompt
+        f"pictures 3 and 4: region 0, changed, in A {box}; in B {box}; "
+        "close-up of A x=0 y=982 400x448 and of B x=0 y=982 400x448" in request.prompt
     )
     assert 'Set "region" of a difference to the number of the region' in request.prompt
     # The overviews are the prepared 51 x 256 images (1/8 of the page's resolution); the
@@ -362,6 +364,30 @@ def test_a_hung_model_is_killed_at_the_timeout_and_replaced(
     assert comparator.worker_pid not in (None, pid)
 
 
+def test_the_model_has_what_is_left_of_the_pair_s_deadline_not_a_fresh_timeout(
+    comparator: VLComparator, edited_pair: tuple[bytes, bytes]
+) -> None:
+    """The pair was taken 1.5 s before it reached the comparator (fetch, a queue): of its 2 s
+    the model gets the 0.5 s left, and a hung model is given up on then (plus the grace), not
+    2 s after its batch went to the worker."""
+    _assert_answered(_run(comparator, *edited_pair))
+    comparator.fault = Fault(delay_s=120)
+    taken = Deadline(2.0, started=time.monotonic() - 1.5)
+    started = time.monotonic()
+    try:
+        result = compare_pair(
+            "late", _input("a.jpg", edited_pair[0]), _input("b.jpg", edited_pair[1]), CONFIG,
+            comparator, max_input_pixels=200_000_000, deadline=taken,
+        ).result  # fmt: skip
+    finally:
+        comparator.fault = None
+    elapsed = time.monotonic() - started
+    assert result.status == "timeout" and result.error is not None
+    assert result.error.stage == "compare"
+    assert elapsed < 0.5 + KILL_GRACE_S + 0.8, f"given up after {elapsed:.2f} s"
+    _assert_answered(_run(comparator, *edited_pair))
+
+
 def test_a_crashing_model_gives_model_crashed_and_the_next_pair_runs(
     comparator: VLComparator, edited_pair: tuple[bytes, bytes]
 ) -> None:
@@ -397,13 +423,15 @@ def test_an_answer_running_past_the_timeout_stops_without_killing_the_worker(
     vl = VLComparator(Settings(model=str(model), device="cpu"))
     try:
         config = CONFIG.model_copy(update={"processing_timeout": 0.3})
-        _run(vl, *edited_pair, config=config)  # the first pair also waits for the load
+        vl.wait_ready()  # as a runner does: the load is not a pair's time
+        _run(vl, *edited_pair, config=config)
         pid = vl.worker_pid
         started = time.monotonic()
         result = _run(vl, *edited_pair, config=config)
         assert time.monotonic() - started < 0.3 + KILL_GRACE_S
         assert result.status == "timeout" and result.error is not None
         assert "did not finish its answer within 0.3 s" in result.error.message
+        assert result.error.stage == "compare"
         assert result.vl is not None and result.vl.raw_text
         assert vl.worker_pid == pid and pid is not None and _alive(pid)
     finally:

@@ -16,7 +16,7 @@ from handler.compare.vl.comparator import (
 from handler.compare.vl.prompt import CropView, build_prompt
 from handler.config import ComparisonConfig
 from handler.detect import CROP_SIDE, RegionCrop
-from handler.result import Difference, Region
+from handler.result import Box, Difference, Region
 
 
 def _crops(count: int, size: tuple[int, int] = (CROP_SIDE, CROP_SIDE)) -> list[RegionCrop]:
@@ -79,30 +79,74 @@ def test_no_crops_no_change() -> None:
     assert plan.crops == () and plan.max_pixels == pixel_budget((1024, 1024))
 
 
-def test_the_prompt_names_each_crop_pairs_region_and_box() -> None:
+def test_the_prompt_names_each_regions_kind_and_its_boxes_in_both_images() -> None:
     config = ComparisonConfig()
+    changed = Region(
+        x=412,
+        y=1980,
+        width=96,
+        height=22,
+        kind="changed",
+        a=Box(x=412, y=1980, width=96, height=22),
+        b=Box(x=412, y=2054, width=96, height=22),
+        shift=(0, 74),
+    )
+    added = Region(
+        x=0, y=0, width=785, height=74, kind="added", b=Box(x=0, y=0, width=785, height=74)
+    )
+    moved = Region(
+        x=40,
+        y=122,
+        width=258,
+        height=19,
+        kind="moved",
+        a=Box(x=40, y=122, width=258, height=19),
+        b=Box(x=43, y=124, width=258, height=19),
+        shift=(3, 2),
+    )
     views = [
         CropView(
             region=0,
-            box=Region(x=412, y=1980, width=96, height=22),
-            shown=Region(x=236, y=1767, width=448, height=448),
+            found=changed,
+            shown_a=Box(x=236, y=1767, width=448, height=448),
+            shown_b=Box(x=236, y=1841, width=448, height=448),
         ),
+        CropView(region=1, found=added, shown_a=None, shown_b=Box(x=0, y=0, width=785, height=74)),
         CropView(
             region=2,
-            box=Region(x=5, y=6, width=7, height=8),
-            shown=Region(x=0, y=0, width=448, height=300),
+            found=moved,
+            shown_a=Box(x=0, y=0, width=448, height=300),
+            shown_b=Box(x=0, y=0, width=448, height=300),
         ),
     ]
-    prompt = build_prompt(config, views)
+    prompt = build_prompt(config, views, ["a band 74 px high was added at the top of B"])
     assert (
-        "- pictures 3 and 4: region 0, changed box x=412 y=1980 96x22, close-up of "
-        "x=236 y=1767 448x448" in prompt
+        "- pictures 3 and 4: region 0, changed, in A x=412 y=1980 96x22; in B x=412 y=2054 "
+        "96x22; close-up of A x=236 y=1767 448x448 and of B x=236 y=1841 448x448" in prompt
     )
-    assert "- pictures 5 and 6: region 2, changed box x=5 y=6 7x8" in prompt
+    # An added region exists in B only: one close-up, from B.
+    assert "- picture 5: region 1, added (only in B), in B x=0 y=0 785x74; close-up of B" in prompt
+    assert "- pictures 6 and 7: region 2, moved by (3, 2) px, in A x=40 y=122" in prompt
+    assert "B's content is moved: a band 74 px high was added at the top of B" in prompt
     assert 'Set "region" of a difference to the number of the region it lies in' in prompt
     assert prompt.index("image B") < prompt.index("pictures 3 and 4") < prompt.index("JSON")
     # Without crops the prompt says nothing about regions.
     assert "close-up" not in build_prompt(config) and "pictures 3" not in build_prompt(config)
+
+
+def test_a_region_in_one_image_only_sends_one_crop() -> None:
+    box = Box(x=0, y=0, width=CROP_SIDE, height=CROP_SIDE)
+    crops = [
+        RegionCrop(region=0, box_a=None, box_b=box, a=None, b=Image.new("RGB", box_size(box))),
+        RegionCrop(region=1, box_a=box, box_b=None, a=Image.new("RGB", box_size(box)), b=None),
+    ]
+    plan = plan_pictures((329, 1024), (329, 1024), crops, (1024, 1024))
+    assert [(a is None, b is None) for _, a, b in plan.crops] == [(True, False), (False, True)]
+    assert plan.crop_pixels <= 2 * CROP_SIDE * CROP_SIDE
+
+
+def box_size(box: Box) -> tuple[int, int]:
+    return (box.width, box.height)
 
 
 @pytest.mark.parametrize(("regions", "expected"), [(1, [0, None, None]), (8, [0, 7, None])])

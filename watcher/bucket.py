@@ -7,6 +7,7 @@ manifest index (asked which manifests read the object, taught what each manifest
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,19 @@ from handler.config import Settings
 from handler.events import ObjectEvent, normalise_etag
 from watcher import metrics
 from watcher.runner import Runner
+
+
+def bucket_refused(settings: Settings, bucket: str) -> bool:
+    """A watched bucket outside ``allowed_buckets`` (``watch minio``/``poll``): said on stderr,
+    before anything is built, for the command to exit 2."""
+    allowed = settings.allowed_buckets
+    if allowed is None or bucket in allowed:
+        return False
+    print(
+        f"pairwatch: bucket {bucket!r} is not in allowed_buckets ({', '.join(allowed)})",
+        file=sys.stderr,
+    )
+    return True
 
 
 def bucket_jobs(

@@ -117,11 +117,13 @@ def record_event_report(handled: EventReport, source: str) -> None:
 
 
 def event_outcome(handled: EventReport) -> str:
-    """``failed`` for a record that needs another delivery (a failure of the moment) or never
-    succeeds (rejected); else what its last job did (``written``, ``skipped``, ``waiting``...),
-    or ``ignored``."""
+    """``rejected`` for a record that never succeeds (a hostile key, a refused bucket);
+    ``failed`` for one that needs another delivery (a failure of the moment); else what its
+    last job did (``written``, ``skipped``, ``waiting``...), or ``ignored``."""
     fate = handled.disposition
-    if fate.is_reject or (fate.is_retry and fate.at is None):
+    if fate.is_reject:
+        return "rejected"
+    if fate.is_retry and fate.at is None:
         return "failed"
     return handled.reports[-1].action if handled.reports else "ignored"
 

@@ -44,7 +44,7 @@ from handler.disposition import Disposition
 from handler.events import ObjectEvent, Parsed, parse_notification
 from handler.logs import get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
-from watcher.bucket import bucket_jobs, list_events, run_event
+from watcher.bucket import bucket_jobs, bucket_refused, list_events, run_event
 from watcher.runner import Runner, run_until_stopped, runner_for
 
 EVENTS = ("s3:ObjectCreated:*",)
@@ -62,6 +62,8 @@ STREAM_READ_TIMEOUT_S = 60.0
 def run(args: argparse.Namespace, settings: Settings) -> int:
     url: BucketURL = args.url
     log = get_logger(bucket=url.bucket, prefix=url.prefix)
+    if bucket_refused(settings, url.bucket):
+        return EXIT_USAGE
     endpoint = s3_endpoint(args.endpoint_url)
     if not endpoint:
         print("pairwatch: watch minio needs --endpoint-url (or AWS_ENDPOINT_URL)", file=sys.stderr)

@@ -22,14 +22,16 @@ from handler.config import Settings
 from handler.disposition import Disposition
 from handler.events import ObjectEvent
 from handler.logs import elapsed_ms, get_logger
-from watcher.args import EXIT_FAILED, EXIT_OK, BucketURL
-from watcher.bucket import bucket_jobs, list_events, run_event
+from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
+from watcher.bucket import bucket_jobs, bucket_refused, list_events, run_event
 from watcher.runner import Runner, run_until_stopped, runner_for
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     url: BucketURL = args.url
     log = get_logger(bucket=url.bucket, prefix=url.prefix)
+    if bucket_refused(settings, url.bucket):
+        return EXIT_USAGE
     with runner_for(settings) as runner:
         jobs = bucket_jobs(settings, runner, args.endpoint_url, args.region, url.prefix)
         poller = PollSource(jobs, url, runner, interval=settings.poll_interval, once=args.once)

@@ -42,6 +42,8 @@ from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 DEFAULT_OUTPUT = "report.html"
 #: Row kinds, the status filter's values: an ok result is "similar" or "different".
 KINDS = ("similar", "different", "error", "timeout", "unreadable")
+#: Region kinds, in the order a row lists them.
+REGION_KINDS = ("changed", "added", "removed", "moved")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -122,6 +124,14 @@ class Entry:
     @property
     def name(self) -> str:
         return self.result.pair_id if self.result else self.source
+
+    @property
+    def region_kinds(self) -> dict[str, int]:
+        """How many regions of each kind (changed, added, removed, moved), in that order."""
+        if self.result is None:
+            return {}
+        found: Counter[str] = Counter(region.kind for region in self.result.changed_regions)
+        return {kind: found[kind] for kind in REGION_KINDS if found[kind]}
 
     @property
     def similarity(self) -> float:

@@ -11,6 +11,10 @@ message, change its visibility). The runner decides everything about time and co
 * **Pairs in flight.** ``concurrency`` worker threads take keys from one coalescing queue
   (``watcher.jobqueue``, bounded by ``queue_size``). A key is never run twice at once: one
   offered while in flight runs again once the running one is finished, with the newest work.
+* **Deadlines.** The moment a worker takes a unit of work starts its pair's deadline
+  (``handler.deadline``, ``processing_timeout``): the work runs with it as its thread's current
+  deadline, which the job picks up, so time spent waiting in the queue never counts and time
+  spent on the pair always does.
 * **Rechecks.** A ``retry`` of work offered with ``recheck=True`` is looked at again as the one
   policy says (``watcher.rechecks``); done and reject forget the key.
 * **Metrics.** ``pairwatch_queue_depth`` follows the keys waiting to run (queued, or offered
@@ -33,7 +37,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from handler import disposition
 from handler.compare.base import Comparator
-from handler.config import Settings
+from handler.config import ComparisonConfig, Settings
+from handler.deadline import Deadline
 from handler.disposition import Disposition
 from handler.errors import PairError
 from handler.logs import get_logger
@@ -105,7 +110,10 @@ def runner_for(settings: Settings) -> Iterator[Runner[Any]]:
     comparator = create_comparator(settings)
     try:
         yield Runner(
-            comparator, concurrency=resolve_concurrency(settings), queue_size=settings.queue_size
+            comparator,
+            concurrency=resolve_concurrency(settings),
+            queue_size=settings.queue_size,
+            processing_timeout=settings.comparison.processing_timeout,
         )
     finally:
         comparator.close()
@@ -136,12 +144,14 @@ class Runner(Generic[K]):
         *,
         concurrency: int,
         queue_size: int,
+        processing_timeout: float = ComparisonConfig().processing_timeout,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.comparator = comparator
         self.concurrency = concurrency
+        self.processing_timeout = processing_timeout
         self.clock = clock
         self.queue: CoalescingQueue[K, _Entry] = CoalescingQueue(queue_size)
         self.rechecks: Rechecks[K] = Rechecks(clock)
@@ -316,13 +326,15 @@ class Runner(Generic[K]):
                 key, entry, waited = item
                 self._in_flight.add(key)
                 self._track_depth()
+            deadline = Deadline(self.processing_timeout)  # taken now: the pair's time starts
             with metrics.in_flight():
-                fate = self._run(key, entry, waited)
+                fate = self._run(key, entry, waited, deadline)
             self._finish(key, entry, fate)
 
-    def _run(self, key: K, entry: _Entry, waited: float) -> Disposition:
+    def _run(self, key: K, entry: _Entry, waited: float, deadline: Deadline) -> Disposition:
         try:
-            return entry.work(round(waited * 1000, 2))
+            with deadline.applied():
+                return entry.work(round(waited * 1000, 2))
         except Exception as exc:
             # A bug (or an OS failure nobody foresaw) must cost this unit of work, not the runner.
             self._log.exception(

@@ -11,6 +11,7 @@ from handler.config import Settings
 from handler.logs import get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK
 from watcher.serve_app import create_app
+from watcher.serve_protocol import head_timeout_protocol
 
 #: Seconds past ``processing_timeout`` that a SIGTERM waits for in-flight requests.
 SHUTDOWN_GRACE = 30.0
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         log_config=None,  # structlog writes the access log (watcher.serve_app.AccessLog)
         access_log=False,
         lifespan="on",
+        # A request head must arrive within upload_idle_timeout (uvicorn alone waits forever).
+        http=head_timeout_protocol(settings.upload_idle_timeout),
         timeout_graceful_shutdown=int(settings.comparison.processing_timeout + SHUTDOWN_GRACE),
     )
     server = _Server(config)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from watcher import metrics
@@ -55,14 +55,16 @@ class Ticket:
         admission = self._admission
         await admission._slots.acquire()
         metrics.QUEUE_DEPTH.dec()
-        started = time.monotonic()
+        started = admission.clock()
+        admission._holding[id(self)] = started
         try:
             with metrics.in_flight():
                 yield
         finally:
+            del admission._holding[id(self)]
             admission._slots.release()
             metrics.QUEUE_DEPTH.inc()
-            admission.record_hold(time.monotonic() - started)
+            admission.record_hold(admission.clock() - started)
 
 
 class Admission:
@@ -73,12 +75,17 @@ class Admission:
     ``pairwatch_in_flight`` the ones comparing.
     """
 
-    def __init__(self, concurrency: int, queue_size: int) -> None:
+    def __init__(
+        self, concurrency: int, queue_size: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if concurrency < 1 or queue_size < 0:
             raise ValueError("concurrency must be >= 1 and queue_size >= 0")
         self.concurrency = concurrency
         self.queue_size = queue_size
+        self.clock = clock
         self.admitted = 0
+        #: When each held compare slot was taken (by ticket).
+        self._holding: dict[int, float] = {}
         self._slots = asyncio.Semaphore(concurrency)
         self._bodies = asyncio.Semaphore(concurrency * _BODIES_PER_SLOT)
         self._mean_hold = 1.0
@@ -98,6 +105,13 @@ class Admission:
                 self._bodies.release()
             self.admitted -= 1
             metrics.QUEUE_DEPTH.dec()
+
+    def stalled_s(self) -> float:
+        """Seconds since a compare slot last changed hands while every slot is held (0 while
+        one is free): how long the server has made no progress at all."""
+        if len(self._holding) < self.concurrency:
+            return 0.0
+        return self.clock() - max(self._holding.values())
 
     def record_hold(self, seconds: float) -> None:
         self._mean_hold += _SMOOTHING * (seconds - self._mean_hold)

@@ -9,13 +9,11 @@ in, never spooled to disk.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 import anyio
 from fastapi import FastAPI, Request, Response
@@ -25,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from handler.compare import Comparator, create_comparator, resolve_concurrency
 from handler.config import ComparisonConfig, Settings
+from handler.deadline import Deadline
 from handler.errors import PairError
 from handler.logs import elapsed_ms, get_logger
 from handler.pipeline import ImageInput, compare_pair
@@ -33,12 +32,13 @@ from watcher import metrics
 from watcher.serve_admission import Admission, Busy, Ticket
 from watcher.serve_compat import (
     CompatRequestError,
+    InvalidConfig,
     apply_overrides,
     compat_config,
     compat_envelope,
     compat_status,
 )
-from watcher.serve_connection import Connection
+from watcher.serve_connection import Connection, UploadStalled
 from watcher.serve_events import EventsEndpoint
 from watcher.serve_readiness import EngineCheck, Readiness
 from watcher.serve_responses import error_response
@@ -52,7 +52,8 @@ from watcher.serve_uploads import (
     safe_filename,
 )
 
-#: Error types that mean "the inputs were the problem" (422 on /v1/compare, 400 on /compare).
+#: Error types that mean "the client's request was the problem": its inputs, or its config
+#: (an ignore box outside image A) - 422 on /v1/compare, 400 on /compare.
 INPUT_ERROR_TYPES = frozenset(
     {
         "invalid_image",
@@ -61,6 +62,7 @@ INPUT_ERROR_TYPES = frozenset(
         "input_not_found",
         "input_unreadable",
         "path_outside_root",
+        "invalid_manifest",
     }
 )
 MAX_PAIR_ID_CHARS = 200
@@ -69,17 +71,20 @@ TWO_FILES_MESSAGE = "exactly two files are required"
 
 
 class RequestError(Exception):
-    """A request this server cannot act on: answered ``status`` with a JSON error."""
+    """A request this server cannot act on: answered ``status`` with a JSON error (naming the
+    ``field`` at fault, for a 422)."""
 
-    def __init__(self, status: int, type_: str, message: str) -> None:
+    def __init__(self, status: int, type_: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.type = type_
         self.message = message
+        self.field = field
 
 
 class _ClientGone(PairError):
-    """The client disconnected: the pair stops at its next stage (never reaches a client)."""
+    """The client disconnected: the pair stops at its deadline's next check (never reaches a
+    client)."""
 
     type = "client_disconnected"
 
@@ -116,25 +121,30 @@ def check_pair_id(raw: str | None) -> str:
         return f"http-{uuid.uuid4().hex[:12]}"
     if len(raw) > MAX_PAIR_ID_CHARS or not raw.isprintable():
         raise RequestError(
-            400, "bad_request", f"pair_id must be 1-{MAX_PAIR_ID_CHARS} printable characters"
+            422,
+            "invalid_field",
+            f"pair_id must be 1-{MAX_PAIR_ID_CHARS} printable characters",
+            "pair_id",
         )
     return raw
 
 
 def v1_config(raw: str | None, base: ComparisonConfig) -> ComparisonConfig:
-    """``config`` form field: JSON of ``ComparisonConfig`` fields over the deployment's own."""
+    """``config`` form field: JSON of ``ComparisonConfig`` fields over the deployment's own.
+    A mistake in it is a 422 naming the field (``config.image_quality``)."""
     if raw is None or raw.strip() == "":
         return base
     try:
         overrides = json.loads(raw)
     except ValueError as exc:
-        raise RequestError(400, "bad_request", f"config is not valid JSON: {exc}") from None
+        message = f"config is not valid JSON: {exc}"
+        raise RequestError(422, "invalid_config", message, "config") from None
     if not isinstance(overrides, dict):
-        raise RequestError(400, "bad_request", "config must be a JSON object")
+        raise RequestError(422, "invalid_config", "config must be a JSON object", "config")
     try:
         return apply_overrides(base, overrides)
-    except ValueError as exc:
-        raise RequestError(400, "bad_request", str(exc)) from None
+    except InvalidConfig as exc:
+        raise RequestError(422, "invalid_config", str(exc), exc.field) from None
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,8 @@ class Refusal:
     type: str
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+    #: The request field at fault (a 422).
+    field: str | None = None
 
 
 #: Turns a parsed form into a ``PairRequest``; raises ``RequestError`` for a bad one.
@@ -172,10 +184,12 @@ class PairRunner:
     ) -> ComparisonResult | Refusal | None:
         """The result, a ``Refusal`` (busy, too large, malformed; ``two_files`` is the message
         for a form with more than two files), or None when the client is gone."""
-        connection = Connection(request.receive)
+        connection = Connection(request.receive, self.state.settings.upload_idle_timeout)
         try:
             async with self.state.admission.admit() as ticket:
-                if not await connection.wait_unless_gone(ticket.read_body):
+                # Only a client that is sending waits for a body slot (see serve_connection).
+                ready = await connection.ready_to_read()
+                if not ready or not await connection.wait_unless_gone(ticket.read_body):
                     get_logger().warning("client_disconnected", stage="queue")
                     return None
                 started = time.perf_counter()
@@ -198,12 +212,16 @@ class PairRunner:
             # Connection: close makes uvicorn drop the connection after answering instead of
             # reading (and discarding) the rest of the upload.
             return Refusal(413, "upload_too_large", str(exc), {"Connection": "close"})
+        except UploadStalled as exc:
+            get_logger().warning("upload_refused", reason="too slow", error=str(exc))
+            # Closed after the answer: whatever the client still sends is not waited for.
+            return Refusal(408, "upload_timeout", str(exc), {"Connection": "close"})
         except TooManyFiles:
-            return Refusal(400, "bad_request", two_files)
+            return Refusal(400, "bad_request", two_files, {"Connection": "close"})
         except MalformedUpload as exc:
-            return Refusal(400, "bad_request", str(exc))
+            return Refusal(400, "bad_request", str(exc), {"Connection": "close"})
         except RequestError as exc:
-            return Refusal(exc.status, exc.type, exc.message)
+            return Refusal(exc.status, exc.type, exc.message, field=exc.field)
         except ClientDisconnect:
             get_logger().warning("client_disconnected", stage="upload")
             return None
@@ -220,13 +238,15 @@ class PairRunner:
         starts; once started, the pair stops at its next stage."""
         settings = self.state.settings
         pair_id = pair.pair_id
-        gone = threading.Event()
         a, b = (
-            ImageInput(safe_filename(f.filename, slot), _loader(f, gone), digest=_digest(f))
+            ImageInput(safe_filename(f.filename, slot), _loader(f), digest=_digest(f))
             for f, slot in zip(pair.files, ("a", "b"), strict=True)
         )
+        # Made once its compare slot is taken: the pair's time starts then.
+        taken = _Taken()
 
         def work() -> ComparisonResult:
+            assert taken.deadline is not None
             return compare_pair(
                 pair_id,
                 a,
@@ -236,20 +256,21 @@ class PairRunner:
                 max_input_pixels=settings.max_input_pixels,
                 cache_mb=settings.cache_mb,
                 decode_budget_mp=settings.decode_budget_mp,
-                checkpoint=partial(_still_wanted, gone),
+                deadline=taken.deadline,
             ).result
 
         result: ComparisonResult | None = None
         async with anyio.create_task_group() as group:
             waiting = group.cancel_scope  # cancelled by a disconnect: leaves the slot queue
-            group.start_soon(_watch_disconnect, connection, gone, waiting)
+            group.start_soon(_watch_disconnect, connection, taken, waiting)
             async with ticket.compare():
-                if not gone.is_set():
-                    # Started, the pair's thread runs on; its checkpoints stop it (``gone``).
+                if not taken.gone:
+                    taken.deadline = Deadline(settings.comparison.processing_timeout)
+                    # Started, the pair's thread runs on; its deadline stops it (``abandon``).
                     with anyio.CancelScope(shield=True):
                         result = await anyio.to_thread.run_sync(work, limiter=self.state.limiter)
             waiting.cancel()
-        if result is None or gone.is_set():
+        if result is None or taken.gone:
             stage = "queue" if result is None else "compare"  # gone before its slot, or after
             get_logger(pair_id=pair_id).warning("client_disconnected", stage=stage)
             metrics.PAIRS.labels("http", self.state.comparator.info.name, "abandoned").inc()
@@ -258,15 +279,24 @@ class PairRunner:
         return result
 
 
-def _still_wanted(gone: threading.Event) -> None:
-    """The pair's checkpoint between stages: a pair whose client went away stops there."""
-    if gone.is_set():
-        raise _ClientGone("the client disconnected")
+@dataclass
+class _Taken:
+    """One upload's pair as the event loop sees it: its deadline once its compare slot is
+    taken, and whether its client went away (both touched on the event loop only)."""
+
+    deadline: Deadline | None = None
+    gone: bool = False
+
+    def abandon(self) -> None:
+        """The client went away: a pair still waiting never starts, a running one stops at
+        its deadline's next check (a stage, a strip of pixels, a metric)."""
+        self.gone = True
+        if self.deadline is not None:
+            self.deadline.abandon(_ClientGone("the client disconnected"))
 
 
-def _loader(part: UploadedFile, gone: threading.Event) -> Callable[[], bytes]:
+def _loader(part: UploadedFile) -> Callable[[], bytes]:
     def load() -> bytes:
-        _still_wanted(gone)
         if part.error is not None:
             raise part.error
         data = bytes(part.data)
@@ -282,12 +312,12 @@ def _digest(part: UploadedFile) -> Callable[[], str | None]:
 
 
 async def _watch_disconnect(
-    connection: Connection, gone: threading.Event, waiting: anyio.CancelScope
+    connection: Connection, taken: _Taken, waiting: anyio.CancelScope
 ) -> None:
     """Once the body is read, the only message left is the disconnect (or the response end):
-    it stops a running pair at its next stage (``gone``) and a waiting one at once."""
+    it stops a running pair at its deadline's next check and a waiting one at once."""
     await connection.wait_for_disconnect()
-    gone.set()
+    taken.abandon()
     waiting.cancel()
 
 
@@ -374,12 +404,15 @@ def create_app(
         engine = None
         if chosen.info.backend == "openai" and settings.vl_endpoint:
             engine = EngineCheck(settings.vl_endpoint, settings.vl_api_key)
-        state = ServeState(
-            settings,
+        admission = Admission(concurrency, settings.queue_size)
+        readiness = Readiness(
             chosen,
-            Admission(concurrency, settings.queue_size),
-            anyio.CapacityLimiter(concurrency),
-            Readiness(chosen, engine),
+            engine,
+            stalled_s=admission.stalled_s,
+            processing_timeout=settings.comparison.processing_timeout,
+        )
+        state = ServeState(
+            settings, chosen, admission, anyio.CapacityLimiter(concurrency), readiness
         )
         if settings.events_token is not None:
             state.events = EventsEndpoint.build(
@@ -419,12 +452,19 @@ def create_app(
 
     @app.post("/v1/compare", openapi_extra=_V1_BODY, summary="Compare two uploaded images")
     async def compare_v1(request: Request) -> Response:
-        """Answer the result JSON: 200 ok, 422 failed on its inputs, 504 timeout, 503 model
-        unavailable, 500 other model failures; 400 bad form, 413 upload over the cap, 429
-        busy."""
+        """Answer the result JSON: 200 ok, 422 failed on its inputs or config, 504 timeout, 503
+        model unavailable, 500 other model failures; or an error: 400 a form that is not the
+        expected one, 408 an upload that stalls, 413 over the cap, 422 a field that is wrong
+        (named in ``error.field``), 429 busy."""
         outcome = await PairRunner(state()).handle(request, _v1_request, "give two files, a and b")
         if isinstance(outcome, Refusal):
-            return error_response(outcome.status, outcome.type, outcome.message, **outcome.headers)
+            return error_response(
+                outcome.status,
+                outcome.type,
+                outcome.message,
+                field=outcome.field,
+                **outcome.headers,
+            )
         if outcome is None:
             return Response(status_code=400)  # nobody is listening any more
         # pydantic's own serializer: the result is written once, without a dict in between.
@@ -450,9 +490,10 @@ def create_app(
 
     @app.post("/v1/events", summary="Object notifications (MinIO, SeaweedFS, S3 event JSON)")
     async def events(request: Request) -> Response:
-        """``Authorization: Bearer <events_token>``. 200 once the event's pairs are done (or
-        recorded for a later look); 503 + Retry-After when a record must be delivered again;
-        400 malformed; 401 bad token; 404 when no ``events_token`` is configured."""
+        """``Authorization: Bearer <events_token>``. 200 once the event's pairs are done,
+        recorded for a later look, or refused for good (listed in ``rejected``); 503 +
+        Retry-After when a record must be delivered again; 400 malformed; 401 bad token; 408 a
+        body that stalls; 404 when no ``events_token`` is configured."""
         endpoint = state().events
         if endpoint is None:
             return JSONResponse({"detail": "Not Found"}, status_code=404)

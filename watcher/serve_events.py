@@ -4,11 +4,16 @@ MinIO's webhook target, SeaweedFS's filer webhook and plain S3 event JSON are pa
 ``handler.events`` and handled by ``handler.bucket_jobs.BucketJobs``, which fetch the objects
 from the configured S3 endpoint and write the results back. The answer waits for the pairs:
 
-* 200 — every record is done, refused for good (a hostile key), or recorded for a later look
-  (a lone image: it is looked at again when its ``pair_timeout`` is up, in memory);
+* 200 — every record is done, refused for good, or recorded for a later look (a lone image:
+  it is looked at again when its ``pair_timeout`` is up, in memory). Refused for good (a
+  hostile key; a bucket that is not a bucket name, not in ``allowed_buckets`` or missing) is
+  logged (``event_rejected``), counted (``pairwatch_events_total{outcome="rejected"}``) and
+  *acknowledged*: MinIO and SeaweedFS deliver again whatever is not answered 2xx, forever with
+  MinIO's ``queue_dir``, so a 4xx or 5xx would only repeat it;
 * 503 with ``Retry-After`` — a record may succeed later (a manifest whose images are on their
-  way, throttling, an unwritable result): the sender delivers it again (MinIO's ``queue_dir``);
-* 400 malformed, 401 wrong or missing token, 413 body too large, 429 busy.
+  way, throttling, an unwritable result, a pair out of time): the sender delivers it again;
+* 400 malformed, 401 wrong or missing token, 408 a body that stalls (``upload_idle_timeout``),
+  413 body too large, 429 busy.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from handler.aws_clients import s3_client
 from handler.bucket_jobs import BucketJobs, Delivery
 from handler.compare import Comparator
 from handler.config import Settings
+from handler.deadline import Deadline
 from handler.disposition import backoff, retry
 from handler.events import ObjectEvent, Parsed, parse_body
 from handler.logs import get_logger
@@ -36,6 +42,7 @@ from handler.pairs import normalise_prefix
 from watcher import metrics
 from watcher.rechecks import Rechecks
 from watcher.serve_admission import Admission, Busy
+from watcher.serve_connection import Connection, UploadStalled
 from watcher.serve_responses import error_response
 
 #: A notification is a few KB; MinIO batches nothing into one webhook request.
@@ -100,8 +107,12 @@ class EventsEndpoint:
                 "missing or wrong bearer token",
                 **{"WWW-Authenticate": "Bearer"},
             )
+        connection = Connection(request.receive, self.jobs.settings.upload_idle_timeout)
         try:
-            body = await _read_capped(request.stream(), MAX_EVENT_BYTES)
+            body = await _read_capped(connection.stream(), MAX_EVENT_BYTES)
+        except UploadStalled as exc:
+            log.warning("event_refused", reason="too slow", error=str(exc))
+            return error_response(408, "upload_timeout", str(exc), Connection="close")
         except BodyTooLarge:
             return error_response(
                 413,
@@ -138,7 +149,7 @@ class EventsEndpoint:
         filed for a look when their partner is due."""
         async with self.admission.admit() as ticket, ticket.compare():
             delivery: Delivery = await anyio.to_thread.run_sync(
-                partial(self.jobs.handle_parsed, parsed, now=time.time()), limiter=self.limiter
+                partial(self._handle, parsed), limiter=self.limiter
             )
         metrics.record_delivery(delivery, WEBHOOK_SOURCE)
         for handled in delivery.events:
@@ -150,6 +161,11 @@ class EventsEndpoint:
                 self.rechecks.clear(key)
                 self.waiting.pop(key, None)
         return delivery
+
+    def _handle(self, parsed: Parsed) -> Delivery:
+        """On a worker thread, holding a compare slot: the first pair's time starts now."""
+        deadline = Deadline(self.jobs.settings.comparison.processing_timeout)
+        return self.jobs.handle_parsed(parsed, now=time.time(), deadline=deadline)
 
     async def recheck_loop(self) -> None:
         """Look again at lone images whose partner is due (``incomplete_pair`` otherwise)."""
@@ -177,12 +193,21 @@ async def _read_capped(stream: AsyncIterator[bytes], limit: int) -> bytes:
 
 def _summary(delivery: Delivery, parsed: Parsed) -> dict[str, Any]:
     handled = [r for r in delivery.events if not r.disposition.is_reject]
+    refused = [r for r in delivery.events if r.disposition.is_reject]
     return {
         "events": len(parsed.events),
         "malformed": len(parsed.errors),
-        "refused": len(parsed.events) - len(handled),
+        "refused": len(refused),
         "outcomes": [
             {"bucket": r.event.bucket, "key": r.event.key, "outcome": metrics.event_outcome(r)}
             for r in handled
+        ],
+        "rejected": [
+            {
+                "bucket": r.event.bucket[:100],
+                "key": r.event.key[:300],
+                "reason": r.disposition.reason,
+            }
+            for r in refused
         ],
     }

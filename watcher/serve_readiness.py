@@ -8,12 +8,18 @@ process that can go away and come back, so ``EngineCheck`` asks it again: ``GET
 the model) with a short timeout, at most once every ``CHECK_INTERVAL_S`` whatever the probe
 rate, the answer cached in between. Any HTTP answer below 500 counts as "it answers"; a refused
 connection, a timeout or a 5xx make ``/readyz`` answer 503 until the engine answers again.
+
+A process can also be stuck (a read that never returns, a bug): pairs are bounded by their
+deadline (``processing_timeout``), so when every compare slot has been held for longer than
+that plus ``STUCK_GRACE_S`` with no pair finishing, ``/readyz`` answers 503 too, and a load
+balancer sends the traffic elsewhere; it turns 200 again as soon as a slot frees up.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import anyio
 import httpx2
@@ -32,6 +38,9 @@ CHECK_TIMEOUT_S = 2.0
 ENGINE_RETRY_S = 30.0
 
 STARTING = "the comparator is starting"
+#: What a pair may take past its deadline before its slot counts as stuck: the VL kill grace,
+#: the result write's grace and one object-store request fit in it.
+STUCK_GRACE_S = 30.0
 
 
 class EngineCheck:
@@ -89,9 +98,20 @@ class EngineCheck:
 class Readiness:
     """The comparator's readiness for ``/readyz``: ``problem()`` is None when pairs can go."""
 
-    def __init__(self, comparator: Comparator, engine: EngineCheck | None = None) -> None:
+    def __init__(
+        self,
+        comparator: Comparator,
+        engine: EngineCheck | None = None,
+        *,
+        stalled_s: Callable[[], float] | None = None,
+        processing_timeout: float = 0.0,
+    ) -> None:
+        """``stalled_s``: how long no compare slot has changed hands with all of them held
+        (``Admission.stalled_s``); past ``processing_timeout + STUCK_GRACE_S`` it is stuck."""
         self.comparator = comparator
         self.engine = engine
+        self._stalled_s = stalled_s
+        self._stuck_after = processing_timeout + STUCK_GRACE_S
         #: The comparator became ready once (its ``wait_ready`` returned).
         self.ready = False
         self.reason = STARTING
@@ -107,6 +127,12 @@ class Readiness:
     async def problem(self) -> str | None:
         if not self.ready:
             return self.reason
+        stalled = self._stalled_s() if self._stalled_s is not None else 0.0
+        if stalled > self._stuck_after:
+            return (
+                f"stuck: no compare slot has finished a pair for {stalled:.0f} s (every pair "
+                f"ends within processing_timeout + {STUCK_GRACE_S:g} s = {self._stuck_after:g} s)"
+            )
         if self.engine is not None:
             return await self.engine.problem()
         return None

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from handler.errors import PairError
@@ -202,13 +202,14 @@ async def read_upload(
     if not boundary:
         raise MalformedUpload("multipart/form-data without a boundary")
     reader = _FormReader(max_file_bytes, max_files, max_pixels)
-    parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
     try:
+        # (The parser refuses some boundaries itself: over 256 characters, for one.)
+        parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
         async for chunk in body:
             reader.upload.bytes_read += len(chunk)
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as exc:
+    except FormParserError as exc:  # every python-multipart failure (MultipartParseError...)
         raise MalformedUpload(f"broken multipart body: {exc}") from None
     except UploadTooLarge as exc:
         exc.bytes_read = reader.upload.bytes_read

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from handler.config import ComparisonConfig
+from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop
 from handler.images import PreparedImage
 from handler.result import ComparatorInfo, Difference, Region, VLDetails
@@ -39,6 +40,10 @@ class Comparator(Protocol):
     (``handler.detect.cut_crops``, one more streamed pass over both inputs) for this comparator
     and passes them as ``crops``; otherwise they are cut only for a diff image, and ``crops``
     may still hold those.
+
+    ``deadline`` is the pair's (``handler.deadline``): a comparator checks it between its units
+    of work, or hands it to where the work runs (the VL model), and raises
+    ``ComparisonTimeout`` once it has passed.
     """
 
     @property
@@ -57,6 +62,7 @@ class Comparator(Protocol):
         *,
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
+        deadline: Deadline | None = None,
     ) -> Verdict: ...
 
     def identical(self, config: ComparisonConfig, detection: Detection) -> Verdict:

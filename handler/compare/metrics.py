@@ -17,11 +17,14 @@ pair different whatever the scores, and adds a fifth score so the number agrees:
 ``detection_similarity`` = DETECTION_CEILING - DETECTION_WEIGHT x changed fraction (native),
 1.0 without regions. A pair with no differing pixel at native resolution scores exactly 1.
 
-The work scales with what there is to see: two pixel-identical prepared images (the same
-picture, however it was encoded) have the scores of identical images — SSIM 1, no changed
-fraction, hash distance 0, colour overlap 1, ΔE 0 — which are set, not computed; byte-identical
-inputs are never decoded at all (``identical``). Only a pair whose prepared images differ pays
-for SSIM, Lab colours, hashes and histograms.
+The global scores compare A with B laid out as A (``_aligned``: along the detection's
+alignment; under a lenient match level, A with only the regions that count pasted from B).
+The work scales with what there is to see: where the detection found nothing that counts and
+nothing moved, and those two images are pixel-identical (the same picture, however it was
+encoded), they have the scores of identical images — SSIM 1, no changed fraction, hash
+distance 0, colour overlap 1, ΔE 0 — which are set, not computed; byte-identical inputs are
+never decoded at all (``identical``). Only a pair whose images differ pays for SSIM, Lab
+colours, hashes and histograms.
 
 scikit-image, imagehash and scipy are imported by the first pair that needs them, not with this
 module: they cost ~25 MB and ~0.3 s, and the detection stage that runs before (a large pair's
@@ -33,18 +36,20 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from handler import describe
 from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
+from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop
 from handler.images import PreparedImage
-from handler.result import ComparatorInfo, Difference, Region
+from handler.result import AlignmentInfo, Box, ComparatorInfo, Difference
 
 #: Longest edge of the common working size. Large enough that an edit over ~1% of the image
 #: spans many SSIM windows, small enough to stay in the low milliseconds.
@@ -96,12 +101,16 @@ class MetricsComparator:
         *,
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
+        deadline: Deadline | None = None,
     ) -> Verdict:
-        # (Inputs that differ at native resolution almost never give identical prepared
-        # images, and where they do, the scores computed are these anyway: not looked for.)
-        maybe_same = detection is None or detection.identical
-        same = maybe_same and _pixel_identical(a, b)
-        metrics = IDENTICAL_SCORES if same else _scores(a.image, b.image)
+        check = deadline.check if deadline is not None else _no_deadline
+        shown_a, shown_b = _aligned(a, b, detection)
+        # Where the detection found nothing that counts and nothing moved, the images the
+        # scores compare are usually the same pixels (one picture, encoded twice): their scores
+        # are those of identical images, set, not computed. Elsewhere they almost never are,
+        # and where they are, the scores computed are these anyway: not looked for.
+        same = _quiet(detection) and _same_pixels(shown_a, shown_b)
+        metrics = IDENTICAL_SCORES if same else _scores(shown_a, shown_b, check)
         return _verdict({**metrics, "pixel_identical": float(same)}, config, detection)
 
     def identical(self, config: ComparisonConfig, detection: Detection) -> Verdict:
@@ -140,8 +149,9 @@ def _import_in_background() -> None:
     threading.Thread(target=_import_libraries, name="metrics-imports", daemon=True).start()
 
 
-def _scores(a: Image.Image, b: Image.Image) -> dict[str, float]:
-    """SSIM, changed fraction, perceptual hash and colour scores on the common working size."""
+def _scores(a: Image.Image, b: Image.Image, check: Callable[[], None]) -> dict[str, float]:
+    """SSIM, changed fraction, perceptual hash and colour scores on the common working size.
+    Each takes milliseconds there: ``check`` (the pair's deadline) is asked between them."""
     _import_libraries()
     import imagehash
     from skimage.color import rgb2lab
@@ -150,19 +160,25 @@ def _scores(a: Image.Image, b: Image.Image) -> dict[str, float]:
     work_a, work_b = _common_size(a, b)
     grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
     rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
+    check()
     ssim, ssim_map = structural_similarity(  # type: ignore[no-untyped-call]
         grey_a, grey_b, data_range=255.0, gaussian_weights=True, sigma=1.5, full=True
     )
+    check()
     delta_e = np.linalg.norm(rgb2lab(rgb_a) - rgb2lab(rgb_b), axis=2)
+    check()
     changed_fraction = float(_changed_mask(ssim_map, delta_e).mean())
+    check()
     hash_distance = int(imagehash.phash(work_a) - imagehash.phash(work_b))
+    color = _histogram_intersection(rgb_a, rgb_b)
+    check()
     return {
         "ssim": round(float(np.clip(ssim, 0.0, 1.0)), 4),
         "changed_fraction": round(changed_fraction, 4),
         "local_similarity": round(max(0.0, 1.0 - LOCAL_WEIGHT * changed_fraction), 4),
         "phash_distance": float(hash_distance),
         "hash_similarity": round(1.0 - hash_distance / 64.0, 4),
-        "color_similarity": round(_histogram_intersection(rgb_a, rgb_b), 4),
+        "color_similarity": round(color, 4),
         "mean_delta_e": round(float(delta_e.mean()), 3),
     }
 
@@ -184,22 +200,118 @@ def _verdict(
     )
     if detection is not None and detection.identical:
         similarity = 1.0
-    is_similar = similarity >= config.similarity_threshold and not regions
+    differs = detection.differs if detection is not None else False
+    is_similar = similarity >= config.similarity_threshold and not differs
     return Verdict(
         similarity=similarity,
         is_similar=is_similar,
-        summary=_summary(similarity, is_similar, regions, detection),
-        differences=_differences(metrics, regions, detection),
+        summary=_summary(similarity, is_similar, detection),
+        differences=_differences(metrics, detection),
         changed_regions=regions,
         metrics=metrics,
     )
 
 
+def _quiet(detection: Detection | None) -> bool:
+    """Nothing at native resolution that counts under the pair's levels, nothing moved, and no
+    alignment: the scores' images are A and B as prepared (or A twice, under a lenient level)."""
+    if detection is None:
+        return True
+    return not detection.differs and not detection.moved_pixels and detection.alignment is None
+
+
+def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    return a is b or (a.size == b.size and a.tobytes() == b.tobytes())
+
+
+def _no_deadline() -> None:
+    """``compare`` without a deadline (a direct call): nothing to check."""
+
+
 def _detection_similarity(detection: Detection) -> float:
-    if not detection.regions:
+    """Below DETECTION_CEILING when the detection makes the pair different (under its match
+    levels), the lower the more of it changed; 1.0 otherwise."""
+    if not detection.differs:
         return 1.0
     fraction = detection.changed_percent / 100.0
     return round(max(0.0, DETECTION_CEILING - DETECTION_WEIGHT * fraction), 4)
+
+
+def _aligned(
+    a: PreparedImage, b: PreparedImage, detection: Detection | None
+) -> tuple[Image.Image, Image.Image]:
+    """The prepared images, B laid out as A when the detection aligned them (bands inserted or
+    removed, a global offset): each of A's rows and columns shows what the alignment put
+    there from B, or A's own pixels where B has nothing (a removed band, an edge strip). So
+    the global scores measure the content, not where it moved; what moved, was added or
+    removed is the detection's to count."""
+    if detection is None:
+        return a.image, b.image
+    if detection.lenient:
+        return a.image, _counted_only(a, b, detection)
+    if detection.alignment is None:
+        return a.image, b.image
+    pixels_a, pixels_b = np.asarray(a.image), np.asarray(b.image)
+    rows = _mapped(detection.alignment, a, b, axis=1)
+    columns = _mapped(detection.alignment, a, b, axis=0)
+    laid = pixels_b[np.clip(rows, 0, None)[:, None], np.clip(columns, 0, None)[None, :]]
+    missing = (rows < 0)[:, None] | (columns < 0)[None, :]
+    laid = np.where(missing[..., None], pixels_a, laid)
+    if pixels_a.shape == pixels_b.shape:
+        # As in the detection: what stayed in place while the rest moved has not changed.
+        gap = np.abs(laid.astype(np.int16) - pixels_a).sum(axis=2)
+        gap_in_place = np.abs(pixels_b.astype(np.int16) - pixels_a).sum(axis=2)
+        laid = np.where((gap_in_place < gap)[..., None], pixels_b, laid)
+    return a.image, Image.fromarray(np.ascontiguousarray(laid), "RGB")
+
+
+def _counted_only(a: PreparedImage, b: PreparedImage, detection: Detection) -> Image.Image:
+    """Under a level that ignores some differences (moves, colours, boxes), B as the global
+    scores should see it: A, except where a region counts (there, B's own pixels, at the
+    region's place in B, pasted at its place in A). What the level ignores, they ignore."""
+    laid = a.image.copy()
+    for region, counted in zip(detection.regions, detection.counted, strict=True):
+        if not counted:
+            continue
+        source = region.b or region
+        target = region.a or region
+        piece = b.image.crop(_scaled(source, b)).resize(_size(_scaled(target, a)))
+        laid.paste(piece, _scaled(target, a)[:2])
+    return laid
+
+
+def _scaled(box: Box, image: PreparedImage) -> tuple[int, int, int, int]:
+    fx = image.size[0] / image.original_size[0]
+    fy = image.size[1] / image.original_size[1]
+    left, top = int(box.x * fx), int(box.y * fy)
+    right = max(left + 1, min(image.size[0], int(np.ceil((box.x + box.width) * fx))))
+    bottom = max(top + 1, min(image.size[1], int(np.ceil((box.y + box.height) * fy))))
+    return (left, top, right, bottom)
+
+
+def _size(box: tuple[int, int, int, int]) -> tuple[int, int]:
+    return (box[2] - box[0], box[3] - box[1])
+
+
+def _mapped(
+    alignment: AlignmentInfo, a: PreparedImage, b: PreparedImage, axis: int
+) -> NDArray[np.int64]:
+    """For each prepared pixel row (``axis`` 1) or column (0) of A, B's prepared row or column
+    that the alignment puts there, -1 where there is none."""
+    native_a, native_b = a.original_size[axis], b.original_size[axis]
+    shown_a, shown_b = a.size[axis], b.size[axis]
+    native = ((np.arange(shown_a) + 0.5) * native_a / shown_a).astype(np.int64)
+    if axis == 0:
+        target = native + alignment.offset[0]
+    else:
+        target = np.full(shown_a, -1, np.int64)
+        for band in alignment.bands:
+            if band.kind == "matched" and band.a is not None:
+                inside = (native >= band.a[0]) & (native < band.a[1])
+                target[inside] = native[inside] + band.shift
+    found = (target >= 0) & (target < native_b)
+    out = np.where(found, (target * shown_b) // native_b, -1)
+    return np.minimum(out, shown_b - 1)
 
 
 def _common_size(a: Image.Image, b: Image.Image) -> tuple[Image.Image, Image.Image]:
@@ -209,10 +321,6 @@ def _common_size(a: Image.Image, b: Image.Image) -> tuple[Image.Image, Image.Ima
     size = (max(MIN_WORK_EDGE, round(width * factor)), max(MIN_WORK_EDGE, round(height * factor)))
     resample = Image.Resampling.LANCZOS
     return a.resize(size, resample), b.resize(size, resample)
-
-
-def _pixel_identical(a: PreparedImage, b: PreparedImage) -> bool:
-    return a.size == b.size and a.image.tobytes() == b.image.tobytes()
 
 
 def _changed_mask(ssim_map: NDArray[np.float64], delta_e: NDArray[np.float64]) -> NDArray[np.bool_]:
@@ -233,26 +341,27 @@ def _histogram_intersection(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float
     return float(np.minimum(hist_a / hist_a.sum(), hist_b / hist_b.sum()).sum())
 
 
-def _summary(
-    similarity: float, similar: bool, regions: list[Region], detection: Detection | None
-) -> str:
+def _summary(similarity: float, similar: bool, detection: Detection | None) -> str:
     verdict = "similar" if similar else "different"
     head = f"The images are {verdict} (similarity {similarity:.2f})"
     if detection is not None and detection.identical:
         return f"{head}; pixel-identical at native resolution."
-    if not regions or detection is None:
+    said = describe.clauses(detection) if detection is not None else []
+    if not said:
         return f"{head}; no localised changes."
-    plural = "s" if len(regions) > 1 else ""
-    what = "in transparency only" if detection.transparency_only else "changed"
-    return (
-        f"{head}; {len(regions)} region{plural} {what}: {detection.changed_pixels} pixels, "
-        f"{detection.changed_percent:.3g}% of the image."
-    )
+    tail = ""
+    if detection is not None and detection.changed_pixels and detection.regions:
+        tail = (
+            f" ({detection.changed_pixels} pixels, {detection.changed_percent:.3g}% of the image)"
+        )
+    return f"{head}: {'; '.join(said)}{tail}."
 
 
-def _differences(
-    metrics: dict[str, float], regions: list[Region], detection: Detection | None
-) -> list[Difference]:
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
+def _differences(metrics: dict[str, float], detection: Detection | None) -> list[Difference]:
     found: list[Difference] = []
     if metrics["hash_similarity"] < 0.75:
         found.append(
@@ -270,18 +379,16 @@ def _differences(
                 description=f"The colour distributions differ (mean ΔE {metrics['mean_delta_e']}).",
             )
         )
-    transparency = detection is not None and detection.transparency_only
-    for index, region in enumerate(regions):
-        pixels = detection.region_pixels[index] if detection else 0
-        found.append(
-            Difference(
-                aspect="transparency" if transparency else "content",
-                element="region",
-                description=(
-                    f"Changed area at x={region.x}, y={region.y}, "
-                    f"{region.width}x{region.height} px ({pixels} changed pixels)."
-                ),
-                region=index,
+    if detection is not None and detection.alignment is not None:
+        moves = describe.alignment_clauses(detection.alignment)
+        if moves:
+            found.append(
+                Difference(
+                    aspect="position",
+                    element="layout",
+                    description=_sentence("; ".join(moves)),
+                )
             )
-        )
+    if detection is not None:
+        found.extend(describe.differences(detection))
     return found

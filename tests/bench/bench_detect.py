@@ -1,11 +1,14 @@
 """Benchmark: native-resolution change detection against odiff, in one run, on the same files.
 
-Cases: a full-page text screenshot of 3446 x 10728 with three words replaced, a 48 MP photo pair
-with a pasted object, a 100 MP pair. For each: odiff's wall time and peak RSS (the yardstick,
-npm ``odiff-bin`` installed into a temporary folder: not a dependency), pairwatch's detection
-stage alone (``handler.detect.detect`` in a fresh process), and the whole ``pairwatch compare``
-process (start-up included); ratios against odiff. Checks that every changed word lies inside
-a reported region.
+Cases: a full-page text screenshot of 3446 x 10728 with three words replaced; the same page
+with a 74 px band inserted at the top as well (every row below moves down: aligned detection);
+a 48 MP photo pair with a pasted object; a 100 MP pair with a pasted object; the same 100 MP
+pair taken again from a camera moved by (5, 3) px, with the object. For each: odiff's wall time
+and peak RSS (the yardstick, npm ``odiff-bin`` installed into a temporary folder: not a
+dependency), pairwatch's detection stage alone (``handler.detect.detect`` in a fresh process:
+its time, peak RSS, regions by kind and the alignment's offset), and the whole ``pairwatch
+compare`` process (start-up included); ratios against odiff. Checks that every changed word
+lies inside a reported region (at its place in B).
 
     .venv/bin/python -m tests.bench.bench_detect [--repeat 1] [--odiff PATH] [--skip-100mp]
 """
@@ -21,10 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.support import scenes, screens
 
@@ -39,8 +43,14 @@ start = time.perf_counter()
 found = detect(a, b, max_pixels=200_000_000)
 seconds = time.perf_counter() - start
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"seconds": seconds, "rss_kb": hwm, "regions": len(found.regions)}))
+kinds = [region.kind for region in found.regions]
+offset = found.alignment.offset if found.alignment else None
+print(json.dumps({"seconds": seconds, "rss_kb": hwm, "kinds": kinds, "offset": offset}))
 """
+#: The band inserted at the top of the aligned screenshot.
+BAND = 74
+#: How far the camera moved between the two shots of the shifted 100 MP pair.
+CAMERA = (5, 3)
 
 
 @dataclass
@@ -91,11 +101,31 @@ def make_screenshot(folder: Path) -> tuple[Path, Path, list[tuple[int, int, int,
     return a, b, [edited.words[index][1] for index in picks]
 
 
-def make_photo_pair(folder: Path, size: tuple[int, int], name: str) -> tuple[Path, Path]:
-    photo = scenes.photo("astronaut").resize(size, Image.Resampling.BICUBIC)
+def make_banded_screenshot(
+    folder: Path, edited: Path, words: list[tuple[int, int, int, int]]
+) -> tuple[Path, list[tuple[int, int, int, int]]]:
+    """The edited page with a band BAND px high inserted at the top, and its words' boxes."""
+    with Image.open(edited) as page:
+        banded = Image.new("RGB", (page.width, page.height + BAND), (253, 241, 199))
+        draw = ImageDraw.Draw(banded)
+        draw.text((40, 24), "We use cookies to remember your basket.", fill=(20, 20, 20))
+        banded.paste(page.convert("RGB"), (0, BAND))
+    path = folder / "page-banded.png"
+    banded.save(path, "PNG")
+    return path, [(x, y + BAND, w, h) for x, y, w, h in words]
+
+
+def make_photo_pair(
+    folder: Path, size: tuple[int, int], name: str, camera: tuple[int, int] = (0, 0)
+) -> tuple[Path, Path]:
+    """A photo at ``size`` and the same scene with an object pasted into it, taken with the
+    camera moved by ``camera`` (the content moves the other way)."""
+    dx, dy = camera
+    scene = scenes.photo("astronaut").resize((size[0] + dx, size[1] + dy), Image.Resampling.BICUBIC)
+    photo = scene.crop((0, 0, *size))
     a, b = folder / f"{name}-a.jpg", folder / f"{name}-b.jpg"
     photo.save(a, "JPEG", quality=90)
-    b.write_bytes(scenes.pasted_object(photo, fraction=0.01))
+    b.write_bytes(scenes.pasted_object(scene.crop((dx, dy, size[0] + dx, size[1] + dy)), 0.01))
     return a, b
 
 
@@ -108,7 +138,12 @@ def median_run(runs: list[Run]) -> Run:
 
 
 def measure(
-    label: str, a: Path, b: Path, odiff: Path, repeat: int, words: list[tuple[int, ...]] | None
+    label: str,
+    a: Path,
+    b: Path,
+    odiff: Path,
+    repeat: int,
+    words: list[tuple[int, int, int, int]] | None,
 ) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "PAIRWATCH_LOG_FORMAT": "json"}
     yard = median_run(
@@ -123,6 +158,7 @@ def measure(
         report = json.loads(run.output)
         stage_runs.append(Run(report["seconds"], report["rss_kb"] / 1024, run.output))
     stage = median_run(stage_runs)
+    found = json.loads(stage.output)
     whole = median_run(
         [
             timed(
@@ -149,6 +185,7 @@ def measure(
     print(
         f"  pairwatch detect stage  {stage.seconds:6.2f} s  {stage.rss_mb:6.0f} MB"
         f"   time x{stage.seconds / yard.seconds:.2f} of odiff"
+        f"   regions {dict(Counter(found['kinds']))} offset {found['offset']}"
     )
     print(
         f"  pairwatch compare       {whole.seconds:6.2f} s  {whole.rss_mb:6.0f} MB"
@@ -161,14 +198,15 @@ def measure(
         f" timings_ms={result['timings_ms']}"
     )
     if words is not None:
-        regions = result["changed_regions"]
+        # Where each region is in B (an older result: x/y/width/height, A's box).
+        boxes = [r.get("b") or r for r in result["changed_regions"]]
         for x, y, width, height in words:
             inside = any(
                 r["x"] <= x
                 and r["y"] <= y
                 and x + width <= r["x"] + r["width"]
                 and y + height <= r["y"] + r["height"]
-                for r in regions
+                for r in boxes
             )
             print(
                 f"  changed word at ({x}, {y}) {width}x{height}: "
@@ -187,12 +225,27 @@ def main() -> None:
         odiff = args.odiff or install_odiff(folder)
         start = time.perf_counter()
         page_a, page_b, words = make_screenshot(folder)
+        banded, banded_words = make_banded_screenshot(folder, page_b, words)
         photo_a, photo_b = make_photo_pair(folder, (8000, 6000), "photo48")
-        cases = [("screenshot 3446x10728, three words replaced", page_a, page_b, words)]
+        cases: list[tuple[str, Path, Path, list[tuple[int, int, int, int]] | None]] = [
+            ("screenshot 3446x10728, three words replaced", page_a, page_b, words)
+        ]
+        cases.append(
+            (
+                f"screenshot, {BAND} px band inserted at the top + three words",
+                page_a,
+                banded,
+                banded_words,
+            )
+        )
         cases.append(("photo 8000x6000 (48 MP), pasted object", photo_a, photo_b, None))
         if not args.skip_100mp:
             big_a, big_b = make_photo_pair(folder, (10000, 10000), "photo100")
             cases.append(("photo 10000x10000 (100 MP), pasted object", big_a, big_b, None))
+            moved_a, moved_b = make_photo_pair(folder, (10000, 10000), "moved100", CAMERA)
+            cases.append(
+                (f"100 MP, camera moved by {CAMERA} px, pasted object", moved_a, moved_b, None)
+            )
         print(f"inputs rendered in {time.perf_counter() - start:.0f} s; {os.cpu_count()} CPUs")
         for label, a, b, case_words in cases:
             measure(label, a, b, odiff, args.repeat, case_words)

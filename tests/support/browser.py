@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,3 +53,15 @@ def start_chromium(profile: Path, *, console_log: bool = False) -> Any:
     driver = webdriver.Chrome(service=Service(paths[1]), options=options)
     driver.set_page_load_timeout(30)
     return driver
+
+
+def require_browser() -> None:
+    """Skip the calling test (fail it with ``PAIRWATCH_REQUIRE_BROWSER=1``, as CI sets) when
+    headless Chromium, chromedriver or selenium is missing."""
+    import pytest
+
+    if browser_paths() is None:
+        message = "headless Chromium + chromedriver + selenium are not installed"
+        if os.environ.get("PAIRWATCH_REQUIRE_BROWSER") == "1":
+            pytest.fail(message + " (PAIRWATCH_REQUIRE_BROWSER=1)")
+        pytest.skip(message)

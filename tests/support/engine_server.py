@@ -116,7 +116,9 @@ class FaultProxy:
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        #: The ``Authorization`` header of every request, GETs included.
         self.authorizations: list[str] = []
+        self.gets = 0
         self.bodies: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -158,6 +160,15 @@ class FaultProxy:
                 finally:
                     with proxy._lock:
                         proxy.in_flight -= 1
+
+            def do_GET(self) -> None:
+                """Forwarded as it is (``GET /models``: readiness checks); recorded too."""
+                with proxy._lock:
+                    proxy.requests += 1
+                    proxy.authorizations.append(self.headers.get("Authorization", ""))
+                    proxy.gets += 1
+                upstream = httpx.get(proxy.upstream + self.path.removeprefix("/v1"), timeout=60)
+                self._answer(upstream.status_code, upstream.content, None)
 
             def _forward(self, body: bytes) -> None:
                 path = self.path.removeprefix("/v1")

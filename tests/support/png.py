@@ -24,3 +24,19 @@ def png_header_only(width: int, height: int) -> bytes:
     """A complete, valid PNG announcing ``width`` x ``height`` whose one data chunk holds only
     a few pixels' worth: a decompression bomb's header, rejected (or not) before decoding."""
     return png_claiming(width, height, zlib.compress(b"\0" * 64), end=True)
+
+
+def flat_png(width: int, height: int, grey: int = 0) -> bytes:
+    """A valid 8-bit RGB PNG of one flat colour: ``width`` x ``height`` pixels (196 MP are
+    ~0.6 MB and ~2 s to make) that decode, compare and shrink at full cost, like a huge
+    screenshot, without a huge file."""
+    deflate = zlib.compressobj(6)
+    row = b"\0" + bytes([grey]) * (width * 3)  # filter type 0, then the pixels
+    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )

@@ -36,6 +36,9 @@ from tests.support.waiting import wait_for as wait_for
 
 ACCESS_KEY = "pairwatch-test"
 SECRET_KEY = "pairwatch-test-secret"
+#: A SeaweedFS identity that may read and list, not write (a bucket without write permission).
+READER_KEY = "pairwatch-reader"
+READER_SECRET = "pairwatch-reader-secret"
 REGION = "us-east-1"
 ROOT = Path(__file__).resolve().parents[2]
 WEED = ROOT / ".venv" / "bin" / "weed"
@@ -116,7 +119,8 @@ def moto_server() -> Iterator[str]:
 
 @contextmanager
 def seaweedfs_server(data_dir: Path) -> Iterator[str]:
-    """``weed mini`` with one identity (``ACCESS_KEY``) on free ports; killed afterwards."""
+    """``weed mini`` on free ports with two identities: ``ACCESS_KEY`` may do anything,
+    ``READER_KEY`` only read and list; killed afterwards."""
     data_dir.mkdir(parents=True, exist_ok=True)
     identities = data_dir / "s3.json"
     identities.write_text(
@@ -127,7 +131,12 @@ def seaweedfs_server(data_dir: Path) -> Iterator[str]:
                         "name": "pairwatch",
                         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
+                    },
+                    {
+                        "name": "reader",
+                        "credentials": [{"accessKey": READER_KEY, "secretKey": READER_SECRET}],
+                        "actions": ["Read", "List"],
+                    },
                 ]
             }
         )

@@ -114,3 +114,13 @@ def _origin(
     """The text origin that put ``word``'s ink at ``ink``."""
     left, top, _, _ = draw.textbbox((0, 0), word, font=face)
     return (ink[0] - int(left), ink[1] - int(top))
+
+
+def smoothed_label(text: str, resample: Image.Resampling) -> Image.Image:
+    """``text`` drawn at 4x without anti-aliasing on a 480 x 320 card's background, smoothed
+    down by ``resample``: the same label with other smoothing for each filter."""
+    big = Image.new("RGB", (1920, 1280), (245, 246, 250))
+    draw = ImageDraw.Draw(big)
+    draw.fontmode = "1"
+    draw.text((160, 480), text, fill=(30, 30, 30), font=font(64))
+    return big.resize((480, 320), resample)

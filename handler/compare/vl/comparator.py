@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from handler import describe
 from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.compare.vl.backends import create_backend
@@ -35,6 +36,7 @@ from handler.compare.vl.prompt import (
 from handler.compare.vl.protocol import Backend, Fault, LabelledImage, Reply, Request
 from handler.compare.vl.worker import fit_pixels
 from handler.config import ComparisonConfig, Settings
+from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop
 from handler.errors import ComparisonTimeout, ModelOutputInvalid, OutOfMemory, PairError
 from handler.images import PreparedImage
@@ -64,16 +66,22 @@ def pixel_budget(max_image_size: tuple[int, int]) -> int:
 
 @dataclass(frozen=True)
 class PicturePlan:
-    """What one pair sends: the overviews' pixel cap and the crop pairs (A, B) that fit."""
+    """What one pair sends: the overviews' pixel cap and the crops (A's, B's: one of them None
+    for a region only one image has) that fit."""
 
     #: Cap on every picture (the request's ``max_pixels``): ``pixel_budget`` unless the crops'
     #: minimum share needs room from the overviews.
     max_pixels: int
-    crops: tuple[tuple[RegionCrop, Image.Image, Image.Image], ...] = ()
+    crops: tuple[tuple[RegionCrop, Image.Image | None, Image.Image | None], ...] = ()
 
     @property
     def crop_pixels(self) -> int:
-        return sum(a.width * a.height + b.width * b.height for _, a, b in self.crops)
+        return sum(
+            image.width * image.height
+            for _, a, b in self.crops
+            for image in (a, b)
+            if image is not None
+        )
 
 
 def plan_pictures(
@@ -86,25 +94,30 @@ def plan_pictures(
 
     The pair's budget is 2 x ``pixel_budget(max_image_size)`` (what two overviews may use).
     The crops share what the two prepared overviews leave of it, but at least MIN_CROP_SHARE
-    of it, evenly: every crop (A's and B's of each region, largest regions first) gets at most
-    ``share / (2 x crop pairs)`` pixels and is downscaled to fit (never upscaled; crops are
-    already at most ``CROP_SIDE`` square). When that is below MIN_CROP_PIXELS the smallest
-    region's crop pair is dropped and the rest share again. Only when overviews and crops
-    together would exceed the budget are the overviews held to what the crops leave
-    (``max_pixels``, at least 3/8 of the budget each). So the pixels reaching the model are
-    at most the budget — up to the model processor's rounding to its patch grid — whatever
-    the inputs' size, and GPU memory per pair stays bounded as before.
+    of it, evenly: every crop picture (A's and B's of each region, largest regions first; one
+    of them for a region that only one image has) gets at most ``share / pictures`` pixels and
+    is downscaled to fit (never upscaled; crops are already at most ``CROP_SIDE`` square).
+    When that is below MIN_CROP_PIXELS the smallest region's crops are dropped and the rest
+    share again. Only when overviews and crops together would exceed the budget are the
+    overviews held to what the crops leave (``max_pixels``, at least 3/8 of the budget each).
+    So the pixels reaching the model are at most the budget — up to the model processor's
+    rounding to its patch grid — whatever the inputs' size, and GPU memory per pair stays
+    bounded as before.
     """
     per_image = pixel_budget(max_image_size)
     budget = 2 * per_image
     overviews = size_a[0] * size_a[1] + size_b[0] * size_b[1]
     share = max(budget - overviews, int(budget * MIN_CROP_SHARE))
-    shown = list(crops)
-    while shown and share // (2 * len(shown)) < MIN_CROP_PIXELS:
+    shown = [crop for crop in crops if crop.a is not None or crop.b is not None]
+
+    def pictures() -> int:
+        return sum((crop.a is not None) + (crop.b is not None) for crop in shown)
+
+    while shown and share // pictures() < MIN_CROP_PIXELS:
         shown.pop()
     if not shown:
         return PicturePlan(max_pixels=per_image)
-    each = share // (2 * len(shown))
+    each = share // pictures()
     fitted = tuple((crop, _fit_crop(crop.a, each), _fit_crop(crop.b, each)) for crop in shown)
     plan = PicturePlan(max_pixels=per_image, crops=fitted)
     if overviews + plan.crop_pixels > budget:
@@ -112,7 +125,9 @@ def plan_pictures(
     return plan
 
 
-def _fit_crop(image: Image.Image, max_pixels: int) -> Image.Image:
+def _fit_crop(image: Image.Image | None, max_pixels: int) -> Image.Image | None:
+    if image is None:
+        return None
     return fit_pixels(image, max_pixels, resample=Image.Resampling.LANCZOS)
 
 
@@ -172,18 +187,25 @@ class VLComparator:
         *,
         detection: Detection | None = None,
         crops: Sequence[RegionCrop] = (),
+        deadline: Deadline | None = None,
     ) -> Verdict:
-        metrics = self._metrics.compare(a, b, config, detection=detection)
+        """The metrics, then the model's answer by the pair's ``deadline`` (from the moment the
+        pair was taken, not from when the model gets to it; ``processing_timeout`` from now
+        without one)."""
+        deadline = deadline or Deadline(config.processing_timeout)
+        metrics = self._metrics.compare(a, b, config, detection=detection, deadline=deadline)
         skip_reason = _skip_reason(a, b, metrics.metrics, detection)
         if skip_reason is not None:
             return _skipped(metrics, skip_reason, config)
-        request = self._request(a, b, config, metrics.changed_regions, crops)
+        request = self._request(a, b, config, detection, metrics.changed_regions, crops, deadline)
         try:
             reply = self._backend.generate(request)
         except PairError as exc:
             exc.details.setdefault("metrics", metrics.metrics)
             raise
-        return self._outcome(reply, metrics, config, pictures=len(request.images))
+        return self._outcome(
+            reply, metrics, config, pictures=len(request.images), seconds=deadline.seconds
+        )
 
     def identical(self, config: ComparisonConfig, detection: Detection) -> Verdict:
         """Byte-identical inputs: the metrics' verdict, the model not run (pixel-identical)."""
@@ -194,29 +216,41 @@ class VLComparator:
         a: PreparedImage,
         b: PreparedImage,
         config: ComparisonConfig,
+        detection: Detection | None,
         regions: list[Region],
         crops: Sequence[RegionCrop],
+        deadline: Deadline,
     ) -> Request:
-        """The overviews as prepared, then each crop pair that fits (``plan_pictures``),
-        encoded once here as JPEG at ``image_quality``; the prompt says what each crop shows."""
+        """The overviews as prepared, then the crops that fit (``plan_pictures``: each region's
+        view in A and in B, or in the one image that has it), encoded once here as JPEG at
+        ``image_quality``; the prompt says what each crop shows and how B lines up with A."""
         known = [crop for crop in crops if 0 <= crop.region < len(regions)]
         plan = plan_pictures(a.size, b.size, known, config.max_image_size)
         images = [LabelledImage("Image A:", a.jpeg), LabelledImage("Image B:", b.jpeg)]
         views = []
         for crop, crop_a, crop_b in plan.crops:
             number = crop.region
-            images.append(
-                LabelledImage(f"Region {number} in image A:", _jpeg(crop_a, config.image_quality))
+            for which, picture in (("A", crop_a), ("B", crop_b)):
+                if picture is not None:
+                    label = f"Region {number} in image {which}:"
+                    images.append(LabelledImage(label, _jpeg(picture, config.image_quality)))
+            views.append(
+                CropView(
+                    region=number,
+                    found=regions[number],
+                    shown_a=crop.box_a if crop_a is not None else None,
+                    shown_b=crop.box_b if crop_b is not None else None,
+                )
             )
-            images.append(
-                LabelledImage(f"Region {number} in image B:", _jpeg(crop_b, config.image_quality))
-            )
-            views.append(CropView(region=number, box=regions[number], shown=crop.box_a))
+        moves = []
+        if detection is not None and detection.alignment is not None:
+            moves = describe.alignment_clauses(detection.alignment)
         return Request(
             images=tuple(images),
-            prompt=build_prompt(config, views),
+            prompt=build_prompt(config, views, moves),
             max_pixels=plan.max_pixels,
-            timeout_s=config.processing_timeout,
+            timeout_s=deadline.seconds,
+            expires_at=deadline.expires_at_monotonic(),
             schema=self._schema,
             fault=self.fault,
         )
@@ -228,7 +262,13 @@ class VLComparator:
     # -- answers -----------------------------------------------------------------------------
 
     def _outcome(
-        self, reply: Reply, metrics: Verdict, config: ComparisonConfig, *, pictures: int
+        self,
+        reply: Reply,
+        metrics: Verdict,
+        config: ComparisonConfig,
+        *,
+        pictures: int,
+        seconds: float,
     ) -> Verdict:
         details = reply.details()
         self._log.info(
@@ -254,7 +294,8 @@ class VLComparator:
             )
         if reply.out_of_time:
             raise ComparisonTimeout(
-                f"the model did not finish its answer within {config.processing_timeout:g} s",
+                f"the model did not finish its answer within {seconds:g} s (the pair's "
+                "processing_timeout, counted from when it was taken)",
                 details=context,
             )
         try:
@@ -310,8 +351,7 @@ def _skip_reason(
     if metrics.get("pixel_identical") == 1.0:
         return PIXEL_IDENTICAL
     if detection is not None:
-        changed = bool(detection.regions) or detection.transparency_only
-        return None if changed else NO_CHANGE
+        return None if detection.differs else NO_CHANGE
     if a.size != b.size:
         return None
     delta = np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16))

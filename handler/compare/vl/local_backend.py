@@ -3,8 +3,9 @@
 ``generate`` may be called from many threads at once. Calls are queued; one dispatcher thread
 takes up to ``vl_batch_size`` of them (waiting at most ``BATCH_FILL_S`` for a batch to fill),
 sends them to the worker as one batch and hands each pair its own reply as soon as the worker
-sends it. Every pair keeps its own deadline: the worker stops a pair's row at its
-``timeout_s`` (between tokens); a pair still without a reply ``KILL_GRACE_S`` later gets
+sends it. Every pair keeps its own deadline (``Request.expires_at``, started when the pair was
+taken, not when its batch was): the worker stops a pair's row at it (between tokens); a pair
+still without a reply ``KILL_GRACE_S`` later gets
 ``timeout`` while its batch mates go on; once every pair of the batch is past its deadline plus
 the grace (a stuck prefill or kernel), the worker is SIGKILLed and replaced, and only that
 batch's pairs time out — queued pairs go to the successor.
@@ -19,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -60,13 +61,13 @@ class _Pending:
     future: Future[Reply] = field(default_factory=Future)
 
     def resolve(self, reply: Reply | None = None, error: PairError | None = None) -> None:
-        """First outcome wins: a reply arriving after the pair was given up on is dropped."""
-        if self.future.done():
-            return
-        if error is not None:
-            self.future.set_exception(error)
-        else:
-            self.future.set_result(reply)  # type: ignore[arg-type]
+        """First outcome wins: a reply arriving after the pair was given up on is dropped (the
+        dispatcher and a caller that stopped waiting may resolve it at the same moment)."""
+        with contextlib.suppress(InvalidStateError):
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(reply)  # type: ignore[arg-type]
 
 
 class LocalBackend:
@@ -120,13 +121,31 @@ class LocalBackend:
             raise ModelUnavailable(self._unavailable.message)
 
     def generate(self, request: Request) -> Reply:
+        # A pair does not wait past its deadline for a model still loading (a replacement).
+        self._loaded.wait(max(0.0, request.expires_at - time.monotonic()))
+        if not self._loaded.is_set():
+            raise ComparisonTimeout(
+                f"the model was still loading at the pair's deadline ({request.timeout_s:g} s "
+                "from when it was taken)"
+            )
         self.wait_ready()
         pending = _Pending(request)
         with self._lock:
             if self._closed:
                 raise ModelUnavailable("the VL comparator is closed")
             self._queue.put(pending)
-        return pending.future.result()
+        # The dispatcher answers by the deadline plus the grace once the batch is taken; the
+        # caller never waits much longer, even behind a replacement worker that is loading.
+        wait = max(0.0, request.expires_at - time.monotonic()) + 2 * KILL_GRACE_S
+        try:
+            return pending.future.result(timeout=wait)
+        except TimeoutError:
+            timeout = ComparisonTimeout(
+                f"no answer from the model by the pair's deadline ({request.timeout_s:g} s "
+                f"from when it was taken, +{2 * KILL_GRACE_S:g} s grace)"
+            )
+            pending.resolve(error=timeout)  # a late reply is dropped
+            return pending.future.result()
 
     def close(self) -> None:
         """Stop taking pairs, stop the worker (politely, then by force), fail what is queued."""
@@ -195,6 +214,9 @@ class LocalBackend:
             for pending in batch:
                 pending.resolve(error=ModelUnavailable(self._unavailable.message))
             return
+        batch = self._drop_late(batch)
+        if not batch:
+            return
         try:
             worker = self._ready_worker()
             try:
@@ -214,10 +236,27 @@ class LocalBackend:
             return
         self._collect(worker, batch)
 
+    @staticmethod
+    def _drop_late(batch: list[_Pending]) -> list[_Pending]:
+        """The pairs of ``batch`` still within their deadline; the others time out now, never
+        reaching the model (they waited too long for a worker: a replacement loading)."""
+        now = time.monotonic()
+        for pending in batch:
+            if pending.request.expires_at <= now:
+                pending.resolve(
+                    error=ComparisonTimeout(
+                        f"the pair's deadline ({pending.request.timeout_s:g} s from when it was "
+                        "taken) passed before the model could take it",
+                        details={"vl": _failed_details(pending, len(batch))},
+                    )
+                )
+        return [pending for pending in batch if not pending.future.done()]
+
     def _collect(self, worker: _Worker, batch: list[_Pending]) -> None:
-        """Hand out the batch's rows as they come; give up on pairs past their deadline."""
+        """Hand out the batch's rows as they come; give up on pairs past their deadline (each
+        pair gets the grace after its batch was taken at least, to say it ran out of time)."""
         taken = time.monotonic()
-        give_up = [taken + p.request.timeout_s + KILL_GRACE_S for p in batch]
+        give_up = [max(p.request.expires_at, taken) + KILL_GRACE_S for p in batch]
         open_rows = set(range(len(batch)))
         failed = False
         while open_rows:
@@ -273,8 +312,9 @@ class LocalBackend:
     @staticmethod
     def _timed_out(pending: _Pending, batch_size: int, waited: float) -> PairError:
         return ComparisonTimeout(
-            f"the model did not answer within {pending.request.timeout_s:g} s "
-            f"(+{KILL_GRACE_S:g} s grace); given up after {waited:.1f} s",
+            f"the model did not answer by the pair's deadline ({pending.request.timeout_s:g} s "
+            f"from when it was taken, +{KILL_GRACE_S:g} s grace); given up {waited:.1f} s after "
+            "its batch went to the model",
             details={"vl": _failed_details(pending, batch_size)},
         )
 

@@ -159,7 +159,8 @@ class OpenAIBackend:
             request.prompt,
             schema=request.schema,
             max_tokens=self._max_tokens,
-            timeout_s=request.timeout_s,
+            # The pair's deadline started when it was taken: what is left of it.
+            timeout_s=request.expires_at - time.monotonic(),
         )
         return Reply(
             kind="ok",

@@ -14,7 +14,7 @@ import json_repair
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from handler.config import ComparisonConfig
-from handler.result import Difference, Region
+from handler.result import Box, Difference, Region
 
 #: The answer shape the prompt shows the model, verbatim.
 _ANSWER_SHAPE = (
@@ -80,21 +80,37 @@ def answer_schema() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CropView:
-    """What one crop pair shows: changed region ``region`` (its index in ``changed_regions``)
-    with box ``box``, seen through the cut ``shown``; both in image A's native pixels."""
+    """What one region's close-ups show: region ``region`` (its index in ``changed_regions``),
+    found as ``found`` (its kind, its boxes in A and in B), seen through the cuts ``shown_a``
+    and ``shown_b`` (each image's native pixels; None where that image has no close-up)."""
 
     region: int
-    box: Region
-    shown: Region
+    found: Region
+    shown_a: Box | None
+    shown_b: Box | None
+
+    @property
+    def pictures(self) -> int:
+        return (self.shown_a is not None) + (self.shown_b is not None)
 
 
-def build_prompt(config: ComparisonConfig, crops: Sequence[CropView] = ()) -> str:
-    """The instruction that follows the pictures: image A, image B, then for each of ``crops``
-    a close-up of A and one of B (pictures 3 and 4 for the first, and so on)."""
+def build_prompt(
+    config: ComparisonConfig, crops: Sequence[CropView] = (), moves: Sequence[str] = ()
+) -> str:
+    """The instruction that follows the pictures: image A, image B, then each of ``crops``'
+    close-ups (of A, then of B, where the region is in that image). ``moves``: how B's content
+    lies against A's, in words ("a band 74 px high was added at the top of B")."""
     focus = ", ".join(config.focus_elements) or "anything visible"
     aspects = ", ".join(config.comparison_aspects) or "any"
+    moved = (
+        f"Compared with A, B's content is moved: {'; '.join(moves)}. Judge the content, not the "
+        "move.\n"
+        if moves
+        else ""
+    )
     return (
         "The first picture is image A, the second is image B. Compare them carefully.\n"
+        f"{moved}"
         f"{_crop_lines(crops)}"
         f"Pay attention to: {focus}.\n"
         f"Report differences in these aspects: {aspects}.\n"
@@ -109,23 +125,49 @@ def _crop_lines(crops: Sequence[CropView]) -> str:
     if not crops:
         return ""
     lines = [
-        "A pixel comparison found regions where A and B differ. The next pictures are "
-        "close-ups of them at full resolution, each shown in image A and then in image B "
-        "(boxes in image A's pixels):"
+        "A pixel comparison found regions where A and B differ: changed (in both images, "
+        "different), added (only in B), removed (only in A) or moved (the same content at "
+        "another place in B). The next pictures are close-ups of them at full resolution, in "
+        "image A and then in image B where the region is in that image (boxes in each "
+        "image's own pixels):"
     ]
-    for number, crop in enumerate(crops):
-        first = 3 + 2 * number
-        box, shown = crop.box, crop.shown
-        lines.append(
-            f"- pictures {first} and {first + 1}: region {crop.region}, changed box "
-            f"x={box.x} y={box.y} {box.width}x{box.height}, close-up of "
-            f"x={shown.x} y={shown.y} {shown.width}x{shown.height}"
-        )
+    number = 3
+    for crop in crops:
+        first, number = number, number + crop.pictures
+        pictures = f"picture {first}" if crop.pictures == 1 else f"pictures {first} and {first + 1}"
+        lines.append(f"- {pictures}: region {crop.region}, {_what(crop)}")
     lines.append(
         'Set "region" of a difference to the number of the region it lies in, or to null if it '
         "lies in none of them."
     )
     return "\n".join(lines) + "\n"
+
+
+def _what(crop: CropView) -> str:
+    found = crop.found
+    where = (
+        "; ".join(
+            f"in {which} {_box(box)}" for which, box in (("A", found.a), ("B", found.b)) if box
+        )
+        or f"box {_box(found)}"
+    )
+    kind: str = found.kind
+    if kind == "moved" and found.shift is not None:
+        kind = f"moved by ({found.shift[0]}, {found.shift[1]}) px"
+    elif kind == "added":
+        kind = "added (only in B)"
+    elif kind == "removed":
+        kind = "removed (only in A)"
+    close = " and ".join(
+        f"of {which} {_box(box)}"
+        for which, box in (("A", crop.shown_a), ("B", crop.shown_b))
+        if box
+    )
+    return f"{kind}, {where}; close-up {close}"
+
+
+def _box(box: Box) -> str:
+    return f"x={box.x} y={box.y} {box.width}x{box.height}"
 
 
 class ModelAnswer(BaseModel):

@@ -42,7 +42,7 @@ class Backend(Protocol):
         ...
 
     def generate(self, request: Request) -> Reply:
-        """One pair's model call; blocks at most about ``request.timeout_s`` (plus a grace)."""
+        """One pair's model call; blocks until about ``request.expires_at`` (plus a grace)."""
         ...
 
     def close(self) -> None:
@@ -69,12 +69,18 @@ class Request:
     ``schema`` is the answer's JSON Schema (``prompt.answer_schema()``): the local worker
     constrains decoding to it with xgrammar, an OpenAI-compatible backend sends it as
     ``response_format``. ``fault`` is the local worker's test-only hook; others ignore it.
+
+    ``expires_at`` is the pair's deadline as a ``time.monotonic()`` instant (the clock every
+    process of the machine shares): it started when the pair was taken, so time spent fetching,
+    detecting and waiting for a batch counts. ``timeout_s`` is the pair's whole limit, for
+    messages.
     """
 
     images: tuple[LabelledImage, ...]
     prompt: str
     max_pixels: int
     timeout_s: float
+    expires_at: float
     schema: dict[str, Any] | None = None
     fault: Fault | None = None
 

@@ -164,15 +164,15 @@ class Engine:
         self.grammars = _grammars(tokenizer, self.model, self.eos_ids)
 
     def serve(self, batch: list[Request], send: Send) -> None:
-        """One batch: each pair's deadline starts now; ``send`` gets every pair's reply once,
-        as soon as that pair is finished."""
-        now = time.monotonic()
+        """One batch: each pair keeps its own deadline (``Request.expires_at``, from when the
+        pair was taken); ``send`` gets every pair's reply once, as soon as that pair is
+        finished."""
         pairs = [
             _Pair(
                 i,
                 r,
                 [(image.label, _decode(image.jpeg)) for image in r.images],
-                now + r.timeout_s,
+                r.expires_at,
                 r.max_pixels,
             )
             for i, r in enumerate(batch)
