@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 from PIL import Image
 
 from handler.aws_clients import s3_client
@@ -25,7 +26,7 @@ from handler.config import ComparisonConfig, Settings
 from handler.deadline import Deadline, current, current_or_new
 from handler.detect import Detection, RegionCrop
 from handler.disposition import Disposition, done
-from handler.errors import ComparisonTimeout
+from handler.errors import ComparisonTimeout, PairError
 from handler.events import ObjectEvent
 from handler.images import PreparedImage, prepare
 from handler.pipeline import ImageInput, compare_pair
@@ -69,6 +70,61 @@ def test_a_pair_may_ask_for_less_time_never_for_more(clock: Clock) -> None:
     clock.now += 8.5
     grace = deadline.extended(5.0)
     assert grace.remaining() == pytest.approx(5.0) and deadline.remaining() == pytest.approx(0.5)
+
+
+class _Gone(PairError):
+    """What a pair nobody waits for any more stops with (serve's: its client went away)."""
+
+    type = "client_disconnected"
+
+
+def test_an_abandoned_pair_stops_at_its_next_check_whichever_deadline_it_holds(
+    clock: Clock,
+) -> None:
+    deadline = Deadline(10.0, clock=clock)
+    shorter, grace = deadline.capped(5.0), deadline.extended(20.0)
+    deadline.check()
+    deadline.abandon(_Gone("the client disconnected"))
+    deadline.abandon(_Gone("a second word changes nothing"))
+    for held in (deadline, shorter, grace):
+        with pytest.raises(_Gone, match="the client disconnected"):
+            held.check()
+        with pytest.raises(_Gone):
+            held.enter("compare")
+    assert deadline.remaining() == 10.0  # time is not what stopped it
+    assert not deadline.renewed()._abandoned  # the next pair of a unit of work is another
+
+
+def test_a_pair_abandoned_while_it_detects_stops_at_the_next_strip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Abandoned from another thread once detection has started: the next strip's check
+    stops it there, before its images are prepared or compared."""
+    import handler.pipeline as pipeline
+
+    photo = scenes.photo("astronaut").resize((2000, 2000))
+    a, b = scenes.encode(photo), scenes.pasted_object(photo)
+    deadline = Deadline(60)
+    real_detect = pipeline.detect
+
+    def detect_abandoned(*args: object, **kwargs: object) -> Detection:
+        threading.Thread(target=deadline.abandon, args=(_Gone("the client left"),)).start()
+        time.sleep(0.05)
+        return real_detect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "detect", detect_abandoned)
+    with structlog.testing.capture_logs() as logs:
+        outcome = compare_pair(
+            "gone", _input("a.jpg", a), _input("b.jpg", b), ComparisonConfig(),
+            MetricsComparator(), max_input_pixels=MAX_PIXELS, deadline=deadline,
+        )  # fmt: skip
+    result = outcome.result
+    assert result.status == "error" and result.error is not None
+    assert (result.error.type, result.error.stage) == ("client_disconnected", None)
+    assert not [e for e in logs if e["event"] in ("image_prepared", "changes_detected")]
+    (failed,) = [e for e in logs if e["event"] == "pair_failed"]
+    assert failed["error_type"] == "client_disconnected"
+    assert process_budget(DEFAULT_DECODE_BUDGET_MP).in_use == 0
 
 
 def test_the_current_deadline_is_the_applied_one(clock: Clock) -> None:

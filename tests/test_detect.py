@@ -551,3 +551,39 @@ def test_crops_come_from_each_regions_own_place_in_each_image() -> None:
     assert np.array_equal(np.asarray(changed.a), np.asarray(card.crop((x, y, x + w, y + h))))
     x, y = changed.box_b.x, changed.box_b.y
     assert np.array_equal(np.asarray(changed.b), np.asarray(banner.crop((x, y, x + w, y + h))))
+
+
+def test_an_aligned_pair_of_small_inputs_is_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The band above: pass 2, along the alignment, reads the pixels pass 1 kept (as it made
+    the prepared images' copies) instead of decoding both inputs again, and the crops are cut
+    from them; findings and crops are those of passes that decode again."""
+    import handler.detect as detect_module
+
+    tall = (480, 1000)
+    card = screens.label_card("Delivery address: 221B Baker Street", (0, 600), size=tall)
+    edited = screens.label_card("Delivery address: 10 Downing Street", (0, 600), size=tall)
+    banner = Image.new("RGB", (card.width, card.height + 60), (253, 241, 199))
+    banner.paste(edited, (0, 60))
+    a, b = screens.png(card), screens.png(banner)
+    decoded: list[bytes] = []
+    real = detect_module._normalised
+
+    def counted(data: bytes, *args: Any) -> Any:
+        decoded.append(data)
+        return real(data, *args)
+
+    monkeypatch.setattr(detect_module, "_normalised", counted)
+    again = detect(a, b, max_pixels=BUDGET)
+    assert again.alignment is not None and decoded == [a, b, a, b]  # two passes
+    decoded.clear()
+    kept = detect(a, b, max_pixels=BUDGET, shrunk_sizes=((240, 500), (240, 530)), keep_pixels=True)
+    assert decoded == [a, b]  # once each
+    assert kept == again and kept.shrunk[0] is not None and kept.shrunk[1] is not None
+    crops = cut_crops(a, b, kept, max_pixels=BUDGET)
+    assert decoded == [a, b]  # cut from the kept pixels
+    for ours, theirs in zip(crops, cut_crops(a, b, again, max_pixels=BUDGET), strict=True):
+        assert (ours.box_a, ours.box_b) == (theirs.box_a, theirs.box_b)
+        for mine, other in ((ours.a, theirs.a), (ours.b, theirs.b)):
+            assert (mine is None) == (other is None)
+            if mine is not None and other is not None:
+                assert np.array_equal(np.asarray(mine), np.asarray(other))

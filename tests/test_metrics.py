@@ -6,17 +6,18 @@ Each pair goes through the real native-resolution detection first, as in the pip
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
-from handler.config import ComparisonConfig
+from handler.config import ComparisonConfig, MatchLevel, MatchRegion
 from handler.detect import detect
 from handler.images import PreparedImage, prepare
 from handler.result import Region
-from tests.support import scenes
+from tests.support import scenes, screens
 
 CONFIG = ComparisonConfig()
 COMPARATOR = MetricsComparator()
@@ -27,7 +28,14 @@ def _prepared(data: bytes) -> PreparedImage:
 
 
 def _compare(a: bytes, b: bytes, config: ComparisonConfig = CONFIG) -> Verdict:
-    detection = detect(a, b, max_pixels=50_000_000)
+    detection = detect(
+        a,
+        b,
+        max_pixels=50_000_000,
+        ignore=config.ignore_regions,
+        match_level=config.match_level,
+        regions=config.regions,
+    )
     return COMPARATOR.compare(_prepared(a), _prepared(b), config, detection=detection)
 
 
@@ -130,3 +138,63 @@ def test_banners_and_lines_are_compared(size: tuple[int, int]) -> None:
     assert COMPARATOR.compare(a, a, CONFIG).is_similar
     flipped = _prepared(scenes.mirrored(img))
     assert 0.0 <= COMPARATOR.compare(a, flipped, CONFIG).similarity <= 1.0
+
+
+def _pages() -> dict[str, tuple[bytes, bytes]]:
+    """Pairs the cheap path meets: the same pixels in other bytes; a label moved by a few
+    pixels; a changing timestamp (to be left out by a box); an object pasted on a photo."""
+    card = screens.label_card("Delivery address: 221B Baker Street")
+    moved = screens.label_card("Delivery address: 221B Baker Street", offset=(3, 2))
+    stamped = [screens.label_card("Order 5521 shipped") for _ in range(2)]
+    for image, stamp in zip(stamped, ("2026-12-01 09:14:03", "2026-12-02 17:55:41"), strict=True):
+        ImageDraw.Draw(image).text((300, 16), stamp, fill="white", font=screens.font(16))
+    photo = scenes.photo("coffee")
+    return {
+        "re-encoded": (screens.png(card), screens.png(card, compress_level=1)),
+        "moved": (screens.png(card), screens.png(moved)),
+        "timestamp": (screens.png(stamped[0]), screens.png(stamped[1])),
+        "pasted": (scenes.encode(photo), scenes.pasted_object(photo)),
+    }
+
+
+LEVELS: tuple[MatchLevel, ...] = ("strict", "ignore_moves", "exact", "ignore_colors")
+#: Leaves the timestamp out (and, as a level box, makes every level lenient).
+STAMP_BOX = MatchRegion(x=290, y=8, width=180, height=32, match_level="ignore")
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_the_cheap_path_gives_the_scores_the_aligned_comparison_gives(
+    level: MatchLevel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the detection found nothing that counts and nothing moved, the scores of
+    identical images are set instead of computed: under every level, with and without a box
+    left out, the verdict is the one computing every score on A and B laid out as A gives,
+    and the scores are computed wherever anything moved or counts."""
+    from handler.compare import metrics
+
+    computed: list[int] = []
+    real_scores = metrics._scores
+
+    def scores(*args: Any) -> dict[str, float]:
+        computed.append(1)
+        return real_scores(*args)
+
+    monkeypatch.setattr(metrics, "_scores", scores)
+    cheap_pairs = set()
+    for name, (a, b) in _pages().items():
+        for boxes in ([], [STAMP_BOX]):
+            config = ComparisonConfig(match_level=level, regions=boxes)
+            computed.clear()
+            verdict = _compare(a, b, config)
+            if not computed:
+                cheap_pairs.add((name, bool(boxes)))
+            with monkeypatch.context() as always:
+                always.setattr(metrics, "_quiet", lambda detection: False)
+                reference = _compare(a, b, config)
+            assert verdict == reference, (name, boxes)
+            detection = detect(a, b, max_pixels=50_000_000, match_level=level, regions=boxes)
+            if detection.moved_pixels or detection.differs or detection.alignment:
+                assert computed, (name, boxes)
+    # Cheap: the same pixels, and the timestamp once its box is left out.
+    assert {("re-encoded", False), ("re-encoded", True), ("timestamp", True)} <= cheap_pairs
+    assert ("moved", False) not in cheap_pairs and ("pasted", False) not in cheap_pairs

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
-from handler.config import ComparisonConfig, IgnoreRegion
+from handler.config import ComparisonConfig, IgnoreRegion, MatchLevel, MatchRegion
 from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop
 from handler.errors import ComparisonTimeout, InputNotFound
@@ -306,9 +306,40 @@ def test_byte_identical_inputs_are_not_decoded_and_keep_every_field(
         assert legend.width == 768 and legend.height < 80
 
 
+@pytest.mark.parametrize("level", ["strict", "ignore_moves", "exact", "ignore_colors"])
+def test_byte_identical_inputs_answer_as_the_same_pixels_do_under_every_match_level(
+    monkeypatch: pytest.MonkeyPatch, level: MatchLevel
+) -> None:
+    """Not decoded, under any level (and with a box at another level): no region, nothing
+    moved, no alignment, and the verdict, scores and words the decoded path gives the same
+    pixels in other bytes."""
+    image = _screen("total 42")
+    data, other_bytes = scenes.as_png(image), screens.png(image, compress_level=1)
+    config = ComparisonConfig(
+        match_level=level,
+        regions=[MatchRegion(x=0, y=0, width=400, height=200, match_level="ignore_moves")],
+    )
+    decoded = compare_pair(
+        "p11", _input("a.png", data, []), _input("b.png", other_bytes, []), config,
+        MetricsComparator(), max_input_pixels=10**8,
+    ).result  # fmt: skip
+    _no_decoding(monkeypatch)
+    result = compare_pair(
+        "p11", _input("a.png", data, []), _input("b.png", data, []), config,
+        MetricsComparator(), max_input_pixels=10**8,
+    ).result  # fmt: skip
+    assert result.status == decoded.status == "ok"
+    assert result.alignment is None and result.changed_regions == []
+    assert result.metrics["moved_pixels"] == result.metrics["changed_pixels"] == 0.0
+    assert result.metrics["pixel_identical"] == 1.0 and result.is_similar is True
+    for field in ("similarity", "is_similar", "summary", "differences", "changed_regions"):
+        assert getattr(result, field) == getattr(decoded, field), field
+    assert result.metrics == decoded.metrics and result.alignment == decoded.alignment
+
+
 def test_byte_identical_inputs_still_meet_the_input_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     """No decoding, but the same refusals: over the pixel budget, a broken PNG (its chunks are
-    verified), an ignore box outside the image, not an image at all."""
+    verified), an ignore box or a level box outside the image, not an image at all."""
     data = scenes.as_png(_screen("total 42"))
     _no_decoding(monkeypatch)
 
@@ -328,6 +359,9 @@ def test_byte_identical_inputs_still_meet_the_input_checks(monkeypatch: pytest.M
     assert error(data[: len(data) // 2])[0] == "invalid_image"
     outside = ComparisonConfig(ignore_regions=[IgnoreRegion(x=1200, y=0, width=100, height=10)])
     assert error(data, outside)[0] == "invalid_manifest"
+    level_box = MatchRegion(x=0, y=700, width=100, height=200, match_level="exact")
+    kind, message = error(data, ComparisonConfig(regions=[level_box]))
+    assert kind == "invalid_manifest" and "config.regions[0]" in message
     assert error(b"not an image at all")[0] == "invalid_image"
 
 
