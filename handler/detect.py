@@ -254,6 +254,8 @@ def detect(
 _Sources = tuple[bytes | NDArray[np.uint8], bytes | NDArray[np.uint8]]
 _Pair = tuple[Image.Image | None, Image.Image | None]
 _Kept = tuple[NDArray[np.uint8] | None, NDArray[np.uint8] | None]
+#: The sizes of the copies asked for (``shrunk_sizes``).
+_Wanted = tuple[tuple[int, int] | None, tuple[int, int] | None]
 
 
 def _detected(
@@ -261,7 +263,7 @@ def _detected(
     geometry: Geometry,
     rules: _Rules,
     max_pixels: int,
-    shrunk_sizes: tuple[tuple[int, int] | None, tuple[int, int] | None],
+    shrunk_sizes: _Wanted,
     keep: bool,
     deadline: Deadline | None,
 ) -> tuple[Findings, _Pair, _Kept]:
@@ -299,7 +301,7 @@ def _copies(
     first: _Scanned,
     rules: _Rules,
     geometry: Geometry,
-    shrunk_sizes: tuple[tuple[int, int] | None, tuple[int, int] | None],
+    shrunk_sizes: _Wanted,
 ) -> _Pair:
     """The resized copies pass 1 made. Not one pixel differs (and none was left out): the same
     pixels resize the same, so one copy serves both (a re-encoded screenshot's pair)."""
@@ -395,7 +397,7 @@ def _streams(
     sources: _Sources,
     geometry: Geometry,
     max_pixels: int,
-    shrunk_sizes: tuple[tuple[int, int] | None, tuple[int, int] | None],
+    shrunk_sizes: _Wanted,
     keep: bool,
 ) -> tuple[_Stream, _Stream]:
     """Both inputs at their work sizes: decoding lazily (a resized copy where asked for one of

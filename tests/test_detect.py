@@ -529,14 +529,16 @@ def test_ignore_regions_and_cache_mb_from_the_environment(monkeypatch: pytest.Mo
         bad.config(ComparisonConfig())
 
 
+def _banner_pair() -> tuple[Image.Image, Image.Image]:
+    """A label card, and the same with one word changed below a 60 px band inserted above."""
+    card, banner = _banner_pair()
+    return card, banner
+
+
 def test_crops_come_from_each_regions_own_place_in_each_image() -> None:
     """An added band's crop is cut from B alone; a changed region's pair from its place in A
     and its place in B (60 px lower, below the band)."""
-    tall = (480, 1000)
-    card = screens.label_card("Delivery address: 221B Baker Street", (0, 600), size=tall)
-    edited = screens.label_card("Delivery address: 10 Downing Street", (0, 600), size=tall)
-    banner = Image.new("RGB", (card.width, card.height + 60), (253, 241, 199))
-    banner.paste(edited, (0, 60))
+    card, banner = _banner_pair()
     a, b = screens.png(card), screens.png(banner)
     detection = detect(a, b, max_pixels=BUDGET)
     crops = cut_crops(a, b, detection, max_pixels=BUDGET)
@@ -559,11 +561,7 @@ def test_an_aligned_pair_of_small_inputs_is_decoded_once(monkeypatch: pytest.Mon
     from them; findings and crops are those of passes that decode again."""
     import handler.detect as detect_module
 
-    tall = (480, 1000)
-    card = screens.label_card("Delivery address: 221B Baker Street", (0, 600), size=tall)
-    edited = screens.label_card("Delivery address: 10 Downing Street", (0, 600), size=tall)
-    banner = Image.new("RGB", (card.width, card.height + 60), (253, 241, 199))
-    banner.paste(edited, (0, 60))
+    card, banner = _banner_pair()
     a, b = screens.png(card), screens.png(banner)
     decoded: list[bytes] = []
     real = detect_module._normalised
