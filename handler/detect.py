@@ -281,6 +281,7 @@ def _detected(
     result = findings(first.cells, first.contents, as_laid, geometry, rules.levels)
     if not result.regions and not first.deferred and geometry.work_a == geometry.work_b:
         return result, shrunk, kept
+    _sign(profiles, first.unsigned)
     alignment = align(*profiles)
     del profiles
     sources: _Sources = (
@@ -472,6 +473,11 @@ class _Stream:
     @property
     def size(self) -> tuple[int, int]:
         return (self.width, self.height)
+
+    @property
+    def keeping(self) -> bool:
+        """Are its strips kept as they pass (a small input whose pixels are wanted)?"""
+        return self._keeping
 
     @property
     def pixels(self) -> NDArray[np.uint8] | None:
@@ -710,9 +716,21 @@ class _Scanned:
     contents: list[BandContent]
     deferred: list[tuple[int, int]]
     height: int
+    #: Pass 1: strips the same in both images whose signatures wait (``_Scan``), and their
+    #: first rows.
+    unsigned: list[tuple[int, NDArray[np.uint8]]] = field(default_factory=list)
 
     def deferred_rows(self) -> int:
         return sum(bottom - top for top, bottom in self.deferred)
+
+
+def _sign(profiles: tuple[Profiles, Profiles], same: list[tuple[int, NDArray[np.uint8]]]) -> None:
+    """Both images' signatures of strips that are pixel for pixel the same in both (each
+    given by its first row and A's pixels): in any order, as the profiles only add up."""
+    profile_a, profile_b = profiles
+    for top, rows in same:
+        columns = profile_a.add(rows[..., 1], top)
+        profile_b.repeat(profile_a, rows[..., 1], top, columns)
 
 
 class _Scan:
@@ -722,7 +740,11 @@ class _Scan:
 
     Pass 1 (``profiles`` given) fills the row signatures and leaves a strip unclassified when
     its rows are rows of the other image at another height (``align.moved_rows``): classifying
-    a page whose content moved down costs more than the alignment that explains it.
+    a page whose content moved down costs more than the alignment that explains it. Over
+    inputs kept as they pass (small ones, as wide as each other), the signatures of strips
+    that are the same in both wait while every strip so far was (``unsigned``): a pair that
+    stays the same (one picture encoded twice) needs none; the first strip that differs, or
+    the end of a pass that leaves something to align, signs them.
     ``reuse``: a change map of A and the row above which it stands (on the cell grid)."""
 
     def __init__(
@@ -756,6 +778,9 @@ class _Scan:
         self._offsets: list[int] = []
         self._searches = MAX_OFFSET_SEARCHES
         self._move_budget = MAX_MOVE_CELLS
+        waits = profiles is not None and self.a.width == self.b.width and alignment.dx == 0
+        waits = waits and self.a.keeping and self.b.keeping
+        self._unsigned: list[tuple[int, NDArray[np.uint8]]] | None = [] if waits else None
         # Small inputs' strips are kept or soon gone, and ``detect`` trims once at its end.
         large = max(self.a.width * self.a.height, self.b.width * self.b.height) > KEEP_PIXELS
         every = _TRIM_EVERY_BYTES if reuse is None else _TRIM_EVERY_BYTES_ALIGNED
@@ -780,7 +805,8 @@ class _Scan:
                     decoded = 0
             self._settle(final=True)
         contents = [self.contents[band] for band in self.contents]
-        return _Scanned(self.cells, contents, sorted(self.deferred), self.a.height)
+        unsigned = self._unsigned or []
+        return _Scanned(self.cells, contents, sorted(self.deferred), self.a.height, unsigned)
 
     def _take(
         self,
@@ -800,6 +826,7 @@ class _Scan:
         self.contents[step.band].add(core, step.top)
         self._reference(step, stream)
         if self.profiles is not None:
+            self._sign_waiting()
             self.profiles[0 if kind == "removed" else 1].add(core[..., 1], step.top)
 
     def _reference(self, step: _Step, stream: _Stream) -> None:
@@ -842,7 +869,12 @@ class _Scan:
             if not equal:
                 self._changes(_Held(step, strip_a, strip_b, differs, left), moves=True)
             return
-        self._profile(step, a[off_a : off_a + count], b[off_b : off_b + count], equal)
+        rows_a = a[off_a : off_a + count]
+        if equal and self._unsigned is not None:
+            self._unsigned.append((step.top, rows_a))  # (B's rows are these)
+        else:
+            self._sign_waiting()
+            self._profile(step, rows_a, b[off_b : off_b + count], equal)
         self._read = step.bottom
         if not equal:
             held = _Held(step, strip_a, strip_b, differs, left)
@@ -855,6 +887,12 @@ class _Scan:
             else:
                 self._held.append(held)
         self._settle()
+
+    def _sign_waiting(self) -> None:
+        """Sign the strips that waited; from now on none waits."""
+        if self._unsigned is not None and self.profiles is not None:
+            _sign(self.profiles, self._unsigned)
+        self._unsigned = None
 
     def _moved(self, step: _Step, *, search: bool) -> bool:
         """Pass 1: are this strip's rows the other image's rows at another height?"""

@@ -11,9 +11,11 @@ import numpy as np
 import pillow_heif
 import pytest
 import structlog
+from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from handler import images as images_module
+from handler.align import Alignment, Profiles
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig, IgnoreRegion
 from handler.detect import MAX_CROPS, REGION_PAD, Detection, cut_crops, detect
@@ -531,8 +533,18 @@ def test_ignore_regions_and_cache_mb_from_the_environment(monkeypatch: pytest.Mo
 
 def _banner_pair() -> tuple[Image.Image, Image.Image]:
     """A label card, and the same with one word changed below a 60 px band inserted above."""
-    card, banner = _banner_pair()
-    return card, banner
+    tall = (480, 1000)
+    card = screens.label_card("Delivery address: 221B Baker Street", (0, 600), size=tall)
+    edited = screens.label_card("Delivery address: 10 Downing Street", (0, 600), size=tall)
+    return card, _banded(edited, 0)
+
+
+def _banded(image: Image.Image, at: int) -> Image.Image:
+    """``image`` with a 60 px band inserted at row ``at``."""
+    banner = Image.new("RGB", (image.width, image.height + 60), (253, 241, 199))
+    banner.paste(image.crop((0, 0, image.width, at)), (0, 0))
+    banner.paste(image.crop((0, at, image.width, image.height)), (0, at + 60))
+    return banner
 
 
 def test_crops_come_from_each_regions_own_place_in_each_image() -> None:
@@ -555,28 +567,44 @@ def test_crops_come_from_each_regions_own_place_in_each_image() -> None:
     assert np.array_equal(np.asarray(changed.b), np.asarray(banner.crop((x, y, x + w, y + h))))
 
 
-def test_an_aligned_pair_of_small_inputs_is_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The band above: pass 2, along the alignment, reads the pixels pass 1 kept (as it made
-    the prepared images' copies) instead of decoding both inputs again, and the crops are cut
-    from them; findings and crops are those of passes that decode again."""
+@pytest.mark.parametrize("at", [0, 480])
+def test_an_aligned_pair_of_small_inputs_is_decoded_once(
+    monkeypatch: pytest.MonkeyPatch, at: int
+) -> None:
+    """A page of text with a band inserted (at the top, or below 480 rows that stayed the
+    same: their signatures wait until a strip differs) and a word changed below it: pass 2,
+    along the alignment, reads the pixels pass 1 kept (as it made the prepared images'
+    copies) instead of decoding both inputs again, and the crops are cut from them; findings
+    and crops are those of passes that decode again (and sign every strip as it passes)."""
     import handler.detect as detect_module
 
-    card, banner = _banner_pair()
-    a, b = screens.png(card), screens.png(banner)
+    page = screens.text_page((600, 1000))
+    word = next(i for i, (_, box) in enumerate(page.words) if box[1] > 700)
+    edited = screens.replace_words(page, {word: "zephyr"})
+    a, b = screens.png(page.image), screens.png(_banded(edited.image, at))
     decoded: list[bytes] = []
-    real = detect_module._normalised
+    signatures: list[list[NDArray[Any]]] = []
+    real, real_align = detect_module._normalised, detect_module.align
 
     def counted(data: bytes, *args: Any) -> Any:
         decoded.append(data)
         return real(data, *args)
 
+    def align(profile_a: Profiles, profile_b: Profiles) -> Alignment | None:
+        signatures.append([p.copy() for s in (profile_a, profile_b) for p in (s.rows, s.columns)])
+        return real_align(profile_a, profile_b)
+
     monkeypatch.setattr(detect_module, "_normalised", counted)
+    monkeypatch.setattr(detect_module, "align", align)
     again = detect(a, b, max_pixels=BUDGET)
     assert again.alignment is not None and decoded == [a, b, a, b]  # two passes
+    assert sorted(region.kind for region in again.regions) == ["added", "changed"]
     decoded.clear()
-    kept = detect(a, b, max_pixels=BUDGET, shrunk_sizes=((240, 500), (240, 530)), keep_pixels=True)
+    kept = detect(a, b, max_pixels=BUDGET, shrunk_sizes=((300, 500), (300, 530)), keep_pixels=True)
     assert decoded == [a, b]  # once each
     assert kept == again and kept.shrunk[0] is not None and kept.shrunk[1] is not None
+    eager, waited = signatures  # what the alignment was made from: the same
+    assert all(np.array_equal(one, other) for one, other in zip(eager, waited, strict=True))
     crops = cut_crops(a, b, kept, max_pixels=BUDGET)
     assert decoded == [a, b]  # cut from the kept pixels
     for ours, theirs in zip(crops, cut_crops(a, b, again, max_pixels=BUDGET), strict=True):
