@@ -42,7 +42,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
@@ -1148,16 +1148,46 @@ def _cut(
     max_pixels: int,
     deadline: Deadline | None,
 ) -> list[Image.Image]:
-    """Fill every box from one top-to-bottom pass over ``source`` (encoded, or the native
-    pixels detection kept); rows and columns of a box much larger than the crop are skipped
-    while reading (to at most 2 x ``side``), then it is resized."""
-    strip_of = _strips_of(source, size, max_pixels)
+    """Fill every box from ``source``: the native pixels detection kept (each box sliced at
+    once), or one top-to-bottom pass over the encoded input; rows and columns of a box much
+    larger than the crop are skipped while reading (to at most 2 x ``side``), then it is
+    resized."""
     steps = [
         max(1, min(box.width, box.height) // (2 * side), max(box.width, box.height) // (4 * side))
         for box in boxes
     ]
+    if isinstance(source, bytes):
+        parts = _cut_streamed(source, size, boxes, steps, max_pixels, deadline)
+    else:
+        if deadline is not None:
+            deadline.check()
+        parts = [
+            [source[box.y : box.y + box.height : step, box.x : box.x + box.width : step, :3]]
+            for box, step in zip(boxes, steps, strict=True)
+        ]
+    crops = []
+    for pieces in parts:
+        crop = Image.fromarray(np.concatenate(pieces, axis=0), "RGB")
+        if max(crop.size) > side:
+            crop.thumbnail((side, side), Image.Resampling.LANCZOS)
+        crops.append(crop)
+    return crops
+
+
+def _cut_streamed(
+    data: bytes,
+    size: tuple[int, int],
+    boxes: list[Box],
+    steps: list[int],
+    max_pixels: int,
+    deadline: Deadline | None,
+) -> list[list[NDArray[np.uint8]]]:
+    """Each box's rows (on its own grid of ``steps``) from one top-to-bottom streamed pass,
+    stopping below the lowest box."""
+    image, _ = _normalised(data, size, size, max_pixels)
     parts: list[list[NDArray[np.uint8]]] = [[] for _ in boxes]
     bottom = max(box.y + box.height for box in boxes)
+    region = pyvips.Region.new(image)
     rows = BLOCK
     for top in range(min(box.y for box in boxes), bottom, rows):
         last = min(bottom, top + rows)
@@ -1166,7 +1196,7 @@ def _cut(
             continue
         if deadline is not None:
             deadline.check()
-        strip = strip_of(top, last)
+        strip = _fetch(region, top, last, size[0])
         for i in needed:
             box, step = boxes[i], steps[i]
             first = max(top, box.y)
@@ -1178,30 +1208,7 @@ def _cut(
                         first - top : end - top : step, box.x : box.x + box.width : step, :3
                     ].copy()
                 )
-    crops = []
-    for pieces in parts:
-        crop = Image.fromarray(np.concatenate(pieces, axis=0), "RGB")
-        if max(crop.size) > side:
-            crop.thumbnail((side, side), Image.Resampling.LANCZOS)
-        crops.append(crop)
-    return crops
-
-
-def _strips_of(
-    source: bytes | NDArray[np.uint8], size: tuple[int, int], max_pixels: int
-) -> Callable[[int, int], NDArray[np.uint8]]:
-    """Rows ``first:last`` of ``source``: decoded in strips, or sliced from kept pixels."""
-    if not isinstance(source, bytes):
-        return lambda first, last: source[first:last]
-    image, _ = _normalised(source, size, size, max_pixels)
-    region = pyvips.Region.new(image)
-
-    def fetch(first: int, last: int) -> NDArray[np.uint8]:
-        # (``image`` held here: a region does not keep alive an image made from an array.)
-        assert image is not None
-        return _fetch(region, first, last, size[0])
-
-    return fetch
+    return parts
 
 
 def check_ignore_regions(ignore: Sequence[IgnoreRegion], size_a: tuple[int, int]) -> None:
