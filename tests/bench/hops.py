@@ -175,7 +175,7 @@ def main() -> None:
             cli_main(argv)
         finally:
             sys.setprofile(None)
-            threading.setprofile(None)  # type: ignore[arg-type]
+            threading.setprofile(None)
     _report(recorder, args.verbose)
 
 
