@@ -21,12 +21,12 @@ from handler.result import ComparisonResult
 from handler.storage import read_file
 
 #: An input: a file's path, or the encoded image itself (the bytes of a PNG, a JPEG...).
-Source: TypeAlias = str | os.PathLike[str] | bytes
+FileOrBytes: TypeAlias = str | os.PathLike[str] | bytes
 
 
 def compare_files(
-    a: Source,
-    b: Source,
+    a: FileOrBytes,
+    b: FileOrBytes,
     config: ComparisonConfig | None = None,
     settings: Settings | None = None,
 ) -> ComparisonResult:
@@ -95,7 +95,7 @@ def compare_files(
         comparator.close()
 
 
-def _input(source: Source, slot: str, max_bytes: int) -> ImageInput:
+def _input(source: FileOrBytes, slot: str, max_bytes: int) -> ImageInput:
     """``source`` as the pipeline's input, read only when the pipeline gets to it: a path by
     its file name (as ``pairwatch compare`` names it), bytes by their slot ("a" or "b")."""
     if isinstance(source, bytes):

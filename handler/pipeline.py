@@ -112,6 +112,7 @@ def compare_pair(
     process's cache of prepared images (0: none), ``decode_budget_mp`` its decode budget.
     ``deadline`` is the pair's, started by whoever took the pair (else the thread's current
     one, else ``config.processing_timeout`` from now); ``config`` may only shorten it.
+    A caller holding the deployment's ``Settings`` goes through ``compare_pair_with_settings``.
     """
     log = get_logger(pair_id=pair_id)
     deadline = pair_deadline(deadline or current(), config)
