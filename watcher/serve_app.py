@@ -26,7 +26,7 @@ from handler.config import ComparisonConfig, Settings
 from handler.deadline import Deadline
 from handler.errors import PairError
 from handler.logs import elapsed_ms, get_logger
-from handler.pipeline import ImageInput, compare_pair
+from handler.pipeline import ImageInput, compare_pair_with_settings
 from handler.result import ComparisonResult
 from watcher import metrics
 from watcher.serve_admission import Admission, Busy, Ticket
@@ -247,15 +247,13 @@ class PairRunner:
 
         def work() -> ComparisonResult:
             assert taken.deadline is not None
-            return compare_pair(
+            return compare_pair_with_settings(
+                settings,
                 pair_id,
                 a,
                 b,
                 pair.config,
                 self.state.comparator,
-                max_input_pixels=settings.max_input_pixels,
-                cache_mb=settings.cache_mb,
-                decode_budget_mp=settings.decode_budget_mp,
                 deadline=taken.deadline,
             ).result
 
