@@ -67,7 +67,9 @@ def test_first_come_first_served_a_large_request_is_not_overtaken() -> None:
     log: list[str] = []
     large = _taker(budget, 9, log, "large")
     _waiting(budget, 1)
-    small = _taker(budget, 1, log, "small")
+    # 3 + 2 fits, yet it waits; once the large one is in, 9 + 2 does not (a 1 would, and
+    # would race the assertion below).
+    small = _taker(budget, 2, log, "small")
     _waiting(budget, 2)
     assert log == []
     budget.release(3)
