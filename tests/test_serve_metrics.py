@@ -25,7 +25,7 @@ from tests.support import scenes
 from tests.support.s3_servers import ROOT, free_port, wait_for
 from watcher import metrics
 from watcher.runner import Runner
-from watcher.serve_admission import Admission, Busy
+from watcher.serve.admission import Admission, Busy
 from watcher.shutdown import StopFlag
 
 

@@ -41,9 +41,9 @@ from handler.logs import get_logger
 from handler.pairs import normalise_prefix
 from watcher import metrics
 from watcher.rechecks import Rechecks
-from watcher.serve_admission import Admission, Busy
-from watcher.serve_connection import Connection, UploadStalled
-from watcher.serve_responses import error_response
+from watcher.serve.admission import Admission, Busy
+from watcher.serve.connection import Connection, UploadStalled
+from watcher.serve.responses import error_response
 
 #: A notification is a few KB; MinIO batches nothing into one webhook request.
 MAX_EVENT_BYTES = 1024 * 1024

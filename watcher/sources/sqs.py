@@ -37,8 +37,8 @@ from handler.logs import get_logger
 from handler.pairs import normalise_prefix
 from watcher import metrics
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from watcher.bucket import bucket_jobs
 from watcher.runner import Runner, run_until_stopped, runner_for
+from watcher.sources.bucket import bucket_jobs
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient

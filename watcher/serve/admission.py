@@ -6,7 +6,7 @@ A request takes its place *before* its body is read. Of the admitted requests, a
 many reading their upload meanwhile, so the next pair is in memory when a slot frees up — which
 bounds upload memory by ``4 x concurrency x max_input_bytes`` whatever the number of clients.
 The others wait with their bodies unread in the socket. Leaving a block (answered, failed, the
-client gone: ``watcher.serve_connection`` cancels the waits of a client that left) frees what it
+client gone: ``watcher.serve.connection`` cancels the waits of a client that left) frees what it
 held.
 
 This is serve's own small component because the HTTP layer needs a non-blocking "is there

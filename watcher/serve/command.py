@@ -10,8 +10,8 @@ import uvicorn
 from handler.config import Settings
 from handler.logs import get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK
-from watcher.serve_app import create_app
-from watcher.serve_protocol import head_timeout_protocol
+from watcher.serve.app import create_app
+from watcher.serve.protocol import head_timeout_protocol
 
 #: Seconds past ``processing_timeout`` that a SIGTERM waits for in-flight requests.
 SHUTDOWN_GRACE = 30.0
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         app,
         host=host,
         port=port,
-        log_config=None,  # structlog writes the access log (watcher.serve_app.AccessLog)
+        log_config=None,  # structlog writes the access log (watcher.serve.middleware.AccessLog)
         access_log=False,
         lifespan="on",
         # A request head must arrive within upload_idle_timeout (uvicorn alone waits forever).

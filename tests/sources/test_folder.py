@@ -25,9 +25,9 @@ from handler.config import Settings
 from handler.result import ComparisonResult
 from tests.support.logs import captured_logs
 from tests.support.waiting import wait_for
-from watcher.folder_source import FolderSource
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
+from watcher.sources.folder import FolderSource
 
 pytestmark = [
     pytest.mark.timeout(60),

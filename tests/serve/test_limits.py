@@ -24,9 +24,9 @@ from tests.support import scenes
 from tests.support.clock import Clock
 from tests.support.multipart import form_body
 from tests.support.serve_process import ServeProcess, serve_process
-from watcher.serve_admission import Admission
-from watcher.serve_connection import UploadStalled, _Pace
-from watcher.serve_readiness import STUCK_GRACE_S, Readiness
+from watcher.serve.admission import Admission
+from watcher.serve.connection import UploadStalled, _Pace
+from watcher.serve.readiness import STUCK_GRACE_S, Readiness
 
 IDLE_S = 2.0
 BOUNDARY = "limitsboundary"

@@ -38,11 +38,11 @@ from tests.support.s3_servers import (
 )
 from tests.support.waiting import wait_for
 from watcher.args import BucketURL
-from watcher.bucket import bucket_jobs, list_events
 from watcher.cli import main
-from watcher.minio_listen import Listener, minio_client
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
+from watcher.sources.bucket import bucket_jobs, list_events
+from watcher.sources.minio import MinioSource, minio_client
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -152,7 +152,7 @@ def test_a_relisted_lone_image_is_retried_once(
     url = BucketURL(bucket, "in/")
     runner: Runner[tuple[str, str]] = Runner(MetricsComparator(), concurrency=2, queue_size=10)
     jobs = bucket_jobs(settings, runner, endpoint, "us-east-1", url.prefix)
-    listener = Listener(minio_client(endpoint, "us-east-1"), jobs, url, runner, queue_size=10)
+    listener = MinioSource(minio_client(endpoint, "us-east-1"), jobs, url, runner, queue_size=10)
     for _ in range(3):  # the listings of the first connection and of two reconnects
         listener.inbox.put(Parsed(events=list(list_events(jobs, bucket, url.prefix))))
     stop = StopFlag()
@@ -173,7 +173,7 @@ def test_a_relisted_lone_image_is_retried_once(
 class _Replay:
     """The listener without its stream thread: only the listings put into its inbox."""
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: MinioSource) -> None:
         self.listener = listener
 
     def start(self) -> None:

@@ -7,7 +7,7 @@ socket, a buffer, a task) for as long as it likes (the issue counted 509 such co
 held open). Here each connection must deliver a whole request head within
 ``upload_idle_timeout`` seconds of being ready for one (connected, or its previous response
 sent); otherwise it is answered 408 and closed. The body that follows is the application's to
-pace (``watcher.serve_connection``).
+pace (``watcher.serve.connection``).
 """
 
 from __future__ import annotations

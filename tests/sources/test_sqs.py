@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import watcher.sqs
+import watcher.sources.sqs
 from handler.bucket_jobs import Delivery
 from handler.compare.metrics import MetricsComparator
 from handler.disposition import done
@@ -37,7 +37,7 @@ from tests.support.waiting import wait_for
 from watcher.cli import main
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
-from watcher.sqs import SqsSource, _region_from_url
+from watcher.sources.sqs import SqsSource, _region_from_url
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -203,8 +203,12 @@ def test_bad_input_prefix_is_a_usage_error_before_anything_is_built(
     """Exit 2 naming the setting, from the flag or the environment, before a client or the
     comparator is built (a model could take minutes to load first): no server is needed."""
     built: list[str] = []
-    monkeypatch.setattr(watcher.sqs, "sqs_client", lambda *a, **k: built.append("sqs client"))
-    monkeypatch.setattr(watcher.sqs, "runner_for", lambda *a, **k: built.append("comparator"))
+    monkeypatch.setattr(
+        watcher.sources.sqs, "sqs_client", lambda *a, **k: built.append("sqs client")
+    )
+    monkeypatch.setattr(
+        watcher.sources.sqs, "runner_for", lambda *a, **k: built.append("comparator")
+    )
     args = ["watch", "sqs", "http://127.0.0.1:9/123456789012/any"]
     if flag:
         args += ["--input-prefix", "in/../other"]

@@ -44,8 +44,8 @@ from handler.disposition import Disposition
 from handler.events import ObjectEvent, Parsed, parse_notification
 from handler.logs import get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
-from watcher.bucket import bucket_jobs, bucket_refused, list_events, run_event
 from watcher.runner import Runner, run_until_stopped, runner_for
+from watcher.sources.bucket import bucket_jobs, bucket_refused, list_events, run_event
 
 EVENTS = ("s3:ObjectCreated:*",)
 #: A reconnection sooner than this after the previous one backs off (doubling, up to the max):
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_USAGE
     with runner_for(settings) as runner:
         jobs = bucket_jobs(settings, runner, endpoint, region, url.prefix)
-        listener = Listener(client, jobs, url, runner, queue_size=settings.queue_size)
+        listener = MinioSource(client, jobs, url, runner, queue_size=settings.queue_size)
         log.info("watch_started", source="minio", endpoint=endpoint)
         if run_until_stopped(runner, listener) is None:
             return EXIT_FAILED
@@ -125,7 +125,7 @@ def minio_client(endpoint: str, region: str) -> Minio:
     )
 
 
-class Listener:
+class MinioSource:
     """MinIO's notification stream (plus a listing per (re)connect) as a source of object keys
     (``(bucket, key)``) for a ``Runner``."""
 

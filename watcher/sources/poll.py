@@ -23,8 +23,8 @@ from handler.disposition import Disposition
 from handler.events import ObjectEvent
 from handler.logs import elapsed_ms, get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
-from watcher.bucket import bucket_jobs, bucket_refused, list_events, run_event
 from watcher.runner import Runner, run_until_stopped, runner_for
+from watcher.sources.bucket import bucket_jobs, bucket_refused, list_events, run_event
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

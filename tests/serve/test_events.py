@@ -28,7 +28,7 @@ from tests.support.s3_servers import (
 from tests.support.serve_process import ServeProcess, serve_process
 
 TOKEN = "events-token-1b9c"
-FIXTURES = Path(__file__).parent / "fixtures" / "events"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "events"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

@@ -1,4 +1,5 @@
-"""``watcher.settle.Settler`` with a fake clock over real files: when a file counts as written.
+"""``watcher.sources.settle.Settler`` with a fake clock over real files: when a file counts as
+written.
 
 The clock only drives the settle wait; the files are real, since the settler compares their
 size and mtime. A change always alters the size, so it shows whatever the mtime granularity.
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.clock import Clock
-from watcher import settle
-from watcher.settle import CLOSE_WAIT_LIMIT, Settler
+from watcher.sources import settle
+from watcher.sources.settle import CLOSE_WAIT_LIMIT, Settler
 
 SETTLE = 2.0
 

@@ -12,8 +12,8 @@ import pytest
 from handler.compare import resolve_concurrency
 from handler.config import ConfigFileError, load_settings
 from tests.support.s3_servers import ROOT
-from watcher import serve
 from watcher.cli import build_parser, main, settings_from_args
+from watcher.serve import command
 
 OPENAI = ["--model", "m", "--vl-endpoint", "http://127.0.0.1:9/v1"]
 
@@ -111,11 +111,11 @@ def test_serve_host_and_port_flags_become_settings(
 
     bound: dict[str, object] = {}
     monkeypatch.setattr(
-        serve._Server,
+        command._Server,
         "run",
         lambda self: bound.update(host=self.config.host, port=self.config.port),
     )
-    serve.run(args, settings)
+    command.run(args, settings)
     assert bound == {"host": "0.0.0.0", "port": 9000}
 
 

@@ -32,7 +32,7 @@ from watcher.cli import build_parser, main, settings_from_args
 pytestmark = pytest.mark.timeout(90)
 
 PAIRWATCH = [sys.executable, "-m", "watcher.cli"]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -192,8 +192,9 @@ def test_building_the_parser_imports_no_implementation() -> None:
     """``pairwatch schema`` and ``--help`` pay for argparse, not for boto3, minio or watchdog."""
     probe = (
         "import sys; from watcher.cli import build_parser; build_parser(); "
-        "heavy = {'boto3', 'botocore', 'minio', 'watchdog', 'jinja2', 'PIL', 'watcher.sqs', "
-        "'watcher.local', 'watcher.report', 'handler.jobs'} & set(sys.modules); "
+        "heavy = {'boto3', 'botocore', 'minio', 'watchdog', 'jinja2', 'PIL', "
+        "'watcher.sources.sqs', 'watcher.sources.folder', 'watcher.report', 'handler.jobs'} "
+        "& set(sys.modules); "
         "print(sorted(heavy))"
     )
     proc = subprocess.run(

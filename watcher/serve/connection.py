@@ -1,7 +1,7 @@
 """One request's body as ``pairwatch serve`` reads it: paced, and watched for a client leaving.
 
 An upload waits twice: for permission to read its body (the body stays in the socket
-meanwhile, see ``watcher.serve_admission``), then, its body read, for a compare slot. A client
+meanwhile, see ``watcher.serve.admission``), then, its body read, for a compare slot. A client
 that gives up during either wait must free its place at once, not when its turn comes.
 
 **Pace.** A client that stops sending must not hold what it was given (a body slot, a place):
