@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from watcher import metrics
+from watcher import prometheus
 
 #: Weight of the newest compare time in the running mean ``Retry-After`` is estimated from.
 _SMOOTHING = 0.2
@@ -54,16 +54,16 @@ class Ticket:
     async def compare(self) -> AsyncIterator[None]:
         admission = self._admission
         await admission._slots.acquire()
-        metrics.QUEUE_DEPTH.dec()
+        prometheus.QUEUE_DEPTH.dec()
         started = admission.clock()
         admission._holding[id(self)] = started
         try:
-            with metrics.in_flight():
+            with prometheus.in_flight():
                 yield
         finally:
             del admission._holding[id(self)]
             admission._slots.release()
-            metrics.QUEUE_DEPTH.inc()
+            prometheus.QUEUE_DEPTH.inc()
             admission.record_hold(admission.clock() - started)
 
 
@@ -96,7 +96,7 @@ class Admission:
         if self.admitted >= self.concurrency + self.queue_size:
             raise Busy(self.retry_after())
         self.admitted += 1
-        metrics.QUEUE_DEPTH.inc()
+        prometheus.QUEUE_DEPTH.inc()
         ticket = Ticket(self)
         try:
             yield ticket
@@ -104,7 +104,7 @@ class Admission:
             if ticket._body:
                 self._bodies.release()
             self.admitted -= 1
-            metrics.QUEUE_DEPTH.dec()
+            prometheus.QUEUE_DEPTH.dec()
 
     def stalled_s(self) -> float:
         """Seconds since a compare slot last changed hands while every slot is held (0 while

@@ -39,7 +39,7 @@ from handler.disposition import backoff, retry
 from handler.events import ObjectEvent, Parsed, parse_body
 from handler.logs import get_logger
 from handler.pairs import normalise_prefix
-from watcher import metrics
+from watcher import prometheus
 from watcher.rechecks import Rechecks
 from watcher.serve.admission import Admission, Busy
 from watcher.serve.connection import Connection, UploadStalled
@@ -100,7 +100,7 @@ class EventsEndpoint:
         log = get_logger()
         if not self.authorized(request.headers.get("authorization")):
             log.warning("event_unauthorized", has_token="authorization" in request.headers)
-            metrics.record_event(WEBHOOK_SOURCE, "unauthorized")
+            prometheus.record_event(WEBHOOK_SOURCE, "unauthorized")
             return error_response(
                 401,
                 "unauthorized",
@@ -126,7 +126,7 @@ class EventsEndpoint:
         if parsed.errors and not parsed.events:
             for error in parsed.errors:
                 log.error("event_malformed", error=str(error))
-            metrics.record_event(WEBHOOK_SOURCE, "malformed", len(parsed.errors))
+            prometheus.record_event(WEBHOOK_SOURCE, "malformed", len(parsed.errors))
             return error_response(400, "malformed_event", "; ".join(map(str, parsed.errors))[:1000])
         try:
             delivery = await self.deliver(parsed)
@@ -151,7 +151,7 @@ class EventsEndpoint:
             delivery: Delivery = await anyio.to_thread.run_sync(
                 partial(self._handle, parsed), limiter=self.limiter
             )
-        metrics.record_delivery(delivery, WEBHOOK_SOURCE)
+        prometheus.record_delivery(delivery, WEBHOOK_SOURCE)
         for handled in delivery.events:
             key = (handled.event.bucket, handled.event.key)
             if handled.disposition.is_retry and handled.disposition.at is not None:
@@ -199,7 +199,7 @@ def _summary(delivery: Delivery, parsed: Parsed) -> dict[str, Any]:
         "malformed": len(parsed.errors),
         "refused": len(refused),
         "outcomes": [
-            {"bucket": r.event.bucket, "key": r.event.key, "outcome": metrics.event_outcome(r)}
+            {"bucket": r.event.bucket, "key": r.event.key, "outcome": prometheus.event_outcome(r)}
             for r in handled
         ],
         "rejected": [

@@ -11,9 +11,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from handler.config import ComparisonConfig
+from handler.config import ComparisonConfig, InvalidConfig, apply_overrides
 from watcher.serve.errors import RequestError
-from watcher.serve.legacy import CompatRequestError, InvalidConfig, apply_overrides, compat_config
+from watcher.serve.legacy import CompatRequestError, compat_config
 from watcher.serve.uploads import Upload, UploadedFile
 
 MAX_PAIR_ID_CHARS = 200

@@ -11,9 +11,7 @@ import json
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from pydantic import ValidationError
-
-from handler.config import ComparisonConfig, error_field, format_validation_error
+from handler.config import ComparisonConfig, apply_overrides
 from handler.result import ComparisonResult
 
 _LIST_FIELDS = ("focus_elements", "comparison_aspects", "max_image_size", "ignore_regions")
@@ -22,14 +20,6 @@ _CONFIG_FIELDS = frozenset(ComparisonConfig.model_fields)
 
 class CompatRequestError(ValueError):
     """A request the original API answered with 400 (the message is the envelope's ``msg``)."""
-
-
-class InvalidConfig(ValueError):
-    """A config override that does not validate; ``field`` names it (``config.image_quality``)."""
-
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def compat_envelope(code: int, msg: str, data: Any = None) -> dict[str, Any]:
@@ -44,14 +34,6 @@ def compat_status(result: ComparisonResult, input_error_types: Collection[str]) 
     if error is not None and (error.type in input_error_types or error.input is not None):
         return 400
     return 500
-
-
-def apply_overrides(base: ComparisonConfig, overrides: Mapping[str, Any]) -> ComparisonConfig:
-    """``base`` with some fields replaced, validated; ``InvalidConfig`` names the bad field."""
-    try:
-        return ComparisonConfig.model_validate(base.model_dump() | dict(overrides))
-    except ValidationError as exc:
-        raise InvalidConfig(format_validation_error(exc), error_field(exc, "config")) from None
 
 
 def compat_config(fields: Mapping[str, str], base: ComparisonConfig) -> ComparisonConfig:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from watcher import metrics
+from watcher.prometheus import render
 from watcher.serve.errors import INPUT_ERROR_TYPES, Refusal, v1_status
 from watcher.serve.forms import (
     COMPAT_BODY,
@@ -98,7 +98,7 @@ def router(state: Callable[[], ServeState]) -> APIRouter:
 
     @routes.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = render()
         return Response(body, media_type=content_type)
 
     return routes

@@ -20,7 +20,7 @@ from handler.errors import PairError
 from handler.logs import get_logger
 from handler.pipeline import ImageInput, compare_pair
 from handler.result import ComparisonResult
-from watcher import metrics
+from watcher import prometheus
 from watcher.serve.admission import Busy, Ticket
 from watcher.serve.connection import Connection, UploadStalled
 from watcher.serve.errors import Refusal, RequestError
@@ -144,9 +144,9 @@ class UploadCompare:
         if result is None or taken.gone:
             stage = "queue" if result is None else "compare"  # gone before its slot, or after
             get_logger(pair_id=pair_id).warning("client_disconnected", stage=stage)
-            metrics.PAIRS.labels("http", self.state.comparator.info.name, "abandoned").inc()
+            prometheus.PAIRS.labels("http", self.state.comparator.info.name, "abandoned").inc()
             return None
-        metrics.record_result(result, "http", stages={"fetch": fetch_seconds})
+        prometheus.record_result(result, "http", stages={"fetch": fetch_seconds})
         return result
 
 

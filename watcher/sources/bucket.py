@@ -16,7 +16,7 @@ from handler.aws_clients import s3_client
 from handler.bucket_jobs import BucketJobs, EventReport
 from handler.config import Settings
 from handler.events import ObjectEvent, normalise_etag
-from watcher import metrics
+from watcher import prometheus
 from watcher.runner import Runner
 
 
@@ -68,5 +68,5 @@ def run_event(
     report = jobs.handle(event, now=now, readers=runner.manifests.readers, queued_ms=queued_ms)
     for job in report.reports:
         runner.manifests.learn(job)
-    metrics.record_event_report(report, source)
+    prometheus.record_event_report(report, source)
     return report

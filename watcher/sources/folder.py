@@ -59,7 +59,7 @@ from handler.pairs import (
     pairs_for_name,
 )
 from handler.storage import LocalStorage, remove_stale_temporaries
-from watcher import metrics
+from watcher import prometheus
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from watcher.runner import ComparatorUnavailable, Runner, runner_for
 from watcher.shutdown import StopFlag, stop_on_signals
@@ -287,7 +287,7 @@ class FolderSource:
             self.summary.add_crash(spec)
             return disposition.retry(f"internal error: {exc}")
         self.runner.manifests.learn(report)
-        metrics.record_report(report, "folder")
+        prometheus.record_report(report, "folder")
         self.summary.add(report)
         if self.on_report is not None:
             self.on_report(report)

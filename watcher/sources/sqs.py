@@ -35,7 +35,7 @@ from handler.errors import PairError
 from handler.events import QueueMessage, sqs_messages
 from handler.logs import get_logger
 from handler.pairs import normalise_prefix
-from watcher import metrics
+from watcher import prometheus
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from watcher.runner import Runner, run_until_stopped, runner_for
 from watcher.sources.bucket import bucket_jobs
@@ -228,7 +228,7 @@ class SqsSource:
         )
         for report in delivery.reports:
             self.runner.manifests.learn(report)
-        metrics.record_delivery(delivery, "sqs")
+        prometheus.record_delivery(delivery, "sqs")
         return delivery.disposition
 
     def _settle(self, message: QueueMessage, fate: Disposition) -> None:

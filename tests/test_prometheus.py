@@ -1,9 +1,8 @@
-"""The shared metrics (``watcher.metrics``) and serve's admission control, as small components,
-and the watchers' ``--metrics-port`` endpoint on a real ``pairwatch watch DIR`` process."""
+"""The shared Prometheus metrics (``watcher.prometheus``) as a small component, and the watchers'
+``--metrics-port`` endpoint on a real ``pairwatch watch DIR`` process."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -19,13 +18,11 @@ from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig
 from handler.disposition import Disposition
 from handler.errors import InvalidImage
-from handler.pipeline import failure_result
-from handler.result import ComparatorInfo, ComparisonResult, InputInfo, VLDetails
+from handler.result import ComparatorInfo, ComparisonResult, InputInfo, VLDetails, failure_result
 from tests.support import scenes
 from tests.support.s3_servers import ROOT, free_port, wait_for
-from watcher import metrics
+from watcher import prometheus
 from watcher.runner import Runner
-from watcher.serve.admission import Admission, Busy
 from watcher.shutdown import StopFlag
 
 
@@ -58,7 +55,7 @@ def test_record_result_counts_stages_errors_and_vl_numbers() -> None:
         "memory": _value("pairwatch_vl_peak_memory_bytes_sum"),
         "errors": _value("pairwatch_pair_errors_total", type="invalid_image"),
     }
-    metrics.record_result(_result(), "sqs", stages={"write": 0.01})
+    prometheus.record_result(_result(), "sqs", stages={"write": 0.01})
     assert _value("pairwatch_pairs_total", **ok) == before["pairs"] + 1
     assert _value("pairwatch_stage_seconds_sum", stage="compare") == pytest.approx(
         before["compare"] + 0.3
@@ -74,45 +71,8 @@ def test_record_result_counts_stages_errors_and_vl_numbers() -> None:
         ComparisonConfig(),
         ComparatorInfo(name="metrics"),
     )
-    metrics.record_result(failed, "folder")
+    prometheus.record_result(failed, "folder")
     assert _value("pairwatch_pair_errors_total", type="invalid_image") == before["errors"] + 1
-
-
-def test_admission_refuses_beyond_concurrency_plus_queue() -> None:
-    async def scenario() -> None:
-        admission = Admission(concurrency=2, queue_size=1)
-        release = asyncio.Event()
-        entered: list[int] = []
-
-        async def hold(n: int) -> None:
-            async with admission.admit() as ticket, ticket.compare():
-                entered.append(n)
-                await release.wait()
-
-        tasks = [asyncio.create_task(hold(n)) for n in range(3)]
-        await asyncio.sleep(0.01)
-        assert (admission.admitted, entered) == (3, [0, 1])
-        assert _value("pairwatch_queue_depth") == 1 and _value("pairwatch_in_flight") == 2
-        with pytest.raises(Busy) as busy:
-            async with admission.admit():
-                pass
-        assert busy.value.retry_after >= 1
-        tasks[2].cancel()  # a waiter that goes away gives its queue place back
-        await asyncio.sleep(0.01)
-        assert admission.admitted == 2 and _value("pairwatch_queue_depth") == 0
-        async with admission.admit():  # so there is room again
-            pass
-        release.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        assert admission.admitted == 0
-        assert _value("pairwatch_queue_depth") == 0 and _value("pairwatch_in_flight") == 0
-
-    asyncio.run(scenario())
-
-
-def test_admission_rejects_nonsense_limits() -> None:
-    with pytest.raises(ValueError):
-        Admission(0, 1)
 
 
 def test_watch_metrics_port_serves_the_same_names(tmp_path: Path) -> None:
