@@ -261,7 +261,7 @@ def test_persistent_500_gives_model_unavailable_without_the_key(
 
 def test_a_server_that_is_down_gives_model_unavailable(images: list[tuple[str, bytes]]) -> None:
     """A pair asked without ``wait_ready`` (``pairwatch compare``) probes first; for
-    ``wait_ready`` itself see tests/test_engine_readiness.py."""
+    ``wait_ready`` itself see tests/compare/vl/test_engine_readiness.py."""
     sleeps = Sleeps()
     be = backend(f"http://127.0.0.1:{free_port()}/v1", "m", sleep=sleeps)
     with pytest.raises(ModelUnavailable, match="Connection refused"):

@@ -1,6 +1,6 @@
 """What the VL model is shown of the changed regions: the pixel budget shared between overviews
 and crops, the prompt naming each crop's region, and region indexes held to the result's
-regions. Pure functions on real images; the model itself is in test_vl_comparator.py."""
+regions. Pure functions on real images; the model itself is in test_comparator.py."""
 
 from __future__ import annotations
 

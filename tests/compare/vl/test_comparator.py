@@ -300,7 +300,7 @@ def test_an_8000x6000_pair_is_capped_in_visual_tokens(
     assert result.inputs[0].original_size == (8000, 6000)
     assert result.vl is not None and result.vl.max_pixels == pixel_budget((1024, 1024))
     # Prepared at 1024x768 -> 1036x756 on the 28-pixel grid -> 37 x 27 tokens per overview,
-    # where the checkpoint's own cap would allow 16,170 per image (test_vl_tokens.py); the
+    # where the checkpoint's own cap would allow 16,170 per image (test_tokens.py); the
     # changed rectangle adds a crop of A and of B at native resolution (a 454 x 448 cut,
     # fitted to 448 x 442 -> 448 x 448 on the grid: 16 x 16 tokens each).
     request = backend.requests[-1]
