@@ -1,4 +1,5 @@
-"""The local-folder source: filesystem events and a catch-up scan in, pair keys out.
+"""The local-folder source: filesystem events and a catch-up scan in, pair keys out; and
+``pairwatch watch DIR``'s ``run`` (with its ``--once`` progress bar).
 
 Threads: watchdog's observer thread only notes changed paths in the ``Settler``; the runner's
 main loop calls ``pump``, which decides which pairs a settled file affects and offers them to
