@@ -70,7 +70,7 @@ from handler.pairs import (
     join_relative,
     parse_manifest,
 )
-from handler.pipeline import ImageInput, compare_pair, pair_deadline
+from handler.pipeline import ImageInput, compare_pair_with_settings, pair_deadline
 from handler.result import ComparisonResult, InputInfo, failure_result
 from handler.storage import HashingStorage, PairStorage, VersionedStorage
 
@@ -265,16 +265,14 @@ def _run_locked(
         )
         for name, path in zip(plan.names, plan.inputs, strict=True)
     )
-    compared = compare_pair(
+    compared = compare_pair_with_settings(
+        settings,
         spec.pair_id,
         a,
         b,
         plan.config,
         comparator,
-        max_input_pixels=settings.max_input_pixels,
         diff_image=settings.diff_image,
-        cache_mb=settings.cache_mb,
-        decode_budget_mp=settings.decode_budget_mp,
         deadline=deadline,
     )
     stages = {"fetch": sum(fetched)} if fetched else {}

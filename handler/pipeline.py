@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 
 from handler.budget import DEFAULT_DECODE_BUDGET_MP, DecodeBudget, process_budget
 from handler.compare.base import Comparator, Verdict
-from handler.config import ComparisonConfig
+from handler.config import ComparisonConfig, Settings
 from handler.deadline import Deadline, current
 from handler.detect import (
     Detection,
@@ -112,6 +112,7 @@ def compare_pair(
     process's cache of prepared images (0: none), ``decode_budget_mp`` its decode budget.
     ``deadline`` is the pair's, started by whoever took the pair (else the thread's current
     one, else ``config.processing_timeout`` from now); ``config`` may only shorten it.
+    A caller holding the deployment's ``Settings`` goes through ``compare_pair_with_settings``.
     """
     log = get_logger(pair_id=pair_id)
     deadline = pair_deadline(deadline or current(), config)
@@ -226,6 +227,39 @@ def compare_pair(
     if identical:
         return _with_legend(result, diff_image)
     return _with_diff(result, prepared, diff_image, crops)
+
+
+def compare_pair_with_settings(
+    settings: Settings,
+    pair_id: str,
+    a: ImageInput,
+    b: ImageInput,
+    config: ComparisonConfig,
+    comparator: Comparator,
+    *,
+    diff_image: bool = False,
+    deadline: Deadline | None = None,
+) -> PairOutcome:
+    """``compare_pair`` bounded by a deployment's ``settings``: the one place that turns them
+    into its limits (``max_input_pixels``, ``decode_budget_mp``, ``cache_mb``), so that every
+    entry point (a job, ``serve``, ``pairwatch compare``, ``handler.compare_files``) bounds
+    its pairs alike and a new limit is added here once.
+
+    ``config`` stays the caller's (a manifest or a request may override the settings' own);
+    ``diff_image`` too: only a job writes one.
+    """
+    return compare_pair(
+        pair_id,
+        a,
+        b,
+        config,
+        comparator,
+        max_input_pixels=settings.max_input_pixels,
+        diff_image=diff_image,
+        cache_mb=settings.cache_mb,
+        decode_budget_mp=settings.decode_budget_mp,
+        deadline=deadline,
+    )
 
 
 def pair_deadline(deadline: Deadline | None, config: ComparisonConfig) -> Deadline:

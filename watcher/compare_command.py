@@ -6,16 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from handler.compare import create_comparator
+from handler.api import compare_files
 from handler.config import Settings
 from handler.errors import PairError
-from handler.pipeline import ImageInput, compare_pair
-from handler.storage import LocalStorage, read_file
+from handler.storage import LocalStorage
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-
-
-def _file_input(path: Path, max_bytes: int) -> ImageInput:
-    return ImageInput(name=path.name, load=lambda: read_file(path, max_bytes))
 
 
 def _same_file(output: Path, image: Path) -> bool:
@@ -43,19 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if problem:
             print(f"pairwatch compare: --output {output} {problem}", file=sys.stderr)
             return EXIT_USAGE
-    comparator = create_comparator(settings)
-    try:
-        result = compare_pair(
-            f"{args.a.name}~{args.b.name}",
-            _file_input(args.a, settings.max_input_bytes),
-            _file_input(args.b, settings.max_input_bytes),
-            settings.comparison,
-            comparator,
-            max_input_pixels=settings.max_input_pixels,
-            decode_budget_mp=settings.decode_budget_mp,
-        ).result
-    finally:
-        comparator.close()
+    result = compare_files(args.a, args.b, settings.comparison, settings)
     text = result.to_json()
     sys.stdout.write(text)
     if output is not None:

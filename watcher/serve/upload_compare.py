@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 from handler.deadline import Deadline
 from handler.errors import PairError
 from handler.logs import get_logger
-from handler.pipeline import ImageInput, compare_pair
+from handler.pipeline import ImageInput, compare_pair_with_settings
 from handler.result import ComparisonResult
 from watcher import prometheus
 from watcher.serve.admission import Busy, Ticket
@@ -118,15 +118,13 @@ class UploadCompare:
 
         def work() -> ComparisonResult:
             assert taken.deadline is not None
-            return compare_pair(
+            return compare_pair_with_settings(
+                settings,
                 pair_id,
                 a,
                 b,
                 pair.config,
                 self.state.comparator,
-                max_input_pixels=settings.max_input_pixels,
-                cache_mb=settings.cache_mb,
-                decode_budget_mp=settings.decode_budget_mp,
                 deadline=taken.deadline,
             ).result
 
