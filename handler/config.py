@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -33,7 +34,7 @@ from pydantic_settings import (
 
 #: Chosen so that re-encoded, rescaled, re-formatted and EXIF-rotated copies score above it and
 #: local edits (a pasted object over a few percent of the image, a blurred region, recolouring,
-#: mirroring) score below it; see ``handler.compare.metrics`` and tests/test_metrics.py.
+#: mirroring) score below it; see ``handler.compare.metrics`` and tests/compare/test_metrics.py.
 DEFAULT_SIMILARITY_THRESHOLD = 0.93
 DEFAULT_MAX_INPUT_PIXELS = 200_000_000
 #: Enough for several 1 MP pairs at once; a pair of 100 MP inputs runs alone.
@@ -435,3 +436,19 @@ def format_validation_error(exc: ValidationError) -> str:
         where = ".".join(str(part) for part in err["loc"]) or "config"
         lines.append(f"{where}: {err['msg']}")
     return "invalid configuration: " + "; ".join(lines)
+
+
+class InvalidConfig(ValueError):
+    """A config override that does not validate; ``field`` names it (``config.image_quality``)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def apply_overrides(base: ComparisonConfig, overrides: Mapping[str, Any]) -> ComparisonConfig:
+    """``base`` with some fields replaced, validated; ``InvalidConfig`` names the bad field."""
+    try:
+        return ComparisonConfig.model_validate(base.model_dump() | dict(overrides))
+    except ValidationError as exc:
+        raise InvalidConfig(format_validation_error(exc), error_field(exc, "config")) from None

@@ -70,13 +70,8 @@ from handler.pairs import (
     join_relative,
     parse_manifest,
 )
-from handler.pipeline import (
-    ImageInput,
-    compare_pair_with_settings,
-    failure_result,
-    pair_deadline,
-)
-from handler.result import ComparisonResult, InputInfo
+from handler.pipeline import ImageInput, compare_pair_with_settings, pair_deadline
+from handler.result import ComparisonResult, InputInfo, failure_result
 from handler.storage import HashingStorage, PairStorage, VersionedStorage
 
 #: Manifests are a few hundred bytes; anything much bigger is not one.

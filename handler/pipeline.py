@@ -66,7 +66,7 @@ from handler.images import (
 )
 from handler.logs import elapsed_ms, get_logger
 from handler.prepared_cache import CacheKey, PreparedCache, cache_key, process_cache
-from handler.result import Box, ComparatorInfo, ComparisonResult, ErrorInfo, InputInfo
+from handler.result import Box, ComparisonResult, InputInfo, failure_result
 from handler.vips import release_after
 
 
@@ -632,35 +632,3 @@ class _Preparation:
             duration_ms=self._add_time(started),
         )
         return image
-
-
-def failure_result(
-    pair_id: str,
-    error: PairError,
-    inputs: list[InputInfo],
-    config: ComparisonConfig,
-    comparator: ComparatorInfo,
-    *,
-    timings: dict[str, float] | None = None,
-    failed_input: str | None = None,
-) -> ComparisonResult:
-    """An error/timeout result; also used by the watchers for pair-level problems."""
-    vl_details = error.details.get("vl")
-    return ComparisonResult(
-        pair_id=pair_id,
-        status="timeout" if error.status == "timeout" else "error",
-        summary=f"Comparison failed: {error.message}",
-        comparator=comparator,
-        inputs=inputs,
-        config=config,
-        timings_ms=timings or {"total": 0.0},
-        error=ErrorInfo(
-            type=error.type,
-            message=error.message,
-            input="a" if failed_input == "a" else "b" if failed_input == "b" else None,
-            field=error.details.get("field"),
-            stage=error.details.get("stage") if error.status == "timeout" else None,
-        ),
-        vl=vl_details,
-        metrics=error.details.get("metrics", {}),
-    )

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from handler import __version__
 from handler.config import ComparisonConfig
+from handler.errors import PairError
 
 Status = Literal["ok", "error", "timeout"]
 
@@ -175,3 +176,35 @@ class ComparisonResult(BaseModel):
 
 def result_json_schema() -> dict[str, Any]:
     return ComparisonResult.model_json_schema()
+
+
+def failure_result(
+    pair_id: str,
+    error: PairError,
+    inputs: list[InputInfo],
+    config: ComparisonConfig,
+    comparator: ComparatorInfo,
+    *,
+    timings: dict[str, float] | None = None,
+    failed_input: str | None = None,
+) -> ComparisonResult:
+    """An error/timeout result; also used by the watchers for pair-level problems."""
+    vl_details = error.details.get("vl")
+    return ComparisonResult(
+        pair_id=pair_id,
+        status="timeout" if error.status == "timeout" else "error",
+        summary=f"Comparison failed: {error.message}",
+        comparator=comparator,
+        inputs=inputs,
+        config=config,
+        timings_ms=timings or {"total": 0.0},
+        error=ErrorInfo(
+            type=error.type,
+            message=error.message,
+            input="a" if failed_input == "a" else "b" if failed_input == "b" else None,
+            field=error.details.get("field"),
+            stage=error.details.get("stage") if error.status == "timeout" else None,
+        ),
+        vl=vl_details,
+        metrics=error.details.get("metrics", {}),
+    )

@@ -2,7 +2,7 @@
 then a real pair stopped in each stage: fetch (a slow S3 endpoint on loopback), prepare (a
 libvips shrink killed), detect (waiting for room in the decode budget, a 196 MP pair), compare
 (between metrics), and the runner starting the deadline when a worker takes the pair, not when
-it was offered. (The VL model's share: tests/test_vl_comparator.py.)"""
+it was offered. (The VL model's share: tests/compare/vl/test_comparator.py.)"""
 
 from __future__ import annotations
 

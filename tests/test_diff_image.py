@@ -15,8 +15,8 @@ from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig
 from handler.errors import ComparisonTimeout
 from handler.images import prepare
-from handler.pipeline import ImageInput, PairOutcome, compare_pair, failure_result
-from handler.result import ComparisonResult, Region
+from handler.pipeline import ImageInput, PairOutcome, compare_pair
+from handler.result import ComparisonResult, Region, failure_result
 from tests.support import scenes, screens
 
 COMPARATOR = MetricsComparator()

@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     configure_logging(settings.log_format, settings.log_level)
     if args.command.startswith("watch") and settings.metrics_port is not None:
-        from watcher.metrics import start_metrics_server
+        from watcher.prometheus import start_metrics_server
 
         start_metrics_server(settings.metrics_port, settings.serve_host)
     code: int = _implementation(args.command)(args, settings)

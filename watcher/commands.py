@@ -181,27 +181,27 @@ COMMANDS = {
     "watch": Command(
         "Watch a folder: every image pair dropped into it gets a result.json beside it.",
         _watch,
-        "watcher.local:run",
+        "watcher.sources.folder:run",
     ),
     "watch-sqs": Command(
         "Work an SQS queue of S3 notifications: results are written back to the bucket.",
         _watch_sqs,
-        "watcher.sqs:run",
+        "watcher.sources.sqs:run",
     ),
     "watch-minio": Command(
         "Listen to a MinIO bucket's notifications and write results back beside the pairs.",
         _watch_minio,
-        "watcher.minio_listen:run",
+        "watcher.sources.minio:run",
     ),
     "watch-poll": Command(
         "Poll an S3 prefix (ListObjectsV2) for stores without bucket notifications.",
         _watch_poll,
-        "watcher.poll:run",
+        "watcher.sources.poll:run",
     ),
     "serve": Command(
         "Serve the HTTP API: uploads, object-store webhooks, health checks and Prometheus metrics.",
         _serve,
-        "watcher.serve:run",
+        "watcher.serve.command:run",
     ),
     "report": Command(
         "Write a self-contained HTML report of every result under a folder.",

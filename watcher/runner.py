@@ -42,7 +42,7 @@ from handler.deadline import Deadline
 from handler.disposition import Disposition
 from handler.errors import PairError
 from handler.logs import get_logger
-from watcher import metrics
+from watcher import prometheus
 from watcher.jobqueue import CoalescingQueue
 from watcher.manifests import ManifestIndex
 from watcher.rechecks import Rechecks
@@ -309,7 +309,7 @@ class Runner(Generic[K]):
         with ``_cond`` held; a closed runner has none)."""
         depth = 0 if self._closed else len(self.queue) + len(self._next)
         if depth != self._depth:
-            metrics.QUEUE_DEPTH.inc(depth - self._depth)
+            prometheus.QUEUE_DEPTH.inc(depth - self._depth)
             self._depth = depth
 
     def _work_loop(self) -> None:
@@ -327,7 +327,7 @@ class Runner(Generic[K]):
                 self._in_flight.add(key)
                 self._track_depth()
             deadline = Deadline(self.processing_timeout)  # taken now: the pair's time starts
-            with metrics.in_flight():
+            with prometheus.in_flight():
                 fate = self._run(key, entry, waited, deadline)
             self._finish(key, entry, fate)
 

@@ -33,9 +33,9 @@ from handler.config import ComparisonConfig, Settings
 from handler.logs import configure_logging
 from handler.result import ComparisonResult
 from tests.support import tiny_vlm
-from watcher.folder_source import FolderSource
 from watcher.runner import runner_for
 from watcher.shutdown import StopFlag
+from watcher.sources.folder import FolderSource
 
 #: Small prepared images: the tiny model's prompt stays short, as the tests keep it.
 CONFIG = ComparisonConfig(max_image_size=(128, 128))
