@@ -284,7 +284,9 @@ def test_escaping_manifest_and_hostile_images_do_not_stop_the_watcher(
 
 def test_full_queue_falls_back_to_a_rescan(tmp_path: Path, photos: dict[str, bytes]) -> None:
     names = [f"p{i}" for i in range(8)]
-    with captured_logs() as logs, watching(tmp_path, queue_size=2):
+    # Settled together (all written well within the settle time, even on a loaded machine) and
+    # one at a time in flight: 8 pairs meet a queue of 2 at once, however fast each compares.
+    with captured_logs() as logs, watching(tmp_path, queue_size=2, settle_time=1.5, concurrency=1):
         for name in names:
             rsync_put(tmp_path / name / "a.jpg", photos["a"])
             rsync_put(tmp_path / name / "b.jpg", photos["a_copy"])
