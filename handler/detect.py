@@ -51,6 +51,7 @@ from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
 from handler import pixels as px
+from handler import splice
 from handler.align import Alignment, Band, Profiles, align, moved_rows, rows_in_place
 from handler.config import IgnoreRegion, MatchLevel, MatchRegion
 from handler.deadline import Deadline
@@ -305,7 +306,9 @@ def _copies(
     shrunk_sizes: _Wanted,
 ) -> _Pair:
     """The resized copies pass 1 made. Not one pixel differs (and none was left out): the same
-    pixels resize the same, so one copy serves both (a re-encoded screenshot's pair)."""
+    pixels resize the same, so one copy serves both (a re-encoded screenshot's pair). Where
+    they differ in a few rows (one changed line), B's copy is A's with those rows resized
+    again (``_Stream.shrunk``)."""
     copy_a = streams[0].shrunk()
     same = (
         not rules.ignore
@@ -314,7 +317,9 @@ def _copies(
         and geometry.size_a == geometry.size_b == geometry.work_a == geometry.work_b
         and shrunk_sizes[0] == shrunk_sizes[1]
     )
-    return copy_a, copy_a if same else streams[1].shrunk()
+    if same:
+        return copy_a, copy_a
+    return copy_a, streams[1].shrunk(alike=(streams[0].kept(), copy_a))
 
 
 def _again(
@@ -512,15 +517,21 @@ class _Stream:
                 self._kept_rows = last
         return pixels
 
-    def shrunk(self) -> Image.Image | None:
-        """The resized copy, once every strip was read (None where none was made)."""
+    def shrunk(
+        self, *, alike: tuple[NDArray[np.uint8] | None, Image.Image | None] = (None, None)
+    ) -> Image.Image | None:
+        """The resized copy, once every strip was read (None where none was made).
+
+        ``alike``: the other input's kept pixels and its copy (made the same way, to the same
+        size): where the two inputs differ in a few rows only, this copy is that one with
+        the rows those reach resized from this input (``handler.splice``), not all of it."""
         kept = self.kept() if self._keeping else None
         if self._wanted is not None and kept is not None:
             native = pyvips.Image.new_from_memory(kept.data, self.width, self.height, 4, "uchar")
             # All four bands (taking three apart would cost a copy); Pillow drops opacity.
             small = _resized(native, self._wanted)
-            size = (small.width, small.height)
-            return Image.frombytes("RGB", size, small.write_to_memory(), "raw", "RGBX")
+            spliced = _spliced(small, kept, *alike)
+            return spliced if spliced is not None else _rgb(small, 0, small.height)
         if self._small is None:
             return None
         self._shrink_above(self.height, final=True)
@@ -538,6 +549,39 @@ class _Stream:
         ):
             self._small_rows.append(_fetch(self._small, self._small_done, ready, width, bands=3))
             self._small_done = ready
+
+
+def _rgb(image: pyvips.Image, first: int, last: int) -> Image.Image:
+    """Rows ``first:last`` of a 4-band image as RGB (libvips computes only those)."""
+    part = image.crop(0, first, image.width, last - first) if last - first < image.height else image
+    return Image.frombytes(
+        "RGB", (image.width, last - first), part.write_to_memory(), "raw", "RGBX"
+    )
+
+
+def _spliced(
+    small: pyvips.Image,
+    kept: NDArray[np.uint8],
+    other_kept: NDArray[np.uint8] | None,
+    other_copy: Image.Image | None,
+) -> Image.Image | None:
+    """``small`` (``kept`` resized) as ``other_copy`` (``other_kept`` resized the same way)
+    with only the rows that ``kept`` changes computed; None where the two differ in too many
+    rows to be worth it (or cannot be compared)."""
+    size = (small.width, small.height)
+    if other_kept is None or other_copy is None or other_copy.size != size:
+        return None
+    if other_kept.shape != kept.shape:
+        return None
+    changed = splice.differing_rows(kept, other_kept)
+    if changed is None:
+        return other_copy.copy()
+    span = splice.output_rows(changed, len(kept), small.height)
+    if span is None:
+        return None
+    out = other_copy.copy()
+    out.paste(_rgb(small, *span), (0, span[0]))
+    return out
 
 
 def _resized(colour: pyvips.Image, wanted: tuple[int, int]) -> pyvips.Image:

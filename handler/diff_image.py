@@ -218,12 +218,21 @@ def _to_palette(photos: Image.Image) -> Image.Image:
     A photographic PNG in RGB costs ~1 MB and ~250 ms to encode at 1024 px; as a 256-colour
     palette image it is ~4x smaller and several times faster, and still plainly shows what
     changed. The inks keep exact colours, so boxes stay pure red whatever the photo holds.
+
+    The photo colours are chosen from every other pixel of every other row (the octree costs
+    as much as the mapping, and a quarter of the pixels holds the same colours), then every
+    pixel takes the nearest of them or of the inks: ~2.5x faster than the octree over all.
     """
-    canvas = photos.quantize(_PHOTO_COLORS, method=Image.Quantize.FASTOCTREE)
-    palette = (canvas.getpalette() or [])[: 3 * _PHOTO_COLORS]
-    palette += [0] * (3 * _PHOTO_COLORS - len(palette))
-    canvas.putpalette(palette + [channel for ink in _INKS for channel in ink])
-    return canvas
+    sample = photos.resize(
+        (max(1, photos.width // 2), max(1, photos.height // 2)), Image.Resampling.NEAREST
+    )
+    chosen = sample.quantize(_PHOTO_COLORS, method=Image.Quantize.FASTOCTREE)
+    colours = (chosen.getpalette() or [])[: 3 * _PHOTO_COLORS]
+    # (Unused slots repeat the first colour: the nearest search never lands on them alone.)
+    colours += colours[:3] * (_PHOTO_COLORS - len(colours) // 3)
+    palette = Image.new("P", (1, 1))
+    palette.putpalette(colours + [channel for ink in _INKS for channel in ink])
+    return photos.quantize(palette=palette, dither=Image.Dither.NONE)
 
 
 def _layout(

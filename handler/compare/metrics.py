@@ -50,6 +50,7 @@ from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop
 from handler.images import PreparedImage
 from handler.result import AlignmentInfo, Box, ComparatorInfo, Difference
+from handler.splice import resized_like
 
 #: Longest edge of the common working size. Large enough that an edit over ~1% of the image
 #: spans many SSIM windows, small enough to stay in the low milliseconds.
@@ -315,12 +316,14 @@ def _mapped(
 
 
 def _common_size(a: Image.Image, b: Image.Image) -> tuple[Image.Image, Image.Image]:
-    """Both images at A's aspect ratio with WORK_EDGE as the longest edge."""
+    """Both images at A's aspect ratio with WORK_EDGE as the longest edge: B's made from A's
+    where they differ in a few rows only (``handler.splice``: the same pixels, less work)."""
     width, height = a.size
     factor = WORK_EDGE / max(width, height)
     size = (max(MIN_WORK_EDGE, round(width * factor)), max(MIN_WORK_EDGE, round(height * factor)))
     resample = Image.Resampling.LANCZOS
-    return a.resize(size, resample), b.resize(size, resample)
+    work_a = a.resize(size, resample)
+    return work_a, resized_like(a, work_a, b, resample)
 
 
 def _changed_mask(ssim_map: NDArray[np.float64], delta_e: NDArray[np.float64]) -> NDArray[np.bool_]:

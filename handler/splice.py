@@ -1,0 +1,82 @@
+"""Resized copies of B made from A's where the two differ in a few rows only.
+
+The everyday changed pair (a screenshot with one line of text changed) is the same picture
+above and below a band of rows. Every resize of B (the prepared copy detection makes, the
+metrics comparator's working image) then equals A's resize except in the output rows whose
+filter reaches into that band: those few rows are resized from B, the rest taken from A's
+copy, pixel for pixel what resizing all of B gives (the tests compare both). A resize is
+separable and each output row is computed from the input rows under its kernel alone, so
+nothing else can differ.
+
+For Pillow this holds only where the output rows can be asked for by a ``box`` whose float
+arithmetic is exact (a vertical scale with a short binary fraction, e.g. 1024 x 640 to
+256 x 160); other sizes are resized whole, as before.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+#: Output rows added above and below the rows a change reaches, beyond the kernel's own
+#: reach (LANCZOS: 3 output rows; a box reduction before it: one more): rounding, with room.
+MARGIN = 8
+#: Beyond this share of the output rows, B is resized whole (the splice would save little).
+MAX_SHARE = 0.5
+#: A vertical scale is exact when it is a multiple of 2**-SCALE_BITS.
+SCALE_BITS = 8
+
+
+def differing_rows(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> tuple[int, int] | None:
+    """The first and one past the last row in which two images of one shape (rows, columns,
+    channels) differ; None where they are the same."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
+    rows = np.flatnonzero((a != b).reshape(len(a), -1).any(axis=1))
+    if not len(rows):
+        return None
+    return int(rows[0]), int(rows[-1]) + 1
+
+
+def output_rows(rows: tuple[int, int], height: int, out_height: int) -> tuple[int, int] | None:
+    """The output rows a resize from ``height`` to ``out_height`` rows computes from input
+    ``rows`` (with MARGIN), or None where they are more than MAX_SHARE of them."""
+    scale = height / out_height
+    first = max(0, math.floor(rows[0] / scale) - MARGIN)
+    last = min(out_height, math.ceil(rows[1] / scale) + MARGIN)
+    if last - first > MAX_SHARE * out_height:
+        return None
+    return first, last
+
+
+def resized_like(
+    a: Image.Image, a_resized: Image.Image, b: Image.Image, resample: Image.Resampling
+) -> Image.Image:
+    """``b.resize(a_resized.size, resample)``, made from ``a_resized`` (``a`` resized so)
+    where ``a`` and ``b`` (same size and mode) differ in a few rows only."""
+    size = a_resized.size
+    scale = b.height / size[1]
+    if a.size != b.size or a.mode != b.mode or not _exact(b.height, size[1]):
+        return b.resize(size, resample)
+    changed = differing_rows(np.asarray(a), np.asarray(b))
+    if changed is None:
+        return a_resized.copy()
+    span = output_rows(changed, b.height, size[1])
+    if span is None:
+        return b.resize(size, resample)
+    first, last = span
+    # Scale and kernel centres of these rows are the whole resize's, bit for bit (_exact).
+    box = (0.0, first * scale, float(b.width), last * scale)
+    part = b.resize((size[0], last - first), resample, box=box)
+    out = a_resized.copy()
+    out.paste(part, (0, first))
+    return out
+
+
+def _exact(height: int, out_height: int) -> bool:
+    """Is ``height / out_height`` a multiple of 2**-SCALE_BITS (so that every kernel centre,
+    ``top + (row + 0.5) * scale``, is computed exactly, whatever the order of operations)?"""
+    return (height << SCALE_BITS) % out_height == 0
