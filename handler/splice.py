@@ -35,7 +35,8 @@ def differing_rows(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> tuple[int, int
     channels) differ; None where they are the same."""
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
-    rows = np.flatnonzero((a != b).reshape(len(a), -1).any(axis=1))
+    flat_a, flat_b = _words(a), _words(b)
+    rows = np.flatnonzero((flat_a != flat_b).any(axis=1))
     if not len(rows):
         return None
     return int(rows[0]), int(rows[-1]) + 1
@@ -74,6 +75,16 @@ def resized_like(
     out = a_resized.copy()
     out.paste(part, (0, first))
     return out
+
+
+def _words(image: NDArray[np.uint8]) -> NDArray[np.generic]:
+    """One row per image row, in the widest words its bytes fill (8 bytes compared at once
+    instead of one: the comparison costs a fraction of a millisecond a megapixel)."""
+    flat = np.ascontiguousarray(image).reshape(len(image), -1)
+    for word in (np.uint64, np.uint32):
+        if flat.shape[1] % np.dtype(word).itemsize == 0:
+            return flat.view(word)
+    return flat
 
 
 def _exact(height: int, out_height: int) -> bool:

@@ -50,7 +50,7 @@ from handler.deadline import Deadline
 from handler.detect import Detection, RegionCrop
 from handler.images import PreparedImage
 from handler.result import AlignmentInfo, Box, ComparatorInfo, Difference
-from handler.splice import resized_like
+from handler.splice import differing_rows, resized_like
 
 #: Longest edge of the common working size. Large enough that an edit over ~1% of the image
 #: spans many SSIM windows, small enough to stay in the low milliseconds.
@@ -166,7 +166,8 @@ def _scores(a: Image.Image, b: Image.Image, check: Callable[[], None]) -> dict[s
         grey_a, grey_b, data_range=255.0, gaussian_weights=True, sigma=1.5, full=True
     )
     check()
-    delta_e = np.linalg.norm(rgb2lab(rgb_a) - rgb2lab(rgb_b), axis=2)
+    lab_a = rgb2lab(rgb_a)
+    delta_e = np.linalg.norm(lab_a - _lab_like(rgb_a, lab_a, rgb_b, rgb2lab), axis=2)
     check()
     changed_fraction = float(_changed_mask(ssim_map, delta_e).mean())
     check()
@@ -182,6 +183,25 @@ def _scores(a: Image.Image, b: Image.Image, check: Callable[[], None]) -> dict[s
         "color_similarity": round(color, 4),
         "mean_delta_e": round(float(delta_e.mean()), 3),
     }
+
+
+def _lab_like(
+    rgb_a: NDArray[np.uint8],
+    lab_a: NDArray[np.float64],
+    rgb_b: NDArray[np.uint8],
+    rgb2lab: Callable[[NDArray[np.uint8]], NDArray[np.float64]],
+) -> NDArray[np.float64]:
+    """B's Lab colours: A's (``lab_a``) where the rows are A's, converted only where they
+    differ (the conversion is per pixel: the same values as converting all of B)."""
+    changed = differing_rows(rgb_a, rgb_b)
+    if changed is None:
+        return lab_a
+    first, last = changed
+    if 2 * (last - first) > len(rgb_b):
+        return rgb2lab(rgb_b)
+    lab_b = lab_a.copy()
+    lab_b[first:last] = rgb2lab(rgb_b[first:last])
+    return lab_b
 
 
 def _verdict(
@@ -337,11 +357,18 @@ def _changed_mask(ssim_map: NDArray[np.float64], delta_e: NDArray[np.float64]) -
 
 def _histogram_intersection(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float:
     """Overlap of the two 8x8x8 RGB histograms: 1 = same colour distribution."""
-    bins = (_COLOR_BINS,) * 3
-    edges = [(0, 256)] * 3
-    hist_a, _ = np.histogramdd(a.reshape(-1, 3), bins=bins, range=edges)
-    hist_b, _ = np.histogramdd(b.reshape(-1, 3), bins=bins, range=edges)
+    hist_a, hist_b = _histogram(a), _histogram(b)
     return float(np.minimum(hist_a / hist_a.sum(), hist_b / hist_b.sum()).sum())
+
+
+def _histogram(rgb: NDArray[np.uint8]) -> NDArray[np.float64]:
+    """The 8x8x8 RGB histogram: the counts ``np.histogramdd`` gives over (0, 256) in equal
+    bins (a value's bin is its top bits), in a tenth of its time."""
+    shift = 8 - (_COLOR_BINS.bit_length() - 1)
+    bins = (rgb.reshape(-1, 3) >> shift).astype(np.intp)
+    index = (bins[:, 0] * _COLOR_BINS + bins[:, 1]) * _COLOR_BINS + bins[:, 2]
+    counts = np.bincount(index, minlength=_COLOR_BINS**3)
+    return counts.reshape((_COLOR_BINS,) * 3).astype(np.float64)
 
 
 def _summary(similarity: float, similar: bool, detection: Detection | None) -> str:
