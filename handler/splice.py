@@ -30,9 +30,9 @@ MAX_SHARE = 0.5
 SCALE_BITS = 8
 
 
-def differing_rows(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> tuple[int, int] | None:
+def differing_rows(a: NDArray[np.generic], b: NDArray[np.generic]) -> tuple[int, int] | None:
     """The first and one past the last row in which two images of one shape (rows, columns,
-    channels) differ; None where they are the same."""
+    channels) differ, byte for byte; None where they are the same."""
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
     flat_a, flat_b = _words(a), _words(b)
@@ -77,10 +77,10 @@ def resized_like(
     return out
 
 
-def _words(image: NDArray[np.uint8]) -> NDArray[np.generic]:
+def _words(image: NDArray[np.generic]) -> NDArray[np.generic]:
     """One row per image row, in the widest words its bytes fill (8 bytes compared at once
     instead of one: the comparison costs a fraction of a millisecond a megapixel)."""
-    flat = np.ascontiguousarray(image).reshape(len(image), -1)
+    flat = np.ascontiguousarray(image).reshape(len(image), -1).view(np.uint8)
     for word in (np.uint64, np.uint32):
         if flat.shape[1] % np.dtype(word).itemsize == 0:
             return flat.view(word)

@@ -61,6 +61,8 @@ MIN_WORK_EDGE = 16
 #: A pixel is "changed" where local SSIM falls below this or the colour moves more than
 #: CHANGED_DELTA_E (CIE76) — values that JPEG quality 70 and rescaling stay clear of.
 CHANGED_SSIM = 0.5
+#: The Gaussian SSIM window's sigma (Wang et al.'s).
+SSIM_SIGMA = 1.5
 CHANGED_DELTA_E = 20.0
 #: changed_fraction 0.02 (2 % of the image) -> local_similarity 0.84.
 LOCAL_WEIGHT = 8.0
@@ -162,9 +164,7 @@ def _scores(a: Image.Image, b: Image.Image, check: Callable[[], None]) -> dict[s
     grey_a, grey_b = (np.asarray(i.convert("L"), dtype=np.float64) for i in (work_a, work_b))
     rgb_a, rgb_b = np.asarray(work_a), np.asarray(work_b)
     check()
-    ssim, ssim_map = structural_similarity(  # type: ignore[no-untyped-call]
-        grey_a, grey_b, data_range=255.0, gaussian_weights=True, sigma=1.5, full=True
-    )
+    ssim, ssim_map = _ssim(grey_a, grey_b, structural_similarity)
     check()
     lab_a = rgb2lab(rgb_a)
     delta_e = np.linalg.norm(lab_a - _lab_like(rgb_a, lab_a, rgb_b, rgb2lab), axis=2)
@@ -183,6 +183,42 @@ def _scores(a: Image.Image, b: Image.Image, check: Callable[[], None]) -> dict[s
         "color_similarity": round(color, 4),
         "mean_delta_e": round(float(delta_e.mean()), 3),
     }
+
+
+#: The Gaussian SSIM window's radius (sigma 1.5, truncated at 3.5 sigma, as scipy rounds it).
+_SSIM_RADIUS = int(3.5 * SSIM_SIGMA + 0.5)
+
+
+def _ssim(
+    grey_a: NDArray[np.float64],
+    grey_b: NDArray[np.float64],
+    structural_similarity: Callable[..., tuple[float, NDArray[np.float64]]],
+) -> tuple[float, NDArray[np.float64]]:
+    """Mean SSIM and the SSIM map (Gaussian window), computed where the rows differ only.
+
+    Where every pixel under a window is the same in both images, the map is exactly 1 (its
+    numerator and denominator are the same products, rounded alike), so only the rows within
+    a window of a differing row are computed, from those rows with a window's worth of real
+    rows around them, and the mean is taken over the whole map as scikit-image takes it."""
+
+    def whole(a: NDArray[np.float64], b: NDArray[np.float64]) -> tuple[float, NDArray[np.float64]]:
+        return structural_similarity(
+            a, b, data_range=255.0, gaussian_weights=True, sigma=SSIM_SIGMA, full=True
+        )
+
+    changed = differing_rows(grey_a, grey_b)
+    height, reach = len(grey_a), _SSIM_RADIUS
+    if changed is None or 2 * (changed[1] - changed[0] + 2 * reach) > height:
+        return whole(grey_a, grey_b)
+    top, bottom = max(0, changed[0] - reach), min(height, changed[1] + reach)
+    first, last = max(0, top - reach), min(height, bottom + reach)
+    if last - first < 2 * reach + 1:  # (shorter than the window: scikit-image refuses it)
+        return whole(grey_a, grey_b)
+    _, part = whole(grey_a[first:last], grey_b[first:last])
+    ssim_map = np.ones_like(grey_a)
+    ssim_map[top:bottom] = part[top - first : bottom - first]
+    pad = reach  # (scikit-image leaves out a window's radius at every edge)
+    return float(ssim_map[pad:-pad, pad:-pad].mean(dtype=np.float64)), ssim_map
 
 
 def _lab_like(
