@@ -10,7 +10,8 @@ nothing else can differ.
 
 For Pillow this holds only where the output rows can be asked for by a ``box`` whose float
 arithmetic is exact (a vertical scale with a short binary fraction, e.g. 1024 x 640 to
-256 x 160); other sizes are resized whole, as before.
+256 x 160); other sizes are resized whole, as before, except for the diff image's overview
+(``exact=False``: a picture for people, where a level of rounding in a pixel is invisible).
 """
 
 from __future__ import annotations
@@ -54,13 +55,22 @@ def output_rows(rows: tuple[int, int], height: int, out_height: int) -> tuple[in
 
 
 def resized_like(
-    a: Image.Image, a_resized: Image.Image, b: Image.Image, resample: Image.Resampling
+    a: Image.Image,
+    a_resized: Image.Image,
+    b: Image.Image,
+    resample: Image.Resampling,
+    *,
+    exact: bool = True,
 ) -> Image.Image:
     """``b.resize(a_resized.size, resample)``, made from ``a_resized`` (``a`` resized so)
-    where ``a`` and ``b`` (same size and mode) differ in a few rows only."""
+    where ``a`` and ``b`` (same size and mode) differ in a few rows only.
+
+    ``exact=False`` (an illustration, not a measurement) splices at any scale: where the
+    scale is not a short binary fraction the recomputed rows' kernel centres may be rounded
+    differently from the whole resize's, a level of difference in a rare pixel of them."""
     size = a_resized.size
     scale = b.height / size[1]
-    if a.size != b.size or a.mode != b.mode or not _exact(b.height, size[1]):
+    if a.size != b.size or a.mode != b.mode or (exact and not _exact(b.height, size[1])):
         return b.resize(size, resample)
     changed = differing_rows(np.asarray(a), np.asarray(b))
     if changed is None:

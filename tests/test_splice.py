@@ -165,3 +165,26 @@ def test_diff_palette_keeps_the_inks_exact_and_the_photo_close() -> None:
     # (Pillow maps to a given palette through a cache of 4 x 4 x 4 colour boxes: a colour may
     # come out a few levels off, never more.)
     assert np.abs(shown[690, 1020] - 255).max() <= 4
+
+
+def test_the_overviews_b_panel_is_bs_own_within_a_level() -> None:
+    """The diff image's B panel at a scale with no exact splice (640 -> 481 rows, bilinear):
+    rows far from the change are A's panel's, which are B's own there; the recomputed rows
+    are B's within a level of rounding."""
+    page = screenshot(6, changed=False).resize((1024, 640), LANCZOS)
+    edited = screenshot(6, changed=True).resize((1024, 640), LANCZOS)
+    bilinear = Image.Resampling.BILINEAR
+    size = (769, 481)
+    made = splice.resized_like(page, page.resize(size, bilinear), edited, bilinear, exact=False)
+    whole = np.asarray(edited.resize(size, bilinear)).astype(np.int16)
+    gap = np.abs(np.asarray(made).astype(np.int16) - whole)
+    assert gap.max() <= 1
+    changed = splice.differing_rows(np.asarray(page), np.asarray(edited))
+    assert changed is not None
+    span = splice.output_rows(changed, 640, 481)
+    assert span is not None
+    assert not gap[: span[0]].any() and not gap[span[1] :].any()
+    assert not np.array_equal(
+        np.asarray(made)[span[0] : span[1]],
+        np.asarray(page.resize(size, bilinear))[span[0] : span[1]],
+    )
