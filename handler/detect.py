@@ -44,6 +44,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -779,8 +780,11 @@ def _sign(profiles: tuple[Profiles, Profiles], same: list[tuple[int, NDArray[np.
 
 class _Scan:
     """One pass over both inputs along ``alignment`` (see the module docstring): ONE loop over
-    strips, B's strip decoded on a second thread while A's is decoded on this one (each decoder
-    is single-threaded and libvips releases the GIL).
+    strips; over KEEP_PIXELS, B's strip decoded on a second thread while A's is decoded on
+    this one (each decoder is single-threaded and libvips releases the GIL). Smaller inputs
+    are decoded on this thread, one strip after the other: a 1 MP strip decodes in less time
+    than handing it over costs, and pairs side by side keep the cores busy (measured: ~13 %
+    more pairs a second at concurrency 2 on 2 cores, one pair alone no slower).
 
     Pass 1 (``profiles`` given) fills the row signatures and leaves a strip unclassified when
     its rows are rows of the other image at another height (``align.moved_rows``): classifying
@@ -826,22 +830,28 @@ class _Scan:
         waits = waits and self.a.keeping and self.b.keeping
         self._unsigned: list[tuple[int, NDArray[np.uint8]]] | None = [] if waits else None
         # Small inputs' strips are kept or soon gone, and ``detect`` trims once at its end.
-        large = max(self.a.width * self.a.height, self.b.width * self.b.height) > KEEP_PIXELS
+        self._large = max(self.a.width * self.a.height, self.b.width * self.b.height) > KEEP_PIXELS
         every = _TRIM_EVERY_BYTES if reuse is None else _TRIM_EVERY_BYTES_ALIGNED
-        self._trim_every = every if large else None
+        self._trim_every = every if self._large else None
 
     def run(self) -> _Scanned:
         width = max(self.a.width, self.b.width)
         rows = max(BLOCK, (_STRIP_PIXELS // width) // BLOCK * BLOCK)
         decoded = 0
-        with ThreadPoolExecutor(1, thread_name_prefix="detect") as helper:
+        with ExitStack() as stack:
+            helper = None
+            if self._large:
+                helper = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="detect"))
             for step in _steps(self.alignment, rows, self.start):
                 if self.deadline is not None:
                     self.deadline.check()
                 span_a, span_b = step.rows_a(), step.rows_b()
-                pending = helper.submit(_context, self.b, span_b) if span_b else None
+                pending = helper.submit(_context, self.b, span_b) if helper and span_b else None
                 strip_a = _context(self.a, span_a) if span_a else None
-                strip_b = pending.result() if pending else None
+                if pending is not None:
+                    strip_b: tuple[NDArray[np.uint8], int] | None = pending.result()
+                else:
+                    strip_b = _context(self.b, span_b) if span_b else None
                 self._take(step, strip_a, strip_b)
                 decoded += sum(s[0].nbytes for s in (strip_a, strip_b) if s is not None)
                 if self._trim_every is not None and decoded >= self._trim_every:
