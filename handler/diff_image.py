@@ -229,7 +229,7 @@ def _to_palette(photos: Image.Image) -> Image.Image:
         (max(1, photos.width // 2), max(1, photos.height // 2)), Image.Resampling.NEAREST
     )
     chosen = sample.quantize(_PHOTO_COLORS, method=Image.Quantize.FASTOCTREE)
-    colours = (chosen.getpalette() or [])[: 3 * _PHOTO_COLORS]
+    colours = (chosen.getpalette() or [])[: 3 * _PHOTO_COLORS] or list(BACKGROUND)
     # (Unused slots repeat the first colour: the nearest search never lands on them alone.)
     colours += colours[:3] * (_PHOTO_COLORS - len(colours) // 3)
     palette = Image.new("P", (1, 1))
