@@ -10,8 +10,9 @@ nothing else can differ.
 
 For Pillow this holds only where the output rows can be asked for by a ``box`` whose float
 arithmetic is exact (a vertical scale with a short binary fraction, e.g. 1024 x 640 to
-256 x 160); other sizes are resized whole, as before, except for the diff image's overview
-(``exact=False``: a picture for people, where a level of rounding in a pixel is invisible).
+256 x 160) and the image is made smaller; other sizes are resized whole, as before, except
+for the diff image's overview (``exact=False``: a picture for people, where a level of
+rounding in a pixel is invisible).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+#: The widest kernel's reach, in rows of the side it is wider on (LANCZOS: 3 input rows
+#: where it enlarges, 3 output rows where it shrinks).
+KERNEL_REACH = 3
 #: Output rows added above and below the rows a change reaches, beyond the kernel's own
-#: reach (LANCZOS: 3 output rows; a box reduction before it: one more): rounding, with room.
-MARGIN = 8
+#: reach (a box reduction before it: one more): rounding, with room.
+MARGIN = 5
 #: Beyond this share of the output rows, B is resized whole (the splice would save little).
 MAX_SHARE = 0.5
 #: A vertical scale is exact when it is a multiple of 2**-SCALE_BITS.
@@ -47,8 +51,10 @@ def output_rows(rows: tuple[int, int], height: int, out_height: int) -> tuple[in
     """The output rows a resize from ``height`` to ``out_height`` rows computes from input
     ``rows`` (with MARGIN), or None where they are more than MAX_SHARE of them."""
     scale = height / out_height
-    first = max(0, math.floor(rows[0] / scale) - MARGIN)
-    last = min(out_height, math.ceil(rows[1] / scale) + MARGIN)
+    # Enlarging, the kernel spans KERNEL_REACH input rows: 1 / scale output rows each.
+    reach = math.ceil(KERNEL_REACH * max(1.0, 1.0 / scale)) + MARGIN
+    first = max(0, math.floor(rows[0] / scale) - reach)
+    last = min(out_height, math.ceil(rows[1] / scale) + reach)
     if last - first > MAX_SHARE * out_height:
         return None
     return first, last
@@ -70,7 +76,10 @@ def resized_like(
     differently from the whole resize's, a level of difference in a rare pixel of them."""
     size = a_resized.size
     scale = b.height / size[1]
-    if a.size != b.size or a.mode != b.mode or (exact and not _exact(b.height, size[1])):
+    if a.size != b.size or a.mode != b.mode or scale < 1.0:
+        # (Enlarging, Pillow's resize of a box differs from its resize of the whole, measured.)
+        return b.resize(size, resample)
+    if exact and not _exact(b.height, size[1]):
         return b.resize(size, resample)
     changed = differing_rows(np.asarray(a), np.asarray(b))
     if changed is None:

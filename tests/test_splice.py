@@ -57,15 +57,16 @@ def test_differing_rows_finds_the_first_and_last_row_that_differ() -> None:
         splice.differing_rows(a, wide)
 
 
-@pytest.mark.parametrize("size", [(1024, 640), (1024, 576), (1000, 683), (640, 480)])
+@pytest.mark.parametrize("size", [(1024, 640), (1024, 576), (1000, 683), (640, 480), (64, 40)])
 def test_pillow_resize_of_b_made_from_a_is_the_resize_of_b(size: tuple[int, int]) -> None:
-    """Exact scales (640 -> 160 rows) splice; others (683 -> 175) resize B whole: either way
-    the same pixels as resizing all of B."""
+    """Exact scales (640 -> 160 rows) splice; others (683 -> 175), and enlargements (40 ->
+    160: Pillow's resize of a box is not its resize of the whole there), resize B whole:
+    either way the same pixels as resizing all of B."""
     page = screenshot(3, changed=False).resize(size, LANCZOS)
     work = (256, round(size[1] * 256 / size[0]))
     page_small = page.resize(work, LANCZOS)
-    for top in _places(size[1]):
-        edited = _edited(page, top, 12)
+    for top in [*_places(size[1]), size[1] // 4]:
+        edited = _edited(page, top, 1 + size[1] // 50)
         made = splice.resized_like(page, page_small, edited, LANCZOS)
         assert made.tobytes() == edited.resize(work, LANCZOS).tobytes(), (size, top)
     same = splice.resized_like(page, page_small, page.copy(), LANCZOS)
