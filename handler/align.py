@@ -73,6 +73,10 @@ MIN_PEAK_RATIO = 1.5
 #: share of what they differ in place.
 VERIFIED_GAP = 0.7
 
+#: Samples transformed at once by the phase correlation (a batch of profiles costs one call
+#: instead of one each; bounded, as a 10,000-pixel profile's transforms are MB each).
+_BATCH_SAMPLES = 1 << 16
+
 BandKind = Literal["matched", "inserted", "removed"]
 _INF = np.float64(1e18)
 
@@ -422,15 +426,21 @@ def _correlation(
     """Phase correlation of ``b``'s profiles against ``a``'s (each normalised, tapered at both
     ends), summed over the profiles, for shifts ``-limit..limit`` (index ``limit`` = shift 0):
     the spectrum's magnitudes are whitened so every frequency votes alike (a sharp peak for a
-    true shift). One profile at a time: a 10,000-pixel profile's transforms stay a few MB."""
+    true shift). Short profiles (an everyday screenshot's) are transformed all at once, long
+    ones one at a time: a 10,000-pixel profile's transforms stay a few MB."""
     length_a, length_b = len(a[0]), len(b[0])
     size = 1 << int(np.ceil(np.log2(length_a + length_b + 1)))
     # Tapered: the signals' edges would otherwise agree at shift 0 by themselves.
     taper_a, taper_b = np.hanning(length_a), np.hanning(length_b)
     summed = np.zeros(size // 2 + 1, np.complex128)
-    for row_a, row_b in zip(a, b, strict=True):
-        spectrum_a = np.fft.rfft(_normalised(row_a) * taper_a, size)
-        summed += np.conj(spectrum_a) * np.fft.rfft(_normalised(row_b) * taper_b, size)
+    step = max(1, _BATCH_SAMPLES // size)
+    for start in range(0, len(a), step):
+        rows_a = [_normalised(row) * taper_a for row in a[start : start + step]]
+        rows_b = [_normalised(row) * taper_b for row in b[start : start + step]]
+        spectra_a = np.fft.rfft(np.stack(rows_a), size, axis=-1)
+        products = np.conj(spectra_a) * np.fft.rfft(np.stack(rows_b), size, axis=-1)
+        for product in products:  # (one at a time, in order: the sum of the rows as before)
+            summed += product
     magnitude = np.abs(summed)
     whitened = np.divide(summed, magnitude, out=np.zeros_like(summed), where=magnitude > 1e-9)
     scores = np.fft.irfft(whitened, size)

@@ -22,6 +22,7 @@ from functools import cache
 
 from PIL import Image, ImageDraw, ImageFont
 
+from handler import splice
 from handler.config import IgnoreRegion
 from handler.detect import RegionCrop
 from handler.images import PreparedImage
@@ -122,7 +123,8 @@ def render_diff(
     fitted = _fit(a.image, layout.a)
     photos.paste(fitted, (layout.a.x, layout.a.y))
     if b.image is not a.image or fitted.size != (layout.b.width, layout.b.height):
-        fitted = _fit(b.image, layout.b)  # (a pixel-identical pair shares one prepared image)
+        # (a pixel-identical pair shares one prepared image; a changed line, most of A's)
+        fitted = _fit_like(a.image, fitted, b.image, layout.b)
     photos.paste(fitted, (layout.b.x, layout.b.y))
     top = overview.height - legend_height
     for left, right in rows:
@@ -218,12 +220,21 @@ def _to_palette(photos: Image.Image) -> Image.Image:
     A photographic PNG in RGB costs ~1 MB and ~250 ms to encode at 1024 px; as a 256-colour
     palette image it is ~4x smaller and several times faster, and still plainly shows what
     changed. The inks keep exact colours, so boxes stay pure red whatever the photo holds.
+
+    The photo colours are chosen from every other pixel of every other row (the octree costs
+    as much as the mapping, and a quarter of the pixels holds the same colours), then every
+    pixel takes the nearest of them or of the inks: ~2.5x faster than the octree over all.
     """
-    canvas = photos.quantize(_PHOTO_COLORS, method=Image.Quantize.FASTOCTREE)
-    palette = (canvas.getpalette() or [])[: 3 * _PHOTO_COLORS]
-    palette += [0] * (3 * _PHOTO_COLORS - len(palette))
-    canvas.putpalette(palette + [channel for ink in _INKS for channel in ink])
-    return canvas
+    sample = photos.resize(
+        (max(1, photos.width // 2), max(1, photos.height // 2)), Image.Resampling.NEAREST
+    )
+    chosen = sample.quantize(_PHOTO_COLORS, method=Image.Quantize.FASTOCTREE)
+    colours = (chosen.getpalette() or [])[: 3 * _PHOTO_COLORS] or list(BACKGROUND)
+    # (Unused slots repeat the first colour: the nearest search never lands on them alone.)
+    colours += colours[:3] * (_PHOTO_COLORS - len(colours) // 3)
+    palette = Image.new("P", (1, 1))
+    palette.putpalette(colours + [channel for ink in _INKS for channel in ink])
+    return photos.quantize(palette=palette, dither=Image.Dither.NONE)
 
 
 def _layout(
@@ -266,6 +277,17 @@ def _fit(image: Image.Image, panel: _Panel) -> Image.Image:
     # An overview: a box filter down to the nearest integer factor, then bilinear (a third of
     # the time of bilinear all the way, the same to the eye).
     return image.resize((panel.width, panel.height), Image.Resampling.BILINEAR, reducing_gap=1.0)
+
+
+def _fit_like(a: Image.Image, a_fitted: Image.Image, b: Image.Image, panel: _Panel) -> Image.Image:
+    """``_fit(b, panel)``, from A's panel where B differs from A in a few rows only (and the
+    panels are alike, without the box filter's integer step): those rows resized from B."""
+    size = (panel.width, panel.height)
+    if b.size == size:
+        return b
+    if a_fitted.size != size or b.width >= 2 * panel.width or b.height >= 2 * panel.height:
+        return _fit(b, panel)
+    return splice.resized_like(a, a_fitted, b, Image.Resampling.BILINEAR, exact=False)
 
 
 def _box(region: Box, original: tuple[int, int], panel: _Panel) -> tuple[int, int, int, int]:
