@@ -22,6 +22,9 @@ message, change its visibility). The runner decides everything about time and co
   a ``Future``; cancelling it while the work waits frees its queue place at once and the work
   never starts. ``load()`` and ``stalled_s()`` tell serve's admission and ``/readyz`` how full
   and how stuck the runner is.
+* **After each job** (``offer_job``), once for every source: the manifest index learns what a
+  manifest read, the metrics count the pair, and the source's ``reporter`` (a command's
+  summary) hears of it; a bug in a job (``work_failed``) is the reporter's ``add_crash``.
 * **Metrics.** ``pairwatch_queue_depth`` follows the keys waiting to run (queued, or offered
   again while in flight) and ``pairwatch_in_flight`` the units of work running, as they change.
 * **Shutdown.** Once ``stop`` is set nothing new is taken; what is in flight finishes (bounded by
@@ -34,10 +37,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from handler import disposition
@@ -46,6 +50,7 @@ from handler.config import ComparisonConfig, Settings
 from handler.deadline import Deadline
 from handler.disposition import Disposition
 from handler.errors import PairError
+from handler.jobs import JobReport
 from handler.logs import get_logger
 from watcher import prometheus
 from watcher.jobqueue import CoalescingQueue
@@ -62,6 +67,17 @@ STOP_POLL_S = 0.2
 Work = Callable[[float], Disposition]
 #: A source's callback acting on the disposition (ack, retry, reject on its transport).
 OnDone = Callable[[Disposition], None]
+#: A pair job (``handler.jobs.run_pair_job`` with its arguments): called with the queued ms.
+Job = Callable[[float], JobReport]
+
+
+class Reporter(Protocol):
+    """Who hears of every job of a runner (a command's summary, its progress bar), from the
+    workers' threads."""
+
+    def add(self, report: JobReport) -> None: ...
+
+    def add_crash(self, key: Any) -> None: ...
 
 
 class Source(Protocol):
@@ -185,6 +201,8 @@ class Runner(Generic[K]):
         self.queue: CoalescingQueue[K, _Entry] = CoalescingQueue(queue_size)
         self.rechecks: Rechecks[K] = Rechecks(clock)
         self.manifests = ManifestIndex()
+        #: Set once by the source whose command keeps a summary (``watch DIR``).
+        self.reporter: Reporter | None = None
         self.ready = threading.Event()
         self._wait_for_comparator = wait_ready
         if not wait_ready:
@@ -224,6 +242,25 @@ class Runner(Generic[K]):
             return None
         future.add_done_callback(lambda done: self._withdraw(key) if done.cancelled() else None)
         return future
+
+    def offer_job(self, key: K, job: Job, source: str) -> bool:
+        """``offer`` for a pair job; the runner does its after-job bookkeeping (``record``,
+        counted under ``source`` in the metrics)."""
+        return self.offer(key, partial(self._run_job, job, source))
+
+    def record(self, reports: Iterable[JobReport], source: str) -> None:
+        """The after-job bookkeeping, one step for every source: the manifest index learns what
+        each manifest read, the metrics count each compared pair, the reporter hears of it."""
+        for report in reports:
+            self.manifests.learn(report)
+            prometheus.record_report(report, source)
+            if self.reporter is not None:
+                self.reporter.add(report)
+
+    def _run_job(self, job: Job, source: str, queued_ms: float) -> Disposition:
+        report = job(queued_ms)
+        self.record([report], source)
+        return report.disposition
 
     def recheck_later(self, key: K, work: Work, fate: Disposition) -> None:
         """Look at ``key`` again as the one policy says for ``fate`` (a retry some caller got
@@ -417,6 +454,8 @@ class Runner(Generic[K]):
             self._log.exception(
                 "work_failed", key=str(key), error_type="internal_error", error=str(exc)
             )
+            if self.reporter is not None:
+                self.reporter.add_crash(key)
             return disposition.retry(f"internal error: {exc}")
 
     def _finish(self, key: K, entry: _Entry, fate: Disposition) -> None:

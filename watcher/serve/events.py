@@ -166,10 +166,18 @@ class EventsEndpoint:
         return delivery
 
     def _handle(self, parsed: Parsed, queued_ms: float | None = None) -> Delivery:
-        """On a runner worker, under the deadline it started when it took the work."""
+        """On a runner worker, under the deadline it started when it took the work; the
+        runner's manifest index answers (and learns) which manifests read an object, as in
+        every bucket watcher."""
+        runner = self.admission.runner
         delivery = self.jobs.handle_parsed(
-            parsed, now=time.time(), deadline=current(), queued_ms=queued_ms
+            parsed,
+            now=time.time(),
+            readers=runner.manifests.readers,
+            deadline=current(),
+            queued_ms=queued_ms,
         )
+        runner.record(delivery.reports, WEBHOOK_SOURCE)
         prometheus.record_delivery(delivery, WEBHOOK_SOURCE)
         return delivery
 
