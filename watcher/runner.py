@@ -464,9 +464,6 @@ class Runner(Generic[K]):
                 entry.on_done(fate)
             except Exception as exc:
                 self._log.exception("settle_failed", key=str(key), error=str(exc))
-        for future in entry.futures:
-            if not future.done():  # a waiter that left before the work started
-                future.set_result(fate)
         if entry.recheck:
             if fate.is_retry:
                 self._schedule(key, entry, fate)
@@ -482,6 +479,10 @@ class Runner(Generic[K]):
                 self.queue.put(key, following, force=True)
             self._track_depth()
             self._cond.notify_all()
+        # Last: a waiter that hears of the outcome finds the work's place free already.
+        for future in entry.futures:
+            if not future.done():  # a waiter that left before the work started
+                future.set_result(fate)
         self.wake()
 
     def _schedule(self, key: K, entry: _Entry, fate: Disposition) -> None:
