@@ -281,10 +281,13 @@ def test_jobs_get_the_runners_bookkeeping_and_a_crash_reaches_the_reporter() -> 
     manifest = PairSpec("manifest", "jobs/m.pair.json")
     report = JobReport(manifest, "written", done(), None, ("imgs/a.jpg", "imgs/b.jpg"))
 
-    def broken(queued_ms: float) -> JobReport:
+    def written(*, now: float, queued_ms: float) -> JobReport:
+        return report
+
+    def broken(*, now: float, queued_ms: float) -> JobReport:
         raise RuntimeError("a bug")
 
-    runner.offer_job(manifest, lambda queued_ms: report, "folder")
+    runner.offer_job(manifest, written, "folder")
     runner.offer_job(PairSpec("folder", "p1"), broken, "folder")
     with capture_logs() as logs:
         runner.run(StopFlag(), Source())

@@ -62,13 +62,20 @@ K = TypeVar("K", bound=Hashable)
 
 #: The longest the main loop sleeps without looking at the stop flag (see watcher.shutdown).
 STOP_POLL_S = 0.2
+#: Weight of the newest run time in ``Runner.mean_run_s``.
+_SMOOTHING = 0.2
 
 #: The work for one key: called with how long it waited in the queue (ms).
 Work = Callable[[float], Disposition]
 #: A source's callback acting on the disposition (ack, retry, reject on its transport).
 OnDone = Callable[[Disposition], None]
-#: A pair job (``handler.jobs.run_pair_job`` with its arguments): called with the queued ms.
-Job = Callable[[float], JobReport]
+
+
+class Job(Protocol):
+    """A pair job (``handler.jobs.run_pair_job`` with the source's arguments): the runner gives
+    it the time and how long it waited."""
+
+    def __call__(self, *, now: float, queued_ms: float) -> JobReport: ...
 
 
 class Reporter(Protocol):
@@ -216,6 +223,8 @@ class Runner(Generic[K]):
         self._wake = threading.Event()
         self._taking = True
         self._closed = False
+        #: Running mean of how long a unit of work takes (``Retry-After`` in serve).
+        self.mean_run_s = 1.0
         #: This runner's share of the ``pairwatch_queue_depth`` gauge.
         self._depth = 0
         self._threads: list[threading.Thread] = []
@@ -258,7 +267,7 @@ class Runner(Generic[K]):
                 self.reporter.add(report)
 
     def _run_job(self, job: Job, source: str, queued_ms: float) -> Disposition:
-        report = job(queued_ms)
+        report = job(now=self.clock(), queued_ms=queued_ms)
         self.record([report], source)
         return report.disposition
 
@@ -441,8 +450,10 @@ class Runner(Generic[K]):
                 self._finish(key, entry, disposition.done("nobody waits for it"))
                 continue
             deadline = Deadline(self.processing_timeout)  # taken now: the pair's time starts
+            started = time.monotonic()
             with prometheus.in_flight():
                 fate = self._run(key, entry, waited, deadline)
+            self.mean_run_s += _SMOOTHING * (time.monotonic() - started - self.mean_run_s)
             self._finish(key, entry, fate)
 
     def _run(self, key: K, entry: _Entry, waited: float, deadline: Deadline) -> Disposition:

@@ -21,8 +21,7 @@ counts its own queue); ``pairwatch_in_flight`` is the runner's.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Hashable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,8 +32,6 @@ from handler.disposition import Disposition
 from watcher import prometheus
 from watcher.runner import Runner, Work
 
-#: Weight of the newest compare time in the running mean ``Retry-After`` is estimated from.
-_SMOOTHING = 0.2
 #: Bodies in memory per worker: one comparing, one read ahead.
 _BODIES_PER_SLOT = 2
 
@@ -63,19 +60,9 @@ class Ticket:
 
     def submit(self, key: Hashable, work: Work) -> Future[Disposition]:
         """The runner's future for ``work`` (its place was counted when it was admitted)."""
-        admission = self._admission
         self._leave_pending()
-        started: list[float] = []
-
-        def timed(queued_ms: float) -> Disposition:
-            started.append(admission.clock())
-            return work(queued_ms)
-
-        future = admission.runner.submit(key, timed, admitted=True)
+        future = self._admission.runner.submit(key, work, admitted=True)
         assert future is not None  # an admitted submit is always queued
-        future.add_done_callback(
-            lambda _: admission.record_hold(admission.clock() - started[0]) if started else None
-        )
         return future
 
     def _leave_pending(self) -> None:
@@ -89,24 +76,17 @@ class Admission:
     """Places for requests before their pair reaches ``runner``; beyond them ``Busy``.
 
     Lives on one event loop (``pending`` and the body semaphore are touched between awaits
-    only; the hold times come from the runner's threads, a float written whole).
+    only).
     """
 
-    def __init__(
-        self,
-        runner: Runner[Any],
-        queue_size: int,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, runner: Runner[Any], queue_size: int) -> None:
         if queue_size < 0:
             raise ValueError("queue_size must be >= 0")
         self.runner = runner
         self.capacity = runner.concurrency + queue_size
-        self.clock = clock
         #: Admitted requests whose pair is not the runner's yet (reading or waiting to read).
         self.pending = 0
         self._bodies = anyio.Semaphore(runner.concurrency * _BODIES_PER_SLOT)
-        self._mean_hold = 1.0
 
     @property
     def admitted(self) -> int:
@@ -128,11 +108,8 @@ class Admission:
                 self._bodies.release()
             ticket._leave_pending()
 
-    def record_hold(self, seconds: float) -> None:
-        self._mean_hold += _SMOOTHING * (seconds - self._mean_hold)
-
     def retry_after(self) -> int:
         """Whole seconds until a place is likely free: the work ahead, drained
-        ``concurrency`` at a time at the mean compare time (at least 1)."""
+        ``concurrency`` at a time at the runner's mean run time (at least 1)."""
         rounds = (self.admitted + 1) / self.runner.concurrency
-        return max(1, math.ceil(rounds * self._mean_hold))
+        return max(1, math.ceil(rounds * self.runner.mean_run_s))

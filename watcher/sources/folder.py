@@ -48,7 +48,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from handler.config import Settings
-from handler.jobs import JobReport, Plan, run_pair_job
+from handler.jobs import JobReport, run_pair_job
 from handler.logs import elapsed_ms, get_logger
 from handler.pairs import (
     PairSpec,
@@ -60,7 +60,7 @@ from handler.pairs import (
 )
 from handler.storage import LocalStorage, remove_stale_temporaries
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from watcher.runner import ComparatorUnavailable, Job, Runner, runner_for
+from watcher.runner import ComparatorUnavailable, Runner, runner_for
 from watcher.shutdown import StopFlag, stop_on_signals
 from watcher.sources.settle import Change, Settler
 
@@ -194,6 +194,7 @@ class FolderSource:
         self.once = once
         # Polling sees no open/close events, so it relies on the settle time alone.
         self.settler = Settler(settings.settle_time, track_close=not polling)
+        self._gate = self.settler.gate(self.root)
         self.summary = Summary(keep_reports=once)
         runner.reporter = self.summary
         #: Set once the start-up scan has queued every pending pair (events are watched by then).
@@ -247,7 +248,16 @@ class FolderSource:
     def _offer(self, spec: PairSpec, source: str, **extra: float) -> None:
         if spec in self.runner.queue:
             return  # coalesced with the job already waiting
-        if not self.runner.offer_job(spec, self._job(spec), "folder"):
+        # The pair's job, gated on its files being completely written.
+        job = partial(
+            run_pair_job,
+            self.storage,
+            spec,
+            self.settings,
+            self.runner.comparator,
+            gate=self._gate,
+        )
+        if not self.runner.offer_job(spec, job, "folder"):
             if not self._rescan:
                 self._log.warning(
                     "queue_full", queue_size=self.runner.queue.maxsize, pair_id=spec.pair_id
@@ -261,20 +271,6 @@ class FolderSource:
             source=source,
             queued=len(self.runner.queue),
             **extra,
-        )
-
-    def _job(self, spec: PairSpec) -> Job:
-        """The pair's job, gated on its files being completely written (a deferred manifest's
-        inputs are learned all the same, so a change to one brings it back)."""
-        gate = partial(_unsettled, self.settler, self.root)
-        return lambda queued_ms: run_pair_job(
-            self.storage,
-            spec,
-            self.settings,
-            self.runner.comparator,
-            now=time.time(),
-            queued_ms=queued_ms,
-            gate=gate,
         )
 
     def run(self, stop: StopFlag) -> Summary:
@@ -356,11 +352,6 @@ class FolderSource:
             dirnames[:] = [d for d in dirnames if not is_ignored_name(d)]
             for name in filenames:
                 self.note(os.path.join(dirpath, name), "scan")
-
-
-def _unsettled(settler: Settler, root: Path, plan: Plan) -> bool:
-    """The settle gate: True holds the plan back while any of its files is being written."""
-    return settler.defer_unsettled(root / path for path in plan.files)
 
 
 class _EventHandler(FileSystemEventHandler):
