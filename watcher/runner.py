@@ -113,9 +113,12 @@ class Source(Protocol):
 
 
 class Submitted:
-    """The source of a process whose work is all ``submit``-ted (``pairwatch serve``'s requests,
-    from the event loop): nothing to pump, never finished; the runner's loop runs its rechecks
-    until it is stopped."""
+    """The source of a process whose work is all ``submit``-ted or offered by others
+    (``pairwatch serve``'s requests, from the event loop): nothing to pump; the runner's loop
+    runs its rechecks until it is stopped, or, with ``once``, until it is idle."""
+
+    def __init__(self, once: bool = False) -> None:
+        self.once = once
 
     def start(self) -> None:
         pass
@@ -124,7 +127,7 @@ class Submitted:
         pass
 
     def finished(self) -> bool:
-        return False
+        return self.once
 
     def next_wait(self) -> float | None:
         return None
