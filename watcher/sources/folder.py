@@ -307,7 +307,7 @@ class FolderSource:
     def _scan(self) -> Iterator[PairSpec]:
         """Every pair under the root, folder by folder, in name order.
 
-        Files still being written are no concern here: ``_process`` defers any pair whose
+        Files still being written are no concern here: the job's settle gate defers any pair whose
         files have not settled.
         """
         for dirpath, dirnames, filenames in os.walk(self.root, onerror=self._scan_error):
