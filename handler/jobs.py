@@ -91,10 +91,22 @@ WRITE_GRACE_S = 5.0
 #: · ``none`` not a pair (empty folder, manifest gone, a folder holding manifests) ·
 #: ``unwritable`` compared, but the result could not be stored · ``vanished`` its folder or
 #: inputs were removed while it was compared · ``busy`` the pair is in hand in another process
-#: · ``unavailable`` the store failed for the moment.
+#: · ``unavailable`` the store failed for the moment · ``deferred`` the caller's gate held it
+#: back (a watched folder's files still being written: they bring the pair back once settled).
 Action = Literal[
-    "written", "skipped", "waiting", "none", "unwritable", "vanished", "busy", "unavailable"
+    "written",
+    "skipped",
+    "waiting",
+    "none",
+    "unwritable",
+    "vanished",
+    "busy",
+    "unavailable",
+    "deferred",
 ]
+#: A caller's check of a resolved plan before anything is read: True holds the pair back
+#: (``deferred``). The folder watcher's is "are all of ``plan.files`` completely written?".
+Gate = Callable[["Plan"], bool]
 
 
 @dataclass(frozen=True)
@@ -154,15 +166,21 @@ def run_pair_job(
     now: float,
     queued_ms: float | None = None,
     deadline: Deadline | None = None,
+    gate: Gate | None = None,
 ) -> JobReport:
     """Resolve ``spec`` and bring its result up to date (``resolve`` then ``run_plan``), both
-    within the pair's ``deadline`` (see ``run_plan``)."""
+    within the pair's ``deadline`` (see ``run_plan``). A ``gate`` that holds the plan back makes
+    it ``deferred`` (done for now: whatever holds it back brings it back)."""
     deadline = deadline or current_or_new(settings.comparison.processing_timeout)
     try:
         with deadline.applied():
             plan = resolve(storage, spec, settings, now)
     except StorageUnavailable as exc:
         return _unavailable(spec, exc)
+    if gate is not None and gate(plan):
+        get_logger(pair_id=spec.pair_id).debug("pair_deferred", reason="being_written")
+        deferred = disposition.done("deferred until its files settle")
+        return JobReport(spec, "deferred", deferred, None, plan.inputs)
     return run_plan(
         storage, plan, settings, comparator, now=now, queued_ms=queued_ms, deadline=deadline
     )

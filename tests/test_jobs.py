@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
 from handler.disposition import done
-from handler.jobs import MISSING_INPUT, JobReport, run_pair_job
+from handler.jobs import MISSING_INPUT, JobReport, Plan, run_pair_job
 from handler.pairs import PairSpec, is_ignored_path, pairs_for_name
 from handler.result import ComparisonResult, ErrorInfo
 from handler.storage import LocalStorage, PairStorage
@@ -546,3 +546,30 @@ def test_a_result_the_process_may_not_write_is_a_final_failure(
     assert report.disposition.is_done and "final failure" in report.disposition.reason
     (failed,) = [e for e in logs if e.get("error_type") == "output_unwritable"]
     assert failed["final"] is True
+
+
+def test_a_gate_that_holds_the_plan_back_defers_it_before_anything_is_read(
+    tmp_path: Path, photos: dict[str, bytes], settings: Settings, comparator: MetricsComparator
+) -> None:
+    """The folder watcher's settle gate sits inside the job: it sees the resolved plan (a
+    manifest and its images), and holding it back writes nothing and reads no image."""
+    _put(tmp_path / "imgs" / "one.jpg", photos["a"])
+    _put(tmp_path / "imgs" / "two.jpg", photos["other"])
+    manifest = {"a": "../imgs/one.jpg", "b": "../imgs/two.jpg"}
+    _put(tmp_path / "jobs" / "m.pair.json", json.dumps(manifest).encode())
+    spec = PairSpec("manifest", "jobs/m.pair.json")
+    seen: list[tuple[str, ...]] = []
+
+    def gate(plan: Plan) -> bool:
+        seen.append(plan.files)
+        return len(seen) == 1  # held back once, let through the next time
+
+    held = _job(tmp_path, spec, settings, comparator, gate=gate)
+    assert held.action == "deferred" and held.disposition.is_done
+    assert held.inputs == ("imgs/one.jpg", "imgs/two.jpg")  # learned, so a change brings it back
+    assert seen == [("jobs/m.pair.json", "imgs/one.jpg", "imgs/two.jpg")]
+    assert not (tmp_path / "jobs" / "m.result.json").exists()
+    passed = _job(tmp_path, spec, settings, comparator, gate=gate)
+    assert (
+        passed.action == "written" and _result(tmp_path / "jobs" / "m.result.json").status == "ok"
+    )

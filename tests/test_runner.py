@@ -18,6 +18,8 @@ from structlog.testing import capture_logs
 from handler.compare.metrics import MetricsComparator
 from handler.disposition import Disposition, done, retry
 from handler.errors import ModelUnavailable
+from handler.jobs import JobReport
+from handler.pairs import PairSpec
 from watcher.runner import ComparatorUnavailable, Runner
 from watcher.shutdown import StopFlag
 
@@ -236,3 +238,59 @@ def test_a_failing_unit_of_work_costs_that_unit_only() -> None:
         runner.run(StopFlag(), Source())
     assert [f.kind for f in fates] == ["retry", "done"]
     assert any(e["event"] == "work_failed" and e["key"] == "bad" for e in logs)
+
+
+def test_a_submitted_waiter_that_leaves_frees_its_place_and_its_work_never_runs() -> None:
+    runner: Runner[str] = Runner(MetricsComparator(), concurrency=1, queue_size=1, wait_ready=False)
+    tracker = Tracker(0.4)
+    stop = StopFlag()
+    thread = run_in_thread(runner, Source(once=False), stop)
+    first = runner.submit("first", tracker.work("first"))
+    assert first is not None
+    while runner.in_flight() == 0:
+        time.sleep(0.01)
+    waiting = runner.submit("waiting", tracker.work("waiting"))
+    assert waiting is not None and runner.load() == 2
+    assert runner.submit("refused", tracker.work("refused")) is None  # the queue is full
+    assert waiting.cancel()
+    assert runner.load() == 1 and len(runner.queue) == 0  # its place is free at once
+    admitted = runner.submit("admitted", tracker.work("admitted"))
+    assert admitted is not None and admitted.result(5).is_done and first.result(5).is_done
+    stop.request()
+    thread.join(5)
+    assert tracker.runs == ["first", "admitted"]
+
+
+def test_jobs_get_the_runners_bookkeeping_and_a_crash_reaches_the_reporter() -> None:
+    """``offer_job``: the reporter hears of each report, the manifest index learns what a
+    manifest read; a job that raises is ``work_failed`` and the reporter's crash."""
+
+    class Reporter:
+        def __init__(self) -> None:
+            self.reports: list[JobReport] = []
+            self.crashes: list[Any] = []
+
+        def add(self, report: JobReport) -> None:
+            self.reports.append(report)
+
+        def add_crash(self, key: Any) -> None:
+            self.crashes.append(key)
+
+    runner: Runner[PairSpec] = Runner(MetricsComparator(), concurrency=1, queue_size=10)
+    runner.reporter = reporter = Reporter()
+    manifest = PairSpec("manifest", "jobs/m.pair.json")
+    report = JobReport(manifest, "written", done(), None, ("imgs/a.jpg", "imgs/b.jpg"))
+
+    def written(*, now: float, queued_ms: float) -> JobReport:
+        return report
+
+    def broken(*, now: float, queued_ms: float) -> JobReport:
+        raise RuntimeError("a bug")
+
+    runner.offer_job(manifest, written, "folder")
+    runner.offer_job(PairSpec("folder", "p1"), broken, "folder")
+    with capture_logs() as logs:
+        runner.run(StopFlag(), Source())
+    assert reporter.reports == [report] and reporter.crashes == [PairSpec("folder", "p1")]
+    assert runner.manifests.readers("imgs/a.jpg") == [manifest]
+    assert any(e["event"] == "work_failed" for e in logs)

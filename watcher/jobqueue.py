@@ -49,6 +49,11 @@ class CoalescingQueue(Generic[K, V]):
             key, (value, queued_at) = self._items.popitem(last=False)
         return key, value, time.monotonic() - queued_at
 
+    def remove(self, key: K) -> bool:
+        """Take ``key`` out of the queue (its waiter went away); False if it was not waiting."""
+        with self._lock:
+            return self._items.pop(key, None) is not None
+
     def get(self, key: K) -> V | None:
         """The value waiting for ``key``, left in the queue."""
         with self._lock:

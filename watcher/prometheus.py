@@ -104,16 +104,15 @@ def record_report(report: JobReport, source: str) -> None:
 
 
 def record_delivery(delivery: Delivery, source: str) -> None:
-    """Count one delivery's events by outcome (``event_outcome``) and the pairs its jobs
-    compared."""
+    """Count one delivery's events by outcome (``event_outcome``); the pairs its jobs compared
+    are the runner's to count (``Runner.record``)."""
     for handled in delivery.events:
         record_event_report(handled, source)
 
 
 def record_event_report(handled: EventReport, source: str) -> None:
+    """Count one event by outcome (its jobs' pairs: ``Runner.record``)."""
     EVENTS.labels(handled.event.source or source, event_outcome(handled)).inc()
-    for report in handled.reports:
-        record_report(report, source)
 
 
 def event_outcome(handled: EventReport) -> str:

@@ -16,7 +16,15 @@ message, change its visibility). The runner decides everything about time and co
   deadline, which the job picks up, so time spent waiting in the queue never counts and time
   spent on the pair always does.
 * **Rechecks.** A ``retry`` of work offered with ``recheck=True`` is looked at again as the one
-  policy says (``watcher.rechecks``); done and reject forget the key.
+  policy says (``watcher.rechecks``); done and reject forget the key. A caller that learned of
+  a retry itself (serve's webhook) hands it over with ``recheck_later``.
+* **Callers that wait** (``pairwatch serve``'s uploads and webhook deliveries) ``submit`` and get
+  a ``Future``; cancelling it while the work waits frees its queue place at once and the work
+  never starts. ``load()`` and ``stalled_s()`` tell serve's admission and ``/readyz`` how full
+  and how stuck the runner is.
+* **After each job** (``offer_job``), once for every source: the manifest index learns what a
+  manifest read, the metrics count the pair, and the source's ``reporter`` (a command's
+  summary) hears of it; a bug in a job (``work_failed``) is the reporter's ``add_crash``.
 * **Metrics.** ``pairwatch_queue_depth`` follows the keys waiting to run (queued, or offered
   again while in flight) and ``pairwatch_in_flight`` the units of work running, as they change.
 * **Shutdown.** Once ``stop`` is set nothing new is taken; what is in flight finishes (bounded by
@@ -29,10 +37,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from handler import disposition
@@ -41,6 +50,7 @@ from handler.config import ComparisonConfig, Settings
 from handler.deadline import Deadline
 from handler.disposition import Disposition
 from handler.errors import PairError
+from handler.jobs import JobReport
 from handler.logs import get_logger
 from watcher import prometheus
 from watcher.jobqueue import CoalescingQueue
@@ -52,11 +62,29 @@ K = TypeVar("K", bound=Hashable)
 
 #: The longest the main loop sleeps without looking at the stop flag (see watcher.shutdown).
 STOP_POLL_S = 0.2
+#: Weight of the newest run time in ``Runner.mean_run_s``.
+_SMOOTHING = 0.2
 
 #: The work for one key: called with how long it waited in the queue (ms).
 Work = Callable[[float], Disposition]
 #: A source's callback acting on the disposition (ack, retry, reject on its transport).
 OnDone = Callable[[Disposition], None]
+
+
+class Job(Protocol):
+    """A pair job (``handler.jobs.run_pair_job`` with the source's arguments): the runner gives
+    it the time and how long it waited."""
+
+    def __call__(self, *, now: float, queued_ms: float) -> JobReport: ...
+
+
+class Reporter(Protocol):
+    """Who hears of every job of a runner (a command's summary, its progress bar), from the
+    workers' threads."""
+
+    def add(self, report: JobReport) -> None: ...
+
+    def add_crash(self, key: Any) -> None: ...
 
 
 class Source(Protocol):
@@ -82,6 +110,30 @@ class Source(Protocol):
     def stop(self) -> None:
         """Stop noticing; called after what was in flight has finished."""
         ...
+
+
+class Submitted:
+    """The source of a process whose work is all ``submit``-ted or offered by others
+    (``pairwatch serve``'s requests, from the event loop): nothing to pump; the runner's loop
+    runs its rechecks until it is stopped, or, with ``once``, until it is idle."""
+
+    def __init__(self, once: bool = False) -> None:
+        self.once = once
+
+    def start(self) -> None:
+        pass
+
+    def pump(self) -> None:
+        pass
+
+    def finished(self) -> bool:
+        return self.once
+
+    def next_wait(self) -> float | None:
+        return None
+
+    def stop(self) -> None:
+        pass
 
 
 class ComparatorUnavailable(Exception):
@@ -146,7 +198,10 @@ class Runner(Generic[K]):
         queue_size: int,
         processing_timeout: float = ComparisonConfig().processing_timeout,
         clock: Callable[[], float] = time.time,
+        wait_ready: bool = True,
     ) -> None:
+        """``wait_ready=False`` takes work at once: ``pairwatch serve`` answers each pair
+        (``model_unavailable`` while a model loads) and says why on ``/readyz`` instead."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.comparator = comparator
@@ -156,15 +211,23 @@ class Runner(Generic[K]):
         self.queue: CoalescingQueue[K, _Entry] = CoalescingQueue(queue_size)
         self.rechecks: Rechecks[K] = Rechecks(clock)
         self.manifests = ManifestIndex()
+        #: Set once by the source whose command keeps a summary (``watch DIR``).
+        self.reporter: Reporter | None = None
         self.ready = threading.Event()
+        self._wait_for_comparator = wait_ready
+        if not wait_ready:
+            self.ready.set()
         self.unavailable: PairError | None = None
         self._recheck_work: dict[K, _Entry] = {}
-        self._in_flight: set[K] = set()
+        #: Keys in flight and when their worker took them (``clock``): ``stalled_s``.
+        self._in_flight: dict[K, float] = {}
         self._next: dict[K, _Entry] = {}
         self._cond = threading.Condition()
         self._wake = threading.Event()
         self._taking = True
         self._closed = False
+        #: Running mean of how long a unit of work takes (``Retry-After`` in serve).
+        self.mean_run_s = 1.0
         #: This runner's share of the ``pairwatch_queue_depth`` gauge.
         self._depth = 0
         self._threads: list[threading.Thread] = []
@@ -179,13 +242,61 @@ class Runner(Generic[K]):
         flight runs again after. False (nothing queued) only when the queue is full."""
         return self._offer(key, _Entry(work, on_done, recheck))
 
-    def submit(self, key: K, work: Work) -> Future[Disposition] | None:
+    def submit(self, key: K, work: Work, *, admitted: bool = False) -> Future[Disposition] | None:
         """``offer`` for a caller that waits for the outcome (``pairwatch serve``): the future
-        gets the disposition; None when ``concurrency + queue_size`` are taken (refuse it)."""
+        gets the disposition; None when the queue is full (refuse it). Cancelling the future
+        while the work waits takes it out of the queue (its place is free at once); once a
+        worker took it, it runs on (the caller stops it through its deadline). ``admitted``:
+        the caller already counted it against ``load()`` (serve's admission), so it is queued
+        even while the workers have not yet taken what is ahead of it."""
         future: Future[Disposition] = Future()
-        if not self._offer(key, _Entry(work, None, False, [future])):
+        if not self._offer(key, _Entry(work, None, False, [future]), force=admitted):
             return None
+        future.add_done_callback(lambda done: self._withdraw(key) if done.cancelled() else None)
         return future
+
+    def offer_job(self, key: K, job: Job, source: str) -> bool:
+        """``offer`` for a pair job; the runner does its after-job bookkeeping (``record``,
+        counted under ``source`` in the metrics)."""
+        return self.offer(key, partial(self._run_job, job, source))
+
+    def record(self, reports: Iterable[JobReport], source: str) -> None:
+        """The after-job bookkeeping, one step for every source: the manifest index learns what
+        each manifest read, the metrics count each compared pair, the reporter hears of it."""
+        for report in reports:
+            self.manifests.learn(report)
+            prometheus.record_report(report, source)
+            if self.reporter is not None:
+                self.reporter.add(report)
+
+    def _run_job(self, job: Job, source: str, queued_ms: float) -> Disposition:
+        report = job(now=self.clock(), queued_ms=queued_ms)
+        self.record([report], source)
+        return report.disposition
+
+    def recheck_later(self, key: K, work: Work, fate: Disposition) -> None:
+        """Look at ``key`` again as the one policy says for ``fate`` (a retry some caller got
+        outside the runner's own queue: serve's webhook), with ``work``."""
+        self._schedule(key, _Entry(work), fate)
+
+    def forget(self, key: K) -> None:
+        """No recheck of ``key`` is needed any more (it was done or rejected elsewhere)."""
+        self.rechecks.clear(key)
+        with self._cond:
+            self._recheck_work.pop(key, None)
+
+    def load(self) -> int:
+        """Units of work queued or in flight (what ``concurrency + queue_size`` bounds)."""
+        with self._cond:
+            return len(self._in_flight) + len(self.queue) + len(self._next)
+
+    def stalled_s(self) -> float:
+        """Seconds since a worker last took work while every worker is busy (0 while one is
+        free): how long the runner has made no progress at all (serve's ``/readyz``)."""
+        with self._cond:
+            if len(self._in_flight) < self.concurrency:
+                return 0.0
+            return self.clock() - max(self._in_flight.values())
 
     def free_slots(self) -> int:
         """How many more units of work would start at once: 0 until the comparator is ready,
@@ -231,7 +342,8 @@ class Runner(Generic[K]):
             source.stop()
 
     def _start(self) -> None:
-        threading.Thread(target=self._wait_ready, name="comparator-ready", daemon=True).start()
+        if self._wait_for_comparator:
+            threading.Thread(target=self._wait_ready, name="comparator-ready", daemon=True).start()
         for index in range(self.concurrency):
             thread = threading.Thread(target=self._work_loop, name=f"pair-{index}", daemon=True)
             thread.start()
@@ -288,7 +400,7 @@ class Runner(Generic[K]):
 
     # -- workers ----------------------------------------------------------------------------
 
-    def _offer(self, key: K, entry: _Entry) -> bool:
+    def _offer(self, key: K, entry: _Entry, *, force: bool = False) -> bool:
         with self._cond:
             if key in self._in_flight:
                 waiting = self._next.get(key)
@@ -298,11 +410,22 @@ class Runner(Generic[K]):
             queued = self.queue.get(key)
             if queued is not None:
                 entry = queued.merge(entry)
-            if not self.queue.put(key, entry):
+            if not self.queue.put(key, entry, force=force):
                 return False
             self._track_depth()
             self._cond.notify()
         return True
+
+    def _withdraw(self, key: K) -> None:
+        """A waiter cancelled its future: a queued entry nobody waits for any more leaves."""
+        with self._cond:
+            queued = self.queue.get(key)
+            if queued is None or not all(f.cancelled() for f in queued.futures):
+                return
+            if queued.on_done is None and not queued.recheck:
+                self.queue.remove(key)
+                self._track_depth()
+                self._cond.notify_all()
 
     def _track_depth(self) -> None:
         """Move ``pairwatch_queue_depth`` by the change in this runner's waiting keys (called
@@ -324,11 +447,16 @@ class Runner(Generic[K]):
                     if item is None:
                         self._cond.wait(STOP_POLL_S)
                 key, entry, waited = item
-                self._in_flight.add(key)
+                self._in_flight[key] = self.clock()
                 self._track_depth()
+            if not _claim(entry):
+                self._finish(key, entry, disposition.done("nobody waits for it"))
+                continue
             deadline = Deadline(self.processing_timeout)  # taken now: the pair's time starts
+            started = time.monotonic()
             with prometheus.in_flight():
                 fate = self._run(key, entry, waited, deadline)
+            self.mean_run_s += _SMOOTHING * (time.monotonic() - started - self.mean_run_s)
             self._finish(key, entry, fate)
 
     def _run(self, key: K, entry: _Entry, waited: float, deadline: Deadline) -> Disposition:
@@ -340,6 +468,8 @@ class Runner(Generic[K]):
             self._log.exception(
                 "work_failed", key=str(key), error_type="internal_error", error=str(exc)
             )
+            if self.reporter is not None:
+                self.reporter.add_crash(key)
             return disposition.retry(f"internal error: {exc}")
 
     def _finish(self, key: K, entry: _Entry, fate: Disposition) -> None:
@@ -348,8 +478,6 @@ class Runner(Generic[K]):
                 entry.on_done(fate)
             except Exception as exc:
                 self._log.exception("settle_failed", key=str(key), error=str(exc))
-        for future in entry.futures:
-            future.set_result(fate)
         if entry.recheck:
             if fate.is_retry:
                 self._schedule(key, entry, fate)
@@ -358,16 +486,27 @@ class Runner(Generic[K]):
                 with self._cond:
                     self._recheck_work.pop(key, None)
         with self._cond:
-            self._in_flight.discard(key)
+            self._in_flight.pop(key, None)
             following = self._next.pop(key, None)
             if following is not None:
                 # Accepted while this one ran: it may exceed the bound by the few in flight.
                 self.queue.put(key, following, force=True)
             self._track_depth()
             self._cond.notify_all()
+        # Last: a waiter that hears of the outcome finds the work's place free already.
+        for future in entry.futures:
+            if not future.done():  # a waiter that left before the work started
+                future.set_result(fate)
         self.wake()
 
     def _schedule(self, key: K, entry: _Entry, fate: Disposition) -> None:
         if self.rechecks.schedule(key, fate) is not None:
             with self._cond:
                 self._recheck_work[key] = entry
+
+
+def _claim(entry: _Entry) -> bool:
+    """Mark the entry's futures running; False when every waiter left (and nothing else, a
+    callback or a recheck, wants the work), so it is not run."""
+    claimed = [future.set_running_or_notify_cancel() for future in entry.futures]
+    return not entry.futures or any(claimed) or entry.on_done is not None or entry.recheck

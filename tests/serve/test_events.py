@@ -5,15 +5,23 @@ S3 server: moto for MinIO-shaped and plain S3 payloads, SeaweedFS for its own fi
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
 
+import anyio
 import httpx
 import pytest
 
+from handler.compare.metrics import MetricsComparator
+from handler.config import Settings
+from handler.events import ObjectEvent, Parsed
 from handler.result import ComparisonResult
 from tests.support import scenes
 from tests.support.s3_servers import (
@@ -26,6 +34,10 @@ from tests.support.s3_servers import (
     wait_for,
 )
 from tests.support.serve_process import ServeProcess, serve_process
+from watcher.runner import Runner, Submitted
+from watcher.serve.admission import Admission
+from watcher.serve.events import EventsEndpoint
+from watcher.shutdown import StopFlag
 
 TOKEN = "events-token-1b9c"
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "events"
@@ -153,13 +165,12 @@ def test_a_lone_image_is_looked_at_again_when_its_partner_is_due(
     answer = _post(server, minio_payload(bucket, "incoming/alone/a.jpg"))
     assert answer.status_code == 200 and answer.json()["outcomes"][0]["outcome"] == "waiting"
 
-    def written() -> ComparisonResult | None:
-        try:
-            return _result(s3, bucket, "incoming/alone/result.json")
-        except s3.exceptions.NoSuchKey:
-            return None
-
-    result = wait_for(written, 15, 0.2, "incomplete_pair to be written")
+    result = wait_for(
+        lambda: _written(s3, bucket, "incoming/alone/result.json"),
+        15,
+        0.2,
+        "incomplete_pair to be written",
+    )
     assert result.error is not None and result.error.type == "incomplete_pair"
 
 
@@ -323,3 +334,88 @@ def test_an_ignore_box_from_the_settings_outside_image_a_is_422_naming_it(
     )
     assert answer.status_code == 422
     assert answer.json()["error"]["field"] == "config.ignore_regions[0]"
+
+
+def test_a_lone_images_recheck_is_the_runners(
+    moto: str, bucket: str, photos: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, on the parts serve wires together: the webhook hands a lone image to the
+    process's runner's rechecks (no loop of its own), and the runner's recheck writes
+    ``incomplete_pair`` once the partner is due, then forgets the key."""
+    for name, value in aws_env(moto).items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(events_token=TOKEN, pair_timeout=1, diff_image=False)
+    runner: Runner[Any] = Runner(MetricsComparator(), concurrency=1, queue_size=4, wait_ready=False)
+    endpoint = EventsEndpoint.build(settings, Admission(runner, 4), moto, None)
+    s3 = client("s3", moto)
+    s3.put_object(Bucket=bucket, Key="lone/a.jpg", Body=photos[0])
+    event = ObjectEvent(bucket=bucket, key="lone/a.jpg", kind="created")
+    stop = StopFlag()
+    loop = threading.Thread(target=runner.run, args=(stop, Submitted()))
+    loop.start()
+    try:
+        delivery = anyio.run(endpoint.deliver, Parsed(events=[event]))
+        assert delivery.disposition.is_retry and (bucket, "lone/a.jpg") in runner.rechecks
+        result = wait_for(
+            lambda: _written(s3, bucket, "lone/result.json"), 15, 0.2, "the runner's recheck"
+        )
+        assert result.error is not None and result.error.type == "incomplete_pair"
+        wait_for(lambda: not len(runner.rechecks) and runner.idle(), 5, 0.05, "the key forgotten")
+    finally:
+        stop.request()
+        loop.join(10)
+
+
+def test_uploads_and_events_share_one_in_flight_limit(
+    tmp_path: Path, moto: str, bucket: str
+) -> None:
+    """``concurrency=1``: uploads and webhook events arriving together are compared one at a
+    time, never side by side (each pair's compare interval, from its ``pair_compared`` line's
+    end and duration, overlaps no other), and every one of them is answered."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    env = {
+        **aws_env(moto),
+        "PAIRWATCH_EVENTS_TOKEN_FILE": str(token_file),
+        "PAIRWATCH_CONCURRENCY": "1",
+        "PAIRWATCH_QUEUE_SIZE": "8",
+        "PAIRWATCH_DIFF_IMAGE": "false",
+    }
+    img = scenes.photo("astronaut").resize((1500, 1500))
+    a, b = scenes.encode(img), scenes.pasted_object(img)
+    s3 = client("s3", moto)
+    for n in range(3):
+        s3.put_object(Bucket=bucket, Key=f"p{n}/a.jpg", Body=a)
+        s3.put_object(Bucket=bucket, Key=f"p{n}/b.jpg", Body=b)
+    with serve_process(tmp_path, env) as server:
+
+        def upload(n: int) -> int:
+            files = {"a": ("a.jpg", a), "b": ("b.jpg", b)}
+            data = {"pair_id": f"upload-{n}"}
+            url = server.url + "/v1/compare"
+            return httpx.post(url, files=files, data=data, timeout=120).status_code
+
+        def event(n: int) -> int:
+            return _post(server, minio_payload(bucket, f"p{n}/b.jpg")).status_code
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = [pool.submit(send, n) for n in range(3) for send in (upload, event)]
+            codes = [answer.result() for answer in answers]
+        compared = server.events("pair_compared")
+    assert codes == [200] * 6
+    assert len(compared) == 6
+    spans = sorted(
+        (end - line["duration_ms"] / 1000, end)
+        for line in compared
+        for end in [datetime.fromisoformat(line["timestamp"]).timestamp()]
+    )
+    # Log timestamps and durations are taken a moment apart: 20 ms of slack.
+    overlaps = [(x, y) for x, y in itertools.pairwise(spans) if y[0] < x[1] - 0.02]
+    assert not overlaps, overlaps
+
+
+def _written(s3: Any, bucket: str, key: str) -> ComparisonResult | None:
+    try:
+        return _result(s3, bucket, key)
+    except s3.exceptions.NoSuchKey:
+        return None

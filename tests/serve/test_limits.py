@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import anyio
 import httpx
@@ -20,13 +20,16 @@ import pytest
 from starlette.types import Message
 
 from handler.compare.metrics import MetricsComparator
+from handler.disposition import Disposition, done
 from tests.support import scenes
 from tests.support.clock import Clock
 from tests.support.multipart import form_body
 from tests.support.serve_process import ServeProcess, serve_process
-from watcher.serve.admission import Admission
+from tests.support.waiting import wait_for
+from watcher.runner import Runner, Submitted
 from watcher.serve.connection import UploadStalled, _Pace
 from watcher.serve.readiness import STUCK_GRACE_S, Readiness
+from watcher.shutdown import StopFlag
 
 IDLE_S = 2.0
 BOUNDARY = "limitsboundary"
@@ -217,32 +220,52 @@ def test_a_196_megapixel_pair_past_its_deadline_is_504_and_the_slot_is_free_at_o
 
 
 def test_readyz_turns_503_once_every_compare_slot_is_stuck(clock: Clock) -> None:
-    """On the parts ``/readyz`` uses, with a hand-moved clock: a pair past its deadline plus
-    the grace in every slot is a stuck process; a slot changing hands makes it ready again."""
+    """On the parts ``/readyz`` uses (the runner's workers), with a hand-moved clock: a pair
+    past its deadline plus the grace in every worker is a stuck process; a worker taking new
+    work makes it ready again."""
+    runner: Runner[str] = Runner(
+        MetricsComparator(), concurrency=2, queue_size=10, clock=clock, wait_ready=False
+    )
+    readiness = Readiness(MetricsComparator(), stalled_s=runner.stalled_s, processing_timeout=10)
+    readiness.ready = True
+    stop = StopFlag()
+    loop = threading.Thread(target=runner.run, args=(stop, Submitted()))
+    loop.start()
+    releases = {name: threading.Event() for name in ("first", "second", "third")}
 
-    async def scenario() -> list[str | None]:
-        admission = Admission(2, 10, clock=clock)
-        readiness = Readiness(
-            MetricsComparator(), stalled_s=admission.stalled_s, processing_timeout=10
-        )
-        readiness.ready = True
-        seen: list[str | None] = []
-        async with admission.admit() as first, first.compare():
-            clock.now += 60
-            seen.append(await readiness.problem())  # one slot is free: not stuck
-            async with admission.admit() as second, second.compare():
-                clock.now += 10 + STUCK_GRACE_S - 1
-                seen.append(await readiness.problem())
-                clock.now += 2
-                seen.append(await readiness.problem())
-        async with admission.admit() as third, third.compare():
-            seen.append(await readiness.problem())
-        return seen
+    def held(name: str) -> Callable[[float], Disposition]:
+        def work(queued_ms: float) -> Disposition:
+            releases[name].wait(20)
+            return done()
 
-    problems: list[Any] = anyio.run(scenario)
-    assert problems[0] is None and problems[1] is None
-    assert problems[2] is not None and problems[2].startswith("stuck")
-    assert problems[3] is None
+        return work
+
+    def take(name: str, in_flight: int) -> None:
+        runner.offer(name, held(name), recheck=False)
+        wait_for(lambda: runner.in_flight() == in_flight, 10, 0.01, what=f"{name} to run")
+
+    seen: list[str | None] = []
+    try:
+        take("first", 1)
+        clock.now += 60
+        seen.append(anyio.run(readiness.problem))  # one worker is free: not stuck
+        take("second", 2)
+        clock.now += 10 + STUCK_GRACE_S - 1
+        seen.append(anyio.run(readiness.problem))
+        clock.now += 2
+        seen.append(anyio.run(readiness.problem))
+        releases["first"].set()
+        wait_for(lambda: runner.in_flight() == 1, 10, 0.01, what="first to finish")
+        take("third", 2)  # a worker took new work: progress
+        seen.append(anyio.run(readiness.problem))
+    finally:
+        for release in releases.values():
+            release.set()
+        stop.request()
+        loop.join(10)
+    assert seen[0] is None and seen[1] is None
+    assert seen[2] is not None and seen[2].startswith("stuck")
+    assert seen[3] is None
 
 
 def test_the_pace_rule_on_a_hand_moved_clock(clock: Clock) -> None:

@@ -1,36 +1,43 @@
-"""Admission control for ``pairwatch serve``: ``concurrency`` pairs compare at once,
-``queue_size`` more wait, and anything beyond is refused at once (429 with ``Retry-After``).
+"""Admission for ``pairwatch serve``: a place before the body is read, 429 when there is none.
 
-A request takes its place *before* its body is read. Of the admitted requests, at most
-``2 x concurrency`` hold a body in memory (``Ticket.read_body``) — the ones comparing and as
-many reading their upload meanwhile, so the next pair is in memory when a slot frees up — which
-bounds upload memory by ``4 x concurrency x max_input_bytes`` whatever the number of clients.
-The others wait with their bodies unread in the socket. Leaving a block (answered, failed, the
-client gone: ``watcher.serve.connection`` cancels the waits of a client that left) frees what it
-held.
+The pairs themselves are the process's one ``Runner``'s (``watcher.runner``): its
+``concurrency`` workers compare, its queue holds the pairs waiting. What HTTP adds is the time
+*before* a pair exists: a request takes its place when it arrives, before its body is read, so
+that a full server answers 429 with ``Retry-After`` at once instead of reading uploads it cannot
+take. A place counts against the same ``concurrency + queue_size`` as the runner's own work
+(``Runner.load``), so uploads and webhook events share one bound.
 
-This is serve's own small component because the HTTP layer needs a non-blocking "is there
-room?" answer; the pair jobs themselves stay the runner's and the pipeline's.
+Of the admitted requests, at most ``2 x concurrency`` hold a body in memory
+(``Ticket.read_body``) — the ones comparing and as many reading their upload meanwhile, so the
+next pair is in memory when a worker frees up — which bounds upload memory by
+``4 x concurrency x max_input_bytes`` whatever the number of clients. The others wait with their
+bodies unread in the socket. Leaving the admitted block (answered, failed, the client gone:
+``watcher.serve.connection`` cancels the waits of a client that left) frees what it held.
+
+``pairwatch_queue_depth`` counts admitted requests not yet handed to the runner (the runner
+counts its own queue); ``pairwatch_in_flight`` is the runner's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Hashable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
+from typing import Any
 
+import anyio
+
+from handler.disposition import Disposition
 from watcher import prometheus
+from watcher.runner import Runner, Work
 
-#: Weight of the newest compare time in the running mean ``Retry-After`` is estimated from.
-_SMOOTHING = 0.2
-#: Bodies in memory per compare slot: one comparing, one read ahead.
+#: Bodies in memory per worker: one comparing, one read ahead.
 _BODIES_PER_SLOT = 2
 
 
 class Busy(Exception):
-    """Every slot and queue place is taken; try again in ``retry_after`` seconds."""
+    """Every worker and queue place is taken; try again in ``retry_after`` seconds."""
 
     def __init__(self, retry_after: int) -> None:
         super().__init__(f"busy: retry in {retry_after} s")
@@ -39,63 +46,59 @@ class Busy(Exception):
 
 class Ticket:
     """An admitted request: ``read_body()`` waits until it may read its body (a request whose
-    body is read already skips it), then ``compare()`` waits for a slot."""
+    body is read already skips it), then ``submit()`` hands its pair to the runner."""
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
         self._body = False
+        self._pending = True
 
     async def read_body(self) -> None:
         """Wait for permission to hold a body in memory, until the admitted block ends."""
         await self._admission._bodies.acquire()
         self._body = True
 
-    @asynccontextmanager
-    async def compare(self) -> AsyncIterator[None]:
-        admission = self._admission
-        await admission._slots.acquire()
-        prometheus.QUEUE_DEPTH.dec()
-        started = admission.clock()
-        admission._holding[id(self)] = started
-        try:
-            with prometheus.in_flight():
-                yield
-        finally:
-            del admission._holding[id(self)]
-            admission._slots.release()
-            prometheus.QUEUE_DEPTH.inc()
-            admission.record_hold(admission.clock() - started)
+    def submit(self, key: Hashable, work: Work) -> Future[Disposition]:
+        """The runner's future for ``work`` (its place was counted when it was admitted)."""
+        self._leave_pending()
+        future = self._admission.runner.submit(key, work, admitted=True)
+        assert future is not None  # an admitted submit is always queued
+        return future
+
+    def _leave_pending(self) -> None:
+        if self._pending:
+            self._pending = False
+            self._admission.pending -= 1
+            prometheus.QUEUE_DEPTH.dec()
 
 
 class Admission:
-    """``concurrency`` compare slots and ``queue_size`` waiting places; beyond that ``Busy``.
+    """Places for requests before their pair reaches ``runner``; beyond them ``Busy``.
 
-    Lives on one event loop (no locks: every method runs between two awaits). The
-    ``pairwatch_queue_depth`` gauge counts admitted requests that are not comparing yet,
-    ``pairwatch_in_flight`` the ones comparing.
+    Lives on one event loop (``pending`` and the body semaphore are touched between awaits
+    only).
     """
 
-    def __init__(
-        self, concurrency: int, queue_size: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if concurrency < 1 or queue_size < 0:
-            raise ValueError("concurrency must be >= 1 and queue_size >= 0")
-        self.concurrency = concurrency
-        self.queue_size = queue_size
-        self.clock = clock
-        self.admitted = 0
-        #: When each held compare slot was taken (by ticket).
-        self._holding: dict[int, float] = {}
-        self._slots = asyncio.Semaphore(concurrency)
-        self._bodies = asyncio.Semaphore(concurrency * _BODIES_PER_SLOT)
-        self._mean_hold = 1.0
+    def __init__(self, runner: Runner[Any], queue_size: int) -> None:
+        if queue_size < 0:
+            raise ValueError("queue_size must be >= 0")
+        self.runner = runner
+        self.capacity = runner.concurrency + queue_size
+        #: Admitted requests whose pair is not the runner's yet (reading or waiting to read).
+        self.pending = 0
+        self._bodies = anyio.Semaphore(runner.concurrency * _BODIES_PER_SLOT)
+
+    @property
+    def admitted(self) -> int:
+        """Places taken: requests still reading, and the runner's work (queued or running)."""
+        return self.pending + self.runner.load()
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[Ticket]:
         """Admit one request for the block; raises ``Busy`` at once when there is no room."""
-        if self.admitted >= self.concurrency + self.queue_size:
+        if self.admitted >= self.capacity:
             raise Busy(self.retry_after())
-        self.admitted += 1
+        self.pending += 1
         prometheus.QUEUE_DEPTH.inc()
         ticket = Ticket(self)
         try:
@@ -103,21 +106,10 @@ class Admission:
         finally:
             if ticket._body:
                 self._bodies.release()
-            self.admitted -= 1
-            prometheus.QUEUE_DEPTH.dec()
-
-    def stalled_s(self) -> float:
-        """Seconds since a compare slot last changed hands while every slot is held (0 while
-        one is free): how long the server has made no progress at all."""
-        if len(self._holding) < self.concurrency:
-            return 0.0
-        return self.clock() - max(self._holding.values())
-
-    def record_hold(self, seconds: float) -> None:
-        self._mean_hold += _SMOOTHING * (seconds - self._mean_hold)
+            ticket._leave_pending()
 
     def retry_after(self) -> int:
-        """Whole seconds until a place is likely free: the requests ahead, drained
-        ``concurrency`` at a time at the mean compare time (at least 1)."""
-        rounds = (self.admitted + 1) / self.concurrency
-        return max(1, math.ceil(rounds * self._mean_hold))
+        """Whole seconds until a place is likely free: the work ahead, drained
+        ``concurrency`` at a time at the runner's mean run time (at least 1)."""
+        rounds = (self.admitted + 1) / self.runner.concurrency
+        return max(1, math.ceil(rounds * self.runner.mean_run_s))

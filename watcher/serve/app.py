@@ -1,16 +1,18 @@
-"""The ``pairwatch serve`` FastAPI application: its lifespan (comparator, admission, readiness,
-webhook rechecks), the access log and the routes (``watcher.serve.routes``).
+"""The ``pairwatch serve`` FastAPI application: its lifespan (comparator, the process's one
+runner, admission, readiness), the access log and the routes (``watcher.serve.routes``).
 
-Every pair goes through the same ``handler.pipeline.compare_pair`` (uploads) or
-``handler.bucket_jobs.BucketJobs`` (webhook events) as the watchers, in a worker thread, inside
-one ``Admission`` slot. The request bodies are read by ``watcher.serve.uploads`` as they stream
-in, never spooled to disk.
+Every pair goes through the process's one ``watcher.runner.Runner``, as in every watcher: its
+``concurrency`` workers run uploads (``handler.pipeline.compare_pair``) and webhook events
+(``handler.bucket_jobs.BucketJobs``) alike, and its rechecks look again at lone images. The
+request bodies are read by ``watcher.serve.uploads`` as they stream in, never spooled to disk.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
@@ -18,12 +20,14 @@ from fastapi import FastAPI
 from handler.compare import Comparator, create_comparator, resolve_concurrency
 from handler.config import Settings
 from handler.logs import get_logger
+from watcher.runner import Runner, Submitted
 from watcher.serve.admission import Admission
 from watcher.serve.events import EventsEndpoint
 from watcher.serve.middleware import AccessLog
 from watcher.serve.readiness import EngineCheck, Readiness
 from watcher.serve.routes import router
 from watcher.serve.state import ServeState
+from watcher.shutdown import StopFlag
 
 
 def create_app(
@@ -43,20 +47,25 @@ def create_app(
         engine = None
         if chosen.info.backend == "openai" and settings.vl_endpoint:
             engine = EngineCheck(settings.vl_endpoint, settings.vl_api_key)
-        admission = Admission(concurrency, settings.queue_size)
+        # Serve answers every pair (model_unavailable while a model loads) and says why on
+        # /readyz, so its runner does not hold pairs back until the comparator is ready.
+        runner: Runner[Any] = Runner(
+            chosen,
+            concurrency=concurrency,
+            queue_size=settings.queue_size,
+            processing_timeout=settings.comparison.processing_timeout,
+            wait_ready=False,
+        )
+        admission = Admission(runner, settings.queue_size)
         readiness = Readiness(
             chosen,
             engine,
-            stalled_s=admission.stalled_s,
+            stalled_s=runner.stalled_s,
             processing_timeout=settings.comparison.processing_timeout,
         )
-        state = ServeState(
-            settings, chosen, admission, anyio.CapacityLimiter(concurrency), readiness
-        )
+        state = ServeState(settings, chosen, runner, admission, readiness)
         if settings.events_token is not None:
-            state.events = EventsEndpoint.build(
-                settings, state.comparator, state.admission, state.limiter, endpoint_url, region
-            )
+            state.events = EventsEndpoint.build(settings, admission, endpoint_url, region)
         holder["state"] = state
         state.readiness.start()
         log = get_logger()
@@ -67,13 +76,16 @@ def create_app(
             queue_size=settings.queue_size,
             events=state.events is not None,
         )
+        stop = StopFlag()
+        loop = threading.Thread(target=runner.run, args=(stop, Submitted()), name="runner")
+        loop.start()
         try:
-            async with anyio.create_task_group() as group:
-                if state.events is not None:
-                    group.start_soon(state.events.recheck_loop)
-                yield
-                group.cancel_scope.cancel()
+            yield
         finally:
+            # uvicorn has answered the requests in hand by now: the runner finishes what is
+            # left (rechecks are dropped, as in every watcher) and its threads end.
+            stop.request()
+            await anyio.to_thread.run_sync(loop.join)
             state.readiness.stop()
             if comparator is None:
                 state.comparator.close()

@@ -5,7 +5,8 @@ MinIO's webhook target, SeaweedFS's filer webhook and plain S3 event JSON are pa
 from the configured S3 endpoint and write the results back. The answer waits for the pairs:
 
 * 200 — every record is done, refused for good, or recorded for a later look (a lone image:
-  it is looked at again when its ``pair_timeout`` is up, in memory). Refused for good (a
+  the process's runner looks at it again when its ``pair_timeout`` is up, in memory, with the
+  same recheck policy as every watcher). Refused for good (a
   hostile key; a bucket that is not a bucket name, not in ``allowed_buckets`` or missing) is
   logged (``event_rejected``), counted (``pairwatch_events_total{outcome="rejected"}``) and
   *acknowledged*: MinIO and SeaweedFS deliver again whatever is not answered 2xx, forever with
@@ -14,33 +15,34 @@ from the configured S3 endpoint and write the results back. The answer waits for
   way, throttling, an unwritable result, a pair out of time): the sender delivers it again;
 * 400 malformed, 401 wrong or missing token, 408 a body that stalls (``upload_idle_timeout``),
   413 body too large, 429 busy.
+
+A delivery is one unit of work of the process's runner (``Runner.submit``), sharing its
+``concurrency`` and queue with the uploads; its deadline starts when a worker takes it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from handler.aws_clients import s3_client
 from handler.bucket_jobs import BucketJobs, Delivery
-from handler.compare import Comparator
 from handler.config import Settings
-from handler.deadline import Deadline
-from handler.disposition import backoff, retry
+from handler.deadline import current
+from handler.disposition import Disposition, backoff
 from handler.events import ObjectEvent, Parsed, parse_body
 from handler.logs import get_logger
 from handler.pairs import normalise_prefix
 from watcher import prometheus
-from watcher.rechecks import Rechecks
 from watcher.serve.admission import Admission, Busy
 from watcher.serve.connection import Connection, UploadStalled
 from watcher.serve.responses import error_response
@@ -49,8 +51,6 @@ from watcher.serve.responses import error_response
 MAX_EVENT_BYTES = 1024 * 1024
 #: ``pairwatch_events_total`` source for records refused before they had one.
 WEBHOOK_SOURCE = "webhook"
-#: How often due rechecks (lone images) are looked at.
-RECHECK_PERIOD = 1.0
 
 
 class BodyTooLarge(Exception):
@@ -59,35 +59,32 @@ class BodyTooLarge(Exception):
 
 @dataclass
 class EventsEndpoint:
-    """The webhook's collaborators: the token, the bucket jobs and the shared admission."""
+    """The webhook's collaborators: the token, the bucket jobs and the shared admission (in
+    front of the process's one runner)."""
 
     token: bytes
     jobs: BucketJobs
     admission: Admission
-    limiter: anyio.CapacityLimiter
-    #: Lone images to look at again when their partner is due, keyed by (bucket, key).
-    rechecks: Rechecks[tuple[str, str]] = field(default_factory=Rechecks)
-    waiting: dict[tuple[str, str], ObjectEvent] = field(default_factory=dict)
+    #: Runner keys of deliveries (each its own unit of work).
+    delivery_ids: itertools.count[int] = field(default_factory=itertools.count)
 
     @classmethod
     def build(
         cls,
         settings: Settings,
-        comparator: Comparator,
         admission: Admission,
-        limiter: anyio.CapacityLimiter,
         endpoint_url: str | None,
         region: str | None,
     ) -> EventsEndpoint:
         assert settings.events_token is not None
         jobs = BucketJobs(
             settings,
-            comparator,
+            admission.runner.comparator,
             s3_client(endpoint_url, region),
             prefix=normalise_prefix(settings.input_prefix),
         )
         token = settings.events_token.get_secret_value().encode()
-        return cls(token, jobs, admission, limiter)
+        return cls(token, jobs, admission)
 
     def authorized(self, header: str | None) -> bool:
         """``Bearer <token>``, compared in constant time (no early exit on the first byte)."""
@@ -145,41 +142,48 @@ class EventsEndpoint:
         return JSONResponse(_summary(delivery, parsed))
 
     async def deliver(self, parsed: Parsed) -> Delivery:
-        """Handle one delivery in a worker thread inside an admission slot; lone images are
-        filed for a look when their partner is due."""
-        async with self.admission.admit() as ticket, ticket.compare():
-            delivery: Delivery = await anyio.to_thread.run_sync(
-                partial(self._handle, parsed), limiter=self.limiter
-            )
-        prometheus.record_delivery(delivery, WEBHOOK_SOURCE)
-        for handled in delivery.events:
-            key = (handled.event.bucket, handled.event.key)
-            if handled.disposition.is_retry and handled.disposition.at is not None:
-                self.waiting[key] = handled.event
-                self.rechecks.schedule(key, handled.disposition)
-            elif not handled.disposition.is_retry:
-                self.rechecks.clear(key)
-                self.waiting.pop(key, None)
+        """Handle one delivery as a unit of work of the runner; lone images are handed to the
+        runner's rechecks for a look when their partner is due."""
+        handled: list[Delivery] = []
+
+        def work(queued_ms: float) -> Disposition:
+            handled.append(self._handle(parsed, queued_ms))
+            return handled[0].disposition
+
+        async with self.admission.admit() as ticket:
+            future = ticket.submit(("webhook", next(self.delivery_ids)), work)
+            await asyncio.wrap_future(future)
+        if not handled:
+            raise RuntimeError("the delivery's work failed (work_failed)")
+        delivery = handled[0]
+        runner = self.admission.runner
+        for one in delivery.events:
+            key = (one.event.bucket, one.event.key)
+            if one.disposition.is_retry and one.disposition.at is not None:
+                runner.recheck_later(key, self._recheck(one.event), one.disposition)
+            elif not one.disposition.is_retry:
+                runner.forget(key)
         return delivery
 
-    def _handle(self, parsed: Parsed) -> Delivery:
-        """On a worker thread, holding a compare slot: the first pair's time starts now."""
-        deadline = Deadline(self.jobs.settings.comparison.processing_timeout)
-        return self.jobs.handle_parsed(parsed, now=time.time(), deadline=deadline)
+    def _handle(self, parsed: Parsed, queued_ms: float | None = None) -> Delivery:
+        """On a runner worker, under the deadline it started when it took the work; the
+        runner's manifest index answers (and learns) which manifests read an object, as in
+        every bucket watcher."""
+        runner = self.admission.runner
+        delivery = self.jobs.handle_parsed(
+            parsed,
+            now=time.time(),
+            readers=runner.manifests.readers,
+            deadline=current(),
+            queued_ms=queued_ms,
+        )
+        runner.record(delivery.reports, WEBHOOK_SOURCE)
+        prometheus.record_delivery(delivery, WEBHOOK_SOURCE)
+        return delivery
 
-    async def recheck_loop(self) -> None:
-        """Look again at lone images whose partner is due (``incomplete_pair`` otherwise)."""
-        while True:
-            await anyio.sleep(RECHECK_PERIOD)
-            for key in self.rechecks.due():
-                event = self.waiting.pop(key, None)
-                if event is None:
-                    continue
-                try:
-                    await self.deliver(Parsed(events=[event]))
-                except Busy:
-                    self.waiting[key] = event
-                    self.rechecks.schedule(key, retry("busy", at=time.time() + backoff(1)))
+    def _recheck(self, event: ObjectEvent) -> Callable[[float], Disposition]:
+        """The runner's recheck of a lone image (``incomplete_pair`` once its partner is due)."""
+        return lambda queued_ms: self._handle(Parsed(events=[event]), queued_ms).disposition
 
 
 async def _read_capped(stream: AsyncIterator[bytes], limit: int) -> bytes:

@@ -106,8 +106,8 @@ class Readiness:
         stalled_s: Callable[[], float] | None = None,
         processing_timeout: float = 0.0,
     ) -> None:
-        """``stalled_s``: how long no compare slot has changed hands with all of them held
-        (``Admission.stalled_s``); past ``processing_timeout + STUCK_GRACE_S`` it is stuck."""
+        """``stalled_s``: how long no runner worker has taken work with all of them busy
+        (``Runner.stalled_s``); past ``processing_timeout + STUCK_GRACE_S`` it is stuck."""
         self.comparator = comparator
         self.engine = engine
         self._stalled_s = stalled_s

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import anyio
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
 
 from handler.compare import Comparator
 from handler.config import Settings
+from watcher.runner import Runner
 from watcher.serve.admission import Admission
 from watcher.serve.events import EventsEndpoint
 from watcher.serve.readiness import Readiness
@@ -15,11 +16,14 @@ from watcher.serve.readiness import Readiness
 
 @dataclass
 class ServeState:
-    """What the endpoints share: settings, the comparator, the admission control, readiness."""
+    """What the endpoints share: settings, the comparator, the process's one runner, the
+    admission in front of it, readiness."""
 
     settings: Settings
     comparator: Comparator
+    runner: Runner[Any]
     admission: Admission
-    limiter: anyio.CapacityLimiter
     readiness: Readiness
     events: EventsEndpoint | None = None
+    #: Runner keys of uploads (each its own unit of work: never coalesced with another).
+    upload_ids: itertools.count[int] = field(default_factory=itertools.count)

@@ -1,21 +1,26 @@
-"""One upload's pair: admitted, its body read as it streams in, compared on a worker thread.
+"""One upload's pair: admitted, its body read as it streams in, compared by the runner.
 
-Every pair goes through the same ``handler.pipeline.compare_pair`` as the watchers, inside one
-``Admission`` slot; the connection is watched meanwhile, so a client that leaves frees its place
-(a waiting pair never starts, a running one stops at its deadline's next check).
+Every pair goes through the same ``handler.pipeline.compare_pair`` as the watchers, on one of
+the process's runner's workers (``Runner.submit``); the connection is watched meanwhile, so a
+client that leaves frees its place (a waiting pair never starts, a running one stops at its
+deadline's next check). The pair's deadline is the runner's: it starts when a worker takes it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import anyio
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from handler.deadline import Deadline
+from handler import disposition
+from handler.deadline import Deadline, current
+from handler.disposition import Disposition
 from handler.errors import PairError
 from handler.logs import get_logger
 from handler.pipeline import ImageInput, compare_pair_with_settings
@@ -44,8 +49,8 @@ class _ClientGone(PairError):
 
 
 class UploadCompare:
-    """Admits a request, reads its upload, then runs its pair on a worker thread while
-    watching the connection."""
+    """Admits a request, reads its upload, then hands its pair to the runner while watching
+    the connection."""
 
     def __init__(self, state: ServeState) -> None:
         self.state = state
@@ -104,21 +109,21 @@ class UploadCompare:
         pair: PairRequest,
         fetch_seconds: float,
     ) -> ComparisonResult | None:
-        """The pair's result once a compare slot is free, or None when the client went away
-        before it was done: while waiting, its place is given back at once and the pair never
-        starts; once started, the pair stops at its next stage."""
+        """The pair's result once the runner has compared it, or None when the client went
+        away before it was done: while waiting, its place is given back at once and the pair
+        never starts; once started, the pair stops at its next stage."""
         settings = self.state.settings
         pair_id = pair.pair_id
         a, b = (
             ImageInput(safe_filename(f.filename, slot), _loader(f), digest=_digest(f))
             for f, slot in zip(pair.files, ("a", "b"), strict=True)
         )
-        # Made once its compare slot is taken: the pair's time starts then.
         taken = _Taken()
 
-        def work() -> ComparisonResult:
-            assert taken.deadline is not None
-            return compare_pair_with_settings(
+        def work(queued_ms: float) -> Disposition:
+            del queued_ms  # an upload's log lines time its stages, not its wait
+            taken.start(current())
+            taken.result = compare_pair_with_settings(
                 settings,
                 pair_id,
                 a,
@@ -127,20 +132,18 @@ class UploadCompare:
                 self.state.comparator,
                 deadline=taken.deadline,
             ).result
+            return disposition.done("answered")
 
-        result: ComparisonResult | None = None
+        future = ticket.submit(("upload", next(self.state.upload_ids)), work)
         async with anyio.create_task_group() as group:
-            waiting = group.cancel_scope  # cancelled by a disconnect: leaves the slot queue
-            group.start_soon(_watch_disconnect, connection, taken, waiting)
-            async with ticket.compare():
-                if not taken.gone:
-                    taken.deadline = Deadline(settings.comparison.processing_timeout)
-                    # Started, the pair's thread runs on; its deadline stops it (``abandon``).
-                    with anyio.CancelScope(shield=True):
-                        result = await anyio.to_thread.run_sync(work, limiter=self.state.limiter)
-            waiting.cancel()
+            group.start_soon(_watch_disconnect, connection, taken, future)
+            await _settled(future)
+            group.cancel_scope.cancel()
+        result = taken.result
+        if result is None and not taken.gone:
+            raise RuntimeError(f"pair {pair_id}: the runner's work failed (work_failed)")
         if result is None or taken.gone:
-            stage = "queue" if result is None else "compare"  # gone before its slot, or after
+            stage = "queue" if future.cancelled() else "compare"  # gone before it ran, or after
             get_logger(pair_id=pair_id).warning("client_disconnected", stage=stage)
             prometheus.PAIRS.labels("http", self.state.comparator.info.name, "abandoned").inc()
             return None
@@ -150,11 +153,19 @@ class UploadCompare:
 
 @dataclass
 class _Taken:
-    """One upload's pair as the event loop sees it: its deadline once its compare slot is
-    taken, and whether its client went away (both touched on the event loop only)."""
+    """One upload's pair: its deadline once a runner worker took it, its result, and whether
+    its client went away (``gone`` is set on the event loop, the rest on the worker)."""
 
     deadline: Deadline | None = None
+    result: ComparisonResult | None = None
     gone: bool = False
+
+    def start(self, deadline: Deadline | None) -> None:
+        """On the worker: the runner's deadline for the pair (a client gone meanwhile stops it
+        at its first check)."""
+        self.deadline = deadline
+        if self.gone:
+            self.abandon()
 
     def abandon(self) -> None:
         """The client went away: a pair still waiting never starts, a running one stops at
@@ -162,6 +173,16 @@ class _Taken:
         self.gone = True
         if self.deadline is not None:
             self.deadline.abandon(_ClientGone("the client disconnected"))
+
+
+async def _settled(future: Future[Disposition]) -> None:
+    """Wait, on the event loop, until the runner is done with ``future`` (or it is cancelled);
+    a bug in the work is the runner's to log (``work_failed``), the answer is then 500."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    # From a runner worker, or from this loop itself when the waiter cancels it.
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
+    await done.wait()
 
 
 def _loader(part: UploadedFile) -> Callable[[], bytes]:
@@ -181,13 +202,14 @@ def _digest(part: UploadedFile) -> Callable[[], str | None]:
 
 
 async def _watch_disconnect(
-    connection: Connection, taken: _Taken, waiting: anyio.CancelScope
+    connection: Connection, taken: _Taken, future: Future[Disposition]
 ) -> None:
     """Once the body is read, the only message left is the disconnect (or the response end):
-    it stops a running pair at its deadline's next check and a waiting one at once."""
+    it stops a running pair at its deadline's next check and takes a waiting one out of the
+    runner's queue at once."""
     await connection.wait_for_disconnect()
     taken.abandon()
-    waiting.cancel()
+    future.cancel()
 
 
 def _log_refused(exc: UploadTooLarge) -> None:

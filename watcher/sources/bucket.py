@@ -66,7 +66,6 @@ def run_event(
     """One object event, on a runner worker thread (counted in the metrics under ``source``)."""
     now = time.time()
     report = jobs.handle(event, now=now, readers=runner.manifests.readers, queued_ms=queued_ms)
-    for job in report.reports:
-        runner.manifests.learn(job)
+    runner.record(report.reports, source)
     prometheus.record_event_report(report, source)
     return report

@@ -2,11 +2,12 @@
 ``pairwatch watch DIR``'s ``run`` (with its ``--once`` progress bar).
 
 Threads: watchdog's observer thread only notes changed paths in the ``Settler``; the runner's
-main loop calls ``pump``, which decides which pairs a settled file affects and offers them to
-the runner (``watcher.runner``); the runner's workers run the jobs, ``concurrency`` at a time,
-never one pair twice at once. Before a job reads anything, all of its plan's files are checked
-to be completely written (the settle gate); an unsettled one holds the pair back until it
-settles.
+main loop calls ``pump``, which decides which pairs a settled file affects and offers each to
+the runner (``watcher.runner``) as one pair job (``handler.jobs.run_pair_job``); the runner's
+workers run the jobs, ``concurrency`` at a time, never one pair twice at once, and do the
+bookkeeping after each. The job's gate is the settler: before a job reads anything, all of its
+plan's files are checked to be completely written; an unsettled one holds the pair back
+(``deferred``) until it settles.
 
 Start-up: the observer starts first, then a catch-up scan walks the folder, so nothing dropped
 in between is missed. The scan is lazy: it feeds the queue only while there is room (half of it
@@ -46,10 +47,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from handler import disposition
 from handler.config import Settings
-from handler.disposition import Disposition
-from handler.jobs import JobReport, resolve, run_plan
+from handler.jobs import JobReport, run_pair_job
 from handler.logs import elapsed_ms, get_logger
 from handler.pairs import (
     PairSpec,
@@ -60,7 +59,6 @@ from handler.pairs import (
     pairs_for_name,
 )
 from handler.storage import LocalStorage, remove_stale_temporaries
-from watcher import prometheus
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from watcher.runner import ComparatorUnavailable, Runner, runner_for
 from watcher.shutdown import StopFlag, stop_on_signals
@@ -110,14 +108,13 @@ def _progress(watcher: FolderSource, enabled: bool) -> Iterator[None]:
     bar = tqdm(total=len(queue), unit="pair", file=sys.stderr, dynamic_ncols=True)
     lock = threading.Lock()
 
-    def advance(report: JobReport) -> None:
-        del report
+    def advance() -> None:
         with lock:  # reports come from the runner's worker threads
             # This pair is still in flight: done (n + 1) + the others in flight + the queue.
             bar.total = max(bar.total or 0, bar.n + len(queue) + watcher.runner.in_flight())
             bar.update(1)
 
-    watcher.on_report = advance
+    watcher.summary.on_report = advance
     above_bar = cast(TextIO, _AboveBar())
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=above_bar))
     try:
@@ -141,16 +138,23 @@ class _AboveBar:
 
 @dataclass
 class Summary:
-    """The latest report per pair (kept for ``--once`` runs only) and counters for the log."""
+    """The latest report per pair (kept for ``--once`` runs only) and counters for the log: the
+    runner's reporter (``watcher.runner.Reporter``), called from its workers."""
 
     keep_reports: bool = False
     reports: dict[PairSpec, JobReport] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     crashed: set[PairSpec] = field(default_factory=set)
+    #: Called after every job that was not held back (the CLI's progress bar).
+    on_report: Callable[[], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, report: JobReport) -> None:
+        if report.action == "deferred":
+            return  # not a pair done: it comes back once its files settle
         key = "failed" if report.failed else report.action
+        if self.on_report is not None:
+            self.on_report()
         with self._lock:
             self.counts[key] = self.counts.get(key, 0) + 1
             if self.keep_reports:
@@ -190,9 +194,9 @@ class FolderSource:
         self.once = once
         # Polling sees no open/close events, so it relies on the settle time alone.
         self.settler = Settler(settings.settle_time, track_close=not polling)
+        self._gate = self.settler.gate(self.root)
         self.summary = Summary(keep_reports=once)
-        #: Called after every job (the CLI's progress bar), from the runner's worker threads.
-        self.on_report: Callable[[JobReport], None] | None = None
+        runner.reporter = self.summary
         #: Set once the start-up scan has queued every pending pair (events are watched by then).
         self.caught_up = threading.Event()
         self._scanner: Iterator[PairSpec] | None = None
@@ -244,7 +248,16 @@ class FolderSource:
     def _offer(self, spec: PairSpec, source: str, **extra: float) -> None:
         if spec in self.runner.queue:
             return  # coalesced with the job already waiting
-        if not self.runner.offer(spec, partial(self._job, spec)):
+        # The pair's job, gated on its files being completely written.
+        job = partial(
+            run_pair_job,
+            self.storage,
+            spec,
+            self.settings,
+            self.runner.comparator,
+            gate=self._gate,
+        )
+        if not self.runner.offer_job(spec, job, "folder"):
             if not self._rescan:
                 self._log.warning(
                     "queue_full", queue_size=self.runner.queue.maxsize, pair_id=spec.pair_id
@@ -259,40 +272,6 @@ class FolderSource:
             queued=len(self.runner.queue),
             **extra,
         )
-
-    # -- one pair (a runner worker thread) -----------------------------------------------------
-
-    def _job(self, spec: PairSpec, queued_ms: float) -> Disposition:
-        try:
-            now = time.time()
-            plan = resolve(self.storage, spec, self.settings, now)
-            if self.settler.defer_unsettled(self.root / path for path in plan.files):
-                # The files still being written bring the pair back once they settle.
-                if spec.kind == "manifest":
-                    self.runner.manifests.track(spec, plan.inputs)
-                self._log.debug("pair_deferred", pair_id=spec.pair_id, reason="being_written")
-                return disposition.done("deferred until its files settle")
-            report = run_plan(
-                self.storage,
-                plan,
-                self.settings,
-                self.runner.comparator,
-                now=now,
-                queued_ms=queued_ms,
-            )
-        except Exception as exc:
-            # A bug (or an OS failure nobody foresaw) must cost this pair, not the watcher.
-            self._log.exception(
-                "pair_failed", pair_id=spec.pair_id, error_type="internal_error", error=str(exc)
-            )
-            self.summary.add_crash(spec)
-            return disposition.retry(f"internal error: {exc}")
-        self.runner.manifests.learn(report)
-        prometheus.record_report(report, "folder")
-        self.summary.add(report)
-        if self.on_report is not None:
-            self.on_report(report)
-        return report.disposition
 
     def run(self, stop: StopFlag) -> Summary:
         """Catch up, then process pairs until ``stop`` (or, with ``once``, until idle)."""
@@ -328,7 +307,7 @@ class FolderSource:
     def _scan(self) -> Iterator[PairSpec]:
         """Every pair under the root, folder by folder, in name order.
 
-        Files still being written are no concern here: ``_process`` defers any pair whose
+        Files still being written are no concern here: the job's settle gate defers any pair whose
         files have not settled.
         """
         for dirpath, dirnames, filenames in os.walk(self.root, onerror=self._scan_error):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from handler.jobs import Gate
+
 #: create/scan: appeared (settle only) · attrib: mode/owner changed (a permission fix: look
 #: again) · write: data written (and, with ``track_close``, the file is open until its close) ·
 #: close: the writer closed it · rename: renamed into place · delete.
@@ -118,6 +120,11 @@ class Settler:
                     self._confirm(path, stat)
             out.append((path, now - entry.first))
         return out
+
+    def gate(self, root: Path) -> Gate:
+        """The folder's pair jobs' gate (``handler.jobs.Gate``): a plan is held back while any
+        of its files under ``root`` may still be being written."""
+        return lambda plan: self.defer_unsettled(root / path for path in plan.files)
 
     def defer_unsettled(self, paths: Iterable[Path]) -> bool:
         """Hold back a pair while any of its files may still be being written.

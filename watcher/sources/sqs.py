@@ -226,8 +226,7 @@ class SqsSource:
             queued_ms=queued_ms,
             message_id=message.message_id,
         )
-        for report in delivery.reports:
-            self.runner.manifests.learn(report)
+        self.runner.record(delivery.reports, "sqs")
         prometheus.record_delivery(delivery, "sqs")
         return delivery.disposition
 
