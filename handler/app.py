@@ -40,7 +40,7 @@ from handler.aws_clients import s3_client, sqs_client
 from handler.bucket_jobs import BucketJobs
 from handler.compare import create_comparator, resolve_concurrency
 from handler.config import Settings, load_settings
-from handler.disposition import SQS_MAX_VISIBILITY_S, Disposition, retry_delay
+from handler.disposition import Disposition
 from handler.events import QueueMessage, is_sqs_event, lambda_sqs_messages, parse_notification
 from handler.logs import configure_logging, elapsed_ms, get_logger
 from handler.pairs import normalise_prefix
@@ -144,15 +144,7 @@ def _direct(event: Any, rt: Runtime, log: Any, started: float) -> dict[str, Any]
 
 def _delay(rt: Runtime, message: QueueMessage, fate: Disposition, log: Any) -> None:
     """Keep a retried message invisible until it is due (partner due, or the back-off)."""
-    delay = retry_delay(fate, time.time(), message.receive_count or 1)
-    seconds = min(int(delay + 0.999), SQS_MAX_VISIBILITY_S)
-    log.info(
-        "message_left_for_retry",
-        message_id=message.message_id,
-        receive_count=message.receive_count,
-        retry_after_s=seconds,
-        reason=fate.reason,
-    )
+    seconds = message.left_for_retry(fate, time.time(), log)
     url = _queue_url(rt, message.source_arn)
     if rt.sqs is None or url is None or message.receipt_handle is None:
         return

@@ -30,7 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from handler.aws_clients import sqs_client
 from handler.bucket_jobs import BucketJobs
 from handler.config import Settings
-from handler.disposition import SQS_MAX_VISIBILITY_S, Disposition, retry_delay
+from handler.disposition import Disposition
 from handler.errors import PairError
 from handler.events import QueueMessage, sqs_messages
 from handler.logs import get_logger
@@ -239,15 +239,7 @@ class SqsSource:
         if fate.is_done:
             self._delete(message, log)
         elif fate.is_retry:
-            delay = retry_delay(fate, time.time(), message.receive_count or 1)
-            delay = min(int(delay + 0.999), SQS_MAX_VISIBILITY_S)
-            log.info(
-                "message_left_for_retry",
-                receive_count=message.receive_count,
-                retry_after_s=delay,
-                reason=fate.reason,
-            )
-            self._change_visibility([message], delay)
+            self._change_visibility([message], message.left_for_retry(fate, time.time(), log))
         else:
             log.error("message_rejected", receive_count=message.receive_count, reason=fate.reason)
 
