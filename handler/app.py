@@ -36,14 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from handler.aws_clients import s3_client, sqs_client
+from handler.aws_clients import sqs_client
 from handler.bucket_jobs import BucketJobs
 from handler.compare import create_comparator, resolve_concurrency
 from handler.config import Settings, load_settings
 from handler.disposition import Disposition
 from handler.events import QueueMessage, is_sqs_event, lambda_sqs_messages, parse_notification
 from handler.logs import configure_logging, elapsed_ms, get_logger
-from handler.pairs import normalise_prefix
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -69,8 +68,7 @@ def runtime() -> Runtime:
         configure_logging(settings.log_format, settings.log_level)
         comparator = create_comparator(settings)
         comparator.wait_ready()
-        prefix = normalise_prefix(settings.input_prefix)
-        jobs = BucketJobs(settings, comparator, s3_client(), prefix=prefix)
+        jobs = BucketJobs.from_settings(settings, comparator)
         _runtime = Runtime(settings, jobs, sqs_client())
     return _runtime
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from handler import disposition
+from handler.aws_clients import s3_client
 from handler.compare.base import Comparator
 from handler.config import Settings
 from handler.deadline import Deadline, current_or_new
@@ -34,6 +35,7 @@ from handler.pairs import (
     is_image_name,
     is_manifest_name,
     is_relevant_name,
+    normalise_prefix,
     pairs_for_name,
 )
 from handler.s3_storage import S3Storage, check_bucket, check_key
@@ -87,6 +89,24 @@ class BucketJobs:
         self.comparator = comparator
         self.client = client
         self.prefix = prefix
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        comparator: Comparator,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        prefix: str | None = None,
+    ) -> BucketJobs:
+        """A process's bucket jobs (the Lambda, every bucket watcher, serve's webhook): one S3
+        client for ``endpoint_url``/``region`` (the AWS chain's when None), and ``prefix``
+        (already normalised: a watched ``s3://BUCKET/PREFIX``) or else ``input_prefix``
+        (``PairError`` when it is not a safe key prefix)."""
+        if prefix is None:
+            prefix = normalise_prefix(settings.input_prefix)
+        return cls(settings, comparator, s3_client(endpoint_url, region), prefix=prefix)
 
     def storage(self, bucket: str) -> S3Storage:
         """A fresh storage per event: its HEAD and listing caches and seen-result ETags belong

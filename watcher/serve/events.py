@@ -30,7 +30,6 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from handler.aws_clients import s3_client
 from handler.bucket_jobs import BucketJobs, Delivery
 from handler.compare import Comparator
 from handler.config import Settings
@@ -38,7 +37,6 @@ from handler.deadline import Deadline
 from handler.disposition import backoff, retry
 from handler.events import ObjectEvent, Parsed, parse_body
 from handler.logs import get_logger
-from handler.pairs import normalise_prefix
 from watcher import prometheus
 from watcher.rechecks import Rechecks
 from watcher.serve.admission import Admission, Busy
@@ -80,11 +78,8 @@ class EventsEndpoint:
         region: str | None,
     ) -> EventsEndpoint:
         assert settings.events_token is not None
-        jobs = BucketJobs(
-            settings,
-            comparator,
-            s3_client(endpoint_url, region),
-            prefix=normalise_prefix(settings.input_prefix),
+        jobs = BucketJobs.from_settings(
+            settings, comparator, endpoint_url=endpoint_url, region=region
         )
         token = settings.events_token.get_secret_value().encode()
         return cls(token, jobs, admission, limiter)

@@ -45,7 +45,7 @@ from handler.events import ObjectEvent, Parsed, parse_notification
 from handler.logs import get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
 from watcher.runner import Runner, run_until_stopped, runner_for
-from watcher.sources.bucket import bucket_jobs, bucket_refused, list_events, run_event
+from watcher.sources.bucket import bucket_refused, list_events, run_event
 
 EVENTS = ("s3:ObjectCreated:*",)
 #: A reconnection sooner than this after the previous one backs off (doubling, up to the max):
@@ -82,7 +82,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"pairwatch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     with runner_for(settings) as runner:
-        jobs = bucket_jobs(settings, runner, endpoint, region, url.prefix)
+        jobs = BucketJobs.from_settings(
+            settings, runner.comparator, endpoint_url=endpoint, region=region, prefix=url.prefix
+        )
         listener = MinioSource(client, jobs, url, runner, queue_size=settings.queue_size)
         log.info("watch_started", source="minio", endpoint=endpoint)
         if run_until_stopped(runner, listener) is None:

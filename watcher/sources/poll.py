@@ -24,7 +24,7 @@ from handler.events import ObjectEvent
 from handler.logs import elapsed_ms, get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
 from watcher.runner import Runner, run_until_stopped, runner_for
-from watcher.sources.bucket import bucket_jobs, bucket_refused, list_events, run_event
+from watcher.sources.bucket import bucket_refused, list_events, run_event
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -33,7 +33,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if bucket_refused(settings, url.bucket):
         return EXIT_USAGE
     with runner_for(settings) as runner:
-        jobs = bucket_jobs(settings, runner, args.endpoint_url, args.region, url.prefix)
+        jobs = BucketJobs.from_settings(
+            settings,
+            runner.comparator,
+            endpoint_url=args.endpoint_url,
+            region=args.region,
+            prefix=url.prefix,
+        )
         poller = PollSource(jobs, url, runner, interval=settings.poll_interval, once=args.once)
         log.info("watch_started", source="poll", interval_s=settings.poll_interval)
         stop = run_until_stopped(runner, poller)

@@ -38,7 +38,6 @@ from handler.pairs import normalise_prefix
 from watcher import prometheus
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from watcher.runner import Runner, run_until_stopped, runner_for
-from watcher.sources.bucket import bucket_jobs
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     region = args.region or _region_from_url(args.queue_url)
     # Checked before the comparator is built: loading a model first would waste minutes.
     try:
-        prefix = normalise_prefix(settings.input_prefix)
+        normalise_prefix(settings.input_prefix)
     except PairError as exc:
         print(
             f"pairwatch: bad input prefix (--input-prefix or PAIRWATCH_INPUT_PREFIX): "
@@ -67,7 +66,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     sqs = sqs_client(args.endpoint_url, region, wait_seconds=settings.sqs_wait_seconds)
     log = get_logger(queue=args.queue_url)
     with runner_for(settings) as runner:
-        jobs = bucket_jobs(settings, runner, args.endpoint_url, region, prefix)
+        jobs = BucketJobs.from_settings(
+            settings, runner.comparator, endpoint_url=args.endpoint_url, region=region
+        )
         source = SqsSource(
             sqs,
             args.queue_url,
