@@ -42,9 +42,9 @@ from handler.deadline import Deadline
 from handler.disposition import Disposition
 from handler.errors import PairError
 from handler.logs import get_logger
+from handler.manifests import ManifestIndex
 from watcher import prometheus
 from watcher.jobqueue import CoalescingQueue
-from watcher.manifests import ManifestIndex
 from watcher.rechecks import Rechecks
 from watcher.shutdown import StopFlag, stop_on_signals
 

@@ -51,6 +51,7 @@ from handler.config import Settings
 from handler.disposition import Disposition
 from handler.jobs import JobReport, resolve, run_plan
 from handler.logs import elapsed_ms, get_logger
+from handler.manifests import pairs_touched
 from handler.pairs import (
     PairSpec,
     is_ignored_name,
@@ -321,9 +322,7 @@ class FolderSource:
     # -- which pairs a file belongs to ------------------------------------------------------
 
     def _pairs_for(self, relative: str) -> list[PairSpec]:
-        specs = pairs_for_name(relative)
-        specs.extend(s for s in self.runner.manifests.readers(relative) if s not in specs)
-        return specs
+        return pairs_touched(relative, self.runner.manifests.readers)
 
     def _scan(self) -> Iterator[PairSpec]:
         """Every pair under the root, folder by folder, in name order.
