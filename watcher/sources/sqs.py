@@ -37,7 +37,8 @@ from handler.logs import get_logger
 from handler.pairs import normalise_prefix
 from watcher import prometheus
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from watcher.runner import Runner, run_until_stopped, runner_for
+from watcher.runner import Runner
+from watcher.sources.command import watch
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -64,12 +65,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
         return EXIT_USAGE
     sqs = sqs_client(args.endpoint_url, region, wait_seconds=settings.sqs_wait_seconds)
-    log = get_logger(queue=args.queue_url)
-    with runner_for(settings) as runner:
+
+    def build(runner: Runner[Any]) -> SqsSource:
         jobs = BucketJobs.from_settings(
             settings, runner.comparator, endpoint_url=args.endpoint_url, region=region
         )
-        source = SqsSource(
+        return SqsSource(
             sqs,
             args.queue_url,
             jobs,
@@ -77,11 +78,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             wait_seconds=settings.sqs_wait_seconds,
             exit_when_idle=args.exit_when_idle,
         )
-        log.info("watch_started", source="sqs", concurrency=runner.concurrency)
-        if run_until_stopped(runner, source) is None:
-            return EXIT_FAILED
-    log.info("watch_stopped", handled=source.handled, deleted=source.deleted)
-    return EXIT_FAILED if source.unavailable else EXIT_OK
+
+    watched = watch(
+        settings,
+        build,
+        log=get_logger(queue=args.queue_url),
+        started=lambda runner: {"source": "sqs", "concurrency": runner.concurrency},
+        stopped=lambda source: {"handled": source.handled, "deleted": source.deleted},
+    )
+    if watched is None or watched.source.unavailable:
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _region_from_url(url: str) -> str | None:
