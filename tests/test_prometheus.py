@@ -21,6 +21,7 @@ from handler.errors import InvalidImage
 from handler.result import ComparatorInfo, ComparisonResult, InputInfo, VLDetails, failure_result
 from tests.support import scenes
 from tests.support.s3_servers import ROOT, free_port, wait_for
+from tests.support.sources import Offered
 from watcher import prometheus
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
@@ -113,25 +114,6 @@ def test_watch_metrics_port_serves_the_same_names(tmp_path: Path) -> None:
         assert process.wait(30) == 0
 
 
-class _Offered:
-    """A source that has offered everything already: the runner ends once it is idle."""
-
-    def start(self) -> None:
-        pass
-
-    def pump(self) -> None:
-        pass
-
-    def finished(self) -> bool:
-        return True
-
-    def next_wait(self) -> float | None:
-        return None
-
-    def stop(self) -> None:
-        pass
-
-
 def test_a_runner_moves_queue_depth_and_in_flight() -> None:
     """Every watcher's runner keeps ``pairwatch_queue_depth`` (keys waiting, including one
     offered again while it runs) and ``pairwatch_in_flight`` (work running) up to date."""
@@ -146,7 +128,7 @@ def test_a_runner_moves_queue_depth_and_in_flight() -> None:
     for key in "abcde":
         runner.offer(key, work, recheck=False)
     assert _value("pairwatch_queue_depth") == depth + 5
-    thread = threading.Thread(target=runner.run, args=(StopFlag(), _Offered()))
+    thread = threading.Thread(target=runner.run, args=(StopFlag(), Offered()))
     thread.start()
     try:
         wait_for(lambda: _value("pairwatch_in_flight") == running + 2, 10, 0.01, "2 running")

@@ -17,34 +17,12 @@ from handler.config import Settings
 from handler.errors import ModelUnavailable
 from handler.logs import get_logger
 from tests.support.logs import captured_logs
+from tests.support.sources import Offered
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
 from watcher.sources.command import CannotWatch, watch
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class OneShot:
-    """A source that has offered everything at once (``--once``-like), counting its calls."""
-
-    def __init__(self, runner: Runner[Any]) -> None:
-        self.runner = runner
-        self.calls: list[str] = []
-
-    def start(self) -> None:
-        self.calls.append("start")
-
-    def pump(self) -> None:
-        pass
-
-    def finished(self) -> bool:
-        return True
-
-    def next_wait(self) -> float | None:
-        return None
-
-    def stop(self) -> None:
-        self.calls.append("stop")
 
 
 class Closing(MetricsComparator):
@@ -68,7 +46,7 @@ def test_a_watch_runs_the_source_and_logs_its_start_and_stop() -> None:
     with captured_logs() as logs:
         watched = watch(
             Settings(comparator="metrics", concurrency=2),
-            OneShot,
+            Offered,
             log=get_logger(source_kind="test"),
             started=lambda runner: {"source": "test", "concurrency": runner.concurrency},
             stopped=lambda source: {"calls": len(source.calls)},
@@ -84,7 +62,7 @@ def test_a_watch_runs_the_source_and_logs_its_start_and_stop() -> None:
 
 def test_without_a_log_the_source_logs_for_itself() -> None:
     with captured_logs() as logs:
-        watched = watch(Settings(comparator="metrics"), OneShot)
+        watched = watch(Settings(comparator="metrics"), Offered)
     assert watched is not None
     assert not [e for e in logs if e["event"] in ("watch_started", "watch_stopped")]
 
@@ -100,13 +78,13 @@ def test_a_comparator_that_never_loads_or_a_loop_that_cannot_watch_is_none_and_c
         lambda settings: Closing(closed, fails=fails == "comparator"),
     )
 
-    def loop(runner: Runner[Any], source: OneShot, stop: StopFlag) -> None:
+    def loop(runner: Runner[Any], source: Offered, stop: StopFlag) -> None:
         if fails == "loop":
             raise CannotWatch
         runner.run(stop, source)
 
     with captured_logs() as logs:
-        watched = watch(Settings(comparator="metrics"), OneShot, log=get_logger(), loop=loop)
+        watched = watch(Settings(comparator="metrics"), Offered, log=get_logger(), loop=loop)
     assert watched is None
     assert closed == [True]
     assert [e["event"] for e in logs if e["event"].startswith("watch_")] == ["watch_started"]
