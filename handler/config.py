@@ -32,6 +32,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from handler.buckets import check_bucket
+from handler.errors import BucketRefused
+
 #: Chosen so that re-encoded, rescaled, re-formatted and EXIF-rotated copies score above it and
 #: local edits (a pasted object over a few percent of the image, a blurred region, recolouring,
 #: mirroring) score below it; see ``handler.compare.metrics`` and tests/compare/test_metrics.py.
@@ -297,8 +300,6 @@ class Settings(BaseSettings):
         """Each a bucket name; an empty list would refuse everything: leave it unset instead."""
         if value is None:
             return value
-        from handler.s3_storage import BucketRefused, check_bucket
-
         if not value:
             raise ValueError("is empty: name the buckets, or leave it unset for any bucket")
         for name in value:
