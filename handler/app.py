@@ -36,14 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from handler.aws_clients import s3_client, sqs_client
+from handler.aws_clients import sqs_client
 from handler.bucket_jobs import BucketJobs
 from handler.compare import create_comparator, resolve_concurrency
 from handler.config import Settings, load_settings
-from handler.disposition import SQS_MAX_VISIBILITY_S, Disposition, retry_delay
+from handler.disposition import Disposition
 from handler.events import QueueMessage, is_sqs_event, lambda_sqs_messages, parse_notification
 from handler.logs import configure_logging, elapsed_ms, get_logger
-from handler.pairs import normalise_prefix
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -69,8 +68,7 @@ def runtime() -> Runtime:
         configure_logging(settings.log_format, settings.log_level)
         comparator = create_comparator(settings)
         comparator.wait_ready()
-        prefix = normalise_prefix(settings.input_prefix)
-        jobs = BucketJobs(settings, comparator, s3_client(), prefix=prefix)
+        jobs = BucketJobs.from_settings(settings, comparator)
         _runtime = Runtime(settings, jobs, sqs_client())
     return _runtime
 
@@ -144,15 +142,7 @@ def _direct(event: Any, rt: Runtime, log: Any, started: float) -> dict[str, Any]
 
 def _delay(rt: Runtime, message: QueueMessage, fate: Disposition, log: Any) -> None:
     """Keep a retried message invisible until it is due (partner due, or the back-off)."""
-    delay = retry_delay(fate, time.time(), message.receive_count or 1)
-    seconds = min(int(delay + 0.999), SQS_MAX_VISIBILITY_S)
-    log.info(
-        "message_left_for_retry",
-        message_id=message.message_id,
-        receive_count=message.receive_count,
-        retry_after_s=seconds,
-        reason=fate.reason,
-    )
+    seconds = message.left_for_retry(fate, time.time(), log)
     url = _queue_url(rt, message.source_arn)
     if rt.sqs is None or url is None or message.receipt_handle is None:
         return

@@ -15,12 +15,11 @@ an event returns its ``Disposition`` (``handler.disposition``), decided here and
 
 from __future__ import annotations
 
-import posixpath
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from handler import disposition
+from handler.aws_clients import s3_client
 from handler.compare.base import Comparator
 from handler.config import Settings
 from handler.deadline import Deadline, current_or_new
@@ -29,26 +28,17 @@ from handler.errors import BucketRefused, PairError, StorageUnavailable
 from handler.events import ObjectEvent, Parsed
 from handler.jobs import JobReport, run_pair_job
 from handler.logs import get_logger
+from handler.manifests import Readers, manifests_beside, no_readers, pairs_touched
 from handler.pairs import (
     PairSpec,
     is_image_name,
-    is_manifest_name,
     is_relevant_name,
-    pairs_for_name,
+    normalise_prefix,
 )
 from handler.s3_storage import S3Storage, check_bucket, check_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-
-#: Manifests known to read a path (relative to the prefix).
-Readers = Callable[[str], Iterable[PairSpec]]
-
-
-def _none(relative: str) -> Iterable[PairSpec]:
-    del relative
-    return ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +78,24 @@ class BucketJobs:
         self.client = client
         self.prefix = prefix
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        comparator: Comparator,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        prefix: str | None = None,
+    ) -> BucketJobs:
+        """A process's bucket jobs (the Lambda, every bucket watcher, serve's webhook): one S3
+        client for ``endpoint_url``/``region`` (the AWS chain's when None), and ``prefix``
+        (already normalised: a watched ``s3://BUCKET/PREFIX``) or else ``input_prefix``
+        (``PairError`` when it is not a safe key prefix)."""
+        if prefix is None:
+            prefix = normalise_prefix(settings.input_prefix)
+        return cls(settings, comparator, s3_client(endpoint_url, region), prefix=prefix)
+
     def storage(self, bucket: str) -> S3Storage:
         """A fresh storage per event: its HEAD and listing caches and seen-result ETags belong
         to the jobs of one event."""
@@ -105,7 +113,7 @@ class BucketJobs:
         event: ObjectEvent,
         *,
         now: float,
-        readers: Readers = _none,
+        readers: Readers = no_readers,
         queued_ms: float | None = None,
         deadline: Deadline | None = None,
     ) -> EventReport:
@@ -115,7 +123,7 @@ class BucketJobs:
         event, else a new one); each further pair of the event gets as long again from when it
         starts (``Deadline.renewed``).
 
-        ``readers``: manifests known (to a long-running caller: ``watcher.manifests``) to read
+        ``readers``: manifests known (to a long-running caller: its ``ManifestIndex``) to read
         the object (by its path relative to the prefix), beyond the manifests beside it, which
         are always re-run. A stateless caller (the Lambda, one of several SQS workers) knows
         none: a manifest naming an image in another prefix is then re-run by its own event only.
@@ -155,18 +163,18 @@ class BucketJobs:
         except PairError as exc:
             log.error("event_rejected", error_type=exc.type, error=exc.message)
             return EventReport(event, disposition.reject(exc.message))
-        specs = pairs_for_name(relative)
+        beside: list[PairSpec] = []
         if is_image_name(relative):
             try:
                 with first.applied():
-                    specs += _sibling_manifests(storage, relative)
+                    beside = manifests_beside(storage, relative)
             except StorageUnavailable as exc:
                 log.error("storage_unavailable", error_type=type(exc).__name__, error=str(exc))
                 return EventReport(event, disposition.retry(f"storage unavailable: {exc}"))
             except PairError as exc:
                 # Its own pair meets the same problem and records it in its result.
                 log.warning("manifests_unlisted", error_type=exc.type, error=exc.message)
-        specs += [spec for spec in readers(relative) if spec not in specs]
+        specs = pairs_touched(relative, readers, beside)
         if not specs:
             log.debug("event_ignored", reason="hidden, temporary or not in a pair folder")
             return EventReport(event, disposition.done("ignored: not in a pair"))
@@ -192,7 +200,7 @@ class BucketJobs:
         parsed: Parsed,
         *,
         now: float,
-        readers: Readers = _none,
+        readers: Readers = no_readers,
         queued_ms: float | None = None,
         deadline: Deadline | None = None,
         **context: object,
@@ -234,14 +242,3 @@ def _ignored(event: ObjectEvent, storage: S3Storage, relative: str | None) -> st
     if not is_relevant_name(relative):
         return "not an image or manifest"
     return None
-
-
-def _sibling_manifests(storage: S3Storage, image: str) -> list[PairSpec]:
-    """Manifests beside a new or replaced image: it may be one of their inputs. Each re-run is
-    cheap when it is not (the recorded ETags match: HEADs, no download)."""
-    folder = posixpath.dirname(image)
-    return [
-        PairSpec("manifest", posixpath.join(folder, name))
-        for name in storage.list_names(folder)
-        if is_manifest_name(name)
-    ]

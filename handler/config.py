@@ -12,7 +12,7 @@ import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -31,6 +31,9 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+from handler.buckets import check_bucket
+from handler.errors import BucketRefused
 
 #: Chosen so that re-encoded, rescaled, re-formatted and EXIF-rotated copies score above it and
 #: local edits (a pasted object over a few percent of the image, a blurred region, recolouring,
@@ -127,6 +130,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PAIRWATCH_", env_nested_delimiter="__", extra="forbid"
     )
+    #: A ``--config`` file's values, below the environment (set on ``load_settings``'s
+    #: subclass, so ``Settings`` itself reads only its arguments and the environment).
+    file_values: ClassVar[Mapping[str, Any]] = {}
 
     comparator: Literal["auto", "metrics", "vl"] = Field(
         "auto", description="auto: vl when a model is configured, metrics otherwise."
@@ -294,8 +300,6 @@ class Settings(BaseSettings):
         """Each a bucket name; an empty list would refuse everything: leave it unset instead."""
         if value is None:
             return value
-        from handler.s3_storage import BucketRefused, check_bucket
-
         if not value:
             raise ValueError("is empty: name the buckets, or leave it unset for any bucket")
         for name in value:
@@ -355,7 +359,15 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings)
+        """Arguments (flags) over the environment over the config file; no dotenv, no
+        secrets directory."""
+        if not cls.file_values:
+            return (init_settings, env_settings)
+        return (
+            init_settings,
+            env_settings,
+            InitSettingsSource(settings_cls, dict(cls.file_values)),
+        )
 
 
 #: What the local VL model needs beyond the core install (the ``vl`` extra, xgrammar optional).
@@ -400,19 +412,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Settings from defaults < config file < environment < ``overrides`` (e.g. CLI flags)."""
-    file_values = read_config_file(config_file) if config_file else {}
+    values = read_config_file(config_file) if config_file else {}
 
     class _FileSettings(Settings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+        file_values = values
 
     try:
         loaded = _FileSettings(**{k: v for k, v in overrides.items() if v is not None})

@@ -36,6 +36,13 @@ class Disposition:
     def is_reject(self) -> bool:
         return self.kind == "reject"
 
+    def visibility_s(self, now: float, receive_count: int | None) -> int:
+        """How long SQS keeps a retried message invisible: until it is due (``retry_delay``
+        after ``receive_count`` deliveries), in whole seconds rounded up (never early), at most
+        SQS's 12 hours (a lone image whose partner is due later comes back, and waits again)."""
+        delay = retry_delay(self, now, receive_count or 1)
+        return min(int(delay + 0.999), SQS_MAX_VISIBILITY_S)
+
 
 def done(reason: str = "") -> Disposition:
     return Disposition("done", None, reason)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote_plus
 
+from handler.disposition import Disposition
 from handler.logs import get_logger
 
 EventKind = Literal["created", "removed", "other"]
@@ -82,6 +83,20 @@ class QueueMessage:
 
     def parse(self) -> Parsed:
         return parse_body(self.body)
+
+    def left_for_retry(self, fate: Disposition, now: float, log: Any) -> int:
+        """The seconds this retried message stays invisible (``Disposition.visibility_s``),
+        logged as ``message_left_for_retry``: the one account of it for the Lambda and
+        ``watch sqs``, which then set the visibility their own way."""
+        seconds = fate.visibility_s(now, self.receive_count)
+        log.info(
+            "message_left_for_retry",
+            message_id=self.message_id,
+            receive_count=self.receive_count,
+            retry_after_s=seconds,
+            reason=fate.reason,
+        )
+        return seconds
 
 
 def normalise_etag(etag: str | None) -> str | None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import struct
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,18 +172,35 @@ def _encoded(rgb: Image.Image, header: InputHeader, quality: int) -> PreparedIma
     )
 
 
+def fill_boxes(
+    image: Image.Image, boxes: Iterable[tuple[float, float, float, float]]
+) -> Image.Image:
+    """The one way an ignore region is masked: each box (x0, y0, x1, y1 in ``image``'s pixels,
+    fractional where it was scaled) filled with NEUTRAL, rounded outwards so that no sliver of
+    it is left and at least one pixel is filled. A copy when any box is filled (the caller's
+    image is never altered); ``image`` itself when every box is empty."""
+    filled = image
+    for x0, y0, x1, y1 in boxes:
+        if x1 <= x0 or y1 <= y0:
+            continue
+        if filled is image:
+            filled = image.copy()
+        left, top = int(x0), int(y0)
+        right = max(left, math.ceil(x1) - 1)
+        bottom = max(top, math.ceil(y1) - 1)
+        ImageDraw.Draw(filled).rectangle((left, top, right, bottom), fill=NEUTRAL)
+    return filled
+
+
 def mask_boxes(
     image: PreparedImage, boxes: list[tuple[float, float, float, float]], quality: int
 ) -> PreparedImage:
     """A copy with each box (x0, y0, x1, y1 as fractions of the image) filled with NEUTRAL."""
-    masked = image.image.copy()
-    draw = ImageDraw.Draw(masked)
-    width, height = masked.size
-    for x0, y0, x1, y1 in boxes:
-        left, top = int(x0 * width), int(y0 * height)
-        right = max(left, int(np.ceil(x1 * width)) - 1)
-        bottom = max(top, int(np.ceil(y1 * height)) - 1)
-        draw.rectangle((left, top, right, bottom), fill=NEUTRAL)
+    width, height = image.image.size
+    masked = fill_boxes(
+        image.image,
+        [(x0 * width, y0 * height, x1 * width, y1 * height) for x0, y0, x1, y1 in boxes],
+    )
     buffer = io.BytesIO()
     masked.save(buffer, "JPEG", quality=quality)
     return dataclasses.replace(image, jpeg=buffer.getvalue(), image=masked)

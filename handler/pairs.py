@@ -174,8 +174,8 @@ def pairs_for_name(relative: str) -> list[PairSpec]:
     """The pairs a new, changed or deleted file may affect, by the naming conventions alone.
 
     An image belongs to the pair folder it sits in (the root itself is never a pair folder); a
-    manifest is its own pair. Manifests that *reference* an image are the runner's to track
-    (``watcher.manifests.ManifestIndex``, learned from ``JobReport.inputs``).
+    manifest is its own pair. Manifests that *reference* an image are ``handler.manifests``'
+    (``pairs_touched``: this, the manifests beside it, those known to read it).
     """
     if is_ignored_path(relative):
         return []

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, overload
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from handler.budget import DEFAULT_DECODE_BUDGET_MP, DecodeBudget, process_budget
 from handler.compare.base import Comparator, Verdict
@@ -53,10 +52,10 @@ from handler.detect import (
 )
 from handler.errors import ComparisonTimeout, PairError
 from handler.images import (
-    NEUTRAL,
     STREAM_PIXELS,
     InputHeader,
     PreparedImage,
+    fill_boxes,
     fitted_size,
     mask_boxes,
     prepare,
@@ -438,26 +437,13 @@ def _fill(
     if image is None or cut is None:
         return image
     scale_x, scale_y = image.width / cut.width, image.height / cut.height
-    filled = image
+    shown: list[tuple[float, float, float, float]] = []
     for x0, y0, x1, y1 in boxes:
+        # The part of the box inside the cut (empty when it lies outside), in the crop's pixels.
         left, top = max(x0, cut.x) - cut.x, max(y0, cut.y) - cut.y
-        right = min(x1, cut.x + cut.width) - cut.x
-        bottom = min(y1, cut.y + cut.height) - cut.y
-        if right <= left or bottom <= top:
-            continue
-        if filled is image:
-            filled = image.copy()
-        # Rounded outwards, as ``images.mask_boxes`` does: never a sliver of the box left.
-        ImageDraw.Draw(filled).rectangle(
-            (
-                int(left * scale_x),
-                int(top * scale_y),
-                max(int(left * scale_x), math.ceil(right * scale_x) - 1),
-                max(int(top * scale_y), math.ceil(bottom * scale_y) - 1),
-            ),
-            fill=NEUTRAL,
-        )
-    return filled
+        right, bottom = min(x1, cut.x + cut.width) - cut.x, min(y1, cut.y + cut.height) - cut.y
+        shown.append((left * scale_x, top * scale_y, right * scale_x, bottom * scale_y))
+    return fill_boxes(image, shown)
 
 
 def _with_diff(

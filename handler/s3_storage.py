@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from handler.buckets import check_bucket
 from handler.deadline import current
 from handler.errors import (
     BucketRefused,
@@ -63,9 +63,6 @@ _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 #: The event's own bucket is missing or unusable: the event is refused, there is no pair. (A
 #: missing output bucket is the deployment's problem: its results are unwritable, retried.)
 _NO_BUCKET = frozenset({"NoSuchBucket", "InvalidBucketName"})
-#: What S3, MinIO and SeaweedFS accept as a bucket name (AWS's legacy names included: capitals,
-#: underscores); never a path or a URL.
-_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _DENIED = frozenset({"403", "AccessDenied", "Forbidden", "AllAccessDisabled"})
 _PRECONDITION = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict"})
 _CONTENT_TYPES = {".json": "application/json", ".png": "image/png"}
@@ -93,13 +90,6 @@ class ObjectInfo:
     size: int
     etag: str | None
     last_modified: datetime | None
-
-
-def check_bucket(name: str) -> str:
-    """``name`` if it can be a bucket's name, else ``BucketRefused`` (``../../etc``, a URL)."""
-    if not _BUCKET_NAME.fullmatch(name) or ".." in name:
-        raise BucketRefused(f"{name[:100]!r} is not a bucket name")
-    return name
 
 
 def error_code(exc: ClientError) -> str:

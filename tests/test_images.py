@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from handler.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
-from handler.images import prepare
+from handler.images import NEUTRAL, fill_boxes, prepare
 from tests.support import scenes
 from tests.support.png import png_header_only
 
@@ -160,3 +160,20 @@ def test_pixel_budget_is_configurable() -> None:
     with pytest.raises(ImageTooLarge):
         prepare(data, BOX, 85, max_pixels=512 * 511)
     assert prepare(data, BOX, 85, max_pixels=512 * 512).original_size == (512, 512)
+
+
+def test_fill_boxes_rounds_outwards_and_never_alters_the_callers_image() -> None:
+    image = Image.new("RGB", (10, 8), (255, 0, 0))
+    filled = fill_boxes(image, [(2.5, 1.2, 4.1, 3.0), (9.9, 7.5, 20.0, 20.0)])
+    pixels = np.asarray(filled)
+    grey = np.all(pixels == NEUTRAL, axis=2)
+    expected = np.zeros((8, 10), dtype=bool)
+    expected[1:3, 2:5] = True  # x 2.5..4.1 -> columns 2-4; y 1.2..3.0 -> rows 1-2
+    expected[7, 9] = True  # a sliver at the corner still fills its pixel
+    assert np.array_equal(grey, expected)
+    assert np.all(np.asarray(image) == (255, 0, 0))
+
+
+def test_fill_boxes_without_a_box_inside_returns_the_image_itself() -> None:
+    image = Image.new("RGB", (4, 4), (0, 0, 255))
+    assert fill_boxes(image, [(3.0, 1.0, 3.0, 4.0), (2.0, 2.0, 1.0, 3.0)]) is image

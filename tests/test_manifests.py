@@ -1,11 +1,15 @@
-"""``watcher.manifests.ManifestIndex``: which manifests read a file, as learned from their jobs."""
+"""``handler.manifests``: which manifests read a file (the index, learned from their jobs) and
+the one router from a changed file to the pairs it touches."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from handler.disposition import done
 from handler.jobs import JobReport
+from handler.manifests import ManifestIndex, manifests_beside, pairs_touched
 from handler.pairs import PairSpec
-from watcher.manifests import ManifestIndex
+from handler.storage import LocalStorage
 
 CAMERA = PairSpec("manifest", "camera/mirrored.pair.json")
 SHARED = PairSpec("manifest", "a/shared.pair.json")
@@ -50,3 +54,26 @@ def test_pair_folders_are_not_indexed() -> None:
     index = ManifestIndex()
     index.learn(_report(PairSpec("folder", "p1"), "p1/a.jpg", "p1/b.jpg"))
     assert index.readers("p1/a.jpg") == []
+
+
+def test_a_changed_image_touches_its_folder_then_manifests_beside_then_its_readers_once() -> None:
+    index = ManifestIndex()
+    index.learn(_report(CAMERA, "a/x.jpg"))
+    index.learn(_report(SHARED, "a/x.jpg"))
+    touched = pairs_touched("a/x.jpg", index.readers, beside=[SHARED])
+    assert touched == [PairSpec("folder", "a"), SHARED, CAMERA]
+
+
+def test_a_manifest_touches_itself_and_a_hidden_file_nothing() -> None:
+    assert pairs_touched("a/shared.pair.json") == [SHARED]
+    assert pairs_touched("a/.x.jpg.tmp", lambda _: [CAMERA]) == [CAMERA]
+    assert pairs_touched("top.jpg") == []  # the root is never a pair folder
+
+
+def test_manifests_beside_an_image_are_the_pair_json_files_in_its_folder(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    for name in ("x.jpg", "shared.pair.json", "notes.txt", ".hidden.pair.json"):
+        (tmp_path / "a" / name).write_bytes(b"{}")
+    (tmp_path / "a" / "sub.pair.json").mkdir()  # a folder is never a manifest
+    assert manifests_beside(LocalStorage(tmp_path), "a/x.jpg") == [SHARED]
+    assert manifests_beside(LocalStorage(tmp_path), "gone/x.jpg") == []

@@ -379,3 +379,19 @@ def test_workers_racing_on_one_pair_write_once(
     assert actions(raced) == ["skipped"] and raced.disposition.kind == "done"
     assert raced.disposition.reason == "another worker wrote it"
     assert s3.get_object(Bucket=bucket, Key="race/result.json")["Body"].read() == winner
+
+
+def test_from_settings_takes_the_watched_prefix_else_input_prefix() -> None:
+    """The one way a process builds its bucket jobs: the watched ``s3://BUCKET/PREFIX`` wins,
+    else ``input_prefix`` normalised as a folder; a hostile one is refused before any use."""
+    comparator = MetricsComparator()
+    settings = Settings(input_prefix="in/a")
+    built = BucketJobs.from_settings(
+        settings, comparator, endpoint_url="http://127.0.0.1:9", region="eu-west-1"
+    )
+    assert built.prefix == "in/a/"
+    assert built.client.meta.endpoint_url == "http://127.0.0.1:9"
+    assert built.client.meta.region_name == "eu-west-1"
+    assert BucketJobs.from_settings(settings, comparator, prefix="watched/").prefix == "watched/"
+    with pytest.raises(PathOutsideRoot):
+        BucketJobs.from_settings(Settings(input_prefix="in/../up"), comparator)

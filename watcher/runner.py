@@ -52,11 +52,11 @@ from handler.disposition import Disposition
 from handler.errors import PairError
 from handler.jobs import JobReport
 from handler.logs import get_logger
+from handler.manifests import ManifestIndex
 from watcher import prometheus
 from watcher.jobqueue import CoalescingQueue
-from watcher.manifests import ManifestIndex
 from watcher.rechecks import Rechecks
-from watcher.shutdown import StopFlag, stop_on_signals
+from watcher.shutdown import StopFlag
 
 K = TypeVar("K", bound=Hashable)
 
@@ -169,18 +169,6 @@ def runner_for(settings: Settings) -> Iterator[Runner[Any]]:
         )
     finally:
         comparator.close()
-
-
-def run_until_stopped(runner: Runner[Any], source: Source) -> StopFlag | None:
-    """A command's main loop: ``runner.run`` under SIGINT/SIGTERM handlers. The stop flag
-    (``requested``: a signal ended it) or None when the comparator can never be ready (logged
-    as ``comparator_unavailable``; the command exits 1)."""
-    with stop_on_signals() as stop:
-        try:
-            runner.run(stop, source)
-        except ComparatorUnavailable:
-            return None
-    return stop
 
 
 class Runner(Generic[K]):

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from handler.bucket_jobs import BucketJobs
 from handler.compare.metrics import MetricsComparator
 from handler.config import Settings
 from handler.events import Parsed
@@ -41,7 +42,7 @@ from watcher.args import BucketURL
 from watcher.cli import main
 from watcher.runner import Runner
 from watcher.shutdown import StopFlag
-from watcher.sources.bucket import bucket_jobs, list_events
+from watcher.sources.bucket import list_events
 from watcher.sources.minio import MinioSource, minio_client
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,7 +152,9 @@ def test_a_relisted_lone_image_is_retried_once(
     settings = Settings(comparator="metrics", pair_timeout=600)
     url = BucketURL(bucket, "in/")
     runner: Runner[tuple[str, str]] = Runner(MetricsComparator(), concurrency=2, queue_size=10)
-    jobs = bucket_jobs(settings, runner, endpoint, "us-east-1", url.prefix)
+    jobs = BucketJobs.from_settings(
+        settings, runner.comparator, endpoint_url=endpoint, region="us-east-1", prefix=url.prefix
+    )
     listener = MinioSource(minio_client(endpoint, "us-east-1"), jobs, url, runner, queue_size=10)
     for _ in range(3):  # the listings of the first connection and of two reconnects
         listener.inbox.put(Parsed(events=list(list_events(jobs, bucket, url.prefix))))

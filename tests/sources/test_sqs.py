@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+import watcher.sources.command
 import watcher.sources.sqs
 from handler.bucket_jobs import Delivery
 from handler.compare.metrics import MetricsComparator
@@ -207,7 +208,7 @@ def test_bad_input_prefix_is_a_usage_error_before_anything_is_built(
         watcher.sources.sqs, "sqs_client", lambda *a, **k: built.append("sqs client")
     )
     monkeypatch.setattr(
-        watcher.sources.sqs, "runner_for", lambda *a, **k: built.append("comparator")
+        watcher.sources.command, "runner_for", lambda *a, **k: built.append("comparator")
     )
     args = ["watch", "sqs", "http://127.0.0.1:9/123456789012/any"]
     if flag:

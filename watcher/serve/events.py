@@ -34,14 +34,12 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from handler.aws_clients import s3_client
 from handler.bucket_jobs import BucketJobs, Delivery
 from handler.config import Settings
 from handler.deadline import current
 from handler.disposition import Disposition, backoff
 from handler.events import ObjectEvent, Parsed, parse_body
 from handler.logs import get_logger
-from handler.pairs import normalise_prefix
 from watcher import prometheus
 from watcher.serve.admission import Admission, Busy
 from watcher.serve.connection import Connection, UploadStalled
@@ -77,11 +75,8 @@ class EventsEndpoint:
         region: str | None,
     ) -> EventsEndpoint:
         assert settings.events_token is not None
-        jobs = BucketJobs(
-            settings,
-            admission.runner.comparator,
-            s3_client(endpoint_url, region),
-            prefix=normalise_prefix(settings.input_prefix),
+        jobs = BucketJobs.from_settings(
+            settings, admission.runner.comparator, endpoint_url=endpoint_url, region=region
         )
         token = settings.events_token.get_secret_value().encode()
         return cls(token, jobs, admission)

@@ -1,6 +1,6 @@
 """What the bucket sources (``watch sqs``, ``watch minio``, ``watch poll``) share.
 
-Building the bucket jobs once per process (on the runner's comparator) and listing a prefix as
+Refusing a bucket outside ``allowed_buckets`` before anything is built, listing a prefix as
 creation events (what a poller or a reconnect sees), and handling one event with the runner's
 manifest index (asked which manifests read the object, taught what each manifest read).
 """
@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from handler.aws_clients import s3_client
 from handler.bucket_jobs import BucketJobs, EventReport
 from handler.config import Settings
 from handler.events import ObjectEvent, normalise_etag
@@ -31,18 +30,6 @@ def bucket_refused(settings: Settings, bucket: str) -> bool:
         file=sys.stderr,
     )
     return True
-
-
-def bucket_jobs(
-    settings: Settings,
-    runner: Runner[Any],
-    endpoint_url: str | None,
-    region: str | None,
-    prefix: str = "",
-) -> BucketJobs:
-    """The jobs of one process: the runner's comparator and one S3 client."""
-    client = s3_client(endpoint_url, region)
-    return BucketJobs(settings, runner.comparator, client, prefix=prefix)
 
 
 def list_events(jobs: BucketJobs, bucket: str, prefix: str) -> Iterator[ObjectEvent]:

@@ -50,6 +50,7 @@ from watchdog.observers.polling import PollingObserver
 from handler.config import Settings
 from handler.jobs import JobReport, run_pair_job
 from handler.logs import elapsed_ms, get_logger
+from handler.manifests import pairs_touched
 from handler.pairs import (
     PairSpec,
     is_ignored_name,
@@ -60,8 +61,9 @@ from handler.pairs import (
 )
 from handler.storage import LocalStorage, remove_stale_temporaries
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from watcher.runner import ComparatorUnavailable, Runner, runner_for
-from watcher.shutdown import StopFlag, stop_on_signals
+from watcher.runner import Runner
+from watcher.shutdown import StopFlag
+from watcher.sources.command import CannotWatch, watch
 from watcher.sources.settle import Change, Settler
 
 _WATCHED_EVENTS: list[type[FileSystemEvent]] = [
@@ -81,21 +83,33 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"pairwatch: {args.dir} is not a folder", file=sys.stderr)
         return EXIT_USAGE
     # The comparator starts loading now; the folder is watched and scanned meanwhile, and pairs
-    # wait in the queue until it is ready.
-    with runner_for(settings) as runner:
-        watcher = FolderSource(args.dir, settings, runner, polling=args.polling, once=args.once)
-        with stop_on_signals() as stop, _progress(watcher, args.once and sys.stderr.isatty()):
-            try:
-                summary = watcher.run(stop)
-            except ComparatorUnavailable:
-                return EXIT_FAILED  # logged as comparator_unavailable
-            except OSError as exc:
-                # e.g. the inotify watch limit (fs.inotify.max_user_watches) is reached.
-                print(f"pairwatch: cannot watch {args.dir}: {exc}", file=sys.stderr)
-                return EXIT_FAILED
-    if args.once and not stop.requested and summary.any_failed:
+    # wait in the queue until it is ready. The source logs its own start and stop.
+    watched = watch(
+        settings,
+        lambda runner: FolderSource(
+            args.dir, settings, runner, polling=args.polling, once=args.once
+        ),
+        loop=partial(_watch_folder, folder=args.dir, progress=args.once and sys.stderr.isatty()),
+    )
+    if watched is None:
+        return EXIT_FAILED
+    if args.once and not watched.stop.requested and watched.source.summary.any_failed:
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _watch_folder(
+    runner: Runner[PairSpec], watcher: FolderSource, stop: StopFlag, *, folder: Path, progress: bool
+) -> None:
+    """The folder's loop: its own (it logs its start and stop), under the ``--once`` bar."""
+    del runner  # the source holds it
+    with _progress(watcher, progress):
+        try:
+            watcher.run(stop)
+        except OSError as exc:
+            # e.g. the inotify watch limit (fs.inotify.max_user_watches) is reached.
+            print(f"pairwatch: cannot watch {folder}: {exc}", file=sys.stderr)
+            raise CannotWatch from exc
 
 
 @contextmanager
@@ -300,9 +314,7 @@ class FolderSource:
     # -- which pairs a file belongs to ------------------------------------------------------
 
     def _pairs_for(self, relative: str) -> list[PairSpec]:
-        specs = pairs_for_name(relative)
-        specs.extend(s for s in self.runner.manifests.readers(relative) if s not in specs)
-        return specs
+        return pairs_touched(relative, self.runner.manifests.readers)
 
     def _scan(self) -> Iterator[PairSpec]:
         """Every pair under the root, folder by folder, in name order.

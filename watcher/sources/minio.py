@@ -44,8 +44,9 @@ from handler.disposition import Disposition
 from handler.events import ObjectEvent, Parsed, parse_notification
 from handler.logs import get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
-from watcher.runner import Runner, run_until_stopped, runner_for
-from watcher.sources.bucket import bucket_jobs, bucket_refused, list_events, run_event
+from watcher.runner import Runner
+from watcher.sources.bucket import bucket_refused, list_events, run_event
+from watcher.sources.command import watch
 
 EVENTS = ("s3:ObjectCreated:*",)
 #: A reconnection sooner than this after the previous one backs off (doubling, up to the max):
@@ -61,7 +62,6 @@ STREAM_READ_TIMEOUT_S = 60.0
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     url: BucketURL = args.url
-    log = get_logger(bucket=url.bucket, prefix=url.prefix)
     if bucket_refused(settings, url.bucket):
         return EXIT_USAGE
     endpoint = s3_endpoint(args.endpoint_url)
@@ -81,14 +81,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"pairwatch: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    with runner_for(settings) as runner:
-        jobs = bucket_jobs(settings, runner, endpoint, region, url.prefix)
-        listener = MinioSource(client, jobs, url, runner, queue_size=settings.queue_size)
-        log.info("watch_started", source="minio", endpoint=endpoint)
-        if run_until_stopped(runner, listener) is None:
-            return EXIT_FAILED
-    log.info("watch_stopped", connections=listener.connections)
-    return EXIT_OK
+
+    def build(runner: Runner[Any]) -> MinioSource:
+        jobs = BucketJobs.from_settings(
+            settings, runner.comparator, endpoint_url=endpoint, region=region, prefix=url.prefix
+        )
+        return MinioSource(client, jobs, url, runner, queue_size=settings.queue_size)
+
+    watched = watch(
+        settings,
+        build,
+        log=get_logger(bucket=url.bucket, prefix=url.prefix),
+        started=lambda runner: {"source": "minio", "endpoint": endpoint},
+        stopped=lambda listener: {"connections": listener.connections},
+    )
+    return EXIT_FAILED if watched is None else EXIT_OK
 
 
 class _AwsChainCredentials(Provider):

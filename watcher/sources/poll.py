@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from functools import partial
+from typing import Any
 
 from handler.bucket_jobs import BucketJobs
 from handler.config import Settings
@@ -23,24 +24,35 @@ from handler.disposition import Disposition
 from handler.events import ObjectEvent
 from handler.logs import elapsed_ms, get_logger
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BucketURL
-from watcher.runner import Runner, run_until_stopped, runner_for
-from watcher.sources.bucket import bucket_jobs, bucket_refused, list_events, run_event
+from watcher.runner import Runner
+from watcher.sources.bucket import bucket_refused, list_events, run_event
+from watcher.sources.command import watch
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     url: BucketURL = args.url
-    log = get_logger(bucket=url.bucket, prefix=url.prefix)
     if bucket_refused(settings, url.bucket):
         return EXIT_USAGE
-    with runner_for(settings) as runner:
-        jobs = bucket_jobs(settings, runner, args.endpoint_url, args.region, url.prefix)
-        poller = PollSource(jobs, url, runner, interval=settings.poll_interval, once=args.once)
-        log.info("watch_started", source="poll", interval_s=settings.poll_interval)
-        stop = run_until_stopped(runner, poller)
-        if stop is None:
-            return EXIT_FAILED
-    log.info("watch_stopped")
-    if args.once and not stop.requested and poller.failed:
+
+    def build(runner: Runner[Any]) -> PollSource:
+        jobs = BucketJobs.from_settings(
+            settings,
+            runner.comparator,
+            endpoint_url=args.endpoint_url,
+            region=args.region,
+            prefix=url.prefix,
+        )
+        return PollSource(jobs, url, runner, interval=settings.poll_interval, once=args.once)
+
+    watched = watch(
+        settings,
+        build,
+        log=get_logger(bucket=url.bucket, prefix=url.prefix),
+        started=lambda runner: {"source": "poll", "interval_s": settings.poll_interval},
+    )
+    if watched is None:
+        return EXIT_FAILED
+    if args.once and not watched.stop.requested and watched.source.failed:
         return EXIT_FAILED
     return EXIT_OK
 

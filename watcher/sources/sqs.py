@@ -30,15 +30,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 from handler.aws_clients import sqs_client
 from handler.bucket_jobs import BucketJobs
 from handler.config import Settings
-from handler.disposition import SQS_MAX_VISIBILITY_S, Disposition, retry_delay
+from handler.disposition import Disposition
 from handler.errors import PairError
 from handler.events import QueueMessage, sqs_messages
 from handler.logs import get_logger
 from handler.pairs import normalise_prefix
 from watcher import prometheus
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from watcher.runner import Runner, run_until_stopped, runner_for
-from watcher.sources.bucket import bucket_jobs
+from watcher.runner import Runner
+from watcher.sources.command import watch
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     region = args.region or _region_from_url(args.queue_url)
     # Checked before the comparator is built: loading a model first would waste minutes.
     try:
-        prefix = normalise_prefix(settings.input_prefix)
+        normalise_prefix(settings.input_prefix)
     except PairError as exc:
         print(
             f"pairwatch: bad input prefix (--input-prefix or PAIRWATCH_INPUT_PREFIX): "
@@ -65,10 +65,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
         return EXIT_USAGE
     sqs = sqs_client(args.endpoint_url, region, wait_seconds=settings.sqs_wait_seconds)
-    log = get_logger(queue=args.queue_url)
-    with runner_for(settings) as runner:
-        jobs = bucket_jobs(settings, runner, args.endpoint_url, region, prefix)
-        source = SqsSource(
+
+    def build(runner: Runner[Any]) -> SqsSource:
+        jobs = BucketJobs.from_settings(
+            settings, runner.comparator, endpoint_url=args.endpoint_url, region=region
+        )
+        return SqsSource(
             sqs,
             args.queue_url,
             jobs,
@@ -76,11 +78,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             wait_seconds=settings.sqs_wait_seconds,
             exit_when_idle=args.exit_when_idle,
         )
-        log.info("watch_started", source="sqs", concurrency=runner.concurrency)
-        if run_until_stopped(runner, source) is None:
-            return EXIT_FAILED
-    log.info("watch_stopped", handled=source.handled, deleted=source.deleted)
-    return EXIT_FAILED if source.unavailable else EXIT_OK
+
+    watched = watch(
+        settings,
+        build,
+        log=get_logger(queue=args.queue_url),
+        started=lambda runner: {"source": "sqs", "concurrency": runner.concurrency},
+        stopped=lambda source: {"handled": source.handled, "deleted": source.deleted},
+    )
+    if watched is None or watched.source.unavailable:
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _region_from_url(url: str) -> str | None:
@@ -238,15 +246,7 @@ class SqsSource:
         if fate.is_done:
             self._delete(message, log)
         elif fate.is_retry:
-            delay = retry_delay(fate, time.time(), message.receive_count or 1)
-            delay = min(int(delay + 0.999), SQS_MAX_VISIBILITY_S)
-            log.info(
-                "message_left_for_retry",
-                receive_count=message.receive_count,
-                retry_after_s=delay,
-                reason=fate.reason,
-            )
-            self._change_visibility([message], delay)
+            self._change_visibility([message], message.left_for_retry(fate, time.time(), log))
         else:
             log.error("message_rejected", receive_count=message.receive_count, reason=fate.reason)
 
