@@ -152,14 +152,17 @@ class FaultProxy:
                     proxy.authorizations.append(self.headers.get("Authorization", ""))
                     proxy.bodies.append(json.loads(body or b"{}"))
                     fault = proxy.plan.faults.pop(0) if proxy.plan.faults else None
+                # Out of flight before the answer is written: a client that has read it may
+                # send its next request before this thread would get to count it done.
                 try:
                     if fault is not None:
-                        self._answer(fault, proxy.plan.body.encode(), proxy.plan.retry_after)
+                        answer = fault, proxy.plan.body.encode(), proxy.plan.retry_after
                     else:
-                        self._forward(body)
+                        answer = self._forward(body)
                 finally:
                     with proxy._lock:
                         proxy.in_flight -= 1
+                self._answer(*answer)
 
             def do_GET(self) -> None:
                 """Forwarded as it is (``GET /models``: readiness checks); recorded too."""
@@ -170,7 +173,7 @@ class FaultProxy:
                 upstream = httpx.get(proxy.upstream + self.path.removeprefix("/v1"), timeout=60)
                 self._answer(upstream.status_code, upstream.content, None)
 
-            def _forward(self, body: bytes) -> None:
+            def _forward(self, body: bytes) -> tuple[int, bytes, str | None]:
                 path = self.path.removeprefix("/v1")
                 upstream = httpx.post(
                     proxy.upstream + path,
@@ -178,7 +181,7 @@ class FaultProxy:
                     headers={"Content-Type": "application/json"},
                     timeout=60,
                 )
-                self._answer(upstream.status_code, upstream.content, None)
+                return upstream.status_code, upstream.content, None
 
             def _answer(self, status: int, body: bytes, retry_after: str | None) -> None:
                 self.send_response(status)
