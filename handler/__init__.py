@@ -14,13 +14,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from handler.version import __version__
+
 if TYPE_CHECKING:
     from handler.api import compare_files
     from handler.config import ComparisonConfig, Settings
     from handler.result import ComparisonResult
 
-__version__ = "0.1.0"
-__all__ = ["ComparisonConfig", "ComparisonResult", "Settings", "compare_files"]
+__all__ = ["ComparisonConfig", "ComparisonResult", "Settings", "__version__", "compare_files"]
 
 #: Each public name, and the module that defines it.
 _EXPORTS = {

@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from handler import __version__
 from handler.config import ComparisonConfig
 from handler.errors import PairError
+from handler.version import __version__
 
 Status = Literal["ok", "error", "timeout"]
 
