@@ -40,7 +40,10 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=positive_int,
         metavar="N",
-        help="pairs in progress at once (default: 8 for vl, 1 for metrics; PAIRWATCH_CONCURRENCY)",
+        help=(
+            "pairs in progress at once (default: 8 for vl, the usable CPU cores for metrics; "
+            "PAIRWATCH_CONCURRENCY)"
+        ),
     )
 
 
