@@ -4,7 +4,7 @@ content moved sideways.
 The most common real changes to a screenshot move everything below them (a banner inserted, a
 paragraph removed or grown by a line), and a photo's camera is never exactly where it was.
 Comparing such pairs pixel for pixel reports the whole image as changed. This module finds the
-alignment from compact profiles that ``handler.detect`` collects while it streams the pixels
+alignment from compact profiles that ``handler.scan`` collects while it streams the pixels
 (so no image is ever held):
 
 - a **row signature** per pixel row: its grey values averaged into ``SIGNATURE_BLOCKS`` column

@@ -10,7 +10,7 @@ already-prepared (downsized) images, so it costs a resize and a PNG encode, neve
 of the inputs, and its size is bounded by what the comparator saw: the longest edge is at most
 the prepared images' longest edge (or ``MIN_WIDTH``, so that a tiny pair still gets a legible
 legend). A one-word change is invisible in an overview, hence the crops: at most
-``handler.detect.MAX_CROPS`` pairs of at most ``CROP_SIDE`` pixels, so the PNG stays bounded.
+``handler.crops.MAX_CROPS`` pairs of at most ``CROP_SIDE`` pixels, so the PNG stays bounded.
 Ignored boxes are hatched.
 """
 
@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from handler import splice
 from handler.config import IgnoreRegion
-from handler.detect import RegionCrop
+from handler.crops import RegionCrop
 from handler.images import PreparedImage
 from handler.result import Box, ComparisonResult, Region
 

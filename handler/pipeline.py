@@ -41,15 +41,9 @@ from PIL import Image
 from handler.budget import DEFAULT_DECODE_BUDGET_MP, DecodeBudget, process_budget
 from handler.compare.base import Comparator, Verdict
 from handler.config import ComparisonConfig, Settings
+from handler.crops import RegionCrop, cut_crops
 from handler.deadline import Deadline, current
-from handler.detect import (
-    Detection,
-    RegionCrop,
-    check_ignore_regions,
-    check_match_regions,
-    cut_crops,
-    detect,
-)
+from handler.detect import Detection, check_ignore_regions, check_match_regions, detect
 from handler.errors import ComparisonTimeout, PairError
 from handler.images import (
     STREAM_PIXELS,

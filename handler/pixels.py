@@ -1,5 +1,5 @@
 """Per-pixel rules of change detection, on strips of RGBA pixels (RGB flattened on white, plus
-opacity) as ``handler.detect`` streams them.
+opacity) as ``handler.scan`` streams them.
 
 - **Colour distance**: pixelmatch's YIQ distance. Where a pixel is not opaque in either image
   both are blended on pixelmatch's per-pixel background (48 or 207 per channel, varying from

@@ -1,6 +1,6 @@
 """From what the streamed scan found to regions that say what happened.
 
-The scan (``handler.detect``) leaves a small change map of A's pixels (``ChangeMap``: per
+The scan (``handler.scan``) leaves a small change map of A's pixels (``ChangeMap``: per
 BLOCK x BLOCK cell, a changed-pixel count and tight bounds, and which cells' content turned
 up nearby in B), the content of each band that exists in one image only (``BandContent``) and
 the alignment it compared under. Here:

@@ -55,7 +55,7 @@ def release_freed_memory() -> None:
     libvips allocates and frees its strip buffers on its own threads; glibc keeps what they
     free in those threads' heaps, so a streamed image's footprint keeps growing with its width
     (measured: a 100 MP JPEG streamed in strips peaked ~80 MB above the interpreter, ~40 MB
-    when this runs every few MB of decoded pixels; ``handler.detect`` does so every 8 MB,
+    when this runs every few MB of decoded pixels; ``handler.scan`` does so every 8 MB,
     which cost no measurable time there, where every 2 MB slowed a 48 MP pair by half).
     """
     if _MALLOC_TRIM is not None:

@@ -23,8 +23,9 @@ from handler.budget import DEFAULT_DECODE_BUDGET_MP, process_budget
 from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig, Settings
+from handler.crops import RegionCrop
 from handler.deadline import Deadline, current, current_or_new
-from handler.detect import Detection, RegionCrop
+from handler.detect import Detection
 from handler.disposition import Disposition, done
 from handler.errors import ComparisonTimeout, PairError
 from handler.events import ObjectEvent

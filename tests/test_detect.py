@@ -18,10 +18,12 @@ from handler import images as images_module
 from handler.align import Alignment, Profiles
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig, IgnoreRegion
-from handler.detect import MAX_CROPS, REGION_PAD, Detection, cut_crops, detect
+from handler.crops import MAX_CROPS, cut_crops
+from handler.detect import Detection, detect
 from handler.errors import ImageTooLarge, InvalidImage, InvalidManifest
 from handler.pairs import is_image_name
 from handler.pipeline import ImageInput, PairOutcome, compare_pair
+from handler.regions import REGION_PAD
 from handler.result import Region
 from tests.support import scenes, screens
 from tests.support.logs import captured_logs
@@ -576,6 +578,7 @@ def test_an_aligned_pair_of_small_inputs_is_decoded_once(
     along the alignment, reads the pixels pass 1 kept (as it made the prepared images'
     copies) instead of decoding both inputs again, and the crops are cut from them; findings
     and crops are those of passes that decode again (and sign every strip as it passes)."""
+    import handler.crops as crops_module
     import handler.detect as detect_module
 
     page = screens.text_page((600, 1000))
@@ -594,7 +597,9 @@ def test_an_aligned_pair_of_small_inputs_is_decoded_once(
         signatures.append([p.copy() for s in (profile_a, profile_b) for p in (s.rows, s.columns)])
         return real_align(profile_a, profile_b)
 
+    # Where each decode is looked up: the passes (detect) and the crops' own pass (crops).
     monkeypatch.setattr(detect_module, "_normalised", counted)
+    monkeypatch.setattr(crops_module, "_normalised", counted)
     monkeypatch.setattr(detect_module, "align", align)
     again = detect(a, b, max_pixels=BUDGET)
     assert again.alignment is not None and decoded == [a, b, a, b]  # two passes

@@ -15,8 +15,9 @@ from PIL import Image, ImageDraw
 from handler.compare.base import Verdict
 from handler.compare.metrics import MetricsComparator
 from handler.config import ComparisonConfig, IgnoreRegion, MatchLevel, MatchRegion
+from handler.crops import RegionCrop
 from handler.deadline import Deadline
-from handler.detect import Detection, RegionCrop
+from handler.detect import Detection
 from handler.errors import ComparisonTimeout, InputNotFound
 from handler.images import NEUTRAL, PreparedImage
 from handler.pipeline import ImageInput, compare_pair
@@ -371,6 +372,7 @@ def test_a_1mp_pair_is_decoded_once(monkeypatch: pytest.MonkeyPatch, fmt: str) -
     its copies are the prepared images (``prepare``, the separate decode, is never called) and
     the crops (no second pass); the prepared images are as close to ``prepare``'s own as a
     re-encode would be."""
+    import handler.crops as crops_module
     import handler.detect as detect_module
     from handler import images
 
@@ -388,7 +390,9 @@ def test_a_1mp_pair_is_decoded_once(monkeypatch: pytest.MonkeyPatch, fmt: str) -
     def second_decode(*_: object, **__: object) -> None:
         raise AssertionError("an input was decoded a second time for its prepared image")
 
+    # Where each decode is looked up: the passes (detect) and the crops' own pass (crops).
     monkeypatch.setattr(detect_module, "_normalised", counted)
+    monkeypatch.setattr(crops_module, "_normalised", counted)
     monkeypatch.setattr("handler.pipeline.prepare", second_decode)
     wanting = _CropsWanted()
     with structlog.testing.capture_logs() as logs:

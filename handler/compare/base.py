@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from handler.config import ComparisonConfig
+from handler.crops import RegionCrop
 from handler.deadline import Deadline
-from handler.detect import Detection, RegionCrop
+from handler.detect import Detection
 from handler.images import PreparedImage
 from handler.result import ComparatorInfo, Difference, Region, VLDetails
 
@@ -37,7 +38,7 @@ class Comparator(Protocol):
     receives work, so that it holds no message while its model loads.
 
     ``wants_crops``: the pipeline cuts native-resolution crops of the largest changed regions
-    (``handler.detect.cut_crops``, one more streamed pass over both inputs) for this comparator
+    (``handler.crops.cut_crops``, one more streamed pass over both inputs) for this comparator
     and passes them as ``crops``; otherwise they are cut only for a diff image, and ``crops``
     may still hold those.
 

@@ -46,8 +46,9 @@ from PIL import Image
 from handler import describe
 from handler.compare.base import Verdict
 from handler.config import ComparisonConfig
+from handler.crops import RegionCrop
 from handler.deadline import Deadline
-from handler.detect import Detection, RegionCrop
+from handler.detect import Detection
 from handler.images import PreparedImage
 from handler.result import AlignmentInfo, Box, ComparatorInfo, Difference
 from handler.splice import differing_rows, resized_like

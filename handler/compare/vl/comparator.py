@@ -4,7 +4,7 @@ Per pair: the CPU metrics run in the calling thread (milliseconds); a pair with 
 native resolution (the pipeline's detection found no region) stops there, and so does a
 pixel-identical one, or without a detection a near-identical one. Otherwise the pictures — the
 two prepared overviews, then a native-resolution crop of A and of B for each of the largest
-changed regions (``handler.detect.cut_crops``), all within the pair's pixel budget (see
+changed regions (``handler.crops.cut_crops``), all within the pair's pixel budget (see
 ``plan_pictures``) — the prompt naming the region each crop pair shows, and the answer's JSON
 Schema go to the backend (the local worker process by default, see ``local_backend``), which
 answers within ``processing_timeout`` or raises. ``compare`` may be called from several threads
@@ -36,8 +36,9 @@ from handler.compare.vl.prompt import (
 from handler.compare.vl.protocol import Backend, Fault, LabelledImage, Reply, Request
 from handler.compare.vl.worker import fit_pixels
 from handler.config import ComparisonConfig, Settings
+from handler.crops import RegionCrop
 from handler.deadline import Deadline
-from handler.detect import Detection, RegionCrop
+from handler.detect import Detection
 from handler.errors import ComparisonTimeout, ModelOutputInvalid, OutOfMemory, PairError
 from handler.images import PreparedImage
 from handler.logs import get_logger

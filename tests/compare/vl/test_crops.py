@@ -15,7 +15,7 @@ from handler.compare.vl.comparator import (
 )
 from handler.compare.vl.prompt import CropView, build_prompt
 from handler.config import ComparisonConfig
-from handler.detect import CROP_SIDE, RegionCrop
+from handler.crops import CROP_SIDE, RegionCrop
 from handler.result import Box, Difference, Region
 
 

@@ -42,7 +42,7 @@ from handler.compare.vl.openai_backend import (
 from handler.compare.vl.prompt import answer_schema
 from handler.compare.vl.protocol import LabelledImage, Request
 from handler.config import ComparisonConfig, ConfigFileError, load_settings
-from handler.detect import CROP_SIDE
+from handler.crops import CROP_SIDE
 from handler.errors import ComparisonTimeout, ModelCrashed, ModelUnavailable
 from handler.images import prepare
 from handler.pipeline import ImageInput, compare_pair
