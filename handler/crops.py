@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from handler.deadline import Deadline
-from handler.decode import _fetch, _first_line, _normalised
+from handler.decode import fetch_rows, first_line, normalised
 from handler.detect import Detection
 from handler.errors import InvalidImage
 from handler.regions import BLOCK
@@ -74,7 +74,7 @@ def cut_crops(
         crops_a = _cut_some(source_a, detection.size_a, boxes_a, side, max_pixels, deadline)
         crops_b = _cut_some(source_b, detection.size_b, boxes_b, side, max_pixels, deadline)
     except pyvips.Error as exc:
-        raise InvalidImage(f"cannot decode the image: {_first_line(exc)}") from exc
+        raise InvalidImage(f"cannot decode the image: {first_line(exc)}") from exc
     return [
         RegionCrop(region=i, box_a=boxes_a[i], box_b=boxes_b[i], a=crops_a[i], b=crops_b[i])
         for i in indexes
@@ -150,7 +150,7 @@ def _cut_streamed(
 ) -> list[list[NDArray[np.uint8]]]:
     """Each box's rows (on its own grid of ``steps``) from one top-to-bottom streamed pass,
     stopping below the lowest box."""
-    image, _ = _normalised(data, size, size, max_pixels)
+    image, _ = normalised(data, size, size, max_pixels)
     parts: list[list[NDArray[np.uint8]]] = [[] for _ in boxes]
     bottom = max(box.y + box.height for box in boxes)
     region = pyvips.Region.new(image)
@@ -162,7 +162,7 @@ def _cut_streamed(
             continue
         if deadline is not None:
             deadline.check()
-        strip = _fetch(region, top, last, size[0])
+        strip = fetch_rows(region, top, last, size[0])
         for i in needed:
             box, step = boxes[i], steps[i]
             first = max(top, box.y)

@@ -1,7 +1,7 @@
 """Streamed decoding of one input, for change detection (``handler.detect``) and its crops
 (``handler.crops``): the header, with the pixel budget checked before anything is decoded;
 the image normalised (8-bit sRGB, EXIF-oriented, RGB on white + opacity) and read top to
-bottom in strips (``_Stream``); and, on the way, what else the pair needs from those pixels,
+bottom in strips (``Stream``); and, on the way, what else the pair needs from those pixels,
 so that each input is decoded once: a small input's native pixels kept as they pass (up to
 ``KEEP_PIXELS``) and the resized copy its prepared image is made from.
 
@@ -42,7 +42,7 @@ def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
     return _display_size(image)
 
 
-class _Stream:
+class Stream:
     """One input streaming past in strips, resized on the way when a copy was asked for: a
     small input (up to ``KEEP_PIXELS``) from its pixels kept as they pass (a third of the time
     of resizing in the stream), a larger one in the stream itself (bounded memory). Made from
@@ -123,11 +123,11 @@ class _Stream:
             assert self._kept is not None
             return self._kept[first:last]
         try:
-            pixels = _fetch(self._region, first, last, self.width)
+            pixels = fetch_rows(self._region, first, last, self.width)
             self._shrink_above(last, final=False)
         except pyvips.Error as exc:
             raise InvalidImage(
-                f"cannot decode the image: {_first_line(exc)}", details={"input": self.which}
+                f"cannot decode the image: {first_line(exc)}", details={"input": self.which}
             ) from exc
         if self._keeping and last > self._kept_rows:
             if first > self._kept_rows:  # rows skipped: nothing whole to keep after all
@@ -167,7 +167,9 @@ class _Stream:
         if ready - self._small_done >= max(1, int(_SHRINK_ROWS / self._step)) or (
             final and ready > self._small_done
         ):
-            self._small_rows.append(_fetch(self._small, self._small_done, ready, width, bands=3))
+            self._small_rows.append(
+                fetch_rows(self._small, self._small_done, ready, width, bands=3)
+            )
             self._small_done = ready
 
 
@@ -216,7 +218,7 @@ def _resized(colour: pyvips.Image, wanted: tuple[int, int]) -> pyvips.Image:
     return boxed.reduce(boxed.width / wanted[0], boxed.height / wanted[1], kernel="lanczos3")
 
 
-def _checked_size(data: bytes, max_pixels: int, which: str) -> tuple[int, int]:
+def checked_size(data: bytes, max_pixels: int, which: str) -> tuple[int, int]:
     try:
         return image_size(data, max_pixels)
     except InvalidImage as exc:
@@ -283,7 +285,7 @@ def _orientation(image: pyvips.Image) -> int:
     return int(image.get("orientation"))
 
 
-def _normalised(
+def normalised(
     data: bytes, work: tuple[int, int], size: tuple[int, int], max_pixels: int
 ) -> tuple[pyvips.Image, pyvips.Image]:
     """8-bit sRGB, EXIF-oriented, at ``work`` size: 3 bands flattened on white + opacity, and
@@ -316,12 +318,12 @@ def _normalised(
     return colour.bandjoin(image[image.bands - 1]), colour
 
 
-def _fetch(
+def fetch_rows(
     region: pyvips.Region, first: int, last: int, width: int, bands: int = 4
 ) -> NDArray[np.uint8]:
     raw = region.fetch(0, first, width, last - first)
     return np.frombuffer(raw, dtype=np.uint8).reshape(last - first, width, bands)
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

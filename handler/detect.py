@@ -54,10 +54,10 @@ from PIL import Image
 from handler.align import Alignment, Band, Profiles, align
 from handler.config import IgnoreRegion, MatchLevel, MatchRegion
 from handler.deadline import Deadline
-from handler.decode import _checked_size, _first_line, _normalised, _Stream
+from handler.decode import Stream, checked_size, first_line, normalised
 from handler.errors import InvalidImage, InvalidManifest
 from handler.regions import Findings, Geometry, findings
-from handler.scan import _Rules, _Scan, _Scanned, _sign
+from handler.scan import Rules, Scan, Scanned, sign_rows
 from handler.vips import pyvips, release_after, release_freed_memory
 
 __all__ = ["Detection", "detect"]
@@ -144,19 +144,19 @@ def detect(
     ``InvalidManifest`` for an ignore or level box outside image A, and ``ComparisonTimeout``
     once ``deadline`` has passed (checked once per strip, in every pass).
     """
-    size_a = _checked_size(data_a, max_pixels, "a")
-    size_b = _checked_size(data_b, max_pixels, "b")
+    size_a = checked_size(data_a, max_pixels, "a")
+    size_b = checked_size(data_b, max_pixels, "b")
     check_ignore_regions(ignore, size_a)
     check_match_regions(regions, size_a)
     geometry = _geometry(data_a, data_b, size_a, size_b)
-    rules = _Rules.of(ignore, regions, match_level, geometry)
+    rules = Rules.of(ignore, regions, match_level, geometry)
     (width_a, height_a), (width_b, height_b) = geometry.work_a, geometry.work_b
     try:
         result = _detected(
             (data_a, data_b), geometry, rules, max_pixels, shrunk_sizes, keep_pixels, deadline
         )
     except pyvips.Error as exc:
-        raise InvalidImage(f"cannot decode the image: {_first_line(exc)}") from exc
+        raise InvalidImage(f"cannot decode the image: {first_line(exc)}") from exc
     finally:
         # The decoders are gone: what comes next starts lower (small pairs share a trim).
         release_after(4 * (width_a * height_a + width_b * height_b))
@@ -187,7 +187,7 @@ _Wanted = tuple[tuple[int, int] | None, tuple[int, int] | None]
 def _detected(
     data: tuple[bytes, bytes],
     geometry: Geometry,
-    rules: _Rules,
+    rules: Rules,
     max_pixels: int,
     shrunk_sizes: _Wanted,
     keep: bool,
@@ -200,14 +200,14 @@ def _detected(
     profiles = (Profiles(*geometry.work_a, signed), Profiles(*geometry.work_b, signed))
     as_laid = _as_laid(geometry.work_a, geometry.work_b)
     streams = _streams(data, geometry, max_pixels, shrunk_sizes, keep)
-    first = _Scan(streams, as_laid, rules, profiles, deadline=deadline).run()
+    first = Scan(streams, as_laid, rules, profiles, deadline=deadline).run()
     shrunk = _copies(streams, first, rules, geometry, shrunk_sizes)
     kept = (streams[0].kept(), streams[1].kept())
     del streams
     result = findings(first.cells, first.contents, as_laid, geometry, rules.levels)
     if not result.regions and not first.deferred and geometry.work_a == geometry.work_b:
         return result, shrunk, kept
-    _sign(profiles, first.unsigned)
+    sign_rows(profiles, first.unsigned)
     alignment = align(*profiles)
     del profiles
     sources: _Sources = (
@@ -224,16 +224,16 @@ def _detected(
 
 
 def _copies(
-    streams: tuple[_Stream, _Stream],
-    first: _Scanned,
-    rules: _Rules,
+    streams: tuple[Stream, Stream],
+    first: Scanned,
+    rules: Rules,
     geometry: Geometry,
     shrunk_sizes: _Wanted,
 ) -> _Pair:
     """The resized copies pass 1 made. Not one pixel differs (and none was left out): the same
     pixels resize the same, so one copy serves both (a re-encoded screenshot's pair). Where
     they differ in a few rows (one changed line), B's copy is A's with those rows resized
-    again (``_Stream.shrunk``)."""
+    again (``Stream.shrunk``)."""
     copy_a = streams[0].shrunk()
     same = (
         not rules.ignore
@@ -250,10 +250,10 @@ def _copies(
 def _again(
     sources: _Sources,
     geometry: Geometry,
-    rules: _Rules,
+    rules: Rules,
     max_pixels: int,
     alignment: Alignment,
-    first: _Scanned,
+    first: Scanned,
     deadline: Deadline | None,
 ) -> Findings:
     """Another pass along ``alignment``, pass 1's cells kept above where it departs from the
@@ -262,7 +262,7 @@ def _again(
         release_freed_memory()
     start = min(_departure(alignment), *(top for top, _ in first.deferred), first.height)
     streams = _streams(sources, geometry, max_pixels, (None, None), False)
-    scanned = _Scan(
+    scanned = Scan(
         streams, alignment, rules, None, reuse=(first.cells, start), deadline=deadline
     ).run()
     del streams
@@ -330,7 +330,7 @@ def _streams(
     max_pixels: int,
     shrunk_sizes: _Wanted,
     keep: bool,
-) -> tuple[_Stream, _Stream]:
+) -> tuple[Stream, Stream]:
     """Both inputs at their work sizes: decoding lazily (a resized copy where asked for one of
     an input compared at its own size), or read from the pixels pass 1 kept."""
     made = []
@@ -339,11 +339,11 @@ def _streams(
         ("b", sources[1], geometry.size_b, geometry.work_b, shrunk_sizes[1]),
     ):
         if not isinstance(source, bytes):
-            made.append(_Stream(which, source))
+            made.append(Stream(which, source))
             continue
-        image, colour = _normalised(source, work, size, max_pixels)
+        image, colour = normalised(source, work, size, max_pixels)
         native = size == work
-        made.append(_Stream(which, image, colour, wanted if native else None, keep=keep and native))
+        made.append(Stream(which, image, colour, wanted if native else None, keep=keep and native))
     return made[0], made[1]
 
 

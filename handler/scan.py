@@ -1,7 +1,7 @@
-"""The diff scan: one pass over both inputs' strips along an alignment (``_Scan``, one loop
-over strips), comparing them pixel by pixel under the pair's rules (``_Rules``: boxes left
+"""The diff scan: one pass over both inputs' strips along an alignment (``Scan``, one loop
+over strips), comparing them pixel by pixel under the pair's rules (``Rules``: boxes left
 out, match levels, and ``handler.pixels``' colour distance and anti-aliasing tests) and
-keeping only what survives a strip (``_Scanned``): the change map of A, the content of each
+keeping only what survives a strip (``Scanned``): the change map of A, the content of each
 band one image has alone and, in pass 1, the row signatures (``handler.align.Profiles``) and
 the strips left for the alignment. Changed cells' content is looked for nearby in B (a local
 move). ``handler.detect`` decides which passes run (its docstring tells the whole stage).
@@ -21,7 +21,7 @@ from handler import pixels as px
 from handler.align import Alignment, Band, Profiles, moved_rows, rows_in_place
 from handler.config import IgnoreRegion, MatchLevel, MatchRegion
 from handler.deadline import Deadline
-from handler.decode import KEEP_PIXELS, _Stream
+from handler.decode import KEEP_PIXELS, Stream
 from handler.regions import BLOCK, CONTENT_TOLERANCE, BandContent, ChangeMap, Geometry, Levels
 from handler.vips import release_freed_memory
 
@@ -56,7 +56,7 @@ _CHUNK = 8192
 #: allocations grow the heap faster, 145 -> 134 MB peak when handed back twice as often).
 _TRIM_EVERY_BYTES = 8 << 20
 _TRIM_EVERY_BYTES_ALIGNED = 4 << 20
-#: Pixel rules per level (``_Rules.codes``).
+#: Pixel rules per level (``Rules.codes``).
 _NORMAL, _EXACT, _COLOURS = 0, 1, 2
 
 
@@ -72,7 +72,7 @@ class _Colour:
 
 
 @dataclass(frozen=True)
-class _Rules:
+class Rules:
     """What counts as changed where: boxes left out (``ignore_regions`` and ``ignore`` level
     boxes), boxes at another level, the pair's level; all in A's work pixels."""
 
@@ -88,7 +88,7 @@ class _Rules:
         regions: Sequence[MatchRegion],
         level: MatchLevel,
         geometry: Geometry,
-    ) -> _Rules:
+    ) -> Rules:
         to_work = (
             geometry.work_a[0] / geometry.size_a[0],
             geometry.work_a[1] / geometry.size_a[1],
@@ -216,7 +216,7 @@ class _Held:
 
 
 @dataclass
-class _Scanned:
+class Scanned:
     """What a pass leaves: the change map of A, the content of each one-image band, and (pass
     1) the strips of rows left unclassified because their content moved (``deferred``)."""
 
@@ -224,7 +224,7 @@ class _Scanned:
     contents: list[BandContent]
     deferred: list[tuple[int, int]]
     height: int
-    #: Pass 1: strips the same in both images whose signatures wait (``_Scan``), and their
+    #: Pass 1: strips the same in both images whose signatures wait (``Scan``), and their
     #: first rows.
     unsigned: list[tuple[int, NDArray[np.uint8]]] = field(default_factory=list)
 
@@ -232,7 +232,9 @@ class _Scanned:
         return sum(bottom - top for top, bottom in self.deferred)
 
 
-def _sign(profiles: tuple[Profiles, Profiles], same: list[tuple[int, NDArray[np.uint8]]]) -> None:
+def sign_rows(
+    profiles: tuple[Profiles, Profiles], same: list[tuple[int, NDArray[np.uint8]]]
+) -> None:
     """Both images' signatures of strips that are pixel for pixel the same in both (each
     given by its first row and A's pixels): in any order, as the profiles only add up."""
     profile_a, profile_b = profiles
@@ -241,7 +243,7 @@ def _sign(profiles: tuple[Profiles, Profiles], same: list[tuple[int, NDArray[np.
         profile_b.repeat(profile_a, rows[..., 1], top, columns)
 
 
-class _Scan:
+class Scan:
     """One pass over both inputs along ``alignment`` (see the module docstring): ONE loop over
     strips; over KEEP_PIXELS, B's strip decoded on a second thread while A's is decoded on
     this one (each decoder is single-threaded and libvips releases the GIL). Smaller inputs
@@ -260,9 +262,9 @@ class _Scan:
 
     def __init__(
         self,
-        streams: tuple[_Stream, _Stream],
+        streams: tuple[Stream, Stream],
         alignment: Alignment,
-        rules: _Rules,
+        rules: Rules,
         profiles: tuple[Profiles, Profiles] | None,
         *,
         reuse: tuple[ChangeMap, int] | None = None,
@@ -297,7 +299,7 @@ class _Scan:
         every = _TRIM_EVERY_BYTES if reuse is None else _TRIM_EVERY_BYTES_ALIGNED
         self._trim_every = every if self._large else None
 
-    def run(self) -> _Scanned:
+    def run(self) -> Scanned:
         width = max(self.a.width, self.b.width)
         rows = max(BLOCK, (_STRIP_PIXELS // width) // BLOCK * BLOCK)
         decoded = 0
@@ -323,7 +325,7 @@ class _Scan:
             self._settle(final=True)
         contents = [self.contents[band] for band in self.contents]
         unsigned = self._unsigned or []
-        return _Scanned(self.cells, contents, sorted(self.deferred), self.a.height, unsigned)
+        return Scanned(self.cells, contents, sorted(self.deferred), self.a.height, unsigned)
 
     def _take(
         self,
@@ -346,7 +348,7 @@ class _Scan:
             self._sign_waiting()
             self.profiles[0 if kind == "removed" else 1].add(core[..., 1], step.top)
 
-    def _reference(self, step: _Step, stream: _Stream) -> None:
+    def _reference(self, step: _Step, stream: Stream) -> None:
         """The row outside a one-image band its content is told from: the nearest uniform row
         (page background) within REFERENCE_ROWS above it (below, for a band at the top), else
         the row next to it. Read once, at the band's first (last) strip."""
@@ -408,7 +410,7 @@ class _Scan:
     def _sign_waiting(self) -> None:
         """Sign the strips that waited; from now on none waits."""
         if self._unsigned is not None and self.profiles is not None:
-            _sign(self.profiles, self._unsigned)
+            sign_rows(self.profiles, self._unsigned)
         self._unsigned = None
 
     def _moved(self, step: _Step, *, search: bool) -> bool:
@@ -560,7 +562,7 @@ def _cell_shift(
 
 
 def _context(
-    stream: _Stream, span: tuple[int, int], above: int = CONTEXT, below: int | None = None
+    stream: Stream, span: tuple[int, int], above: int = CONTEXT, below: int | None = None
 ) -> tuple[NDArray[np.uint8], int]:
     """Rows ``span`` of the stream with ``above`` rows more above and ``below`` (default: as
     many) below, where the image has them, and the first row's index."""

@@ -587,7 +587,7 @@ def test_an_aligned_pair_of_small_inputs_is_decoded_once(
     a, b = screens.png(page.image), screens.png(_banded(edited.image, at))
     decoded: list[bytes] = []
     signatures: list[list[NDArray[Any]]] = []
-    real, real_align = detect_module._normalised, detect_module.align
+    real, real_align = detect_module.normalised, detect_module.align
 
     def counted(data: bytes, *args: Any) -> Any:
         decoded.append(data)
@@ -598,8 +598,8 @@ def test_an_aligned_pair_of_small_inputs_is_decoded_once(
         return real_align(profile_a, profile_b)
 
     # Where each decode is looked up: the passes (detect) and the crops' own pass (crops).
-    monkeypatch.setattr(detect_module, "_normalised", counted)
-    monkeypatch.setattr(crops_module, "_normalised", counted)
+    monkeypatch.setattr(detect_module, "normalised", counted)
+    monkeypatch.setattr(crops_module, "normalised", counted)
     monkeypatch.setattr(detect_module, "align", align)
     again = detect(a, b, max_pixels=BUDGET)
     assert again.alignment is not None and decoded == [a, b, a, b]  # two passes

@@ -381,7 +381,7 @@ def test_a_1mp_pair_is_decoded_once(monkeypatch: pytest.MonkeyPatch, fmt: str) -
         images.prepare(data, CONFIG.max_image_size, CONFIG.image_quality) for data in (a, b)
     ]
     decoded: list[bytes] = []
-    real_normalised = detect_module._normalised
+    real_normalised = detect_module.normalised
 
     def counted(data: bytes, *args: object) -> object:
         decoded.append(data)
@@ -391,8 +391,8 @@ def test_a_1mp_pair_is_decoded_once(monkeypatch: pytest.MonkeyPatch, fmt: str) -
         raise AssertionError("an input was decoded a second time for its prepared image")
 
     # Where each decode is looked up: the passes (detect) and the crops' own pass (crops).
-    monkeypatch.setattr(detect_module, "_normalised", counted)
-    monkeypatch.setattr(crops_module, "_normalised", counted)
+    monkeypatch.setattr(detect_module, "normalised", counted)
+    monkeypatch.setattr(crops_module, "normalised", counted)
     monkeypatch.setattr("handler.pipeline.prepare", second_decode)
     wanting = _CropsWanted()
     with structlog.testing.capture_logs() as logs:
