@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from handler import splice
 from handler.errors import ImageTooLarge, InvalidImage
+from handler.images import SUPPORTED_FORMATS, check_pixels
 from handler.vips import open_header, pyvips
 
 __all__ = ["KEEP_PIXELS", "image_size"]
@@ -59,7 +60,7 @@ class Stream:
     ) -> None:
         """``image``: RGB on white + opacity, what is compared (or its pixels, kept before);
         ``colour``: its RGB bands; ``wanted``: the size of the copy to make; ``keep``: hold
-        the native pixels for the caller (``pixels``), small inputs only."""
+        the native pixels for the caller (``kept``), small inputs only."""
         self.which = which
         self._wanted = wanted
         self._small: pyvips.Region | None = None
@@ -70,11 +71,10 @@ class Stream:
         if not isinstance(image, pyvips.Image):
             self.height, self.width = image.shape[:2]
             self._kept, self._kept_rows = image, self.height
-            self._keep = self._keeping = False
+            self._keeping = False
             return
         self.width, self.height = image.width, image.height
         small_input = self.width * self.height <= KEEP_PIXELS
-        self._keep = keep and small_input
         # The strips as fetched, each from the first row not kept before (no copies).
         self._keeping = small_input and (keep or wanted is not None)
         # Held: a region does not keep alive the memory of an image made from an array.
@@ -103,11 +103,6 @@ class Stream:
     def keeping(self) -> bool:
         """Are its strips kept as they pass (a small input whose pixels are wanted)?"""
         return self._keeping
-
-    @property
-    def pixels(self) -> NDArray[np.uint8] | None:
-        """The native pixels (RGB on white + opacity), where kept for the caller (``keep``)."""
-        return self.kept() if self._keep else None
 
     def kept(self) -> NDArray[np.uint8] | None:
         """Every row of the native pixels, where they were kept as they passed."""
@@ -231,12 +226,7 @@ def _open(data: bytes, max_pixels: int) -> pyvips.Image:
     if not data:
         raise InvalidImage("the file is empty (0 bytes)")
     image = _header(data, max_pixels)
-    width, height = image.width, image.height
-    if width * height > max_pixels:
-        raise ImageTooLarge(
-            f"{width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit of "
-            f"{max_pixels / 1e6:.1f} megapixels; not decoded"
-        )
+    check_pixels(image.width, image.height, max_pixels)
     return image
 
 
@@ -256,7 +246,6 @@ def _fallback(data: bytes, max_pixels: int) -> pyvips.Image:
     That is BMP (uncompressed: decoded, it is no larger than its bytes) and HEIC (pillow-heif;
     phone photos, 12-48 MP): the one case where detection holds a decoded image.
     """
-    from handler.images import SUPPORTED_FORMATS, check_pixels
 
     try:
         with warnings.catch_warnings():

@@ -57,10 +57,12 @@ def differences(detection: Detection) -> list[Difference]:
     transparency = detection.transparency_only
     for index, region in enumerate(detection.regions):
         pixels = detection.region_pixels[index] if index < len(detection.region_pixels) else 0
-        aspect = "transparency" if transparency and region.kind == "changed" else "content"
+        aspect = (
+            "transparency" if transparency and region.kind == "changed" else ASPECTS[region.kind]
+        )
         found.append(
             Difference(
-                aspect=ASPECTS[region.kind] if region.kind != "changed" else aspect,
+                aspect=aspect,
                 element=f"{region.kind} region",
                 description=_described(region, pixels),
                 region=index,

@@ -51,7 +51,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from handler.align import Alignment, Band, Profiles, align
+from handler.align import Alignment, Profiles, align, translated
 from handler.config import IgnoreRegion, MatchLevel, MatchRegion
 from handler.deadline import Deadline
 from handler.decode import Stream, checked_size, first_line, normalised
@@ -280,13 +280,7 @@ def _departure(alignment: Alignment) -> int:
 def _as_laid(work_a: tuple[int, int], work_b: tuple[int, int]) -> Alignment:
     """The images as they lie, top-left corners together: the shorter one's rows matched, the
     taller one's rest inserted (B) or removed (A)."""
-    common = min(work_a[1], work_b[1])
-    bands = [Band("matched", (0, common), (0, common))]
-    if work_a[1] > common:
-        bands.append(Band("removed", (common, work_a[1]), None))
-    elif work_b[1] > common:
-        bands.append(Band("inserted", None, (common, work_b[1])))
-    return Alignment(0, tuple(bands), work_a, work_b)
+    return Alignment(0, tuple(translated(0, work_a[1], work_b[1])), work_a, work_b)
 
 
 def _geometry(

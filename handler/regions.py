@@ -294,17 +294,16 @@ def findings(
         index = alignment.bands.index(content.band)
         if index in edges:
             continue
-        x0, y0, x1, y1 = content.box()
+        box = content.box()
         which = "a" if content.band.kind == "removed" else "b"
         kind: RegionKind = "removed" if which == "a" else "added"
-        box = (x0, y0, x1, y1)
         found.append(
             _Found(
                 kind,
                 box if which == "a" else None,
                 box if which == "b" else None,
                 None,
-                (x1 - x0) * (y1 - y0),
+                _area(box),
                 levels.at(box) if which == "a" else levels.level,
                 band=index,
             )
