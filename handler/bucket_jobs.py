@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from handler import disposition
 from handler.aws_clients import s3_client
+from handler.buckets import check_bucket
 from handler.compare.base import Comparator
 from handler.config import Settings
 from handler.deadline import Deadline, current_or_new
@@ -35,7 +36,7 @@ from handler.pairs import (
     is_relevant_name,
     normalise_prefix,
 )
-from handler.s3_storage import S3Storage, check_bucket, check_key
+from handler.s3_storage import S3Storage, check_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -194,18 +194,16 @@ def run_plan(
     *,
     now: float,
     queued_ms: float | None = None,
-    deadline: Deadline | None = None,
+    deadline: Deadline,
 ) -> JobReport:
     """Bring ``plan``'s result up to date. Per-pair failures become error results, never raise.
 
     ``now`` (Unix time) is what a lone image's or a manifest's wait is measured to;
     ``queued_ms``, how long the caller's queue held the pair, is logged with ``pair_started``.
-    ``deadline``: the pair's, started by whoever took it (the thread's current one, else
-    ``processing_timeout`` from now), shortened to the plan's own ``processing_timeout``.
+    ``deadline``: the pair's (``run_pair_job``'s), shortened to the plan's own
+    ``processing_timeout``.
     """
-    deadline = pair_deadline(
-        deadline or current_or_new(settings.comparison.processing_timeout), plan.config
-    )
+    deadline = pair_deadline(deadline, plan.config)
     spec = plan.spec
     if not plan.is_pair:
         return JobReport(spec, "none", disposition.done("not a pair"))

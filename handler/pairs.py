@@ -20,9 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
-from handler.config import ComparisonConfig, error_field, format_validation_error
+from handler.config import ComparisonConfig, InvalidConfig, apply_overrides
 from handler.errors import InvalidManifest, PathOutsideRoot, UnsupportedName
 
 IMAGE_SUFFIXES = frozenset(
@@ -198,10 +196,9 @@ class Manifest:
         if not self.config_overrides:
             return base
         try:
-            return ComparisonConfig.model_validate(base.model_dump() | self.config_overrides)
-        except ValidationError as exc:
-            field = error_field(exc, "config")
-            raise InvalidManifest(format_validation_error(exc), details={"field": field}) from exc
+            return apply_overrides(base, self.config_overrides)
+        except InvalidConfig as exc:
+            raise InvalidManifest(str(exc), details={"field": exc.field}) from exc
 
 
 def parse_manifest(data: bytes) -> Manifest:

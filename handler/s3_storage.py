@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from handler.buckets import check_bucket
 from handler.deadline import current
 from handler.errors import (
     BucketRefused,
@@ -69,12 +68,10 @@ _CONTENT_TYPES = {".json": "application/json", ".png": "image/png"}
 
 
 __all__ = [
-    "BucketRefused",
     "ObjectChanged",
     "ResultConflict",
     "S3Storage",
     "StorageUnavailable",
-    "check_bucket",
     "check_key",
     "normalise_prefix",
 ]
