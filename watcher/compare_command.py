@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if problem:
             print(f"pairwatch compare: --output {output} {problem}", file=sys.stderr)
             return EXIT_USAGE
-    result = compare_files(args.a, args.b, settings.comparison, settings)
+    result = compare_files(args.a, args.b, settings=settings)
     text = result.to_json()
     sys.stdout.write(text)
     if output is not None:

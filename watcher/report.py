@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import get_args
 from urllib.parse import quote
 
 import jinja2
@@ -34,7 +35,7 @@ from handler.errors import PairError
 from handler.jobs import MAX_RESULT_BYTES
 from handler.logs import elapsed_ms, get_logger
 from handler.pairs import RESULT_NAME, RESULT_SUFFIX, is_ignored_name
-from handler.result import ComparisonResult
+from handler.result import ComparisonResult, RegionKind
 from handler.storage import LocalStorage
 from handler.thumbnails import DEFAULT_EDGE, thumbnail
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
@@ -42,8 +43,8 @@ from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 DEFAULT_OUTPUT = "report.html"
 #: Row kinds, the status filter's values: an ok result is "similar" or "different".
 KINDS = ("similar", "different", "error", "timeout", "unreadable")
-#: Region kinds, in the order a row lists them.
-REGION_KINDS = ("changed", "added", "removed", "moved")
+#: Region kinds, in the order a row lists them (the result's own order).
+REGION_KINDS: tuple[str, ...] = get_args(RegionKind)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -154,21 +154,25 @@ class _Entry:
 
 
 @contextmanager
-def runner_for(settings: Settings) -> Iterator[Runner[Any]]:
-    """A runner with the configured comparator (built now: a VL model starts loading) and
-    ``concurrency``; the comparator is closed when the block ends."""
+def runner_for(
+    settings: Settings, *, comparator: Comparator | None = None, wait_ready: bool = True
+) -> Iterator[Runner[Any]]:
+    """A runner with ``comparator``, else the configured one (built now: a VL model starts
+    loading, and it is closed when the block ends), and ``concurrency``."""
     from handler.compare import create_comparator, resolve_concurrency
 
-    comparator = create_comparator(settings)
+    chosen = comparator or create_comparator(settings)
     try:
         yield Runner(
-            comparator,
+            chosen,
             concurrency=resolve_concurrency(settings),
             queue_size=settings.queue_size,
             processing_timeout=settings.comparison.processing_timeout,
+            wait_ready=wait_ready,
         )
     finally:
-        comparator.close()
+        if comparator is None:
+            chosen.close()
 
 
 class Runner(Generic[K]):

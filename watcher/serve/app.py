@@ -12,15 +12,14 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
 from fastapi import FastAPI
 
-from handler.compare import Comparator, create_comparator, resolve_concurrency
+from handler.compare import Comparator
 from handler.config import Settings
 from handler.logs import get_logger
-from watcher.runner import Runner, Submitted
+from watcher.runner import Submitted, runner_for
 from watcher.serve.admission import Admission
 from watcher.serve.events import EventsEndpoint
 from watcher.serve.middleware import AccessLog
@@ -42,54 +41,45 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        concurrency = resolve_concurrency(settings)
-        chosen = comparator or create_comparator(settings)
-        engine = None
-        if chosen.info.backend == "openai" and settings.vl_endpoint:
-            engine = EngineCheck(settings.vl_endpoint, settings.vl_api_key)
         # Serve answers every pair (model_unavailable while a model loads) and says why on
         # /readyz, so its runner does not hold pairs back until the comparator is ready.
-        runner: Runner[Any] = Runner(
-            chosen,
-            concurrency=concurrency,
-            queue_size=settings.queue_size,
-            processing_timeout=settings.comparison.processing_timeout,
-            wait_ready=False,
-        )
-        admission = Admission(runner, settings.queue_size)
-        readiness = Readiness(
-            chosen,
-            engine,
-            stalled_s=runner.stalled_s,
-            processing_timeout=settings.comparison.processing_timeout,
-        )
-        state = ServeState(settings, chosen, runner, admission, readiness)
-        if settings.events_token is not None:
-            state.events = EventsEndpoint.build(settings, admission, endpoint_url, region)
-        holder["state"] = state
-        state.readiness.start()
-        log = get_logger()
-        log.info(
-            "serve_started",
-            comparator=state.comparator.info.name,
-            concurrency=concurrency,
-            queue_size=settings.queue_size,
-            events=state.events is not None,
-        )
-        stop = StopFlag()
-        loop = threading.Thread(target=runner.run, args=(stop, Submitted()), name="runner")
-        loop.start()
-        try:
-            yield
-        finally:
-            # uvicorn has answered the requests in hand by now: the runner finishes what is
-            # left (rechecks are dropped, as in every watcher) and its threads end.
-            stop.request()
-            await anyio.to_thread.run_sync(loop.join)
-            state.readiness.stop()
-            if comparator is None:
-                state.comparator.close()
-            log.info("serve_stopped")
+        with runner_for(settings, comparator=comparator, wait_ready=False) as runner:
+            chosen = runner.comparator
+            engine = None
+            if chosen.info.backend == "openai" and settings.vl_endpoint:
+                engine = EngineCheck(settings.vl_endpoint, settings.vl_api_key)
+            admission = Admission(runner, settings.queue_size)
+            readiness = Readiness(
+                chosen,
+                engine,
+                stalled_s=runner.stalled_s,
+                processing_timeout=settings.comparison.processing_timeout,
+            )
+            state = ServeState(settings, runner, admission, readiness)
+            if settings.events_token is not None:
+                state.events = EventsEndpoint.build(settings, admission, endpoint_url, region)
+            holder["state"] = state
+            state.readiness.start()
+            log = get_logger()
+            log.info(
+                "serve_started",
+                comparator=chosen.info.name,
+                concurrency=runner.concurrency,
+                queue_size=settings.queue_size,
+                events=state.events is not None,
+            )
+            stop = StopFlag()
+            loop = threading.Thread(target=runner.run, args=(stop, Submitted()), name="runner")
+            loop.start()
+            try:
+                yield
+            finally:
+                # uvicorn has answered the requests in hand by now: the runner finishes what
+                # is left (rechecks are dropped, as in every watcher) and its threads end.
+                stop.request()
+                await anyio.to_thread.run_sync(loop.join)
+                state.readiness.stop()
+        log.info("serve_stopped")
 
     app = FastAPI(
         title="pairwatch",

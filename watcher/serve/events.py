@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +35,6 @@ from starlette.requests import ClientDisconnect
 
 from handler.bucket_jobs import BucketJobs, Delivery
 from handler.config import Settings
-from handler.deadline import current
 from handler.disposition import Disposition, backoff
 from handler.events import ObjectEvent, Parsed, parse_body
 from handler.logs import get_logger
@@ -44,6 +42,7 @@ from watcher import prometheus
 from watcher.serve.admission import Admission, Busy
 from watcher.serve.connection import Connection, UploadStalled
 from watcher.serve.responses import error_response
+from watcher.sources.bucket import run_delivery
 
 #: A notification is a few KB; MinIO batches nothing into one webhook request.
 MAX_EVENT_BYTES = 1024 * 1024
@@ -164,17 +163,7 @@ class EventsEndpoint:
         """On a runner worker, under the deadline it started when it took the work; the
         runner's manifest index answers (and learns) which manifests read an object, as in
         every bucket watcher."""
-        runner = self.admission.runner
-        delivery = self.jobs.handle_parsed(
-            parsed,
-            now=time.time(),
-            readers=runner.manifests.readers,
-            deadline=current(),
-            queued_ms=queued_ms,
-        )
-        runner.record(delivery.reports, WEBHOOK_SOURCE)
-        prometheus.record_delivery(delivery, WEBHOOK_SOURCE)
-        return delivery
+        return run_delivery(self.jobs, self.admission.runner, parsed, queued_ms, WEBHOOK_SOURCE)
 
     def _recheck(self, event: ObjectEvent) -> Callable[[float], Disposition]:
         """The runner's recheck of a lone image (``incomplete_pair`` once its partner is due)."""

@@ -20,10 +20,14 @@ class ServeState:
     admission in front of it, readiness."""
 
     settings: Settings
-    comparator: Comparator
     runner: Runner[Any]
     admission: Admission
     readiness: Readiness
     events: EventsEndpoint | None = None
     #: Runner keys of uploads (each its own unit of work: never coalesced with another).
     upload_ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def comparator(self) -> Comparator:
+        """The runner's comparator."""
+        return self.runner.comparator

@@ -2,7 +2,8 @@
 
 Refusing a bucket outside ``allowed_buckets`` before anything is built, listing a prefix as
 creation events (what a poller or a reconnect sees), and handling one event with the runner's
-manifest index (asked which manifests read the object, taught what each manifest read).
+manifest index (asked which manifests read the object, taught what each manifest read), and
+one delivery of events likewise (an SQS message, a webhook request).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from handler.bucket_jobs import BucketJobs, EventReport
+from handler.bucket_jobs import BucketJobs, Delivery, EventReport
 from handler.config import Settings
-from handler.events import ObjectEvent, normalise_etag
+from handler.events import ObjectEvent, Parsed, normalise_etag
 from watcher import prometheus
 from watcher.runner import Runner
 
@@ -56,3 +57,26 @@ def run_event(
     runner.record(report.reports, source)
     prometheus.record_event_report(report, source)
     return report
+
+
+def run_delivery(
+    jobs: BucketJobs,
+    runner: Runner[Any],
+    parsed: Parsed,
+    queued_ms: float | None,
+    source: str,
+    **context: object,
+) -> Delivery:
+    """One delivery of events (an SQS message, a webhook request), on a runner worker thread
+    under the deadline it started (counted in the metrics under ``source``)."""
+    delivery = jobs.handle_parsed(
+        parsed,
+        now=time.time(),
+        readers=runner.manifests.readers,
+        queued_ms=queued_ms,
+        deadline=None,  # (the one the runner's worker started)
+        **context,
+    )
+    runner.record(delivery.reports, source)
+    prometheus.record_delivery(delivery, source)
+    return delivery

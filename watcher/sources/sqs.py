@@ -35,9 +35,9 @@ from handler.errors import PairError
 from handler.events import QueueMessage, sqs_messages
 from handler.logs import get_logger
 from handler.pairs import normalise_prefix
-from watcher import prometheus
 from watcher.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from watcher.runner import Runner
+from watcher.sources.bucket import run_delivery
 from watcher.sources.command import watch
 
 if TYPE_CHECKING:
@@ -227,15 +227,14 @@ class SqsSource:
     # -- one message (a runner worker thread) ---------------------------------------------------
 
     def _work(self, message: QueueMessage, queued_ms: float) -> Disposition:
-        delivery = self.jobs.handle_parsed(
+        delivery = run_delivery(
+            self.jobs,
+            self.runner,
             message.parse(),
-            now=time.time(),
-            readers=self.runner.manifests.readers,
-            queued_ms=queued_ms,
+            queued_ms,
+            "sqs",
             message_id=message.message_id,
         )
-        self.runner.record(delivery.reports, "sqs")
-        prometheus.record_delivery(delivery, "sqs")
         return delivery.disposition
 
     def _settle(self, message: QueueMessage, fate: Disposition) -> None:
