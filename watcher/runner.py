@@ -152,6 +152,16 @@ class _Entry:
         newer.futures = self.futures + newer.futures
         return newer
 
+    def unwanted(self) -> bool:
+        """Every waiter left (cancelled its future) and nothing else, a callback or a
+        recheck, wants the work: it need not run."""
+        return (
+            bool(self.futures)
+            and all(future.cancelled() for future in self.futures)
+            and self.on_done is None
+            and not self.recheck
+        )
+
 
 @contextmanager
 def runner_for(
@@ -412,9 +422,7 @@ class Runner(Generic[K]):
         """A waiter cancelled its future: a queued entry nobody waits for any more leaves."""
         with self._cond:
             queued = self.queue.get(key)
-            if queued is None or not all(f.cancelled() for f in queued.futures):
-                return
-            if queued.on_done is None and not queued.recheck:
+            if queued is not None and queued.unwanted():
                 self.queue.remove(key)
                 self._track_depth()
                 self._cond.notify_all()
@@ -500,5 +508,6 @@ class Runner(Generic[K]):
 def _claim(entry: _Entry) -> bool:
     """Mark the entry's futures running; False when every waiter left (and nothing else, a
     callback or a recheck, wants the work), so it is not run."""
-    claimed = [future.set_running_or_notify_cancel() for future in entry.futures]
-    return not entry.futures or any(claimed) or entry.on_done is not None or entry.recheck
+    for future in entry.futures:
+        future.set_running_or_notify_cancel()  # (False for a cancelled one: unwanted sees it)
+    return not entry.unwanted()

@@ -103,8 +103,8 @@ class Readiness:
         comparator: Comparator,
         engine: EngineCheck | None = None,
         *,
-        stalled_s: Callable[[], float] | None = None,
-        processing_timeout: float = 0.0,
+        stalled_s: Callable[[], float],
+        processing_timeout: float,
     ) -> None:
         """``stalled_s``: how long no runner worker has taken work with all of them busy
         (``Runner.stalled_s``); past ``processing_timeout + STUCK_GRACE_S`` it is stuck."""
@@ -127,7 +127,7 @@ class Readiness:
     async def problem(self) -> str | None:
         if not self.ready:
             return self.reason
-        stalled = self._stalled_s() if self._stalled_s is not None else 0.0
+        stalled = self._stalled_s()
         if stalled > self._stuck_after:
             return (
                 f"stuck: no compare slot has finished a pair for {stalled:.0f} s (every pair "
