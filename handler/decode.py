@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from handler import splice
 from handler.errors import ImageTooLarge, InvalidImage
 from handler.images import SUPPORTED_FORMATS, check_pixels
-from handler.vips import open_header, pyvips
+from handler.vips import header_orientation, open_header, pyvips
 
 __all__ = ["KEEP_PIXELS", "image_size"]
 
@@ -264,14 +264,8 @@ def _fallback(data: bytes, max_pixels: int) -> pyvips.Image:
 
 
 def _display_size(image: pyvips.Image) -> tuple[int, int]:
-    turned = _orientation(image) in (5, 6, 7, 8)
+    turned = header_orientation(image) in (5, 6, 7, 8)
     return (image.height, image.width) if turned else (image.width, image.height)
-
-
-def _orientation(image: pyvips.Image) -> int:
-    if not image.get_typeof("orientation"):
-        return 1
-    return int(image.get("orientation"))
 
 
 def normalised(
@@ -285,7 +279,7 @@ def normalised(
     rescaled pair) shrink-on-load in one streamed step.
     """
     source = _header(data, max_pixels)
-    if (source.width, source.height) == work and _orientation(source) == 1:
+    if (source.width, source.height) == work and header_orientation(source) == 1:
         image = source
     elif _streamed(source):
         image = pyvips.Image.thumbnail_buffer(

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
 
 from handler.config import DEFAULT_MAX_INPUT_PIXELS
 from handler.errors import ComparisonTimeout, ImageTooLarge, InvalidImage, UnsupportedFormat
-from handler.vips import Expired, open_header, pyvips, thumbnail_rgb
+from handler.vips import Expired, header_orientation, open_header, pyvips, thumbnail_rgb
 
 #: Formats we decode. Restricting ``Image.open`` to them keeps exotic decoders (EPS runs
 #: Ghostscript, for one) out of reach of untrusted input.
@@ -118,7 +118,7 @@ def read_header(data: bytes, max_pixels: int) -> InputHeader:
     with _checked_open(data, max_pixels) as img:
         width, height = img.size
         header = open_header(data)
-        orientation = _vips_orientation(header) if header else _orientation(img)
+        orientation = header_orientation(header) if header else _orientation(img)
         turned = orientation in (5, 6, 7, 8)
         return InputHeader(
             format=str(img.format),
@@ -284,15 +284,10 @@ def _streamed(data: bytes, img: Image.Image) -> InputHeader | None:
     header = open_header(data)
     if header is None:
         return None
-    turned = _vips_orientation(header) in (5, 6, 7, 8)
+    turned = header_orientation(header) in (5, 6, 7, 8)
     return InputHeader(
         format=str(img.format), mode=img.mode, size=(height, width) if turned else (width, height)
     )
-
-
-def _vips_orientation(header: pyvips.Image) -> int:
-    """The EXIF orientation libvips read from the header (1 when there is none)."""
-    return int(header.get("orientation")) if header.get_typeof("orientation") else 1
 
 
 def _orientation(img: Image.Image) -> int:

@@ -116,6 +116,11 @@ def open_header(data: bytes) -> pyvips.Image | None:
     return image
 
 
+def header_orientation(image: pyvips.Image) -> int:
+    """The EXIF orientation libvips read from the header (1 when there is none)."""
+    return int(image.get("orientation")) if image.get_typeof("orientation") else 1
+
+
 def kill_when(image: pyvips.Image, expired: Expired | None) -> pyvips.Image:
     """``image``, whose evaluation (a ``write_to_memory``, an ``avg``...) stops with
     ``pyvips.Error`` ("killed") once ``expired()`` holds.
